@@ -1,0 +1,250 @@
+"""What a plugin provides: encoder, decoder and dataset specs.
+
+A *spec* is a small object registered under an exact lowercase name. It declares what makes its
+family different (checkpoints, LoRA targets, prompt format, preprocessing, splits) and knows how
+to load the real thing. Specs are imported by ``vlmkit plugins list``, so a spec module must not
+import torch or transformers at import time: import them inside ``load``.
+
+Read this file together with ``hookspecs.py``; ``docs/plugins.md`` walks through an example.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+from vlmkit.core.errors import DataError, PluginError
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import PIL.Image
+    import torch
+    from pydantic import BaseModel
+
+NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]*$")
+
+SPLITS = ("train", "validation", "test")
+
+
+class PluginSpec(ABC):
+    """Fields every spec declares. Subclasses set them as class attributes."""
+
+    kind: ClassVar[str]
+    #: exact, lowercase registry name (``siglip``, ``qwen2``, ``shapes``)
+    name: ClassVar[str]
+    #: one line, shown by ``vlmkit plugins list``
+    description: ClassVar[str] = ""
+    #: checkpoint used when the user names none (a hub id, a local path or a named checkpoint)
+    default_checkpoint: ClassVar[str | None] = None
+    #: named checkpoints this plugin understands besides hub ids/paths: name -> one-line explanation
+    checkpoints: ClassVar[Mapping[str, str]] = {}
+
+    def describe(self) -> dict[str, Any]:
+        """Everything the spec declares, as JSON-able data (``vlmkit plugins show``)."""
+        out: dict[str, Any] = {}
+        for klass in reversed(type(self).__mro__):
+            for key, value in vars(klass).items():
+                if key.startswith("_") or callable(value) or isinstance(value, (classmethod, staticmethod, property)):
+                    continue
+                out[key] = _jsonable(value)
+        out["kind"] = self.kind
+        return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, type):
+        return value.__name__
+    return str(value)
+
+
+# --------------------------------------------------------------------------------------- encoders
+
+
+@runtime_checkable
+class VisionEncoder(Protocol):
+    """A loaded vision encoder: a ``torch.nn.Module`` with these extra attributes.
+
+    ``forward(pixel_values)`` returns features ``[B, num_tokens, feature_dim]``. vlmkit freezes it
+    (``requires_grad_(False)`` and ``eval()``) unless the user unfreezes its last layers.
+    """
+
+    #: N, tokens per image
+    num_tokens: int
+    #: Dv, feature width
+    feature_dim: int
+    #: (rows, cols) when the tokens form a grid (row-major); ``None`` when they do not.
+    #: Pooling and pixel-shuffle need it.
+    grid: tuple[int, int] | None
+
+    def preprocess(self, images: Sequence[PIL.Image.Image]) -> torch.Tensor:
+        """RGB PIL images -> pixel values ``[B, 3, H, W]`` exactly as the checkpoint expects."""
+
+    def fingerprint(self) -> str:
+        """A string that changes whenever features could change: weights, revision, preprocessing
+        (image size, normalisation, resampling), feature layer. The feature cache keys on it."""
+
+    def layers(self) -> Sequence[torch.nn.Module]:
+        """The encoder's blocks in order, so the last N can be unfrozen."""
+
+
+class EncoderSpec(PluginSpec):
+    """A family of vision encoders (SigLIP, CLIP, timm backbones, ...)."""
+
+    kind: ClassVar[str] = "encoder"
+
+    @abstractmethod
+    def load(self, checkpoint: str | None = None, *, revision: str | None = None) -> VisionEncoder:
+        """Load ``checkpoint`` (default: ``default_checkpoint``); fail with ``PluginError`` naming
+        the checkpoint when it is not of this family."""
+
+
+# --------------------------------------------------------------------------------------- decoders
+
+
+@dataclass(frozen=True)
+class Formatted:
+    """One example's token ids around the image prefix.
+
+    The model sees ``before + [image prefix] + after + target``. Labels are ``-100`` everywhere
+    except on ``target``, which holds the caption tokens followed by the end token(s) the model
+    must learn to emit. At generation time ``target`` is empty and the model continues after
+    ``after``.
+    """
+
+    before: list[int]
+    after: list[int]
+    target: list[int] = field(default_factory=list)
+
+
+class DecoderSpec(PluginSpec):
+    """A family of decoder-only language models (SmolLM/Llama, Qwen2, Phi, GPT-2, ...).
+
+    Everything family-specific lives here; core never matches model names.
+    """
+
+    kind: ClassVar[str] = "decoder"
+    #: ``config.model_type`` values this family accepts (a checkpoint of another type is refused)
+    model_types: ClassVar[tuple[str, ...]] = ()
+    #: LoRA target module names (last name component, e.g. ``q_proj``); resolved against the
+    #: loaded model, failing clearly when none match
+    lora_targets: ClassVar[tuple[str, ...]] = ()
+    #: class name of one transformer block, for FSDP auto-wrapping
+    layer_class: ClassVar[str | None] = None
+
+    @abstractmethod
+    def load(self, checkpoint: str | None = None, *, revision: str | None = None, dtype: Any = None):
+        """Return ``(model, tokenizer)``: a causal LM and its tokenizer, with a pad token set."""
+
+    @abstractmethod
+    def format(self, tokenizer: Any, prompt: str, caption: str | None, style: str = "auto") -> Formatted:
+        """Token ids for one example. ``style`` is ``auto`` (chat template when the tokenizer has
+        one), ``chat`` or ``plain``. ``caption=None`` formats for generation."""
+
+    @abstractmethod
+    def stop_token_ids(self, tokenizer: Any, style: str = "auto") -> list[int]:
+        """Token ids that end a caption (EOS, ``<|im_end|>``, ...)."""
+
+    @abstractmethod
+    def resolve_lora_targets(self, model: Any) -> list[str]:
+        """Names of the modules of ``model`` LoRA adapts; ``PluginError`` when none match."""
+
+
+# --------------------------------------------------------------------------------------- datasets
+
+
+@dataclass
+class CaptionExample:
+    """One image with one or more reference captions.
+
+    ``image`` is a PIL image, a path, raw bytes, or a zero-argument callable returning a PIL image
+    (so large datasets decode lazily). ``load_image`` turns any of them into an RGB PIL image.
+    """
+
+    id: str
+    captions: list[str]
+    image: Any
+
+    def load_image(self) -> PIL.Image.Image:
+        from PIL import Image, UnidentifiedImageError
+
+        source = self.image
+        try:
+            if callable(source):
+                img = source()
+            elif isinstance(source, (str, Path)):
+                img = Image.open(source)
+                img.load()
+            elif isinstance(source, (bytes, bytearray)):
+                import io
+
+                img = Image.open(io.BytesIO(source))
+                img.load()
+            else:
+                img = source
+        except FileNotFoundError as exc:
+            raise DataError(f"image {self.id!r}: file not found: {exc.filename}") from exc
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise DataError(f"image {self.id!r} is not a readable image ({exc})") from exc
+        if not hasattr(img, "convert"):
+            raise DataError(f"image {self.id!r} is a {type(img).__name__}, not an image")
+        return img.convert("RGB")
+
+
+class CaptionDataset(Protocol):
+    """A split: a sized, indexable collection of ``CaptionExample`` with a content fingerprint."""
+
+    #: changes whenever the examples (images or their order) change; the feature cache keys on it
+    fingerprint: str
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> CaptionExample: ...
+
+
+class DatasetSpec(PluginSpec):
+    """A source of captioned images with seeded, disjoint train/validation/test splits."""
+
+    kind: ClassVar[str] = "dataset"
+    #: pydantic model of the options this dataset takes (``path``, ``captions_file``, ...);
+    #: ``None`` when it takes none
+    options: ClassVar[type[BaseModel] | None] = None
+
+    @abstractmethod
+    def load(self, split: str, options: Mapping[str, Any] | None = None, *, seed: int = 0) -> CaptionDataset:
+        """The examples of ``split`` (one of ``SPLITS``). Splits of one seed never share an image.
+        Fail with ``DataError`` naming the source when it cannot be read: never return an empty
+        dataset in place of a missing one."""
+
+
+SPEC_BASES: dict[str, type[PluginSpec]] = {
+    "encoder": EncoderSpec,
+    "decoder": DecoderSpec,
+    "dataset": DatasetSpec,
+}
+
+
+def check_spec(spec: object, kind: str) -> PluginSpec:
+    """Validate a spec object handed to ``register``; raise ``PluginError`` explaining what is wrong."""
+    base = SPEC_BASES[kind]
+    if isinstance(spec, type):
+        raise PluginError(f"register an instance, not the class: register({spec.__name__}())")
+    if not isinstance(spec, base):
+        raise PluginError(f"{type(spec).__name__} is not a {base.__name__} (registered as a {kind})")
+    name = getattr(spec, "name", None)
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise PluginError(
+            f"{type(spec).__name__}.name must be an exact lowercase name like 'my-decoder', got {name!r}"
+        )
+    return spec
+
+
+ImageLoader = Callable[[], "PIL.Image.Image"]

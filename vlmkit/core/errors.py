@@ -1,0 +1,25 @@
+"""Errors vlmkit raises on purpose.
+
+Every message is one line that names the thing at fault and how to fix it; the CLI prints it as
+``error: <message>`` and exits non-zero, without a traceback.
+"""
+
+
+class VlmkitError(Exception):
+    """Base class for every error vlmkit raises on purpose (bad input, missing plugin, ...)."""
+
+
+class PluginError(VlmkitError):
+    """A plugin is unknown, broken, or clashes with another plugin."""
+
+
+class ConfigError(VlmkitError):
+    """A configuration value or file is malformed."""
+
+
+class ArtifactError(VlmkitError):
+    """A folder is not a vlmkit model artifact, or is of the wrong kind."""
+
+
+class DataError(VlmkitError):
+    """An image or dataset cannot be read."""

@@ -1,0 +1,212 @@
+"""Finds plugins and looks specs up by exact name.
+
+Plugins come from entry points of group ``vlmkit`` (built-ins included) or are added in-process
+with ``Registry.add_plugin``. A plugin that fails to import or register is recorded with its
+error and skipped; the others keep working. Two plugins registering one name make that name an
+error that names both providers.
+
+Environment variables:
+  ``VLMKIT_PLUGINS``          comma-separated entry-point names: load only these
+  ``VLMKIT_DISABLE_PLUGINS``  comma-separated entry-point names: never load these
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import warnings
+from dataclasses import dataclass, field
+from importlib import metadata
+from types import ModuleType
+from typing import Any
+
+import pluggy
+
+from vlmkit.core import hookspecs
+from vlmkit.core.contracts import DatasetSpec, DecoderSpec, EncoderSpec, PluginSpec, check_spec
+from vlmkit.core.errors import PluginError
+
+ENTRY_POINT_GROUP = "vlmkit"
+KINDS = ("encoder", "decoder", "dataset")
+_HOOK_KIND = {"register_encoders": "encoder", "register_decoders": "decoder", "register_datasets": "dataset"}
+
+
+@dataclass
+class Provider:
+    """Where a plugin comes from: its entry-point (or plugin) name and its distribution."""
+
+    plugin: str
+    package: str
+    version: str | None = None
+    module: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.package} ({self.module or self.plugin})"
+
+
+@dataclass
+class Registration:
+    kind: str
+    name: str
+    spec: PluginSpec
+    provider: Provider
+
+
+@dataclass
+class BrokenPlugin:
+    """A plugin that failed to import or to register; shown by ``vlmkit plugins list``."""
+
+    provider: Provider
+    error: str
+
+
+@dataclass
+class Registry:
+    """All registered specs. Use ``get_registry()`` for the process-wide one."""
+
+    specs: dict[tuple[str, str], Registration] = field(default_factory=dict)
+    clashes: dict[tuple[str, str], list[Registration]] = field(default_factory=dict)
+    broken: list[BrokenPlugin] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._pm = pluggy.PluginManager("vlmkit")
+        self._pm.add_hookspecs(hookspecs)
+
+    # ----------------------------------------------------------------------------- loading
+
+    def load_entry_points(self, environ: dict[str, str] | None = None) -> None:
+        env = os.environ if environ is None else environ
+        only = _name_set(env.get("VLMKIT_PLUGINS"))
+        disabled = _name_set(env.get("VLMKIT_DISABLE_PLUGINS")) or set()
+        seen: set[str] = set()
+        for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+            if ep.name in seen:  # the same distribution visible twice on sys.path
+                continue
+            seen.add(ep.name)
+            if (only is not None and ep.name not in only) or ep.name in disabled:
+                continue
+            dist = ep.dist
+            provider = Provider(
+                plugin=ep.name,
+                package=dist.name if dist else "unknown",
+                version=dist.version if dist else None,
+                module=ep.value,
+            )
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # noqa: BLE001 - any import failure must be contained
+                self._record_broken(provider, f"import failed: {type(exc).__name__}: {exc}")
+                continue
+            self.add_plugin(plugin, name=ep.name, provider=provider)
+
+    def add_plugin(self, plugin: ModuleType | Any, name: str | None = None, provider: Provider | None = None) -> None:
+        """Register a plugin object (module or instance with ``@hookimpl`` functions) in-process."""
+        name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
+        provider = provider or Provider(plugin=name, package=_package_of(plugin), module=getattr(plugin, "__name__", None))
+        try:
+            self._pm.register(plugin, name=name)
+        except Exception as exc:  # noqa: BLE001 - e.g. a misspelt hook name
+            self._record_broken(provider, f"invalid plugin: {type(exc).__name__}: {exc}")
+            return
+        for hook_name, kind in _HOOK_KIND.items():
+            for impl in getattr(self._pm.hook, hook_name).get_hookimpls():
+                if impl.plugin is not plugin:
+                    continue
+                try:
+                    impl.function(register=lambda spec, _k=kind: self._register(_k, spec, provider))
+                except Exception as exc:  # noqa: BLE001 - one bad plugin must not take others down
+                    self._record_broken(provider, f"{hook_name} failed: {type(exc).__name__}: {exc}")
+
+    def _register(self, kind: str, spec: Any, provider: Provider) -> None:
+        spec = check_spec(spec, kind)
+        reg = Registration(kind=kind, name=spec.name, spec=spec, provider=provider)
+        key = (kind, spec.name)
+        if key in self.clashes:
+            self.clashes[key].append(reg)
+        elif key in self.specs:
+            self.clashes[key] = [self.specs.pop(key), reg]
+        else:
+            self.specs[key] = reg
+
+    def _record_broken(self, provider: Provider, error: str) -> None:
+        error = " ".join(error.split())  # one line
+        self.broken.append(BrokenPlugin(provider=provider, error=error))
+        warnings.warn(f"vlmkit plugin {provider.plugin!r} from {provider.package} is broken: {error}", stacklevel=3)
+
+    # ----------------------------------------------------------------------------- lookup
+
+    def names(self, kind: str) -> list[str]:
+        return sorted({n for (k, n) in [*self.specs, *self.clashes] if k == kind})
+
+    def registration(self, kind: str, name: str) -> Registration:
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        key = (kind, name)
+        if key in self.clashes:
+            who = " and ".join(f"{r.provider}" for r in self.clashes[key])
+            raise PluginError(
+                f"{kind} name {name!r} is registered by both {who}; uninstall one, or exclude one with "
+                "VLMKIT_DISABLE_PLUGINS"
+            )
+        if key in self.specs:
+            return self.specs[key]
+        available = self.names(kind)
+        close = difflib.get_close_matches(name.lower(), available, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        broken = [b.provider.plugin for b in self.broken]
+        extra = f" (broken plugins not loaded: {', '.join(broken)})" if broken else ""
+        raise PluginError(
+            f"unknown {kind} {name!r}{hint} Available {kind}s: {', '.join(available) or 'none'}{extra}. "
+            "See 'vlmkit plugins list'."
+        )
+
+    def get(self, kind: str, name: str) -> PluginSpec:
+        return self.registration(kind, name).spec
+
+    def encoder(self, name: str) -> EncoderSpec:
+        return self.get("encoder", name)  # type: ignore[return-value]
+
+    def decoder(self, name: str) -> DecoderSpec:
+        return self.get("decoder", name)  # type: ignore[return-value]
+
+    def dataset(self, name: str) -> DatasetSpec:
+        return self.get("dataset", name)  # type: ignore[return-value]
+
+    def all(self) -> list[Registration]:
+        regs = list(self.specs.values())
+        for clash in self.clashes.values():
+            regs.extend(clash)
+        return sorted(regs, key=lambda r: (KINDS.index(r.kind), r.name, r.provider.package))
+
+
+def _name_set(value: str | None) -> set[str] | None:
+    if value is None:
+        return None
+    return {part.strip() for part in value.split(",") if part.strip()}
+
+
+def _package_of(plugin: Any) -> str:
+    module = getattr(plugin, "__name__", None) or type(plugin).__module__
+    top = module.split(".")[0]
+    for dist_name in metadata.packages_distributions().get(top, []):
+        return dist_name
+    return top
+
+
+_REGISTRY: Registry | None = None
+
+
+def get_registry() -> Registry:
+    """The process-wide registry, loading entry points on first use."""
+    global _REGISTRY
+    if _REGISTRY is None:
+        registry = Registry()
+        registry.load_entry_points()
+        _REGISTRY = registry
+    return _REGISTRY
+
+
+def reset_registry(registry: Registry | None = None) -> None:
+    """Replace (or forget) the process-wide registry; for tests and long-lived processes."""
+    global _REGISTRY
+    _REGISTRY = registry
