@@ -6,12 +6,15 @@ Nothing here imports torch at module level: ``vlmkit --help`` and ``vlmkit plugi
 from __future__ import annotations
 
 import sys
+import warnings
 
 import typer
 
 from vlmkit import __version__
+from vlmkit.cli import caption as caption_cmd
 from vlmkit.cli import plugins as plugins_cmd
 from vlmkit.core.errors import VlmkitError
+from vlmkit.core.registry import PluginWarning
 
 app = typer.Typer(
     name="vlmkit",
@@ -25,6 +28,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(plugins_cmd.app, name="plugins")
+app.command("caption")(caption_cmd.caption)
 
 
 def _version(value: bool) -> None:
@@ -43,27 +47,30 @@ def root(
 
 
 def main() -> None:
-    """Console-script entry point: one-line errors for vlmkit's own errors, no traceback."""
+    """Console-script entry point: one-line errors for vlmkit's own errors, no traceback.
+
+    Typer runs in standalone mode, so it prints usage errors and help and exits with click's
+    codes (typer vendors its own click: catching ``click.ClickException`` here would miss them).
+    """
+    _plugin_warnings_on_one_line()
     try:
-        app(standalone_mode=False)
+        app(prog_name="vlmkit")
     except VlmkitError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(1)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        typer.echo("Aborted.", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        typer.echo("Interrupted.", err=True)
-        sys.exit(130)
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+
+def _plugin_warnings_on_one_line() -> None:
+    """Print ``PluginWarning`` as ``warning: ...`` on stderr, without Python's source-line echo."""
+    default_show = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, PluginWarning):
+            typer.secho(f"warning: {message}", fg="yellow", err=True)
+        else:
+            default_show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
 
 
 if __name__ == "__main__":

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import json
+from typing import NoReturn
 
 import typer
 
+from vlmkit.core.errors import PluginError
 from vlmkit.core.registry import KINDS, get_registry
 
 app = typer.Typer(help="List and inspect encoder, decoder and dataset plugins.", no_args_is_help=True)
@@ -53,10 +56,9 @@ def list_plugins(
 
     Broken plugins (failed to import or register) are listed with their error.
     """
+    _check_kind(kind)
     rows = _rows()
     if kind:
-        if kind not in KINDS:
-            raise typer.BadParameter(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
         rows = [r for r in rows if r["kind"] in (kind, "broken")]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
@@ -72,7 +74,9 @@ def list_plugins(
         if r["error"]:
             table.add_row(r["name"], r["kind"], package, "", f"[red]error: {r['error']}[/red]")
         else:
-            table.add_row(r["name"], r["kind"], package, r["default_checkpoint"] or "", r["description"] or "")
+            table.add_row(
+                r["name"], r["kind"], package, r["default_checkpoint"] or "", r["description"] or ""
+            )
     Console().print(table)
 
 
@@ -82,10 +86,11 @@ def show(
     kind: str = typer.Option(None, "--kind", help="Disambiguate when one name exists in several kinds."),
 ) -> None:
     """Print everything a plugin's spec declares (JSON)."""
+    _check_kind(kind)
     registry = get_registry()
     kinds = [kind] if kind else [k for k in KINDS if name in registry.names(k)]
     if not kinds:
-        registry.registration(kind or "decoder", name) if kind else _unknown(registry, name)
+        _unknown(registry, name)
     out = []
     for k in kinds:
         reg = registry.registration(k, name)
@@ -97,12 +102,18 @@ def show(
     typer.echo(json.dumps(out[0] if len(out) == 1 else out, indent=2))
 
 
-def _unknown(registry, name: str) -> None:
-    from vlmkit.core.errors import PluginError
+def _check_kind(kind: str | None) -> None:
+    if kind is not None and kind not in KINDS:
+        raise typer.BadParameter(f"must be one of {', '.join(KINDS)}, got {kind!r}", param_hint="--kind")
 
+
+def _unknown(registry, name: str) -> NoReturn:
+    for broken in registry.broken:
+        if broken.provider.plugin == name:
+            raise PluginError(f"plugin {name!r} from {broken.provider.package} is broken: {broken.error}")
     every = sorted({n for k in KINDS for n in registry.names(k)})
-    import difflib
-
     close = difflib.get_close_matches(name, every, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise PluginError(f"no plugin named {name!r}{hint} See 'vlmkit plugins list'.")
+    hint = f"; did you mean {close[0]!r}?" if close else "."
+    raise PluginError(
+        f"no plugin named {name!r}{hint} Available: {', '.join(every) or 'none'}. See 'vlmkit plugins list'."
+    )

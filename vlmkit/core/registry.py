@@ -5,15 +5,18 @@ with ``Registry.add_plugin``. A plugin that fails to import or register is recor
 error and skipped; the others keep working. Two plugins registering one name make that name an
 error that names both providers.
 
-Environment variables:
-  ``VLMKIT_PLUGINS``          comma-separated entry-point names: load only these
-  ``VLMKIT_DISABLE_PLUGINS``  comma-separated entry-point names: never load these
+Environment variables (an entry is an entry-point name, or ``package:name`` to pick one of two
+packages that use the same entry-point name):
+  ``VLMKIT_PLUGINS``          comma-separated entry points: load only these
+  ``VLMKIT_DISABLE_PLUGINS``  comma-separated entry points: never load these
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -29,6 +32,10 @@ from vlmkit.core.errors import PluginError
 ENTRY_POINT_GROUP = "vlmkit"
 KINDS = ("encoder", "decoder", "dataset")
 _HOOK_KIND = {"register_encoders": "encoder", "register_decoders": "decoder", "register_datasets": "dataset"}
+
+
+class PluginWarning(UserWarning):
+    """Plugins failed to load and were skipped; the CLI prints it as one ``warning:`` line."""
 
 
 @dataclass
@@ -78,17 +85,22 @@ class Registry:
         env = os.environ if environ is None else environ
         only = _name_set(env.get("VLMKIT_PLUGINS"))
         disabled = _name_set(env.get("VLMKIT_DISABLE_PLUGINS")) or set()
-        seen: set[str] = set()
+        first_broken = len(self.broken)
+        seen: set[tuple[str, str]] = set()
         for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-            if ep.name in seen:  # the same distribution visible twice on sys.path
-                continue
-            seen.add(ep.name)
-            if (only is not None and ep.name not in only) or ep.name in disabled:
-                continue
             dist = ep.dist
+            package = dist.name if dist else "unknown"
+            # Key on the package too: two packages may pick the same entry-point name, and both
+            # must load so that a name they both register is reported as a clash, not hidden.
+            if (package, ep.name) in seen:  # the same distribution visible twice on sys.path
+                continue
+            seen.add((package, ep.name))
+            ids = {ep.name, f"{package}:{ep.name}"}
+            if (only is not None and not ids & only) or ids & disabled:
+                continue
             provider = Provider(
                 plugin=ep.name,
-                package=dist.name if dist else "unknown",
+                package=package,
                 version=dist.version if dist else None,
                 module=ep.value,
             )
@@ -97,17 +109,39 @@ class Registry:
             except Exception as exc:  # noqa: BLE001 - any import failure must be contained
                 self._record_broken(provider, f"import failed: {type(exc).__name__}: {exc}")
                 continue
-            self.add_plugin(plugin, name=ep.name, provider=provider)
+            self._add_plugin(plugin, name=f"{package}:{ep.name}", provider=provider)
+        self._warn_broken(first_broken)
 
-    def add_plugin(self, plugin: ModuleType | Any, name: str | None = None, provider: Provider | None = None) -> None:
+    def add_plugin(
+        self, plugin: ModuleType | Any, name: str | None = None, provider: Provider | None = None
+    ) -> None:
         """Register a plugin object (module or instance with ``@hookimpl`` functions) in-process."""
+        first_broken = len(self.broken)
+        self._add_plugin(plugin, name, provider)
+        self._warn_broken(first_broken)
+
+    def _add_plugin(self, plugin: ModuleType | Any, name: str | None, provider: Provider | None) -> None:
         name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
-        provider = provider or Provider(plugin=name, package=_package_of(plugin), module=getattr(plugin, "__name__", None))
+        if provider is None:
+            package = _package_of(plugin)
+            provider = Provider(
+                plugin=name,
+                package=package,
+                version=_version_of(package),
+                module=getattr(plugin, "__name__", None),
+            )
         try:
             self._pm.register(plugin, name=name)
-        except Exception as exc:  # noqa: BLE001 - e.g. a misspelt hook name
+        except Exception as exc:  # noqa: BLE001 - e.g. a hook with the wrong arguments
             self._record_broken(provider, f"invalid plugin: {type(exc).__name__}: {exc}")
             return
+        # pluggy accepts @hookimpl functions that match no hookspec; a misspelt hook would
+        # otherwise register nothing, silently.
+        unknown = sorted(h.name for h in self._pm.get_hookcallers(plugin) or [] if not h.has_spec())
+        if unknown:
+            self._record_broken(
+                provider, f"unknown hook {', '.join(unknown)}; vlmkit hooks are {', '.join(_HOOK_KIND)}"
+            )
         for hook_name, kind in _HOOK_KIND.items():
             for impl in getattr(self._pm.hook, hook_name).get_hookimpls():
                 if impl.plugin is not plugin:
@@ -131,7 +165,15 @@ class Registry:
     def _record_broken(self, provider: Provider, error: str) -> None:
         error = " ".join(error.split())  # one line
         self.broken.append(BrokenPlugin(provider=provider, error=error))
-        warnings.warn(f"vlmkit plugin {provider.plugin!r} from {provider.package} is broken: {error}", stacklevel=3)
+
+    def _warn_broken(self, first: int) -> None:
+        """One warning for everything that broke in one load, however many plugins that is."""
+        new = self.broken[first:]
+        if new:
+            details = "; ".join(f"{b.provider.plugin} from {b.provider.package} ({b.error})" for b in new)
+            warnings.warn(
+                f"vlmkit plugins skipped: {details}. See 'vlmkit plugins list'.", PluginWarning, stacklevel=3
+            )
 
     # ----------------------------------------------------------------------------- lookup
 
@@ -152,8 +194,8 @@ class Registry:
             return self.specs[key]
         available = self.names(kind)
         close = difflib.get_close_matches(name.lower(), available, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        broken = [b.provider.plugin for b in self.broken]
+        hint = f"; did you mean {close[0]!r}?" if close else "."
+        broken = sorted({b.provider.plugin for b in self.broken})
         extra = f" (broken plugins not loaded: {', '.join(broken)})" if broken else ""
         raise PluginError(
             f"unknown {kind} {name!r}{hint} Available {kind}s: {', '.join(available) or 'none'}{extra}. "
@@ -188,9 +230,22 @@ def _name_set(value: str | None) -> set[str] | None:
 def _package_of(plugin: Any) -> str:
     module = getattr(plugin, "__name__", None) or type(plugin).__module__
     top = module.split(".")[0]
-    for dist_name in metadata.packages_distributions().get(top, []):
+    for dist_name in _packages_distributions(tuple(sys.path)).get(top, []):
         return dist_name
     return top
+
+
+@functools.lru_cache(maxsize=4)
+def _packages_distributions(path: tuple[str, ...]) -> dict[str, list[str]]:
+    # Reads every installed distribution's file list (~0.2 s with torch installed): once per sys.path.
+    return metadata.packages_distributions()
+
+
+def _version_of(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 _REGISTRY: Registry | None = None

@@ -1,0 +1,51 @@
+"""``vlmkit caption``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from vlmkit.core.errors import VlmkitError
+
+
+def caption(
+    images: list[Path] = typer.Argument(..., help="Image files to caption (JPEG, PNG, WebP, ...)."),
+    model: Path = typer.Option(..., "--model", "-m", help="A model folder written by 'vlmkit train'."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Images per forward pass."),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", min=1, help="Longest caption, in tokens."),
+    num_beams: int = typer.Option(1, "--num-beams", min=1, help="Beam search width (1 = greedy)."),
+    sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy/beam decoding."),
+    temperature: float = typer.Option(1.0, "--temperature", min=0.0, help="Sampling temperature."),
+    prompt: str = typer.Option(None, "--prompt", help="Prompt text (default: the one the model was trained with)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON lines: {path, caption, error}."),
+) -> None:
+    """Write a caption for each image with a trained model.
+
+    Unreadable images are reported (and make the exit code 1) without stopping the others.
+    """
+    from rich.progress import Progress
+
+    from vlmkit.core.caption import caption_files
+    from vlmkit.core.model import PrefixConditioningVLM
+
+    vlm = PrefixConditioningVLM.load(model)
+    kwargs = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": sample, "temperature": temperature}
+    if prompt is not None:
+        kwargs["prompt"] = prompt
+    with Progress(transient=True, disable=as_json) as progress:
+        task = progress.add_task("captioning", total=len(images))
+        results = caption_files(
+            vlm, images, batch_size=batch_size, on_batch=lambda n: progress.advance(task, n), **kwargs
+        )
+    for r in results:
+        if as_json:
+            typer.echo(json.dumps({"path": r.path, "caption": r.caption, "error": r.error}))
+        elif r.error:
+            typer.secho(f"{r.path}: error: {r.error}", fg="red", err=True)
+        else:
+            typer.echo(f"{r.path}\t{r.caption}")
+    failed = [r for r in results if r.error]
+    if failed:
+        raise VlmkitError(f"{len(failed)} of {len(results)} images could not be read")

@@ -1,0 +1,110 @@
+"""The trainable bridge from encoder features [B, N, Dv] to LM prefix embeddings [B, K, Dlm].
+
+Token reduction runs first, so the prefix has K tokens instead of N. Fewer prefix tokens make
+every training step and every generated token cheaper, and a 7x7 or 14x14 grid carries far more
+spatial detail than a caption needs.
+
+- ``avgpool``: adaptive average pooling of the patch grid to ``tokens`` (a square number) cells.
+- ``pixel_shuffle``: folds each ``factor x factor`` block of neighbouring patches into one token
+  with ``factor**2`` times the width (nothing is averaged away; the projection learns the mix).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ProjectionConfig(BaseModel):
+    """How encoder features become the LM prefix."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["linear", "mlp"] = Field("mlp", description="linear, or mlp (Linear-GELU-Linear)")
+    reduction: Literal["none", "avgpool", "pixel_shuffle"] = Field(
+        "none", description="token reduction applied to the patch grid before projecting"
+    )
+    tokens: int | None = Field(None, gt=0, description="avgpool: number of prefix tokens (a square)")
+    factor: int = Field(2, ge=1, description="pixel_shuffle: fold factor x factor patches into one")
+    layernorm: bool = Field(True, description="LayerNorm on the features before projecting")
+    hidden_dim: int | None = Field(None, gt=0, description="mlp hidden width (default: the LM width)")
+
+    @model_validator(mode="after")
+    def _check(self) -> ProjectionConfig:
+        if self.reduction == "avgpool":
+            if self.tokens is None:
+                raise ValueError("projection.reduction 'avgpool' needs projection.tokens (e.g. 16)")
+            if math.isqrt(self.tokens) ** 2 != self.tokens:
+                raise ValueError(f"projection.tokens must be a square number for avgpool, got {self.tokens}")
+        return self
+
+    def output_tokens(self, num_tokens: int, grid: tuple[int, int] | None) -> int:
+        """K, the number of prefix tokens this projection produces from N encoder tokens."""
+        if self.reduction == "none":
+            return num_tokens
+        rows, cols = _require_grid(self, grid)
+        if self.reduction == "avgpool":
+            return self.tokens  # type: ignore[return-value]
+        return math.ceil(rows / self.factor) * math.ceil(cols / self.factor)
+
+
+def _require_grid(config: ProjectionConfig, grid: tuple[int, int] | None) -> tuple[int, int]:
+    if grid is None:
+        from vlmkit.core.errors import ConfigError
+
+        raise ConfigError(
+            f"projection.reduction {config.reduction!r} needs an encoder whose tokens form a grid; "
+            "this encoder has none: use reduction 'none'"
+        )
+    return grid
+
+
+def build_projection(config: ProjectionConfig, feature_dim: int, lm_dim: int, grid: tuple[int, int] | None):
+    """A ``torch.nn.Module`` mapping features [B, N, Dv] to prefix embeddings [B, K, Dlm]."""
+    import torch
+    from torch import nn
+
+    class Projection(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = config
+            self.grid = grid
+            in_dim = feature_dim * (config.factor**2 if config.reduction == "pixel_shuffle" else 1)
+            if config.reduction != "none":
+                _require_grid(config, grid)
+            self.norm = nn.LayerNorm(in_dim) if config.layernorm else nn.Identity()
+            if config.type == "linear":
+                self.proj = nn.Linear(in_dim, lm_dim)
+            else:
+                hidden = config.hidden_dim or lm_dim
+                self.proj = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, lm_dim))
+
+        def reduce(self, features: torch.Tensor) -> torch.Tensor:
+            if config.reduction == "none":
+                return features
+            b, n, d = features.shape
+            rows, cols = self.grid
+            if n != rows * cols:
+                raise ValueError(f"features have {n} tokens but the encoder grid is {rows}x{cols}")
+            x = features.reshape(b, rows, cols, d)
+            if config.reduction == "avgpool":
+                side = math.isqrt(config.tokens)
+                x = x.permute(0, 3, 1, 2)  # [B, D, rows, cols]
+                x = nn.functional.adaptive_avg_pool2d(x, (side, side))
+                return x.flatten(2).transpose(1, 2)
+            f = config.factor
+            pad_r, pad_c = (-rows) % f, (-cols) % f
+            if pad_r or pad_c:  # replicate edges so every fold is full
+                x = nn.functional.pad(x.permute(0, 3, 1, 2), (0, pad_c, 0, pad_r), mode="replicate")
+                x = x.permute(0, 2, 3, 1)
+                rows, cols = rows + pad_r, cols + pad_c
+            x = x.reshape(b, rows // f, f, cols // f, f, d).permute(0, 1, 3, 2, 4, 5)
+            return x.reshape(b, (rows // f) * (cols // f), f * f * d)
+
+        def forward(self, features: torch.Tensor) -> torch.Tensor:
+            x = self.reduce(features.to(next(self.proj.parameters()).dtype))
+            return self.proj(self.norm(x))
+
+    return Projection()
