@@ -18,7 +18,9 @@ def caption(
     num_beams: int = typer.Option(1, "--num-beams", min=1, help="Beam search width (1 = greedy)."),
     sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy/beam decoding."),
     temperature: float = typer.Option(1.0, "--temperature", min=0.0, help="Sampling temperature."),
-    prompt: str = typer.Option(None, "--prompt", help="Prompt text (default: the one the model was trained with)."),
+    prompt: str = typer.Option(
+        None, "--prompt", help="Prompt text (default: the one the model was trained with)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines: {path, caption, error}."),
 ) -> None:
     """Write a caption for each image with a trained model.
@@ -31,7 +33,12 @@ def caption(
     from vlmkit.core.model import PrefixConditioningVLM
 
     vlm = PrefixConditioningVLM.load(model)
-    kwargs = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": sample, "temperature": temperature}
+    kwargs = {
+        "max_new_tokens": max_new_tokens,
+        "num_beams": num_beams,
+        "do_sample": sample,
+        "temperature": temperature,
+    }
     if prompt is not None:
         kwargs["prompt"] = prompt
     with Progress(transient=True, disable=as_json) as progress:

@@ -12,7 +12,9 @@ import typer
 
 from vlmkit import __version__
 from vlmkit.cli import caption as caption_cmd
+from vlmkit.cli import eval as eval_cmd
 from vlmkit.cli import plugins as plugins_cmd
+from vlmkit.cli import train as train_cmd
 from vlmkit.core.errors import VlmkitError
 from vlmkit.core.registry import PluginWarning
 
@@ -28,6 +30,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(plugins_cmd.app, name="plugins")
+app.command("train")(train_cmd.train)
+app.command("eval")(eval_cmd.eval_command)
 app.command("caption")(caption_cmd.caption)
 
 

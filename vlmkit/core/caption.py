@@ -22,7 +22,9 @@ def read_images(paths: Sequence[str | Path]) -> tuple[list[tuple[str, object]], 
     images, failed = [], []
     for path in paths:
         try:
-            images.append((str(path), CaptionExample(id=str(path), captions=[], image=Path(path)).load_image()))
+            images.append(
+                (str(path), CaptionExample(id=str(path), captions=[], image=Path(path)).load_image())
+            )
         except DataError as exc:
             failed.append(CaptionResult(path=str(path), error=str(exc)))
     return images, failed

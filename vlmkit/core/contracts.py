@@ -47,7 +47,11 @@ class PluginSpec(ABC):
         out: dict[str, Any] = {}
         for klass in reversed(type(self).__mro__):
             for key, value in vars(klass).items():
-                if key.startswith("_") or callable(value) or isinstance(value, (classmethod, staticmethod, property)):
+                if (
+                    key.startswith("_")
+                    or callable(value)
+                    or isinstance(value, (classmethod, staticmethod, property))
+                ):
                     continue
                 out[key] = _jsonable(value)
         out["kind"] = self.kind

@@ -94,7 +94,7 @@ class PrefixConditioningVLM(nn.Module):
 
     def __init__(self, config, encoder, encoder_spec, decoder_spec, lm, tokenizer, projection) -> None:
         super().__init__()
-        self.config = config
+        self.settings = config
         self.encoder = encoder
         self.encoder_spec = encoder_spec
         self.decoder_spec = decoder_spec
@@ -147,7 +147,7 @@ class PrefixConditioningVLM(nn.Module):
             layers = list(self.encoder.layers())
             if unfreeze_last > len(layers):
                 raise ConfigError(
-                    f"unfreeze_encoder_layers={unfreeze_last} but encoder {self.config.encoder!r} has "
+                    f"unfreeze_encoder_layers={unfreeze_last} but encoder {self.settings.encoder!r} has "
                     f"{len(layers)} layers"
                 )
             for layer in layers[-unfreeze_last:]:
@@ -167,16 +167,16 @@ class PrefixConditioningVLM(nn.Module):
     # ------------------------------------------------------------------ tokens
 
     def format(self, caption: str | None, prompt: str | None = None) -> Formatted:
-        prompt = self.config.prompt if prompt is None else prompt
+        prompt = self.settings.prompt if prompt is None else prompt
         if caption is None:
-            key = (prompt, self.config.format)
+            key = (prompt, self.settings.format)
             if key not in self._prompt_cache:
                 self._prompt_cache[key] = self.decoder_spec.format(
-                    self.tokenizer, prompt, None, self.config.format
+                    self.tokenizer, prompt, None, self.settings.format
                 )
             return self._prompt_cache[key]
-        formatted = self.decoder_spec.format(self.tokenizer, prompt, caption, self.config.format)
-        limit = self.config.max_caption_tokens
+        formatted = self.decoder_spec.format(self.tokenizer, prompt, caption, self.settings.format)
+        limit = self.settings.max_caption_tokens
         if len(formatted.target) > limit:
             # keep the end token(s) so a truncated caption still teaches the model to stop
             stops = set(self.stop_token_ids)
@@ -187,7 +187,7 @@ class PrefixConditioningVLM(nn.Module):
 
     @property
     def stop_token_ids(self) -> list[int]:
-        return self.decoder_spec.stop_token_ids(self.tokenizer, self.config.format)
+        return self.decoder_spec.stop_token_ids(self.tokenizer, self.settings.format)
 
     def tokenize(
         self,
@@ -326,7 +326,7 @@ class PrefixConditioningVLM(nn.Module):
                 out = self.lm.get_base_model().generate(
                     inputs_embeds=embeds,
                     attention_mask=batch.attention_mask,
-                    max_new_tokens=max_new_tokens or self.config.max_caption_tokens,
+                    max_new_tokens=max_new_tokens or self.settings.max_caption_tokens,
                     num_beams=num_beams,
                     do_sample=do_sample,
                     temperature=temperature if do_sample else None,
@@ -363,20 +363,20 @@ class PrefixConditioningVLM(nn.Module):
             "format_version": ARTIFACT_VERSION,
             "vlmkit_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "config": self.config.model_dump(mode="json"),
+            "config": self.settings.model_dump(mode="json"),
             "encoder": {
-                "plugin": self.config.encoder,
-                "checkpoint": getattr(self.encoder, "checkpoint", self.config.encoder_checkpoint),
-                "revision": getattr(self.encoder, "revision", self.config.encoder_revision),
+                "plugin": self.settings.encoder,
+                "checkpoint": getattr(self.encoder, "checkpoint", self.settings.encoder_checkpoint),
+                "revision": getattr(self.encoder, "revision", self.settings.encoder_revision),
                 "fingerprint": fingerprint,
                 "num_tokens": self.encoder.num_tokens,
                 "feature_dim": self.encoder.feature_dim,
                 "grid": list(self.encoder.grid) if self.encoder.grid else None,
             },
             "decoder": {
-                "plugin": self.config.decoder,
-                "checkpoint": self.config.decoder_checkpoint or self.decoder_spec.default_checkpoint,
-                "revision": self.config.decoder_revision,
+                "plugin": self.settings.decoder,
+                "checkpoint": self.settings.decoder_checkpoint or self.decoder_spec.default_checkpoint,
+                "revision": self.settings.decoder_revision,
                 "model_type": self.lm.get_base_model().config.model_type,
             },
             "prefix_tokens": self.num_prefix_tokens,
@@ -390,34 +390,46 @@ class PrefixConditioningVLM(nn.Module):
         }
 
     def save(self, path: str | Path, *, training: dict | None = None) -> Path:
-        """Write the small artifact folder: manifest, projection and LoRA adapter (safetensors).
+        """Write the small artifact: manifest, projection and LoRA adapter (safetensors).
 
-        Base weights are referenced, not copied. Files are written into a temporary sibling
-        folder and moved into place, so an interrupted save never leaves a half-written model.
+        Base weights are referenced, not copied. Other files in the folder (checkpoints, logs)
+        are left alone. The manifest is removed first and written last, so a folder whose save
+        was interrupted is never mistaken for a complete model.
         """
+        import os
         import shutil
 
         from safetensors.torch import save_file
 
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-saving")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        ours = (path / MANIFEST).exists() or (path / "run.yaml").exists()  # run.yaml: a vlmkit train run
+        if path.exists() and not ours and any(path.iterdir()):
+            raise ArtifactError(f"{path} exists and is not a vlmkit model; choose another folder")
+        path.mkdir(parents=True, exist_ok=True)
+        (path / MANIFEST).unlink(missing_ok=True)
+        tmp = path / ".saving"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         save_file(_state(self.projection), str(tmp / "projection.safetensors"))
         self.lm.save_pretrained(str(tmp / "adapter"))
+        files = ["projection.safetensors", "adapter"]
         if not self.encoder_frozen:
-            trainable = {k: v for k, v in self.encoder.named_parameters() if v.requires_grad}
-            save_file(
-                {k: v.detach().contiguous() for k, v in trainable.items()}, str(tmp / "encoder.safetensors")
-            )
-        (tmp / MANIFEST).write_text(json.dumps(self.manifest(training), indent=2) + "\n")
-        if path.exists():
-            if not (path / MANIFEST).exists() and any(path.iterdir()):
-                shutil.rmtree(tmp)
-                raise ArtifactError(f"{path} exists and is not a vlmkit model; choose another output folder")
-            shutil.rmtree(path)
-        tmp.rename(path)
+            trainable = {
+                k: v.detach().contiguous() for k, v in self.encoder.named_parameters() if v.requires_grad
+            }
+            save_file(trainable, str(tmp / "encoder.safetensors"))
+            files.append("encoder.safetensors")
+        else:
+            (path / "encoder.safetensors").unlink(missing_ok=True)
+        for name in files:
+            target = path / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(tmp / name, target)
+        shutil.rmtree(tmp)
+        manifest_tmp = path / f".{MANIFEST}.tmp"
+        manifest_tmp.write_text(json.dumps(self.manifest(training), indent=2) + "\n")
+        os.replace(manifest_tmp, path / MANIFEST)
         return path
 
     @classmethod

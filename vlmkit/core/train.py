@@ -1,0 +1,409 @@
+"""``vlmkit train``: fit the projection and the LoRA adapter with Hugging Face ``Trainer``.
+
+``Trainer`` gives us gradient accumulation, schedules, checkpoints and resume, evaluation,
+logging, and distributed training (``torchrun``/``accelerate launch``: DDP, FSDP, DeepSpeed)
+with no code of ours. What is ours:
+
+- Features from a frozen encoder come from the on-disk cache (``features.py``), computed once
+  (on rank 0 under torchrun) and read every epoch: the encoder never runs in the training loop.
+- Checkpoints hold only the trainable tensors (projection, LoRA, unfrozen encoder layers), not
+  the frozen base weights, so they are megabytes, not gigabytes.
+- The output folder is a model artifact (``vlmkit.json`` ...), with ``checkpoints/``,
+  ``logs.jsonl``, ``tensorboard/`` and ``run.yaml`` beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
+
+from vlmkit.core.config import TrainConfig
+from vlmkit.core.errors import ConfigError
+from vlmkit.core.model import MANIFEST, PrefixConditioningVLM
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.yaml"
+TRAINABLE_FILE = "trainable.safetensors"
+#: settings that define *what* is trained; a folder holding a run that differs in these is a
+#: different run and is never silently continued or overwritten
+IDENTITY_FIELDS = ("model", "datasets", "seed")
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    global_step: int
+    train_loss: float | None
+    samples_per_second: float | None
+    seconds: float
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    used_feature_cache: bool = False
+
+
+# ------------------------------------------------------------------------------- data
+
+
+def load_split(config: TrainConfig, split: str, registry=None):
+    """The mixed split of every configured dataset (one dataset is returned as it is)."""
+    from vlmkit.core.datasets import mix
+    from vlmkit.core.registry import get_registry
+
+    registry = registry or get_registry()
+    parts = []
+    for entry in config.datasets:
+        spec = registry.dataset(entry.name)
+        parts.append((entry.name, spec.load(split, entry.options, seed=config.seed)))
+    if len(parts) == 1:
+        return parts[0][1]
+    return mix([data for _, data in parts], names=[name for name, _ in parts])
+
+
+class CaptionTrainingSet(torch.utils.data.Dataset):
+    """Examples as the collator wants them: one reference caption (a random one of several,
+    re-drawn every time the example is seen) and either cached features or pixel values."""
+
+    def __init__(self, data, features=None, preprocess=None, limit: int | None = None) -> None:
+        self.data = data
+        self.features = features
+        self.preprocess = preprocess
+        self.length = min(len(data), limit) if limit else len(data)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = self.data[index]
+        item: dict[str, Any] = {"caption": random.choice(example.captions)}
+        if self.features is not None:
+            item["features"] = torch.from_numpy(self.features[index].astype("float32"))
+        else:
+            item["pixel_values"] = self.preprocess([example.load_image()])[0]
+        return item
+
+
+class Collator:
+    """Tokenizes captions around the image slots (see ``PrefixConditioningVLM.tokenize``)."""
+
+    def __init__(self, model: PrefixConditioningVLM) -> None:
+        self.model = model
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.model.tokenize([it["caption"] for it in items]).to_dict()
+        key = "features" if "features" in items[0] else "pixel_values"
+        batch[key] = torch.stack([it[key] for it in items])
+        return batch
+
+
+# ------------------------------------------------------------------------------- trainer
+
+
+class VLMTrainer(Trainer):
+    """``Trainer`` with per-part learning rates and checkpoints of trainable tensors only."""
+
+    def __init__(self, *args, vlm_config: TrainConfig, eval_captions=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.vlm_config = vlm_config
+        self.eval_captions = eval_captions  # (CaptionDataset, features or None) for --eval-metrics
+
+    def create_optimizer(self):
+        if self.optimizer is None:
+            groups = self.model.trainable_parameter_groups()
+            lrs = {
+                "projection": self.vlm_config.lr_projection,
+                "lora": self.vlm_config.lr_lora,
+                "encoder": self.vlm_config.lr_encoder,
+            }
+            param_groups = [
+                {"params": params, "lr": lrs[name], "weight_decay": self.vlm_config.weight_decay}
+                for name, params in groups.items()
+                if params
+            ]
+            fused = {"fused": True} if torch.cuda.is_available() else {}
+            self.optimizer = torch.optim.AdamW(param_groups, **fused)
+        return self.optimizer
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        from safetensors.torch import save_file
+
+        output = Path(output_dir or self.args.output_dir)
+        output.mkdir(parents=True, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(tensors, str(output / TRAINABLE_FILE))
+
+    def _load_trainable(self, checkpoint: str | Path) -> None:
+        from safetensors.torch import load_file
+
+        model = self.accelerator.unwrap_model(self.model)
+        file = Path(checkpoint) / TRAINABLE_FILE
+        if not file.is_file():
+            raise ConfigError(
+                f"checkpoint {checkpoint} has no {TRAINABLE_FILE}; it was not written by vlmkit train"
+            )
+        tensors = load_file(str(file))
+        params = dict(model.named_parameters())
+        unknown = sorted(set(tensors) - set(params))
+        if unknown:
+            raise ConfigError(f"checkpoint {checkpoint} does not fit this model (e.g. {unknown[0]})")
+        with torch.no_grad():
+            for name, value in tensors.items():
+                params[name].copy_(value)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        self._load_trainable(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        if self.state.best_model_checkpoint:
+            log.info("loading the best checkpoint %s", self.state.best_model_checkpoint)
+            self._load_trainable(self.state.best_model_checkpoint)
+
+    def evaluation_loop(self, *args, **kwargs):
+        output = super().evaluation_loop(*args, **kwargs)
+        if self.vlm_config.eval_metrics and self.eval_captions is not None:
+            prefix = kwargs.get("metric_key_prefix", "eval")
+            scores = caption_metrics(
+                self.accelerator.unwrap_model(self.model),
+                *self.eval_captions,
+                batch_size=self.args.per_device_eval_batch_size,
+            )
+            output.metrics.update({f"{prefix}_{k}": v for k, v in scores.items()})
+        return output
+
+
+def caption_metrics(
+    model, data, features=None, *, batch_size: int = 32, limit: int | None = None
+) -> dict[str, float]:
+    """Greedy captions for ``data`` scored against all its references (BLEU, METEOR, ROUGE-L, CIDEr)."""
+    from vlmkit.core.metrics import exact_match, score_captions
+
+    n = min(len(data), limit) if limit else len(data)
+    predictions, references = {}, {}
+    for start in range(0, n, batch_size):
+        idx = list(range(start, min(n, start + batch_size)))
+        examples = [data[i] for i in idx]
+        if features is not None:
+            feats = torch.from_numpy(features[idx[0] : idx[-1] + 1].astype("float32"))
+            captions = model.generate(features=feats)
+        else:
+            captions = model.generate([ex.load_image() for ex in examples])
+        for ex, text in zip(examples, captions, strict=True):
+            predictions[ex.id] = text
+            references[ex.id] = list(ex.captions)
+    scores = score_captions(predictions, references)
+    scores["exact_match"] = exact_match(predictions, references)
+    return scores
+
+
+class JsonlLogger(TrainerCallback):
+    """Appends every log record (loss, learning rates, eval metrics) to ``logs.jsonl``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+
+# ------------------------------------------------------------------------------- the job
+
+
+def prepare_output_dir(config: TrainConfig, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix runs: a folder holding another run is never silently reused or deleted."""
+    out = config.output_dir
+    run_file = out / RUN_FILE
+    if not out.exists() or not any(out.iterdir()):
+        if resume:
+            raise ConfigError(f"--resume: {out} holds no run to resume; drop --resume to start one")
+        return
+    if not run_file.is_file():
+        raise ConfigError(
+            f"output folder {out} is not empty and holds no vlmkit run; choose another --output"
+        )
+    if overwrite:
+        shutil.rmtree(out)
+        return
+    previous = yaml.safe_load(run_file.read_text()) or {}
+    current = json.loads(config.model_dump_json())
+    differs = [k for k in IDENTITY_FIELDS if previous.get(k) != current.get(k)]
+    if not resume:
+        raise ConfigError(
+            f"output folder {out} already holds a run; use --resume to continue it, --overwrite to replace it, "
+            "or choose another --output"
+        )
+    if differs:
+        raise ConfigError(
+            f"--resume: {out} holds a different run ({', '.join(differs)} differ); use the same settings, "
+            "or --overwrite to replace it"
+        )
+
+
+def last_checkpoint(output_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = output_dir / "checkpoints"
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    registry=None,
+    callbacks: list | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a model as ``config`` says and write the artifact to ``config.output_dir``."""
+    from transformers import set_seed
+
+    from vlmkit.core.features import FeatureCache
+
+    started = time.perf_counter()
+    out = config.output_dir
+    args = _training_arguments(config, progress)  # sets up torch.distributed under torchrun
+    if args.process_index == 0:
+        prepare_output_dir(config, resume=resume, overwrite=overwrite)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RUN_FILE).write_text(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
+    _barrier()
+    set_seed(config.seed)
+
+    model = PrefixConditioningVLM.build(config.model, registry=registry, seed=config.seed)
+    train_data = load_split(config, "train", registry)
+    eval_data = load_split(config, "validation", registry)
+    use_cache = config.feature_cache and model.encoder_frozen
+    train_features = eval_features = None
+    if use_cache:
+        cache = FeatureCache(config.cache_dir)
+        train_features = cache.features_for(model.encoder, train_data, progress=progress)
+        eval_features = cache.features_for(model.encoder, eval_data, progress=progress)
+    preprocess = None if use_cache else model.preprocess
+    train_set = CaptionTrainingSet(train_data, train_features, preprocess, config.max_train_samples)
+    eval_set = CaptionTrainingSet(eval_data, eval_features, preprocess, config.max_eval_samples)
+
+    cbs = [JsonlLogger(out / "logs.jsonl"), *(callbacks or [])]
+    if args.process_index == 0 and (tensorboard := _tensorboard_callback(out / "tensorboard")):
+        cbs.append(tensorboard)
+    if config.early_stopping_patience:
+        cbs.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
+    trainer = VLMTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=Collator(model),
+        callbacks=cbs,
+        vlm_config=config,
+        eval_captions=(eval_data, eval_features) if config.eval_metrics else None,
+    )
+    checkpoint = None
+    if resume:
+        checkpoint = last_checkpoint(out)
+        if checkpoint is None:
+            raise ConfigError(
+                f"--resume: {out / 'checkpoints'} holds no checkpoint; drop --resume to start over"
+            )
+        log.info("resuming from %s", checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    eval_metrics = trainer.evaluate() if config.eval_metrics or config.early_stopping_patience else {}
+
+    if trainer.is_world_process_zero():
+        model.save(
+            out,
+            training={
+                "config": json.loads(config.model_dump_json()),
+                "global_step": trainer.state.global_step,
+                "train_loss": result.training_loss,
+                "eval": eval_metrics,
+                "used_feature_cache": use_cache,
+            },
+        )
+    _barrier()
+    return TrainResult(
+        output_dir=out,
+        global_step=trainer.state.global_step,
+        train_loss=result.training_loss,
+        samples_per_second=result.metrics.get("train_samples_per_second"),
+        seconds=time.perf_counter() - started,
+        eval_metrics=eval_metrics,
+        used_feature_cache=use_cache,
+    )
+
+
+def _training_arguments(config: TrainConfig, progress: bool) -> TrainingArguments:
+    metric = "eval_CIDEr" if config.eval_metrics else "eval_loss"
+    eval_every = config.eval_every
+    strategy = "steps" if eval_every else "epoch"
+    save_every = config.save_every or eval_every
+    best = bool(config.early_stopping_patience)
+    if best and save_every and eval_every and save_every % eval_every:
+        raise ConfigError("early stopping needs save_every to be a multiple of eval_every")
+    return TrainingArguments(
+        output_dir=str(config.output_dir / "checkpoints"),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=max(config.batch_size, 16),
+        gradient_accumulation_steps=config.grad_accum,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1,
+        learning_rate=config.lr_lora,
+        weight_decay=config.weight_decay,
+        lr_scheduler_type=config.scheduler,
+        warmup_steps=config.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        max_grad_norm=config.max_grad_norm,
+        bf16=config.precision == "bf16",
+        eval_strategy=strategy,
+        eval_steps=eval_every,
+        save_strategy="steps" if save_every else "epoch",
+        save_steps=save_every,
+        save_total_limit=config.save_total_limit,
+        load_best_model_at_end=best,
+        metric_for_best_model=metric if best else None,
+        greater_is_better=(metric != "eval_loss") if best else None,
+        logging_steps=config.logging_steps,
+        report_to=[],  # TensorBoard is added as a callback, writing to <output>/tensorboard
+        seed=config.seed,
+        data_seed=config.seed,
+        dataloader_num_workers=config.num_workers,
+        remove_unused_columns=False,
+        prediction_loss_only=True,
+        disable_tqdm=not progress,
+        ddp_find_unused_parameters=False,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def _tensorboard_callback(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+    except ImportError:
+        log.warning("tensorboard is not installed; logging to logs.jsonl only (pip install tensorboard)")
+        return None
+    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(folder)))
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def steps_per_epoch(n_examples: int, config: TrainConfig, world_size: int = 1) -> int:
+    return math.ceil(n_examples / (config.batch_size * config.grad_accum * world_size))
+
+
+__all__ = ["MANIFEST", "TrainResult", "train", "prepare_output_dir", "last_checkpoint", "caption_metrics"]

@@ -1,0 +1,324 @@
+"""The plugin contract suite: what every encoder, decoder and dataset plugin must do.
+
+vlmkit runs it on every built-in plugin; a plugin author runs the same functions on theirs::
+
+    from vlmkit.testing import check_decoder, tiny_decoder_checkpoint
+
+    def test_my_decoder_contract(tmp_path):
+        check_decoder(MyDecoder(), tiny_decoder_checkpoint("llama", tmp_path / "llama"), tmp_path)
+
+Each ``check_*`` function raises ``AssertionError`` with a message saying which promise broke,
+and returns a small report (dict) of what it measured.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from vlmkit.core.contracts import SPLITS, DatasetSpec, DecoderSpec, EncoderSpec, VisionEncoder
+from vlmkit.core.hookspecs import hookimpl
+from vlmkit.core.registry import Registry
+
+CAPTIONS = ["A red circle on the left.", "Two dogs play in the snow near a small wooden house."]
+PROMPT = "Describe the image."
+
+
+# ------------------------------------------------------------------------------- a toy encoder
+
+
+class ToyEncoderSpec(EncoderSpec):
+    """A tiny deterministic convolutional encoder (4x4 grid of 16-dim tokens) for decoder tests."""
+
+    name = "vlmkit-toy"
+    description = "tiny deterministic conv encoder for tests (vlmkit.testing)"
+    default_checkpoint = "toy"
+
+    def load(self, checkpoint: str | None = None, *, revision: str | None = None) -> VisionEncoder:
+        import numpy as np
+        import torch
+        from torch import nn
+
+        class ToyEncoder(nn.Module):
+            num_tokens, feature_dim, grid, image_size = 16, 16, (4, 4), 32
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.checkpoint, self.revision = checkpoint or "toy", revision
+                generator = torch.Generator().manual_seed(0)
+                self.conv = nn.Conv2d(3, 16, 8, 8)
+                with torch.no_grad():
+                    for p in self.conv.parameters():
+                        p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+                self.requires_grad_(False)
+                self.eval()
+
+            def preprocess(self, images):
+                arrays = [
+                    np.asarray(im.convert("RGB").resize((32, 32)), dtype=np.float32) / 127.5 - 1
+                    for im in images
+                ]
+                return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+            def forward(self, pixel_values):
+                return self.conv(pixel_values).flatten(2).transpose(1, 2)
+
+            def fingerprint(self) -> str:
+                return "vlmkit-toy-v1-32px"
+
+            def layers(self):
+                return [self.conv]
+
+        return ToyEncoder()
+
+
+def make_registry(*specs) -> Registry:
+    """A fresh registry holding ``specs`` (encoders, decoders and datasets, by their kind)."""
+
+    class _Plugin:
+        @hookimpl
+        def register_encoders(self, register):
+            for s in specs:
+                if isinstance(s, EncoderSpec):
+                    register(s)
+
+        @hookimpl
+        def register_decoders(self, register):
+            for s in specs:
+                if isinstance(s, DecoderSpec):
+                    register(s)
+
+        @hookimpl
+        def register_datasets(self, register):
+            for s in specs:
+                if isinstance(s, DatasetSpec):
+                    register(s)
+
+    registry = Registry()
+    registry.add_plugin(_Plugin(), name="vlmkit-testing")
+    if registry.broken:
+        raise AssertionError(f"specs failed to register: {registry.broken[0].error}")
+    return registry
+
+
+def sample_images(n: int = 2):
+    """``n`` small, distinct RGB PIL images."""
+    from PIL import Image, ImageDraw
+
+    colours = ["red", "blue", "green", "yellow", "purple", "orange"]
+    images = []
+    for i in range(n):
+        img = Image.new("RGB", (48 + 8 * i, 40), "white")
+        ImageDraw.Draw(img).ellipse((4 + 3 * i, 4, 30 + 3 * i, 30), fill=colours[i % len(colours)])
+        images.append(img)
+    return images
+
+
+# ------------------------------------------------------------------------------- encoders
+
+
+def check_encoder(
+    spec: EncoderSpec, checkpoint: str | None, tmp_path: str | Path | None = None
+) -> dict[str, Any]:
+    """An encoder plugin loads ``checkpoint`` frozen, preprocesses any RGB image to one shape,
+    returns ``[B, num_tokens, feature_dim]`` features whose grid matches, has a stable
+    fingerprint, and names its layers."""
+    import torch
+
+    encoder = spec.load(checkpoint)
+    assert isinstance(encoder, torch.nn.Module), f"{spec.name}.load must return a torch.nn.Module"
+    for attr in ("num_tokens", "feature_dim", "grid", "preprocess", "fingerprint", "layers"):
+        assert hasattr(encoder, attr), f"{spec.name} encoder lacks {attr!r} (see vlmkit.VisionEncoder)"
+    assert not any(p.requires_grad for p in encoder.parameters()), f"{spec.name} encoder must load frozen"
+    images = sample_images(2)
+    pixels = encoder.preprocess(images)
+    assert pixels.ndim == 4 and pixels.shape[:2] == (2, 3), (
+        f"preprocess gave {tuple(pixels.shape)}, want [2,3,H,W]"
+    )
+    with torch.no_grad():
+        feats = encoder(pixels)
+    want = (2, encoder.num_tokens, encoder.feature_dim)
+    assert tuple(feats.shape) == want, f"{spec.name} features {tuple(feats.shape)} != {want}"
+    assert torch.isfinite(feats).all(), f"{spec.name} features are not finite"
+    if encoder.grid is not None:
+        assert math.prod(encoder.grid) == encoder.num_tokens, (
+            f"grid {encoder.grid} != {encoder.num_tokens} tokens"
+        )
+    fp = encoder.fingerprint()
+    assert isinstance(fp, str) and fp, "fingerprint must be a non-empty string"
+    assert spec.load(checkpoint).fingerprint() == fp, "fingerprint must be stable across loads"
+    assert len(list(encoder.layers())) > 0, "layers() must list the encoder blocks"
+    return {"num_tokens": encoder.num_tokens, "feature_dim": encoder.feature_dim, "fingerprint": fp}
+
+
+# ------------------------------------------------------------------------------- decoders
+
+
+def check_decoder(
+    spec: DecoderSpec,
+    checkpoint: str | None,
+    tmp_path: str | Path,
+    *,
+    styles: tuple[str, ...] = ("auto", "plain"),
+    encoder: EncoderSpec | None = None,
+    encoder_checkpoint: str | None = None,
+) -> dict[str, Any]:
+    """A decoder plugin: loads, refuses nothing it declares, resolves LoRA targets, formats so
+    that generation sees exactly the training context, masks labels exactly on caption + end
+    token, trains a step, generates (batched = one by one), and round-trips save/load."""
+    import torch
+
+    from vlmkit.core.model import IGNORE_INDEX, PrefixConditioningVLM
+
+    tmp_path = Path(tmp_path)
+    model, tokenizer = spec.load(checkpoint)
+    assert model.config.model_type in spec.model_types, (
+        f"{spec.name} loaded a {model.config.model_type!r} model but declares {spec.model_types}"
+    )
+    assert tokenizer.pad_token_id is not None, f"{spec.name} must set a pad token"
+    targets = spec.resolve_lora_targets(model)
+    names = {n for n, _ in model.named_modules()}
+    assert targets, f"{spec.name} resolved no LoRA targets"
+    for t in targets:
+        assert any(n == t or n.endswith("." + t) for n in names), f"LoRA target {t!r} is not a module"
+    stops = spec.stop_token_ids(tokenizer)
+    assert stops, f"{spec.name} declares no stop tokens"
+
+    report: dict[str, Any] = {"lora_targets": targets}
+    for style in styles:
+        for caption in CAPTIONS:
+            gen = spec.format(tokenizer, PROMPT, None, style)
+            train = spec.format(tokenizer, PROMPT, caption, style)
+            assert (gen.before, gen.after) == (train.before, train.after), (
+                f"{spec.name} style {style!r}: the generation context differs from the training one"
+            )
+            assert not gen.target, "format(caption=None) must have an empty target"
+            assert train.target and train.target[-1] in spec.stop_token_ids(tokenizer, style), (
+                f"{spec.name} style {style!r}: target must end with a stop token"
+            )
+            text = tokenizer.decode(train.target, skip_special_tokens=True).strip()
+            assert text == caption.strip(), (
+                f"{spec.name} style {style!r}: target decodes to {text!r}, not {caption!r}"
+            )
+
+    # build a VLM around the decoder with a toy (or given) encoder
+    encoder = encoder or ToyEncoderSpec()
+    registry = make_registry(encoder, spec)
+    config = {
+        "encoder": encoder.name,
+        "encoder_checkpoint": encoder_checkpoint,
+        "decoder": spec.name,
+        "decoder_checkpoint": checkpoint,
+        "projection": {"type": "mlp", "reduction": "none"},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "prompt": PROMPT,
+    }
+    for style in styles:
+        vlm = PrefixConditioningVLM.build({**config, "format": style}, registry=registry)
+        _check_label_mask(vlm, IGNORE_INDEX)
+    vlm = PrefixConditioningVLM.build(config, registry=registry)
+    images = sample_images(2)
+    pixels = vlm.preprocess(images)
+    batch = vlm.tokenize(CAPTIONS)
+    params = [p for group in vlm.trainable_parameter_groups().values() for p in group]
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    vlm.train()
+    loss = vlm(**batch.to_dict(), pixel_values=pixels)["loss"]
+    assert torch.isfinite(loss), f"{spec.name}: loss is {loss.item()}"
+    loss.backward()
+    optimizer.step()
+    changed = sum(not torch.equal(a, b.detach()) for a, b in zip(before, params, strict=True))
+    assert changed == len(params), f"{spec.name}: only {changed} of {len(params)} trainable tensors changed"
+    full = vlm(**batch.to_dict(), pixel_values=pixels, return_logits=True)["loss"]
+    fast = vlm(**batch.to_dict(), pixel_values=pixels)["loss"]
+    assert torch.allclose(full, fast, atol=1e-4), (
+        f"loss on target positions {fast} != full-logits loss {full}"
+    )
+    report["loss"] = float(loss)
+
+    # LoRA starts as a no-op; nudge it so generation depends on it, then check batching
+    with torch.no_grad():
+        for name, p in vlm.lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    vlm.eval()
+    captions = vlm.generate(images, max_new_tokens=6)
+    assert isinstance(captions, list) and len(captions) == 2 and all(isinstance(c, str) for c in captions)
+    features = vlm.encode(pixels)
+    prompts = [PROMPT, "A much longer prompt that forces left padding in a batch."]
+    batched = vlm.generate(features=features, prompt=prompts, max_new_tokens=6, return_ids=True)
+    single = [
+        vlm.generate(features=features[i : i + 1], prompt=p, max_new_tokens=6, return_ids=True)[0]
+        for i, p in enumerate(prompts)
+    ]
+    assert batched == single, (
+        f"{spec.name}: batched (left-padded) generation {batched} != one by one {single}"
+    )
+
+    # save / load round trip
+    path = vlm.save(tmp_path / f"{spec.name}-artifact")
+    reloaded = PrefixConditioningVLM.load(path, registry=registry)
+    with torch.no_grad():
+        a = vlm(**batch.to_dict(), pixel_values=pixels, return_logits=True)["logits"]
+        b = reloaded(**batch.to_dict(), pixel_values=pixels, return_logits=True)["logits"]
+    assert torch.allclose(a, b, atol=1e-5), f"{spec.name}: logits differ after save/load"
+    assert reloaded.generate(images, max_new_tokens=6) == vlm.generate(images, max_new_tokens=6), (
+        "captions differ after reload"
+    )
+    report["captions"] = captions
+    return report
+
+
+def _check_label_mask(vlm, ignore_index: int) -> None:
+    """Labels are set exactly on each row's target span (caption + end token): never on the
+    image slots, the prompt, or padding, whatever the padding side."""
+    batch = vlm.tokenize([CAPTIONS[0], CAPTIONS[1]])
+    for row, caption in enumerate(CAPTIONS):
+        f = vlm.format(caption)
+        ids = batch.input_ids[row].tolist()
+        labels = batch.labels[row].tolist()
+        attention = batch.attention_mask[row].tolist()
+        real = sum(attention)
+        start = len(f.before) + vlm.num_prefix_tokens + len(f.after)
+        assert ids[start:real] == f.target, "target ids are not where the formatter put them"
+        want = [ignore_index] * start + f.target + [ignore_index] * (len(ids) - real)
+        assert labels == want, f"row {row}: labels are not masked exactly to the caption + end span"
+        image = batch.image_mask[row].tolist()
+        assert sum(image) == vlm.num_prefix_tokens and image[len(f.before)], "image slots misplaced"
+
+
+# ------------------------------------------------------------------------------- datasets
+
+
+def check_dataset(
+    spec: DatasetSpec, options: dict | None = None, *, seed: int = 0, sample: int = 32
+) -> dict[str, Any]:
+    """A dataset plugin yields captioned RGB images in three seeded, deterministic, disjoint splits."""
+    sizes, ids = {}, {}
+    for split in SPLITS:
+        data = spec.load(split, options, seed=seed)
+        assert len(data) > 0, f"{spec.name} split {split!r} is empty"
+        assert isinstance(data.fingerprint, str) and data.fingerprint, "a split needs a fingerprint"
+        ids[split] = [data[i].id for i in range(len(data))]
+        assert len(set(ids[split])) == len(ids[split]), f"{spec.name} split {split!r} repeats ids"
+        for i in range(min(sample, len(data))):
+            ex = data[i]
+            assert ex.captions and all(isinstance(c, str) and c.strip() for c in ex.captions), (
+                f"{ex.id}: no caption"
+            )
+            image = ex.load_image()
+            assert image.mode == "RGB" and min(image.size) > 0
+        again = spec.load(split, options, seed=seed)
+        assert [again[i].id for i in range(len(again))] == ids[split], (
+            f"{spec.name} split {split!r} is not deterministic"
+        )
+        assert again.fingerprint == data.fingerprint, "fingerprint must be stable"
+        sizes[split] = len(data)
+    for a, b in (("train", "validation"), ("train", "test"), ("validation", "test")):
+        shared = set(ids[a]) & set(ids[b])
+        assert not shared, (
+            f"{spec.name}: splits {a} and {b} share {len(shared)} images, e.g. {sorted(shared)[:3]}"
+        )
+    return sizes
