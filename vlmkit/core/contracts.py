@@ -47,13 +47,12 @@ class PluginSpec(ABC):
         out: dict[str, Any] = {}
         for klass in reversed(type(self).__mro__):
             for key, value in vars(klass).items():
-                if (
-                    key.startswith("_")
-                    or callable(value)
-                    or isinstance(value, (classmethod, staticmethod, property))
-                ):
+                if key.startswith("_"):
                     continue
-                out[key] = _jsonable(value)
+                if isinstance(value, type) and hasattr(value, "model_json_schema"):  # an options model
+                    out[key] = value.model_json_schema().get("properties", {})
+                elif not (callable(value) or isinstance(value, (classmethod, staticmethod, property))):
+                    out[key] = _jsonable(value)
         out["kind"] = self.kind
         return out
 

@@ -1,0 +1,118 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+_SPECS_TEMPLATE = '''\
+"""A third-party vlmkit plugin, written the way a plugin author writes one."""
+import vlmkit
+
+DECODERS = {decoders!r}
+ENCODERS = {encoders!r}
+DATASETS = {datasets!r}
+
+
+class Decoder(vlmkit.DecoderSpec):
+    def load(self, checkpoint=None, *, revision=None, dtype=None):
+        raise NotImplementedError
+
+    def format(self, tokenizer, prompt, caption, style="auto"):
+        raise NotImplementedError
+
+    def stop_token_ids(self, tokenizer, style="auto"):
+        raise NotImplementedError
+
+    def resolve_lora_targets(self, model):
+        raise NotImplementedError
+
+
+class Encoder(vlmkit.EncoderSpec):
+    def load(self, checkpoint=None, *, revision=None):
+        raise NotImplementedError
+
+
+class Dataset(vlmkit.DatasetSpec):
+    def load(self, split, options=None, *, seed=0):
+        raise NotImplementedError
+
+
+def _spec(base, name):
+    return type(base.__name__, (base,), {{"name": name, "description": f"{{name}} from {{__name__}}"}})()
+
+
+@vlmkit.hookimpl
+def register_decoders(register):
+    for name in DECODERS:
+        register(_spec(Decoder, name))
+
+
+@vlmkit.hookimpl
+def register_encoders(register):
+    for name in ENCODERS:
+        register(_spec(Encoder, name))
+
+
+@vlmkit.hookimpl
+def register_datasets(register):
+    for name in DATASETS:
+        register(_spec(Dataset, name))
+'''
+
+
+class FakeSite:
+    """A site-packages folder holding fake installed distributions with ``vlmkit`` entry points.
+
+    ``importlib.metadata`` finds a distribution by its ``*.dist-info`` folder on ``sys.path``, so a
+    folder with ``METADATA`` and ``entry_points.txt`` is, to vlmkit, an installed plugin package.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.packages: list[str] = []
+
+    def add_dist(self, name: str, plugins: dict[str, str], version: str = "1.0") -> None:
+        """Install distribution ``name``; ``plugins`` maps entry-point name -> plugin module source.
+
+        Each plugin becomes module ``<package>.<entry point>`` (``-`` as ``_``) of one package.
+        """
+        package = name.replace("-", "_")
+        dist_info = self.path / f"{package}-{version}.dist-info"
+        dist_info.mkdir()
+        (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        (dist_info / "top_level.txt").write_text(f"{package}\n")
+        lines = ["[vlmkit]"]
+        (self.path / package).mkdir()
+        (self.path / package / "__init__.py").write_text("")
+        for entry_point, source in plugins.items():
+            module = entry_point.replace("-", "_")
+            (self.path / package / f"{module}.py").write_text(textwrap.dedent(source))
+            lines.append(f"{entry_point} = {package}.{module}")
+        (dist_info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+        self.packages.append(package)
+        importlib.invalidate_caches()
+
+    @staticmethod
+    def specs(decoders=(), encoders=(), datasets=()) -> str:
+        """Source of a plugin module registering one minimal spec per name."""
+        return _SPECS_TEMPLATE.format(
+            decoders=tuple(decoders), encoders=tuple(encoders), datasets=tuple(datasets)
+        )
+
+
+@pytest.fixture
+def fake_site(tmp_path, monkeypatch):
+    """A ``FakeSite`` on ``sys.path`` (and for subprocesses, ``PYTHONPATH=fake_site.path``)."""
+    site = FakeSite(tmp_path / "site-packages")
+    site.path.mkdir()
+    monkeypatch.syspath_prepend(str(site.path))
+    yield site
+    # Plugin modules of one test must not be reused by the next test's package of the same name.
+    for name in list(sys.modules):
+        if name.split(".")[0] in site.packages:
+            del sys.modules[name]
