@@ -12,6 +12,7 @@ import typer
 
 from vlmkit import __version__
 from vlmkit.cli import caption as caption_cmd
+from vlmkit.cli import demo as demo_cmd
 from vlmkit.cli import eval as eval_cmd
 from vlmkit.cli import plugins as plugins_cmd
 from vlmkit.cli import train as train_cmd
@@ -33,6 +34,7 @@ app.add_typer(plugins_cmd.app, name="plugins")
 app.command("train")(train_cmd.train)
 app.command("eval")(eval_cmd.eval_command)
 app.command("caption")(caption_cmd.caption)
+app.command("demo")(demo_cmd.demo)
 
 
 def _version(value: bool) -> None:
