@@ -27,6 +27,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]*$")
 
 SPLITS = ("train", "validation", "test")
+#: decoder formatting styles: ``auto`` = the chat template when the tokenizer has one, else plain
+STYLES = ("auto", "chat", "plain")
 
 
 class PluginSpec(ABC):
@@ -157,8 +159,14 @@ class DecoderSpec(PluginSpec):
         """Token ids that end a caption (EOS, ``<|im_end|>``, ...)."""
 
     @abstractmethod
-    def resolve_lora_targets(self, model: Any) -> list[str]:
-        """Names of the modules of ``model`` LoRA adapts; ``PluginError`` when none match."""
+    def resolve_lora_targets(self, model: Any, targets: Sequence[str] | None = None) -> list[str]:
+        """Names of the modules of ``model`` LoRA adapts (``targets`` overrides ``lora_targets``);
+        ``PluginError`` when none match."""
+
+    def lora_kwargs(self, model: Any, targets: Sequence[str] | None = None) -> dict[str, Any]:
+        """``peft.LoraConfig`` arguments for ``model``: ``target_modules`` and whatever else the
+        family needs (e.g. ``fan_in_fan_out=True`` for GPT-2's Conv1D layers)."""
+        return {"target_modules": self.resolve_lora_targets(model, targets)}
 
 
 # --------------------------------------------------------------------------------------- datasets

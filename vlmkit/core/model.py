@@ -120,14 +120,10 @@ class PrefixConditioningVLM(nn.Module):
         decoder_spec = registry.decoder(config.decoder)
         encoder = encoder_spec.load(config.encoder_checkpoint, revision=config.encoder_revision)
         base, tokenizer = decoder_spec.load(config.decoder_checkpoint, revision=config.decoder_revision)
-        targets = config.lora.targets or decoder_spec.resolve_lora_targets(base)
-        _check_lora_targets(base, targets, config.decoder)
+        lora_args = _lora_kwargs(decoder_spec, base, config.lora.targets)
+        _check_lora_targets(base, lora_args["target_modules"], config.decoder)
         lora = LoraConfig(
-            r=config.lora.r,
-            lora_alpha=config.lora.alpha,
-            lora_dropout=config.lora.dropout,
-            target_modules=targets,
-            **_lora_kwargs(decoder_spec, base),
+            r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout, **lora_args
         )
         lm = get_peft_model(base, lora)
         if seed is not None:
@@ -522,9 +518,10 @@ def _validate_config(config, source: str = "model config") -> ModelConfig:
         raise ConfigError(f"{source}: {where}: {first['msg']}") from exc
 
 
-def _lora_kwargs(decoder_spec, base) -> dict[str, Any]:
-    fn = getattr(decoder_spec, "lora_kwargs", None)
-    return dict(fn(base)) if callable(fn) else {}
+def _lora_kwargs(decoder_spec, base, targets: list[str] | None) -> dict[str, Any]:
+    """peft ``LoraConfig`` arguments from the decoder spec: ``target_modules`` plus whatever the
+    family needs (e.g. ``fan_in_fan_out`` for GPT-2's Conv1D layers)."""
+    return dict(decoder_spec.lora_kwargs(base, targets))
 
 
 def _check_lora_targets(base, targets: Sequence[str], decoder: str) -> None:

@@ -231,6 +231,7 @@ def check_decoder(
     optimizer.step()
     changed = sum(not torch.equal(a, b.detach()) for a, b in zip(before, params, strict=True))
     assert changed == len(params), f"{spec.name}: only {changed} of {len(params)} trainable tensors changed"
+    vlm.eval()  # no dropout: the two losses below must see the same network
     full = vlm(**batch.to_dict(), pixel_values=pixels, return_logits=True)["loss"]
     fast = vlm(**batch.to_dict(), pixel_values=pixels)["loss"]
     assert torch.allclose(full, fast, atol=1e-4), (

@@ -1,0 +1,25 @@
+"""GPT-2 decoders (``model_type`` ``gpt2``), e.g. ``openai-community/gpt2``.
+
+A base model: no chat template, so the plain format (image, optional prompt, caption +
+``<|endoftext|>``). The tokenizer has no pad token: pad = EOS, which is harmless because labels come
+from ``Formatted.target``, never from comparing ids with the pad id. Attention and MLP use
+transformers' ``Conv1D`` (weights stored transposed), so ``lora_kwargs`` sets
+``fan_in_fan_out=True`` for peft.
+"""
+
+import vlmkit
+from vlmkit.core.decoders import TransformersDecoderSpec
+
+
+class GPT2Decoder(TransformersDecoderSpec):
+    name = "gpt2"
+    description = "OpenAI GPT-2 causal LMs (plain prompts), LoRA on c_attn/c_proj (Conv1D)"
+    default_checkpoint = "openai-community/gpt2"
+    model_types = ("gpt2",)
+    lora_targets = ("c_attn", "c_proj")
+    layer_class = "GPT2Block"
+
+
+@vlmkit.hookimpl
+def register_decoders(register):
+    register(GPT2Decoder())
