@@ -59,11 +59,24 @@ def main() -> None:
     codes (typer vendors its own click: catching ``click.ClickException`` here would miss them).
     """
     _plugin_warnings_on_one_line()
+    _log_to_stderr()
     try:
         app(prog_name="vlmkit")
     except VlmkitError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(1)
+
+
+def _log_to_stderr() -> None:
+    """vlmkit's own info messages (checkpoint conversions, cache hits, resumes) go to stderr."""
+    import logging
+
+    logger = logging.getLogger("vlmkit")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("vlmkit: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def _plugin_warnings_on_one_line() -> None:

@@ -446,14 +446,6 @@ class PrefixConditioningVLM(nn.Module):
         except PluginError as exc:
             raise PluginError(f"model {path} needs a plugin that is not available: {exc}") from exc
         encoder = encoder_spec.load(config.encoder_checkpoint, revision=config.encoder_revision)
-        saved_fp = manifest.get("encoder", {}).get("fingerprint")
-        if saved_fp and hasattr(encoder, "fingerprint") and encoder.fingerprint() != saved_fp:
-            log.warning(
-                "encoder %r differs from the one model %s was trained with (weights or preprocessing "
-                "changed); captions may be wrong",
-                config.encoder,
-                path,
-            )
         base, tokenizer = decoder_spec.load(config.decoder_checkpoint, revision=config.decoder_revision)
         lm = PeftModel.from_pretrained(base, str(path / "adapter"), is_trainable=trainable)
         projection = build_projection(
@@ -470,6 +462,15 @@ class PrefixConditioningVLM(nn.Module):
                     f"{path / encoder_file} holds weights the encoder lacks: {sorted(missing)[:3]}"
                 )
             encoder.load_state_dict(load_file(str(path / encoder_file)), strict=False)
+        # checked after loading trained encoder layers: the saved fingerprint includes them
+        saved_fp = manifest.get("encoder", {}).get("fingerprint")
+        if saved_fp and hasattr(encoder, "fingerprint") and encoder.fingerprint() != saved_fp:
+            log.warning(
+                "encoder %r differs from the one model %s was trained with (weights or preprocessing "
+                "changed); captions may be wrong",
+                config.encoder,
+                path,
+            )
         if not trainable:
             model.requires_grad_(False)
         model.eval()
