@@ -95,6 +95,7 @@ def evaluate(
         with (out / "predictions.jsonl").open("w") as fh:
             for row in rows:
                 fh.write(json.dumps(row) + "\n")
-        record = {"metrics": metrics, "count": len(rows), "seconds": round(seconds, 2), **(extra or {})}
+        described = metrics.describe() if hasattr(metrics, "describe") else {"metrics": dict(metrics)}
+        record = {**described, "count": len(rows), "seconds": round(seconds, 2), **(extra or {})}
         (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
     return EvalResult(metrics=metrics, predictions=rows, seconds=seconds, out_dir=out)

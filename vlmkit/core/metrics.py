@@ -6,10 +6,10 @@ scorer on the tokenized captions) without its traps:
 * The Java parts (the Stanford PTB tokenizer and METEOR) run through our own small subprocess
   calls on the jars ``pycocoevalcap`` ships, with the same command lines. Its wrappers write a
   temporary file into site-packages (fails when that is read-only), let Java print to our stderr,
-  silently misalign captions when one contains a line break, and its ``Meteor`` waits forever when
-  the jar answers fewer lines than expected; its ``__del__`` then deadlocks on a lock that the
-  failed call never released. Ours sanitize the text, check line counts, have a deadline and
-  always close the process.
+  silently misalign captions at a line break other than a plain newline (a carriage return,
+  U+2028), and its ``Meteor`` fails or waits for ever when a caption holds a line break; its
+  ``__del__`` then deadlocks on a lock that the failed call never released. Ours sanitize the
+  text, check line counts, have a deadline and always close the process.
 * Without ``java`` on PATH the scores that need no Java (BLEU, ROUGE-L, CIDEr) are still computed,
   on a pure-Python tokenizer that mimics PTB's lower-casing and punctuation removal, with one
   warning line. The result records which tokenizer was used.
@@ -45,10 +45,14 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from rich.table import Table
 
 METRIC_NAMES = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
-JAVA_METRICS = ("METEOR",)
 #: tokenizer names recorded in ``CaptionScores.tokenizer``
 PTB_TOKENIZER = "ptb"
 SIMPLE_TOKENIZER = "simple"
+
+#: METEOR gives up (and is skipped with a warning) after this plus so much per caption; it needs
+#: ~6 s to start and ~2 ms per caption, so only a stuck jar comes near it
+METEOR_TIMEOUT_S = 120.0
+METEOR_TIMEOUT_PER_CAPTION_S = 0.05
 
 _INSTALL_JAVA = (
     "install a Java runtime (e.g. 'apt-get install default-jre-headless') for the official metrics"
@@ -384,17 +388,13 @@ class _MeteorProcess:
             )
         except OSError as exc:
             raise _JavaFailure(f"cannot start java: {exc}") from None
-        # start-up (~6 s) plus a generous allowance per caption (500 captions take about 1 s)
-        self.deadline = time.monotonic() + 120 + count / 20
+        self.deadline = time.monotonic() + METEOR_TIMEOUT_S + count * METEOR_TIMEOUT_PER_CAPTION_S
         self.answers: queue.Queue[str | None] = queue.Queue()
         self.stderr: collections.deque[str] = collections.deque(maxlen=5)
+        stdout_reader = (self.proc.stdout, self.answers.put, True)
+        stderr_reader = (self.proc.stderr, self.stderr.append, False)
         self.readers = [
-            threading.Thread(
-                target=_read_lines, args=(self.proc.stdout, self.answers.put, None), daemon=True
-            ),
-            threading.Thread(
-                target=_read_lines, args=(self.proc.stderr, self.stderr.append, ""), daemon=True
-            ),
+            threading.Thread(target=_read_lines, args=a, daemon=True) for a in (stdout_reader, stderr_reader)
         ]
         for reader in self.readers:
             reader.start()
@@ -404,7 +404,10 @@ class _MeteorProcess:
         for hyp, rs in zip(hyps, refs, strict=True):
             # "|||" separates fields; pycocoevalcap strips it from hypotheses only, we from both
             fields = [r.replace("|||", " ") for r in rs] + [hyp.replace("|||", " ")]
-            stats.append(self._ask(" ||| ".join(["SCORE", *fields]))[0])
+            answer = self._ask(" ||| ".join(["SCORE", *fields]))[0]
+            if not _METEOR_STATS.fullmatch(answer):  # e.g. "Error: ...": EVAL would then never answer
+                raise _JavaFailure(f"METEOR jar answered {answer[:100]!r} to a SCORE line")
+            stats.append(answer)
         answers = self._ask(" ||| ".join(["EVAL", *stats]), count=len(stats) + 1)
         try:
             return float(answers[-1])
@@ -416,7 +419,7 @@ class _MeteorProcess:
             self.proc.stdin.write((line + "\n").encode("utf-8"))
             self.proc.stdin.flush()
         except OSError:
-            raise _JavaFailure(f"METEOR jar stopped reading input: {self._stderr_tail()}") from None
+            raise self._exited("METEOR jar stopped reading input") from None
         out = []
         for _ in range(count):
             try:
@@ -424,19 +427,24 @@ class _MeteorProcess:
             except queue.Empty:
                 raise _JavaFailure("METEOR jar did not answer in time") from None
             if got is None:
-                raise _JavaFailure(f"METEOR jar exited (code {self.proc.poll()}): {self._stderr_tail()}")
+                raise self._exited("METEOR jar exited")
             out.append(got)
         return out
 
-    def _stderr_tail(self) -> str:
-        return self.stderr[-1][:200] if self.stderr else "no message"
+    def _exited(self, what: str) -> _JavaFailure:
+        """The jar is gone (e.g. too little memory for -Xmx2G): report its exit code and last words."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=2)
+        self.readers[1].join(timeout=2)  # the stderr reader: let it collect the jar's last message
+        last = self.stderr[-1][:200] if self.stderr else "no message"
+        return _JavaFailure(f"{what} (exit code {self.proc.returncode}): {last}")
 
     def close(self) -> None:
-        """End the jar (it exits on end of input; killed if it does not within 5 s)."""
+        """End the jar (it exits at once on end of input; killed if it does not within 2 s)."""
         with contextlib.suppress(OSError):  # broken pipe when the jar already died
             self.proc.stdin.close()
         try:
-            self.proc.wait(timeout=5)
+            self.proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
@@ -446,8 +454,11 @@ class _MeteorProcess:
         self.proc.stderr.close()
 
 
-def _read_lines(stream, put, at_end: str | None) -> None:
+_METEOR_STATS = re.compile(r"[0-9.eE+-]+( [0-9.eE+-]+)*")
+
+
+def _read_lines(stream, put, signal_end: bool) -> None:
     for raw in stream:
         put(raw.decode("utf-8", errors="replace").strip())
-    if at_end is None:
+    if signal_end:
         put(None)  # tells _ask that the jar is gone
