@@ -1,1 +1,118 @@
-"""Helpers for plugin authors: tiny checkpoints of real architectures and the plugin contract suite."""
+"""Test helpers for plugin authors: the plugin contract suite and tiny offline checkpoints.
+
+This is the stable, public testing API; vlmkit runs exactly these checks on its own built-in
+plugins. A plugin package's tests typically read::
+
+    from vlmkit.testing import check_dataset, check_decoder, tiny_decoder_checkpoint_from_config
+    from my_plugin.decoder import MyDecoder
+    from my_plugin.dataset import MyDataset
+
+    def test_my_decoder_keeps_the_vlmkit_contract(tmp_path):
+        checkpoint = tiny_decoder_checkpoint_from_config(MyConfig(hidden_size=64, ...), "chatml", tmp_path / "lm")
+        check_decoder(MyDecoder(), checkpoint, tmp_path)
+
+    def test_my_dataset_keeps_the_vlmkit_contract(tmp_path):
+        check_dataset(MyDataset(), {"path": str(tmp_path / "data")})
+
+The contract suite (``vlmkit.testing.contract``): each ``check_*`` raises ``AssertionError`` saying
+which promise broke, and returns a small report of what it measured.
+
+- ``check_encoder(spec, checkpoint, tmp_path=None)``: loads frozen; features of the declared
+  shape and grid; stable fingerprint; ``layers()``.
+- ``check_decoder(spec, checkpoint, tmp_path, *, styles=("auto", "plain"), encoder=None,
+  encoder_checkpoint=None)``: model type, pad token, LoRA targets, stop tokens; formatting
+  (generation context = training context; target = caption + stop token); label masking;
+  one training step; batched generation = one by one; save/load round trip. Uses
+  ``ToyEncoderSpec`` unless ``encoder`` is given.
+- ``check_dataset(spec, options=None, *, seed=0, sample=32)``: three non-empty, deterministic,
+  disjoint splits of captioned RGB images with stable fingerprints.
+- ``ToyEncoderSpec``: a tiny deterministic encoder (16 tokens of 16 dims) to pair with a decoder.
+- ``make_registry(*specs)``: a fresh ``Registry`` holding just ``specs``, to build a
+  ``PrefixConditioningVLM`` from specs that are not installed.
+- ``sample_images(n=2)``: ``n`` small distinct RGB PIL images.
+
+Tiny checkpoints of real architectures, random weights, built offline in about a second
+(imported on first use; ``vlmkit.testing.tiny_decoders`` and ``.tiny_encoders`` document them):
+
+- ``tiny_tokenizer(style, path=None)``: a ~640-token tokenizer with the conventions of a real
+  family; ``style`` is one of ``TOKENIZER_STYLES`` (``smollm``, ``chatml``, ``phi3``, ``plain``).
+- ``tiny_decoder_checkpoint(arch, path=None)``: a folder with a tiny causal LM of a built-in
+  architecture (``llama``, ``qwen2``, ``phi``, ``phi3``, ``gpt2``) and its tokenizer.
+- ``tiny_decoder_checkpoint_from_config(config, tokenizer_style, path=None)``: the same for any
+  transformers config you give: how a plugin author gets a checkpoint of their own family.
+- ``tiny_encoder_checkpoint(arch, path, *, image_size=32, ...)``: a tiny vision encoder
+  (``siglip``, ``siglip2``, ``clip``, ``timm``) saved as the real ones are published.
+
+Importing ``vlmkit.testing`` does not import torch; the checks and factories import it when run.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from vlmkit.testing.contract import (
+    ToyEncoderSpec,
+    check_dataset,
+    check_decoder,
+    check_encoder,
+    make_registry,
+    sample_images,
+)
+
+#: public name -> the ``vlmkit.testing`` submodule that defines it (imported on first use)
+_LAZY = {
+    "tiny_tokenizer": "tiny_decoders",
+    "tiny_decoder_checkpoint": "tiny_decoders",
+    "tiny_decoder_checkpoint_from_config": "tiny_decoders",
+    "TOKENIZER_STYLES": "tiny_decoders",
+    "tiny_encoder_checkpoint": "tiny_encoders",
+}
+
+__all__ = [
+    "TOKENIZER_STYLES",
+    "ToyEncoderSpec",
+    "check_dataset",
+    "check_decoder",
+    "check_encoder",
+    "make_registry",
+    "sample_images",
+    "tiny_decoder_checkpoint",
+    "tiny_decoder_checkpoint_from_config",
+    "tiny_encoder_checkpoint",
+    "tiny_tokenizer",
+]
+
+
+def __getattr__(name: str) -> Any:
+    submodule = _LAZY.get(name)
+    if submodule is None:
+        raise AttributeError(f"module 'vlmkit.testing' has no attribute {name!r}")
+    qualified = f"vlmkit.testing.{submodule}"
+    try:
+        module = importlib.import_module(qualified)
+    except ImportError as exc:
+        if isinstance(exc, ModuleNotFoundError) and exc.name == qualified:
+            why = f"this vlmkit ({_version()}) has no {qualified}; upgrade or reinstall vlmkit"
+        else:
+            why = f"{qualified} failed to import ({exc}); the tiny checkpoints need pip install 'vlmkit[ml]'"
+        raise ImportError(f"vlmkit.testing.{name} is not available: {why}") from exc
+    try:
+        value = getattr(module, name)
+    except AttributeError:
+        raise ImportError(
+            f"vlmkit.testing.{submodule} does not define {name}; this vlmkit ({_version()}) is incomplete "
+            "or mismatched"
+        ) from None
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+def _version() -> str:
+    from vlmkit import __version__
+
+    return __version__
