@@ -16,8 +16,7 @@ from vlmkit.cli import demo as demo_cmd
 from vlmkit.cli import eval as eval_cmd
 from vlmkit.cli import plugins as plugins_cmd
 from vlmkit.cli import train as train_cmd
-from vlmkit.core.errors import VlmkitError
-from vlmkit.core.registry import PluginWarning
+from vlmkit.core.errors import VlmkitError, VlmkitWarning
 
 app = typer.Typer(
     name="vlmkit",
@@ -80,11 +79,12 @@ def _log_to_stderr() -> None:
 
 
 def _plugin_warnings_on_one_line() -> None:
-    """Print ``PluginWarning`` as ``warning: ...`` on stderr, without Python's source-line echo."""
+    """Print vlmkit's warnings (plugins, data, cache) as ``warning: ...`` on stderr, without
+    Python's source-line echo."""
     default_show = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, PluginWarning):
+        if issubclass(category, VlmkitWarning):
             typer.secho(f"warning: {message}", fg="yellow", err=True)
         else:
             default_show(message, category, filename, lineno, file, line)

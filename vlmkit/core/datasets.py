@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 from pydantic import AfterValidator, BaseModel, ValidationError
 
 from vlmkit.core.contracts import SPLITS, CaptionDataset, CaptionExample
-from vlmkit.core.errors import ConfigError, DataError
+from vlmkit.core.errors import ConfigError, DataError, VlmkitWarning
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from vlmkit.core.contracts import DatasetSpec
 
 
-class DataWarning(UserWarning):
+class DataWarning(VlmkitWarning):
     """Something about the data a user should see, in one line (images skipped, no stable ids)."""
 
 

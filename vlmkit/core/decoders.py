@@ -289,6 +289,13 @@ class TransformersDecoderSpec(DecoderSpec):
         before = _encode(tokenizer, before_text)
         context = before_text + after_text
         context_ids = _encode(tokenizer, context)
+        if context_ids[: len(before)] != before:
+            # A token spans the image's place: SentencePiece tokenizers (Llama-2, Mistral) make
+            # "[INST] " + "Describe" one "▁Describe". Cut the conversation's own ids at the last
+            # token boundary before the image, rather than keep a lone "▁" it never contains.
+            cut = _token_boundary(tokenizer, context, len(before_text))
+            if cut is not None:
+                before = context_ids[:cut]
         if context_ids[: len(before)] == before:
             after = context_ids[len(before) :]
         else:  # the prompt merged with the template's text: keep the pieces apart
@@ -375,6 +382,16 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     if not text:
         return []
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _token_boundary(tokenizer: Any, text: str, position: int) -> int | None:
+    """How many of ``text``'s tokens end at or before character ``position``; ``None`` when the
+    tokenizer gives no offsets (slow tokenizers)."""
+    try:
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, ValueError):
+        return None
+    return sum(1 for _, end in offsets if end <= position)
 
 
 def _special_prefix(tokenizer: Any) -> list[int]:

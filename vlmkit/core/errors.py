@@ -23,3 +23,7 @@ class ArtifactError(VlmkitError):
 
 class DataError(VlmkitError):
     """An image or dataset cannot be read."""
+
+
+class VlmkitWarning(UserWarning):
+    """Base class of vlmkit's warnings; the CLI prints them as one ``warning: ...`` line."""

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from vlmkit.core.contracts import CaptionDataset, VisionEncoder
 from vlmkit.core.datasets import fingerprint
-from vlmkit.core.errors import DataError
+from vlmkit.core.errors import DataError, VlmkitWarning
 from vlmkit.core.paths import cache_dir
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -60,7 +60,7 @@ DTYPES = ("float16", "float32")
 CHECKPOINT_EVERY = 16
 
 
-class CacheWarning(UserWarning):
+class CacheWarning(VlmkitWarning):
     """A cache entry was unusable (truncated, inconsistent) and is being recomputed."""
 
 

@@ -27,14 +27,14 @@ import pluggy
 
 from vlmkit.core import hookspecs
 from vlmkit.core.contracts import DatasetSpec, DecoderSpec, EncoderSpec, PluginSpec, check_spec
-from vlmkit.core.errors import PluginError
+from vlmkit.core.errors import PluginError, VlmkitWarning
 
 ENTRY_POINT_GROUP = "vlmkit"
 KINDS = ("encoder", "decoder", "dataset")
 _HOOK_KIND = {"register_encoders": "encoder", "register_decoders": "decoder", "register_datasets": "dataset"}
 
 
-class PluginWarning(UserWarning):
+class PluginWarning(VlmkitWarning):
     """Plugins failed to load and were skipped; the CLI prints it as one ``warning:`` line."""
 
 

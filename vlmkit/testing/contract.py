@@ -237,7 +237,7 @@ def check_decoder(
     assert torch.allclose(full, fast, atol=1e-4), (
         f"loss on target positions {fast} != full-logits loss {full}"
     )
-    report["loss"] = float(loss)
+    report["loss"] = float(loss.detach())
 
     # LoRA starts as a no-op; nudge it so generation depends on it, then check batching
     with torch.no_grad():

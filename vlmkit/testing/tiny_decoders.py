@@ -387,7 +387,7 @@ def tiny_decoder_checkpoint(arch: str, path: str | Path | None = None) -> str:
 
 
 def tiny_decoder_checkpoint_from_config(
-    config: Any, tokenizer_style: str, path: str | Path | None = None
+    config: Any, tokenizer_style: Any, path: str | Path | None = None
 ) -> str:
     """Like ``tiny_decoder_checkpoint`` for a config you give (any ``PretrainedConfig`` that
     ``AutoModelForCausalLM`` knows). Its vocabulary size and special-token ids are set from a
@@ -397,7 +397,12 @@ def tiny_decoder_checkpoint_from_config(
 
     path = Path(path) if path is not None else Path(tempfile.mkdtemp(prefix="vlmkit-tiny-"))
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = tiny_tokenizer(tokenizer_style, path)
+    if isinstance(tokenizer_style, str):
+        tokenizer = tiny_tokenizer(tokenizer_style, path)
+    else:  # a tokenizer you built, e.g. a tiny_tokenizer with another EOS or chat template
+        tokenizer = tokenizer_style
+        if path is not None:
+            tokenizer.save_pretrained(str(path))
     config.vocab_size = len(tokenizer)
     for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(config, attr, getattr(tokenizer, attr))
