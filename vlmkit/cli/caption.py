@@ -27,6 +27,7 @@ def caption(
 
     Unreadable images are reported (and make the exit code 1) without stopping the others.
     """
+    from rich.console import Console
     from rich.progress import Progress
 
     from vlmkit.core.caption import caption_files
@@ -41,7 +42,10 @@ def caption(
     }
     if prompt is not None:
         kwargs["prompt"] = prompt
-    with Progress(transient=True, disable=as_json) as progress:
+    # progress on stderr, and only on a terminal: stdout holds the captions alone (a blank line
+    # there would become an empty first row of `vlmkit caption *.jpg > captions.tsv`)
+    console = Console(stderr=True)
+    with Progress(console=console, transient=True, disable=as_json or not console.is_terminal) as progress:
         task = progress.add_task("captioning", total=len(images))
         results = caption_files(
             vlm, images, batch_size=batch_size, on_batch=lambda n: progress.advance(task, n), **kwargs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -20,12 +21,27 @@ def parse_dataset(text: str) -> dict:
 
     name, _, rest = text.partition(":")
     options = {}
-    for part in filter(None, rest.split(",")):
+    for part in filter(None, _split_top_level(rest)):
         key, sep, value = part.partition("=")
         if not sep or not key:
             raise ConfigError(f"--dataset {text!r}: options must look like NAME:key=value,key=value")
         options[key.strip()] = yaml.safe_load(value)
     return {"name": name.strip(), "options": options}
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on the commas outside brackets, so a list value stays whole: ``colors=[red,blue]``."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        if char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth = max(0, depth - 1)
+        elif char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
 
 
 def parse_set(items: list[str]) -> dict:
@@ -192,7 +208,8 @@ def train(
 
     from vlmkit.core.train import train as run_training
 
-    console = Console(stderr=True)
+    # under torchrun every rank runs this command: only the first one reports
+    console = Console(stderr=True, quiet=os.environ.get("RANK", "0") != "0")
     m = run_config.model
     console.print(
         f"[bold]vlmkit train[/bold]: {m.encoder} ({m.encoder_checkpoint or 'default'}) -> "

@@ -54,7 +54,8 @@ class TrainConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _embedded_default(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("model", {}), dict):
+        # ``model:`` with every line under it commented out is YAML null: the same as no section
+        if isinstance(data, dict) and isinstance(data.get("model") or {}, dict):
             model = dict(data.get("model") or {})
             for part, (plugin, checkpoint) in EMBEDDED_DEFAULT.items():
                 if model.get(part) is None:

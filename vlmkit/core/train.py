@@ -109,6 +109,27 @@ class Collator:
 # ------------------------------------------------------------------------------- trainer
 
 
+def optimizer_param_groups(model: PrefixConditioningVLM, config: TrainConfig) -> list[dict[str, Any]]:
+    """One AdamW group per trained part (projection, LoRA, unfrozen encoder layers), each with its
+    own learning rate."""
+    lrs = {"projection": config.lr_projection, "lora": config.lr_lora, "encoder": config.lr_encoder}
+    return [
+        {"params": params, "lr": lrs[name], "weight_decay": config.weight_decay}
+        for name, params in model.trainable_parameter_groups().items()
+        if params
+    ]
+
+
+def make_optimizer(param_groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.Optimizer:
+    """AdamW for ``param_groups``."""
+    fused = {"fused": True} if torch.cuda.is_available() else {}
+    return torch.optim.AdamW(param_groups, **fused, **kwargs)
+
+
+def prepare_model_for_precision(model: PrefixConditioningVLM, precision: str) -> None:
+    """Nothing yet."""
+
+
 class VLMTrainer(Trainer):
     """``Trainer`` with per-part learning rates and checkpoints of trainable tensors only."""
 
@@ -117,21 +138,11 @@ class VLMTrainer(Trainer):
         self.vlm_config = vlm_config
         self.eval_captions = eval_captions  # (CaptionDataset, features or None) for --eval-metrics
 
-    def create_optimizer(self):
+    def create_optimizer(self, model=None):
+        # Trainer passes the prepared model when it creates the optimizer late (FSDP)
         if self.optimizer is None:
-            groups = self.model.trainable_parameter_groups()
-            lrs = {
-                "projection": self.vlm_config.lr_projection,
-                "lora": self.vlm_config.lr_lora,
-                "encoder": self.vlm_config.lr_encoder,
-            }
-            param_groups = [
-                {"params": params, "lr": lrs[name], "weight_decay": self.vlm_config.weight_decay}
-                for name, params in groups.items()
-                if params
-            ]
-            fused = {"fused": True} if torch.cuda.is_available() else {}
-            self.optimizer = torch.optim.AdamW(param_groups, **fused)
+            model = self.accelerator.unwrap_model(model) if model is not None else self.model
+            self.optimizer = make_optimizer(optimizer_param_groups(model, self.vlm_config))
         return self.optimizer
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
@@ -177,6 +188,7 @@ class VLMTrainer(Trainer):
                 self.accelerator.unwrap_model(self.model),
                 *self.eval_captions,
                 batch_size=self.args.per_device_eval_batch_size,
+                limit=self.vlm_config.max_eval_samples,
             )
             output.metrics.update({f"{prefix}_{k}": v for k, v in scores.items()})
         return output
@@ -239,7 +251,7 @@ def prepare_output_dir(config: TrainConfig, *, resume: bool, overwrite: bool) ->
         return
     previous = yaml.safe_load(run_file.read_text()) or {}
     current = json.loads(config.model_dump_json())
-    differs = [k for k in IDENTITY_FIELDS if previous.get(k) != current.get(k)]
+    differs = [d for k in IDENTITY_FIELDS for d in _differences(previous.get(k), current.get(k), k)]
     if not resume:
         raise ConfigError(
             f"output folder {out} already holds a run; use --resume to continue it, --overwrite to replace it, "
@@ -250,6 +262,13 @@ def prepare_output_dir(config: TrainConfig, *, resume: bool, overwrite: bool) ->
             f"--resume: {out} holds a different run ({', '.join(differs)} differ); use the same settings, "
             "or --overwrite to replace it"
         )
+
+
+def _differences(before: Any, now: Any, key: str) -> list[str]:
+    """``key.sub: before -> now`` for every leaf setting that changed."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        return [d for k in {**before, **now} for d in _differences(before.get(k), now.get(k), f"{key}.{k}")]
+    return [] if before == now else [f"{key}: {json.dumps(before)} -> {json.dumps(now)}"]
 
 
 def last_checkpoint(output_dir: Path) -> str | None:
@@ -276,11 +295,15 @@ def train(
     started = time.perf_counter()
     out = config.output_dir
     args = _training_arguments(config, progress)  # sets up torch.distributed under torchrun
+    refusal = None
     if args.process_index == 0:
-        prepare_output_dir(config, resume=resume, overwrite=overwrite)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / RUN_FILE).write_text(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
-    _barrier()
+        try:
+            prepare_output_dir(config, resume=resume, overwrite=overwrite)
+        except ConfigError as exc:
+            refusal = str(exc)
+    # every rank raises the refusal: one that waited at a barrier instead would hang until timeout
+    if (refusal := _from_rank_zero(refusal)) is not None:
+        raise ConfigError(refusal)
     set_seed(config.seed)
 
     model = PrefixConditioningVLM.build(config.model, registry=registry, seed=config.seed)
@@ -295,6 +318,11 @@ def train(
     preprocess = None if use_cache else model.preprocess
     train_set = CaptionTrainingSet(train_data, train_features, preprocess, config.max_train_samples)
     eval_set = CaptionTrainingSet(eval_data, eval_features, preprocess, config.max_eval_samples)
+    if args.process_index == 0:
+        # written once the model and the data have loaded: a run that fails to start (a bad image,
+        # a wrong checkpoint) leaves no run.yaml, so the corrected command needs no --overwrite
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RUN_FILE).write_text(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
 
     cbs = [JsonlLogger(out / "logs.jsonl"), *(callbacks or [])]
     if args.process_index == 0 and (tensorboard := _tensorboard_callback(out / "tensorboard")):
@@ -316,11 +344,13 @@ def train(
         checkpoint = last_checkpoint(out)
         if checkpoint is None:
             raise ConfigError(
-                f"--resume: {out / 'checkpoints'} holds no checkpoint; drop --resume to start over"
+                f"--resume: {out / 'checkpoints'} holds no checkpoint yet; use --overwrite to start over"
             )
         log.info("resuming from %s", checkpoint)
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    eval_metrics = trainer.evaluate() if config.eval_metrics or config.early_stopping_patience else {}
+    eval_metrics = {}
+    if config.eval_metrics or config.early_stopping_patience:
+        eval_metrics = _final_evaluation(trainer) or trainer.evaluate()
 
     if trainer.is_world_process_zero():
         model.save(
@@ -343,6 +373,21 @@ def train(
         eval_metrics=eval_metrics,
         used_feature_cache=use_cache,
     )
+
+
+def _final_evaluation(trainer: Trainer) -> dict[str, float] | None:
+    """The logged evaluation of the weights training ended with, when there is one.
+
+    Training usually evaluates at its last step (or, keeping the best, at the best step): another
+    ``evaluate()`` would repeat it, and with --eval-metrics that is captioning plus the Java scorers.
+    """
+    state = trainer.state
+    loaded_best = trainer.args.load_best_model_at_end and state.best_model_checkpoint
+    step = state.best_global_step if loaded_best else state.global_step
+    for record in reversed(state.log_history):
+        if record.get("step") == step and "eval_loss" in record:
+            return {k: v for k, v in record.items() if k.startswith("eval_") or k == "epoch"}
+    return None
 
 
 def _training_arguments(config: TrainConfig, progress: bool) -> TrainingArguments:
@@ -394,7 +439,20 @@ def _tensorboard_callback(folder: Path):
     except ImportError:
         log.warning("tensorboard is not installed; logging to logs.jsonl only (pip install tensorboard)")
         return None
-    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(folder)))
+    callback = TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(folder)))
+    # it closes its writer when training ends and opens a new one for later logs (the final
+    # evaluate) in logging_dir, by default a stray checkpoints/runs/<date>/: keep them together
+    callback.logging_dir = str(folder)
+    return callback
+
+
+def _from_rank_zero(value: Any) -> Any:
+    """``value`` as rank 0 has it, on every rank (``value`` itself outside torchrun)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _barrier() -> None:

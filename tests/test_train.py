@@ -1,0 +1,441 @@
+"""``vlmkit train`` end to end on tiny random models: the artifact, the feature cache, resume after
+a crash, what an output folder may hold, early stopping, and bad images in a folder dataset.
+
+The encoder is a tiny SigLIP (32 px, 4x4 patches), the decoder a tiny Llama through the ``smollm``
+plugin, the data 72 ``shapes`` images (24 per split). Runs go through the Typer app in-process
+(``vlmkit.cli.main.app``) except the one that must die mid-run, which gets its own process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import vlmkit
+from vlmkit.cli.main import app
+from vlmkit.core.config import load_config
+from vlmkit.core.datasets import DataWarning
+from vlmkit.core.errors import ConfigError, DataError
+from vlmkit.core.model import MANIFEST, PrefixConditioningVLM
+from vlmkit.core.train import TRAINABLE_FILE, train
+from vlmkit.testing import tiny_decoder_checkpoint, tiny_encoder_checkpoint
+
+SHAPES = "shapes:size=72,image_size=32"
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """``VLMKIT_HOME`` for this module: feature caches land here, not in the user's cache."""
+    path = tmp_path_factory.mktemp("vlmkit-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLMKIT_HOME", str(path))
+        yield path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {
+        "encoder": tiny_encoder_checkpoint("siglip", root / "siglip", image_size=32),
+        "decoder": tiny_decoder_checkpoint("llama", root / "llama"),
+    }
+
+
+@pytest.fixture(scope="module")
+def base_args(checkpoints, home):
+    def args(out: Path, *extra: str, dataset: str = SHAPES, steps: int = 4) -> list[str]:
+        return [
+            "train",
+            "--encoder", "siglip", "--encoder-checkpoint", checkpoints["encoder"],
+            "--decoder", "smollm", "--decoder-checkpoint", checkpoints["decoder"],
+            "--dataset", dataset,
+            "--batch-size", "4", "--max-steps", str(steps),
+            "--set", "logging_steps=1", "--set", "max_eval_samples=8",
+            "--output", str(out), "--quiet",
+            *extra,
+        ]  # fmt: skip
+
+    return args
+
+
+def cli(*args: str):
+    """``vlmkit ARGS`` through the Typer app; vlmkit's own errors come back as the exception."""
+    return CliRunner().invoke(app, list(args))
+
+
+def cli_ok(*args: str):
+    result = cli(*args)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    assert result.exit_code == 0, result.output
+    return result
+
+
+class EncoderCalls:
+    """Counts forward calls of the encoder of every model ``PrefixConditioningVLM.build`` makes."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.count = 0
+        build = PrefixConditioningVLM.build.__func__
+
+        def counting_build(cls, *args, **kwargs):
+            model = build(cls, *args, **kwargs)
+            model.encoder.register_forward_hook(lambda *_: setattr(self, "count", self.count + 1))
+            return model
+
+        monkeypatch.setattr(PrefixConditioningVLM, "build", classmethod(counting_build))
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``folder`` with its size and modification time."""
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def read_logs(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(base_args, tmp_path_factory, home):
+    """One tiny run from the CLI; the encoder forward calls it made; the feature cache after it."""
+    out = tmp_path_factory.mktemp("runs") / "first"
+    with pytest.MonkeyPatch.context() as mp:
+        calls = EncoderCalls(mp)
+        result = cli_ok(*base_args(out))
+    return {"out": out, "encoder_calls": calls.count, "cache": snapshot(home / "features"), "result": result}
+
+
+# ------------------------------------------------------------------------------- the artifact
+
+
+def test_cli_train_writes_a_loadable_artifact_with_logs_and_run_file(trained, base_args, tmp_path):
+    out = trained["out"]
+    for name in (MANIFEST, "projection.safetensors", "adapter", "logs.jsonl", "run.yaml", "checkpoints"):
+        assert (out / name).exists(), name
+    assert not (out / "encoder.safetensors").exists()  # the encoder was frozen: nothing to save
+
+    run = yaml.safe_load((out / "run.yaml").read_text())
+    assert run["model"]["encoder"] == "siglip" and run["max_steps"] == 4
+    # run.yaml is a valid config file: the run can be repeated from it
+    assert load_config(out / "run.yaml").model.decoder == "smollm"
+
+    losses = [r for r in read_logs(out) if "loss" in r]
+    assert [r["step"] for r in losses] == [1, 2, 3, 4]
+    assert all(r["loss"] > 0 for r in losses)
+
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["training"]["global_step"] == 4
+    assert manifest["training"]["used_feature_cache"] is True
+    assert "from the feature cache" in " ".join(trained["result"].output.split())  # rich wraps lines
+
+    model = vlmkit.load(out)
+    image = model_image(tmp_path)
+    assert isinstance(model.caption([image_from(image)], max_new_tokens=4)[0], str)
+    result = cli_ok("caption", "--model", str(out), str(image), "--max-new-tokens", "4")
+    assert len(result.stdout.splitlines()) == 1 and result.stdout.startswith(f"{image}\t")  # captions alone
+
+
+def model_image(tmp_path: Path) -> Path:
+    from vlmkit.plugins.datasets.shapes import ShapeImage
+
+    path = tmp_path / "red-circle.png"
+    ShapeImage(0, "red", "circle", "left", 32)().save(path)
+    return path
+
+
+def image_from(path: Path):
+    from PIL import Image
+
+    return Image.open(path).convert("RGB")
+
+
+# ------------------------------------------------------------------------------- the feature cache
+
+
+def test_a_second_run_reads_the_feature_cache_and_never_runs_the_encoder(
+    trained, base_args, home, tmp_path, monkeypatch
+):
+    assert trained["encoder_calls"] > 0  # the first run computed the features
+    assert len([n for n in trained["cache"] if n.endswith("features.npy")]) == 2  # train + validation
+    calls = EncoderCalls(monkeypatch)
+    cli_ok(*base_args(tmp_path / "second"))
+    assert calls.count == 0
+    assert snapshot(home / "features") == trained["cache"]  # read, not rewritten
+
+
+def test_unfrozen_encoder_layers_run_the_encoder_and_are_saved(base_args, home, tmp_path, monkeypatch):
+    out = tmp_path / "unfrozen"
+    before = snapshot(home / "features")
+    calls = EncoderCalls(monkeypatch)
+    cli_ok(*base_args(out, "--unfreeze-encoder-layers", "1", steps=2))
+    assert calls.count >= 2  # one forward per training step, at least
+    assert snapshot(home / "features") == before  # trainable features are never cached
+
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["training"]["used_feature_cache"] is False
+    assert manifest["files"]["encoder"] == "encoder.safetensors"
+    saved = load_file(str(out / "encoder.safetensors"))
+    assert saved and all(".layers.1." in name for name in saved)  # the last of two blocks only
+
+    model = vlmkit.load(out)
+    params = dict(model.encoder.named_parameters())
+    for name, value in saved.items():
+        assert torch.equal(params[name], value), name
+    base = PrefixConditioningVLM.build(model.settings.model_copy(update={"unfreeze_encoder_layers": 0}))
+    base_params = dict(base.encoder.named_parameters())
+    assert any(not torch.equal(base_params[n], v) for n, v in saved.items())  # they did train
+
+
+# ------------------------------------------------------------------------------- resume
+
+
+KILLED_RUN = textwrap.dedent(
+    """
+    import json, os, sys
+    from transformers import TrainerCallback
+    from vlmkit.core.config import validate_config
+    from vlmkit.core.train import train
+
+    class KillAt(TrainerCallback):
+        # a crash, not an exception: no handler, no cleanup, no final save
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == int(sys.argv[2]):
+                os._exit(17)
+
+    train(validate_config(json.loads(sys.argv[1])), callbacks=[KillAt()], progress=False)
+    """
+)
+
+
+def resume_config(checkpoints, out: Path) -> dict:
+    return {
+        "model": {
+            "encoder": "siglip",
+            "encoder_checkpoint": checkpoints["encoder"],
+            "decoder": "smollm",
+            "decoder_checkpoint": checkpoints["decoder"],
+            "lora": {"dropout": 0.0},  # no randomness outside what the checkpoint restores
+        },
+        "datasets": [{"name": "shapes", "options": {"size": 72, "image_size": 32}}],
+        "output_dir": str(out),
+        "max_steps": 6,
+        "save_every": 2,
+        "batch_size": 4,
+        "logging_steps": 1,
+        "max_eval_samples": 8,
+    }
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(checkpoints, home, tmp_path):
+    from vlmkit.core.config import validate_config
+
+    out = tmp_path / "killed"
+    data = resume_config(checkpoints, out)
+    child = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, json.dumps(data), "3"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert child.returncode == 17, child.stderr[-3000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2"]
+    assert not (out / MANIFEST).exists()  # a crashed run is not a model
+
+    result = train(validate_config(data), resume=True, progress=False)
+    assert result.global_step == 6
+    steps = [r["step"] for r in read_logs(out) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]  # 1-2 before the crash, 3-6 after: nothing trained twice
+    state = json.loads((out / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4, 5, 6]
+    assert vlmkit.load(out).num_prefix_tokens == 16
+
+    # the same run without a crash ends with the same weights: the checkpoint restored the
+    # trainable tensors, the optimizer, the schedule and the data order
+    whole = train(validate_config(resume_config(checkpoints, tmp_path / "whole")), progress=False)
+    resumed = load_file(str(out / "checkpoints" / "checkpoint-6" / TRAINABLE_FILE))
+    uninterrupted = load_file(str(whole.output_dir / "checkpoints" / "checkpoint-6" / TRAINABLE_FILE))
+    assert resumed.keys() == uninterrupted.keys()
+    for name, value in resumed.items():
+        torch.testing.assert_close(value, uninterrupted[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_resuming_with_other_settings_names_what_differs(trained, base_args):
+    result = cli(*base_args(trained["out"], "--resume", "--lora-r", "8", "--seed", "3"))
+    assert isinstance(result.exception, ConfigError)
+    message = str(result.exception)
+    assert "model.lora.r" in message and "seed" in message and "\n" not in message
+    assert "--overwrite" in message
+
+
+def test_resume_without_a_run_is_refused(trained, base_args, tmp_path):
+    result = cli(*base_args(tmp_path / "nothing", "--resume"))
+    assert isinstance(result.exception, ConfigError) and "no run to resume" in str(result.exception)
+
+    # a run that died before its first checkpoint: nothing to resume, and the way out is named
+    out = tmp_path / "early-death"
+    out.mkdir()
+    (out / "run.yaml").write_text((trained["out"] / "run.yaml").read_text())
+    result = cli(*base_args(out, "--resume"))
+    assert isinstance(result.exception, ConfigError), result.output
+    assert "holds no checkpoint yet; use --overwrite" in str(result.exception)
+
+
+# ------------------------------------------------------------------------------- output folders
+
+
+def test_a_folder_holding_another_run_is_refused_and_left_untouched(trained, base_args):
+    before = snapshot(trained["out"])
+    for extra in ((), ("--lora-r", "4")):
+        result = cli(*base_args(trained["out"], *extra))
+        assert isinstance(result.exception, ConfigError)
+        message = str(result.exception)
+        assert "already holds a run" in message and "--resume" in message and "--overwrite" in message
+    assert snapshot(trained["out"]) == before
+
+
+def test_overwrite_replaces_a_previous_run(base_args, tmp_path):
+    out = tmp_path / "old"
+    (out / "checkpoints" / "checkpoint-50").mkdir(parents=True)
+    (out / "run.yaml").write_text("seed: 7\n")
+    (out / "logs.jsonl").write_text('{"step": 50, "loss": 9.0}\n')
+    cli_ok(*base_args(out, "--overwrite", steps=2))
+    assert not (out / "checkpoints" / "checkpoint-50").exists()
+    assert [r["step"] for r in read_logs(out) if "loss" in r] == [1, 2]
+    assert yaml.safe_load((out / "run.yaml").read_text())["seed"] == 0
+    assert (out / MANIFEST).is_file()
+
+
+def test_a_folder_that_is_not_a_vlmkit_run_is_refused_even_with_overwrite(base_args, tmp_path):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"precious")
+    for extra in ((), ("--overwrite",)):
+        result = cli(*base_args(out, *extra))
+        assert isinstance(result.exception, ConfigError), result.output
+        assert "holds no vlmkit run" in str(result.exception)
+    assert sorted(p.name for p in out.iterdir()) == ["holiday.jpg"]
+
+
+# ------------------------------------------------------------------------------- early stopping
+
+
+def test_early_stopping_evaluates_and_keeps_the_best_checkpoint(base_args, tmp_path):
+    out = tmp_path / "early"
+    # learning rates this high, never decayed, make the validation loss go up again within a
+    # few evaluations
+    options = ("--lr-projection", "2", "--lr-lora", "0.5", "--set", "scheduler=constant_with_warmup")
+    cli_ok(*base_args(out, "--eval-every", "2", "--early-stopping", "1", *options, steps=12))
+    evals = [r for r in read_logs(out) if "eval_loss" in r]
+    assert len(evals) >= 2
+    stopped = json.loads((out / MANIFEST).read_text())["training"]["global_step"]
+    assert stopped < 12  # it stopped early
+    last = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").iterdir())
+    state = json.loads((out / "checkpoints" / f"checkpoint-{last}" / "trainer_state.json").read_text())
+    assert len({r["step"] for r in evals}) == len(evals)  # the end reuses the last evaluation
+    best_loss = min(r["eval_loss"] for r in evals)
+    assert state["best_metric"] == pytest.approx(best_loss)
+    best = Path(state["best_model_checkpoint"])
+    assert best.is_dir()  # save_total_limit never deletes the best checkpoint
+
+    # the artifact holds the best checkpoint's weights, not the last step's
+    kept = load_file(str(best / TRAINABLE_FILE))
+    saved = load_file(str(out / "projection.safetensors"))
+    for name, value in saved.items():
+        assert torch.equal(kept[f"projection.{name}"], value), name
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["training"]["eval"]["eval_loss"] == pytest.approx(best_loss, rel=1e-4)
+    # the final evaluation is logged with the others, not into a stray checkpoints/runs/
+    assert (
+        sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith("checkpoint-")) == []
+    )
+    assert len(list((out / "tensorboard").iterdir())) >= 1
+
+
+def test_early_stopping_needs_checkpoints_at_evaluations(base_args, tmp_path):
+    result = cli(
+        *base_args(tmp_path / "x", "--eval-every", "2", "--early-stopping", "1", "--set", "save_every=3")
+    )
+    assert isinstance(result.exception, ConfigError) and "multiple of eval_every" in str(result.exception)
+
+
+# ------------------------------------------------------------------------------- bad images
+
+
+@pytest.fixture
+def photo_folder(tmp_path):
+    """A folder dataset of 30 good PNGs, one corrupt file and one captioned file that is missing."""
+    from vlmkit.plugins.datasets.shapes import ShapeImage
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    lines = []
+    for i in range(30):
+        color, shape = ("red", "blue")[i % 2], ("circle", "square", "triangle")[i % 3]
+        ShapeImage(i, color, shape, "left", 32)().save(folder / f"img{i:02d}.png")
+        lines.append({"file_name": f"img{i:02d}.png", "caption": f"A {color} {shape} on the left."})
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    lines += [
+        {"file_name": "broken.png", "caption": "A broken file."},
+        {"file_name": "gone.png", "caption": "A missing file."},
+    ]
+    (folder / "captions.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return folder
+
+
+def test_bad_images_stop_the_run_in_one_line_naming_them_and_skip_trains(
+    base_args, photo_folder, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "run"
+    code, err = run_main(monkeypatch, capsys, *base_args(out, dataset=f"folder:path={photo_folder}"))
+    assert code == 1
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    assert "broken.png" in lines[0] and "gone.png" in lines[0] and "on_bad_image=skip" in lines[0]
+    assert "Traceback" not in err
+
+    # the failed start left no run behind: the same command with skip needs no --overwrite
+    with pytest.warns(DataWarning, match=r"2 of 32 images skipped \(1 missing: gone.png; 1 unreadable"):
+        cli_ok(*base_args(out, dataset=f"folder:path={photo_folder},on_bad_image=skip", steps=2))
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["training"]["global_step"] == 2
+
+
+def test_a_dataset_error_is_a_data_error(base_args, tmp_path):
+    result = cli(*base_args(tmp_path / "run", dataset=f"folder:path={tmp_path / 'nowhere'}"))
+    assert isinstance(result.exception, DataError) and "no such folder" in str(result.exception)
+
+
+def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """The console script ``vlmkit ARGS`` in-process: (exit code, stderr)."""
+    import logging
+    import warnings
+
+    from vlmkit.cli.main import main
+
+    logger = logging.getLogger("vlmkit")
+    handlers, level = list(logger.handlers), logger.level
+    monkeypatch.setattr(sys, "argv", ["vlmkit", *args])
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() replaces it
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+    finally:
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+    return exit_info.value.code, capsys.readouterr().err
