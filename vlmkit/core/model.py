@@ -380,7 +380,7 @@ class PrefixConditioningVLM(nn.Module):
             "files": {
                 "projection": "projection.safetensors",
                 "adapter": "adapter",
-                "encoder": "encoder.safetensors" if not self.encoder_frozen else None,
+                "encoder": "encoder.safetensors" if self.encoder_weights() else None,
             },
             "training": training or {},
         }
@@ -409,11 +409,9 @@ class PrefixConditioningVLM(nn.Module):
         save_file(_state(self.projection), str(tmp / "projection.safetensors"))
         self.lm.save_pretrained(str(tmp / "adapter"))
         files = ["projection.safetensors", "adapter"]
-        if not self.encoder_frozen:
-            trainable = {
-                k: v.detach().contiguous() for k, v in self.encoder.named_parameters() if v.requires_grad
-            }
-            save_file(trainable, str(tmp / "encoder.safetensors"))
+        encoder_weights = self.encoder_weights()
+        if encoder_weights:
+            save_file(encoder_weights, str(tmp / "encoder.safetensors"))
             files.append("encoder.safetensors")
         else:
             (path / "encoder.safetensors").unlink(missing_ok=True)
@@ -439,6 +437,9 @@ class PrefixConditioningVLM(nn.Module):
         path = Path(path)
         manifest = read_manifest(path)
         config = _validate_config(manifest["config"], source=str(path / MANIFEST))
+        for part in ("projection.safetensors", "adapter", (manifest.get("files") or {}).get("encoder")):
+            if part and not (path / part).exists():  # checked before minutes of loading base weights
+                raise ArtifactError(f"{path} is an incomplete vlmkit model: {part} is missing; save it again")
         registry = registry or get_registry()
         try:
             encoder_spec = registry.encoder(config.encoder)
@@ -478,6 +479,19 @@ class PrefixConditioningVLM(nn.Module):
 
     # ------------------------------------------------------------------ introspection
 
+    def encoder_weights(self) -> dict[str, Any]:
+        """The encoder weights an artifact must carry: those of the last ``unfreeze_encoder_layers``
+        blocks and any other trainable ones. Chosen by the config as well as ``requires_grad``, so
+        a model loaded for inference (everything frozen) and saved or exported again keeps them."""
+        n = self.settings.unfreeze_encoder_layers
+        layers = list(self.encoder.layers())[-n:] if n else []
+        unfrozen = {id(p) for layer in layers for p in layer.parameters()}
+        return {
+            k: v.detach().contiguous()
+            for k, v in self.encoder.named_parameters()
+            if v.requires_grad or id(v) in unfrozen
+        }
+
     def trainable_parameter_groups(self) -> dict[str, list]:
         """Trainable parameters by part, so each part can get its own learning rate."""
         return {
@@ -499,7 +513,9 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         manifest = json.loads(file.read_text())
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{file} is not valid JSON ({exc})") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT:
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{file} is not a vlmkit model manifest (a JSON {type(manifest).__name__})")
+    if manifest.get("format") != ARTIFACT_FORMAT:
         raise ArtifactError(f"{file} is not a vlmkit model manifest (format is {manifest.get('format')!r})")
     if manifest.get("format_version", 0) > ARTIFACT_VERSION:
         raise ArtifactError(
