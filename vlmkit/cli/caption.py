@@ -12,7 +12,10 @@ from vlmkit.core.errors import VlmkitError
 
 def caption(
     images: list[Path] = typer.Argument(..., help="Image files to caption (JPEG, PNG, WebP, ...)."),
-    model: Path = typer.Option(..., "--model", "-m", help="A model folder written by 'vlmkit train'."),
+    model: Path = typer.Option(None, "--model", "-m", help="A model folder written by 'vlmkit train'."),
+    onnx: Path = typer.Option(
+        None, "--onnx", help="Or a folder written by 'vlmkit export --format onnx' (runs without torch)."
+    ),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Images per forward pass."),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", min=1, help="Longest caption, in tokens."),
     num_beams: int = typer.Option(1, "--num-beams", min=1, help="Beam search width (1 = greedy)."),
@@ -23,17 +26,27 @@ def caption(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines: {path, caption, error}."),
 ) -> None:
-    """Write a caption for each image with a trained model.
+    """Write a caption for each image with a trained model (--model) or an ONNX export (--onnx).
 
     Unreadable images are reported (and make the exit code 1) without stopping the others.
     """
+    if (model is None) == (onnx is None):
+        raise typer.BadParameter(
+            "give exactly one of --model PATH or --onnx DIR", param_hint="--model/--onnx"
+        )
     from rich.console import Console
     from rich.progress import Progress
 
     from vlmkit.core.caption import caption_files
-    from vlmkit.core.model import PrefixConditioningVLM
 
-    vlm = PrefixConditioningVLM.load(model)
+    if onnx is not None:
+        from vlmkit.runtime.onnx import OnnxCaptioner
+
+        vlm = OnnxCaptioner(onnx)
+    else:
+        from vlmkit.core.model import PrefixConditioningVLM
+
+        vlm = PrefixConditioningVLM.load(model)
     kwargs = {
         "max_new_tokens": max_new_tokens,
         "num_beams": num_beams,

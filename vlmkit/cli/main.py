@@ -14,6 +14,7 @@ from vlmkit import __version__
 from vlmkit.cli import caption as caption_cmd
 from vlmkit.cli import demo as demo_cmd
 from vlmkit.cli import eval as eval_cmd
+from vlmkit.cli import export as export_cmd
 from vlmkit.cli import plugins as plugins_cmd
 from vlmkit.cli import train as train_cmd
 from vlmkit.core.errors import VlmkitError, VlmkitWarning
@@ -32,6 +33,7 @@ app = typer.Typer(
 app.add_typer(plugins_cmd.app, name="plugins")
 app.command("train")(train_cmd.train)
 app.command("eval")(eval_cmd.eval_command)
+app.command("export")(export_cmd.export)
 app.command("caption")(caption_cmd.caption)
 app.command("demo")(demo_cmd.demo)
 
