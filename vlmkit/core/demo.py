@@ -21,7 +21,12 @@ from vlmkit.core.config import TrainConfig
 DEMO_SETTINGS: dict[str, Any] = {
     # plain format, no prompt: the caption follows the image directly (the chat template would
     # add ~14 tokens to every row); 7x7 EfficientNet features pooled to 4x4 = 16 prefix tokens
-    "model": {"format": "plain", "projection": {"type": "mlp", "reduction": "avgpool", "tokens": 16}},
+    # (no LoRA dropout: its random masks cost ~12% of a step on CPU, see benchmarks/RESULTS.md)
+    "model": {
+        "format": "plain",
+        "projection": {"type": "mlp", "reduction": "avgpool", "tokens": 16},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
+    },
     # 24 caption classes (4 colours x 3 shapes x 2 positions); ~970 training images is plenty
     "datasets": [{"name": "shapes", "options": {"size": 1200}}],
     "max_steps": 100,
