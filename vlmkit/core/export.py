@@ -10,8 +10,8 @@ module for the folder layout):
   the first step (past length 0) and every later one (one token each).
 - ``vlmkit-onnx.json``: the graphs' inputs/outputs, the past key/value layout, the prompt's token
   ids as the decoder plugin formats them, stop/pad ids, and the encoder's preprocessing as data.
-- ``--quantize int8``: ``*.int8.onnx`` with int8 MatMul/Gemm weights (ONNX Runtime dynamic
-  quantization), next to the float32 graphs.
+- ``--quantize int8`` (or ``int8-dynamic``): ``*.int8.onnx`` next to the float32 graphs, with
+  int8 MatMul/Gemm weights (see ``quantize_int8`` for the two methods).
 
 Export uses torch's TorchScript-based ONNX exporter (``dynamo=False``): it exports the
 ``DynamicCache`` path of every built-in decoder family (Llama, Qwen2, Phi, Phi-3, GPT-2) with
@@ -56,7 +56,8 @@ from vlmkit.runtime import onnx as onnx_runtime
 log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "hf")
-QUANTIZATIONS = ("int8",)
+#: ``--quantize`` choice -> ``quantize_int8`` method (the variant is called ``int8`` either way)
+QUANTIZATIONS = {"int8": "blockwise", "int8-dynamic": "dynamic"}
 HF_MANIFEST = "vlmkit-hf.json"
 HF_FORMAT = "vlmkit-hf"
 HF_FORMAT_VERSION = 1
@@ -293,11 +294,12 @@ def _export_onnx(vlm, folder: Path, *, opset: int, quantize: str | None, source,
     checks["decoder_max_rel_diff"] = _check_decoder(folder / "decoder.onnx", step, layout)
 
     variants = {"fp32": {"vision": "vision.onnx", "decoder": "decoder.onnx"}}
-    if quantize == "int8":
-        _step(on_step, "quantizing to int8 (dynamic, MatMul/Gemm weights)")
+    if quantize is not None:
+        method = QUANTIZATIONS[quantize]
+        _step(on_step, f"quantizing MatMul/Gemm weights to int8 ({method})")
         for name in ("vision", "decoder"):
-            quantize_int8(folder / f"{name}.onnx", folder / f"{name}.int8.onnx")
-        variants["int8"] = {"vision": "vision.int8.onnx", "decoder": "decoder.int8.onnx"}
+            quantize_int8(folder / f"{name}.onnx", folder / f"{name}.int8.onnx", method)
+        variants["int8"] = {"vision": "vision.int8.onnx", "decoder": "decoder.int8.onnx", "method": method}
 
     _warn_generation_config(lm)
     formatted = vlm.format(None)
@@ -310,7 +312,7 @@ def _export_onnx(vlm, folder: Path, *, opset: int, quantize: str | None, source,
         "opset": opset,
         "exporter": f"torch {torch.__version__} torch.onnx (TorchScript)",
         "variants": variants,
-        "default_variant": "int8" if quantize == "int8" else "fp32",
+        "default_variant": "fp32" if quantize is None else "int8",
         "embed_tokens": "embed_tokens.npy",
         "tokenizer": "tokenizer.json",
         "vision": {
@@ -359,8 +361,20 @@ def merged_decoder(vlm):
     return merged
 
 
-def quantize_int8(source: Path, target: Path) -> None:
-    """Dynamic int8 quantization: int8 MatMul/Gemm weights, activations quantized at run time."""
+def quantize_int8(source: Path, target: Path, method: str = "dynamic") -> None:
+    """int8 weights for every MatMul/Gemm with a constant weight, activations float at the graph's
+    edges. ``method``:
+
+    - ``dynamic``: ONNX Runtime's ``quantize_dynamic``: per-channel int8 weights, each activation
+      tensor quantized to uint8 at run time with one scale for the whole tensor. Fastest; but
+      one outlier channel sets the scale for all, and decoder LMs have such channels.
+    - ``blockwise``: ``MatMulNBits`` (8 bits): int8 weights in blocks of 32 along the input
+      dimension with a scale each, activations quantized per block of 32 at run time
+      (``accuracy_level`` 4), so an outlier spoils only its block.
+    """
+    if method == "blockwise":
+        _quantize_blockwise(source, target)
+        return
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     root = logging.getLogger()
@@ -377,6 +391,88 @@ def quantize_int8(source: Path, target: Path) -> None:
         )
     finally:
         root.setLevel(level)
+
+
+def _quantize_blockwise(source: Path, target: Path, block_size: int = 32, accuracy_level: int = 4) -> None:
+    """Rewrite ``MatMul(x, W)`` with a constant float ``W [K, N]`` as ``MatMulNBits`` (bits=8):
+    symmetric int8 per block of ``block_size`` inputs, stored offset by 128 (the op's default zero
+    point), one float scale per block and output."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(source))
+    weights = {t.name: t for t in model.graph.initializer}
+    uses: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    nodes = []
+    for node in model.graph.node:
+        found = _constant_weight(node, weights)
+        if found is None:
+            nodes.append(node)
+            continue
+        w, matrix, bias = found  # matrix: [K, N]
+        k, n = matrix.shape
+        blocks = -(-k // block_size)
+        wt = np.zeros((n, blocks * block_size), dtype=np.float32)
+        wt[:, :k] = matrix.T
+        wt = wt.reshape(n, blocks, block_size)
+        scale = np.maximum(np.abs(wt).max(-1), np.float32(1e-12)) / np.float32(127.0)
+        q = (np.clip(np.rint(wt / scale[..., None]), -127, 127) + 128).astype(np.uint8)
+        packed = numpy_helper.from_array(q, f"{w.name}.int8")
+        scales = numpy_helper.from_array(scale.astype(np.float32).reshape(-1), f"{w.name}.scales")
+        model.graph.initializer.extend([packed, scales])
+        # a Gemm's bias is added after (it may be computed, and Gemm broadcasts it)
+        product = f"{node.output[0]}.int8" if bias else node.output[0]
+        nodes.append(
+            helper.make_node(
+                "MatMulNBits",
+                [node.input[0], packed.name, scales.name],
+                [product],
+                name=f"{node.name}.int8",
+                domain="com.microsoft",
+                K=k,
+                N=n,
+                bits=8,
+                block_size=block_size,
+                accuracy_level=accuracy_level,
+            )
+        )
+        if bias:
+            nodes.append(
+                helper.make_node("Add", [product, bias], list(node.output), name=f"{node.name}.bias")
+            )
+        uses[w.name] -= 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    kept = [t for t in model.graph.initializer if uses.get(t.name, 1) > 0]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    if not any(op.domain == "com.microsoft" for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save(model, str(target))
+
+
+def _constant_weight(node, weights) -> tuple[Any, np.ndarray, str | None] | None:
+    """``(initializer, W [K, N], bias name)`` when ``node`` multiplies by a constant float matrix:
+    ``MatMul(x, W)``, or ``Gemm(x, W[, bias])`` with alpha = beta = 1 and x not transposed."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+        return None
+    w = weights.get(node.input[1])
+    if w is None or len(w.dims) != 2 or w.data_type != onnx.TensorProto.FLOAT:
+        return None
+    matrix = numpy_helper.to_array(w)
+    if node.op_type == "MatMul":
+        return w, matrix, None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+        return None
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    return w, (matrix.T if attrs.get("transB", 0) else matrix), bias
 
 
 def _onnx_export(module, args, path: Path, *, opset: int, what: str, **kwargs) -> None:
@@ -789,9 +885,9 @@ def _export_hf(vlm, folder: Path, *, source, on_step) -> dict[str, Any]:
     vlm.tokenizer.save_pretrained(str(folder / "decoder"))
     save_file(_state(vlm.projection), str(folder / "projection.safetensors"))
     files = {"decoder": "decoder", "projection": "projection.safetensors", "encoder": None}
-    if not vlm.encoder_frozen:
-        trainable = {k: v.detach().contiguous() for k, v in vlm.encoder.named_parameters() if v.requires_grad}
-        save_file(trainable, str(folder / "encoder.safetensors"))
+    encoder_weights = vlm.encoder_weights()  # trained encoder layers, even in a model loaded frozen
+    if encoder_weights:
+        save_file(encoder_weights, str(folder / "encoder.safetensors"))
         files["encoder"] = "encoder.safetensors"
     base_manifest = vlm.manifest()
     formatted = vlm.format(None)
