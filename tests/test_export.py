@@ -44,7 +44,7 @@ MAX_NEW_TOKENS = 10
 
 #: name -> (encoder, encoder image size, decoder plugin, tiny architecture, projection, export options)
 COMBOS = {
-    "siglip-llama": ("siglip", 32, "smollm", "llama", {"reduction": "none"}, {"quantize": "int8"}),
+    "siglip-llama": ("siglip", 32, "smollm", "llama", {"reduction": "none"}, {"quantize": "int8-dynamic"}),
     # CLIP at 56 px has a 7x7 grid: pooling it to 2x2 is the adaptive pooling ONNX lacks
     "clip-qwen2": ("clip", 56, "qwen2", "qwen2", {"reduction": "avgpool", "tokens": 4}, {}),
     "siglip-phi": (
@@ -56,7 +56,7 @@ COMBOS = {
         {"opset": MIN_OPSET},
     ),
     "clip-phi3": ("clip", 32, "phi", "phi3", {"reduction": "none"}, {"opset": max_opset()}),
-    "timm-gpt2": ("timm", 64, "gpt2", "gpt2", {"reduction": "none"}, {}),
+    "timm-gpt2": ("timm", 64, "gpt2", "gpt2", {"reduction": "none"}, {"quantize": "int8"}),
 }
 
 
@@ -165,17 +165,34 @@ def test_rows_stop_independently_like_pytorch(exported, images, tmp_path, monkey
     assert OnnxCaptioner(copy, variant="fp32", threads=1).generate(images, return_ids=True) == want
 
 
-def test_int8_export_is_quantized_and_captions(exported, images):
+@pytest.mark.parametrize(
+    ("name", "ops"),
+    [("timm-gpt2", {"MatMulNBits"}), ("siglip-llama", {"MatMulInteger", "DynamicQuantizeLinear"})],
+    ids=["int8-blockwise", "int8-dynamic"],
+)
+def test_int8_export_is_quantized_close_to_fp32_and_captions(name, ops, exported, images):
     import onnx
+    import onnxruntime as ort
 
-    _, _, folder = exported("siglip-llama")
+    from vlmkit.core.export import _decoder_inputs
+
+    _, _, folder = exported(name)
     captioner = OnnxCaptioner(folder, threads=1)  # quantized exports default to int8
     assert captioner.variant == "int8"
     captions = captioner.generate(images)
     assert len(captions) == len(images) and all(isinstance(c, str) for c in captions)
-    ops = {node.op_type for node in onnx.load(str(folder / "decoder.int8.onnx")).graph.node}
-    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops
+    assert ops <= {node.op_type for node in onnx.load(str(folder / "decoder.int8.onnx")).graph.node}
     assert (folder / "decoder.int8.onnx").stat().st_size < 0.7 * (folder / "decoder.onnx").stat().st_size
+
+    layout = {
+        k: captioner.manifest["decoder"][k] for k in ("num_layers", "num_kv_heads", "head_dim", "hidden_size")
+    }
+    inputs = {k: v.numpy() for k, v in _decoder_inputs(layout, batch=2, past=3, new=4, seed=0).items()}
+    fp32, int8 = (
+        ort.InferenceSession(str(folder / f)).run(None, inputs)[0]
+        for f in ("decoder.onnx", "decoder.int8.onnx")
+    )
+    assert np.abs(int8 - fp32).max() < 0.1 * np.abs(fp32).max()
     with pytest.raises(ConfigError, match="int8"):
         OnnxCaptioner(exported("clip-qwen2")[2], variant="int8")
 
@@ -323,7 +340,7 @@ def test_a_failed_export_leaves_nothing_that_looks_complete(exported, registry, 
 
     _, model, _ = exported("siglip-llama")
 
-    def broken(source, target):
+    def broken(source, target, method):
         Path(target).write_bytes(b"half a file")
         raise RuntimeError("disk full")
 

@@ -267,7 +267,12 @@ class OnnxCaptioner:
                 + ("" if self.variant != "int8" else " (export with --quantize int8)")
             )
         files = variants[self.variant]
-        for name in (*files.values(), self.manifest["embed_tokens"], self.manifest["tokenizer"]):
+        for name in (
+            files["vision"],
+            files["decoder"],
+            self.manifest["embed_tokens"],
+            self.manifest["tokenizer"],
+        ):
             if not (self.folder / name).is_file():
                 raise ArtifactError(f"{self.folder} is incomplete: {name} is missing")
         options = session_options(threads)
