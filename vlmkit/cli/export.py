@@ -16,6 +16,7 @@ class ExportFormat(StrEnum):
 
 class Quantization(StrEnum):
     int8 = "int8"
+    int8_dynamic = "int8-dynamic"
 
 
 def export(
@@ -34,7 +35,11 @@ def export(
         None, "--opset", help="ONNX opset (default 17; 14 up to the exporter's newest)."
     ),
     quantize: Quantization = typer.Option(
-        None, "--quantize", help="Also write int8 graphs (*.int8.onnx): dynamic int8 MatMul/Gemm weights."
+        None,
+        "--quantize",
+        help="Also write int8 graphs (*.int8.onnx). int8: int8 weights and activations in blocks of 128 "
+        "(MatMulNBits), captions as fp32's; int8-dynamic: quantize_dynamic, one activation scale per "
+        "tensor: fastest, but decoder LMs' outlier channels change captions.",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it is an earlier export."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),

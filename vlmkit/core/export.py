@@ -368,9 +368,14 @@ def quantize_int8(source: Path, target: Path, method: str = "dynamic") -> None:
     - ``dynamic``: ONNX Runtime's ``quantize_dynamic``: per-channel int8 weights, each activation
       tensor quantized to uint8 at run time with one scale for the whole tensor. Fastest; but
       one outlier channel sets the scale for all, and decoder LMs have such channels.
-    - ``blockwise``: ``MatMulNBits`` (8 bits): int8 weights in blocks of 32 along the input
-      dimension with a scale each, activations quantized per block of 32 at run time
-      (``accuracy_level`` 4), so an outlier spoils only its block.
+    - ``blockwise``: ``MatMulNBits`` (8 bits): int8 weights in blocks of 128 along the input
+      dimension with a scale each (ONNX Runtime's own default block), activations quantized per
+      block at run time (``accuracy_level`` 4), so an outlier spoils only its block.
+
+    EfficientNet-Lite0 + SmolLM2-135M trained on ``shapes`` (fp32: 28 of 28 held-out shapes
+    right), 32 images: ``blockwise`` gave 31 captions identical to fp32 (the other on a photo, not
+    a shape) at 1.2-1.6x fp32's speed, ``dynamic`` 18 at 1.5x: SmolLM2 has activation channels
+    10^4 times the mean (a ``down_proj`` input), which one scale per tensor cannot hold.
     """
     if method == "blockwise":
         _quantize_blockwise(source, target)
@@ -393,7 +398,7 @@ def quantize_int8(source: Path, target: Path, method: str = "dynamic") -> None:
         root.setLevel(level)
 
 
-def _quantize_blockwise(source: Path, target: Path, block_size: int = 32, accuracy_level: int = 4) -> None:
+def _quantize_blockwise(source: Path, target: Path, block_size: int = 128, accuracy_level: int = 4) -> None:
     """Rewrite ``MatMul(x, W)`` with a constant float ``W [K, N]`` as ``MatMulNBits`` (bits=8):
     symmetric int8 per block of ``block_size`` inputs, stored offset by 128 (the op's default zero
     point), one float scale per block and output."""
@@ -954,7 +959,7 @@ def load_hf_export(path: str | Path, *, registry=None):
     )
     projection.load_state_dict(load_file(str(path / manifest["files"]["projection"])))
     model = PrefixConditioningVLM(
-        config, encoder, encoder_spec, decoder_spec, _merged_lm(base), tokenizer, projection
+        config, encoder, encoder_spec, decoder_spec, MergedLM(base), tokenizer, projection
     )
     model.freeze_encoder(0)
     if manifest["files"].get("encoder"):
@@ -963,27 +968,24 @@ def load_hf_export(path: str | Path, *, registry=None):
     return model.eval()
 
 
-def _merged_lm(model):
-    """The two methods of a peft model that ``PrefixConditioningVLM`` calls, over a merged model."""
+class MergedLM(nn.Module):
+    """The peft-model methods ``PrefixConditioningVLM`` calls, over a merged (plain) causal LM."""
 
-    class MergedLM(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
 
-        def get_base_model(self):
-            return self.model
+    def get_base_model(self):
+        return self.model
 
-        def get_input_embeddings(self):
-            return self.model.get_input_embeddings()
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
 
-        def forward(self, *args, **kwargs):
-            return self.model(*args, **kwargs)
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
 
-        def save_pretrained(self, *args, **kwargs):
-            raise ArtifactError("a merged export has no LoRA adapter to save; train from the original model")
-
-    return MergedLM()
+    def save_pretrained(self, *args, **kwargs):
+        raise ArtifactError("a merged export has no LoRA adapter to save; train from the original model")
 
 
 def _state(module) -> dict:
