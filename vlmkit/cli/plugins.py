@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import difflib
 import json
 from typing import NoReturn
 
 import typer
 
 from vlmkit.core.errors import PluginError
-from vlmkit.core.registry import KINDS, get_registry
+from vlmkit.core.registry import KINDS, did_you_mean, get_registry
 
 app = typer.Typer(help="List and inspect encoder, decoder and dataset plugins.", no_args_is_help=True)
 
@@ -112,8 +111,7 @@ def _unknown(registry, name: str) -> NoReturn:
         if broken.provider.plugin == name:
             raise PluginError(f"plugin {name!r} from {broken.provider.package} is broken: {broken.error}")
     every = sorted({n for k in KINDS for n in registry.names(k)})
-    close = difflib.get_close_matches(name, every, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else "."
+    hint = did_you_mean(name, every)
     raise PluginError(
         f"no plugin named {name!r}{hint} Available: {', '.join(every) or 'none'}. See 'vlmkit plugins list'."
     )

@@ -193,8 +193,7 @@ class Registry:
         if key in self.specs:
             return self.specs[key]
         available = self.names(kind)
-        close = difflib.get_close_matches(name.lower(), available, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else "."
+        hint = did_you_mean(name.lower(), available)
         broken = sorted({b.provider.plugin for b in self.broken})
         extra = f" (broken plugins not loaded: {', '.join(broken)})" if broken else ""
         raise PluginError(
@@ -219,6 +218,12 @@ class Registry:
         for clash in self.clashes.values():
             regs.extend(clash)
         return sorted(regs, key=lambda r: (KINDS.index(r.kind), r.name, r.provider.package))
+
+
+def did_you_mean(name: str, names: list[str]) -> str:
+    """``"; did you mean 'x'?"`` for the closest of ``names``, or ``"."`` when none is close."""
+    close = difflib.get_close_matches(name, names, n=1)
+    return f"; did you mean {close[0]!r}?" if close else "."
 
 
 def _name_set(value: str | None) -> set[str] | None:
