@@ -11,7 +11,8 @@ How an example is laid out (see ``Formatted``)::
             [image prefix embeddings]
             after  = prompt + end of user turn + assistant header    "Describe.<|im_end|>\\n<|im_start|>assistant\\n"
             target = caption + end-of-turn token                      "A red circle.<|im_end|>"
-    plain:  before = the tokens the tokenizer puts before any text (BOS), often none
+    plain:  before = the tokens the tokenizer puts before any text (BOS); when it puts none
+                     (GPT-2, Qwen2, SmolLM2), one start token: BOS if it has one, else EOS
             [image prefix embeddings]
             after  = prompt (may be empty)
             target = caption + EOS                                    (" " between prompt and caption)
@@ -252,7 +253,7 @@ class TransformersDecoderSpec(DecoderSpec):
         after = _encode(tokenizer, prompt)
         sep = " " if prompt and not prompt[-1].isspace() else ""
         return _Context(
-            before=tuple(_special_prefix(tokenizer)),
+            before=tuple(_plain_start(tokenizer)),
             after=tuple(after),
             text=prompt,
             text_ids=tuple(after),
@@ -402,6 +403,23 @@ def _special_prefix(tokenizer: Any) -> list[int]:
         if full[start : start + len(bare)] == bare:
             return full[:start]
     return []
+
+
+def _plain_start(tokenizer: Any) -> list[int]:
+    """What the plain layout puts before the image: the tokenizer's own BOS prefix, else one start
+    token (BOS, else EOS - the document separator GPT-2-style models were trained with).
+
+    Never nothing: at position 0 the image prefix would take the place of the token causal LMs
+    park attention on (the "attention sink"), and the first image token would be seen with no
+    context. Measured on the demo recipe (SmolLM2-135M-Instruct, EfficientNet-Lite0 pooled to 16
+    tokens, 40 steps of 16, same seed): with the image at position 0, eval loss 1.00 and none of 64
+    held-out captions right; with a start token, eval loss 0.14 and 70% exactly right.
+    """
+    prefix = _special_prefix(tokenizer)
+    if prefix:
+        return prefix
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return [start]
 
 
 def _end_of_turn(tokenizer: Any, end_text: str) -> int:
