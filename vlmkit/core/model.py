@@ -46,7 +46,9 @@ class LoraSettings(BaseModel):
 
     r: int = Field(16, gt=0)
     alpha: float = Field(32.0, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    #: 0 as in peft: on CPU the dropout masks cost ~12% of a training step (benchmarks/RESULTS.md);
+    #: raise it (0.05-0.1) for many epochs over a small dataset
+    dropout: float = Field(0.0, ge=0, lt=1)
     targets: list[str] | None = None
 
 
