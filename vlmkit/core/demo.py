@@ -42,7 +42,8 @@ DEMO_SETTINGS: dict[str, Any] = {
     "max_eval_samples": 64,
 }
 
-SKIMAGE_PHOTOS = {"astronaut": "astronaut", "chelsea (a cat)": "chelsea", "coffee": "coffee"}
+#: scikit-image sample photos the demo captions: ``skimage.data`` function -> what the photo shows
+SKIMAGE_PHOTOS = {"astronaut": "an astronaut", "chelsea": "a cat", "coffee": "a cup of coffee"}
 
 
 @dataclass
@@ -114,13 +115,11 @@ def run_demo(
         from PIL import Image
         from skimage import data as skdata
 
-        images, names = [], []
-        for label, name in SKIMAGE_PHOTOS.items():
-            array = getattr(skdata, name)()
-            images.append(Image.fromarray(np.asarray(array)).convert("RGB"))
-            names.append(label)
-        for label, caption in zip(names, model.generate(images), strict=True):
-            photos.append({"photo": f"skimage.data.{SKIMAGE_PHOTOS[label]} ({label})", "caption": caption})
+        images = [
+            Image.fromarray(np.asarray(getattr(skdata, name)())).convert("RGB") for name in SKIMAGE_PHOTOS
+        ]
+        for (name, shows), caption in zip(SKIMAGE_PHOTOS.items(), model.generate(images), strict=True):
+            photos.append({"photo": f"skimage.data.{name} ({shows})", "caption": caption})
     except ImportError:
         log("scikit-image is not installed; skipping the photos (pip install scikit-image)")
 

@@ -14,9 +14,11 @@ never by comparing with the pad id (GPT-2's pad token *is* its EOS, which is a r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +71,15 @@ class ModelConfig(BaseModel):
     prompt: str = ""
     format: Literal["auto", "chat", "plain"] = "auto"
     max_caption_tokens: int = Field(48, gt=0)
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft reads ``model.is_gradient_checkpointing``, which transformers 5 deprecates with a
+    FutureWarning on every wrap: peft's business, not our users'. Only that warning is hidden."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
 
 
 @dataclass
@@ -127,7 +138,8 @@ class PrefixConditioningVLM(nn.Module):
         lora = LoraConfig(
             r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout, **lora_args
         )
-        lm = get_peft_model(base, lora)
+        with _quiet_peft():
+            lm = get_peft_model(base, lora)
         if seed is not None:
             torch.manual_seed(seed)
         projection = build_projection(
@@ -450,7 +462,8 @@ class PrefixConditioningVLM(nn.Module):
             raise PluginError(f"model {path} needs a plugin that is not available: {exc}") from exc
         encoder = encoder_spec.load(config.encoder_checkpoint, revision=config.encoder_revision)
         base, tokenizer = decoder_spec.load(config.decoder_checkpoint, revision=config.decoder_revision)
-        lm = PeftModel.from_pretrained(base, str(path / "adapter"), is_trainable=trainable)
+        with _quiet_peft():
+            lm = PeftModel.from_pretrained(base, str(path / "adapter"), is_trainable=trainable)
         projection = build_projection(
             config.projection, encoder.feature_dim, base.get_input_embeddings().embedding_dim, encoder.grid
         )
