@@ -84,7 +84,9 @@ class VisionEncoderModule(nn.Module):
         self.checkpoint = checkpoint
         self.revision = revision
         self._tokens = tokens
-        self._preprocess = preprocess
+        #: the callable behind ``preprocess`` (RGB PIL images -> pixel tensor); ``vlmkit export``
+        #: reads it to describe the preprocessing for the torch-free ONNX runtime
+        self.preprocess_fn = preprocess
         self._blocks = tuple(blocks)  # references into self.backbone, not extra parameters
         self._identity = json.loads(canonical_json(identity))
         self._digest_cache: tuple[tuple, str] | None = None
@@ -110,7 +112,7 @@ class VisionEncoderModule(nn.Module):
         images = [img if img.mode == "RGB" else img.convert("RGB") for img in images]
         if not images:
             return torch.empty(0, 3, *self.input_size)
-        return self._preprocess(images)
+        return self.preprocess_fn(images)
 
     def layers(self) -> list[nn.Module]:
         return list(self._blocks)

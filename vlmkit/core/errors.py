@@ -25,5 +25,9 @@ class DataError(VlmkitError):
     """An image or dataset cannot be read."""
 
 
+class ExportError(VlmkitError):
+    """The model could not be exported (the exporter failed, or the result does not match)."""
+
+
 class VlmkitWarning(UserWarning):
     """Base class of vlmkit's warnings; the CLI prints them as one ``warning: ...`` line."""

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from vlmkit import __version__
-from vlmkit.core.errors import ArtifactError, ConfigError, VlmkitError
+from vlmkit.core.errors import ArtifactError, ConfigError, ExportError, VlmkitError
 from vlmkit.runtime import onnx as onnx_runtime
 
 log = logging.getLogger(__name__)
@@ -70,10 +70,6 @@ MIN_OPSET = 14
 TOLERANCE = 1e-4
 #: how far the runtime's preprocessing may differ from the encoder plugin's (pixel values)
 PREPROCESSING_TOLERANCE = 1e-4
-
-
-class ExportError(VlmkitError):
-    """The model could not be exported (the exporter failed, or the result does not match)."""
 
 
 @dataclass
@@ -341,7 +337,7 @@ def _export_onnx(vlm, folder: Path, *, opset: int, quantize: str | None, source,
             "before": list(formatted.before),
             "after": list(formatted.after),
             "stop_ids": list(vlm.stop_token_ids),
-            "pad_id": int(vlm._pad_id),  # what PyTorch generation feeds rows that have stopped
+            "pad_id": int(vlm.pad_token_id),  # what PyTorch generation feeds rows that have stopped
             "clean_up_tokenization_spaces": _cleans_up_spaces(tokenizer),
         },
         "generation": {"strategy": "greedy", "max_new_tokens": vlm.settings.max_caption_tokens},
@@ -732,7 +728,7 @@ def describe_preprocessing(encoder) -> dict[str, Any]:
     spec = (
         dict(declared)
         if declared is not None
-        else _infer_preprocessing(getattr(encoder, "_preprocess", None))
+        else _infer_preprocessing(getattr(encoder, "preprocess_fn", None))
     )
     name = getattr(encoder, "checkpoint", None) or type(encoder).__name__
     if spec is None:
@@ -910,7 +906,7 @@ def _export_hf(vlm, folder: Path, *, source, on_step) -> dict[str, Any]:
         "tokens": {
             "before": list(formatted.before),
             "after": list(formatted.after),
-            "pad_id": int(vlm._pad_id),
+            "pad_id": int(vlm.pad_token_id),
         },
         "files": files,
     }

@@ -115,7 +115,9 @@ class PrefixConditioningVLM(nn.Module):
         self.tokenizer = tokenizer
         self.projection = projection
         self.num_prefix_tokens = config.projection.output_tokens(encoder.num_tokens, encoder.grid)
-        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        #: the id in padding and image-slot positions (the masks, not this id, say which positions
+        #: are real) and what ``generate`` emits after a row has stopped; the tokenizer's pad, else 0
+        self.pad_token_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._prompt_cache: dict[tuple[str, str], Formatted] = {}
 
     # ------------------------------------------------------------------ construction
@@ -218,12 +220,12 @@ class PrefixConditioningVLM(nn.Module):
             raise ValueError(f"got {len(prompts)} prompts for {len(captions)} captions")
         for caption, row_prompt in zip(captions, prompts, strict=True):
             f = self.format(caption, row_prompt)
-            ids = [*f.before, *([self._pad_id] * k), *f.after, *f.target]
+            ids = [*f.before, *([self.pad_token_id] * k), *f.after, *f.target]
             rows.append(ids)
             image_rows.append([False] * len(f.before) + [True] * k + [False] * (len(ids) - len(f.before) - k))
             label_rows.append([IGNORE_INDEX] * (len(ids) - len(f.target)) + list(f.target))
         width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
         image_mask = torch.zeros((len(rows), width), dtype=torch.bool)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -343,7 +345,7 @@ class PrefixConditioningVLM(nn.Module):
                     top_p=top_p if do_sample else None,
                     top_k=None,
                     eos_token_id=self.stop_token_ids,
-                    pad_token_id=self._pad_id,
+                    pad_token_id=self.pad_token_id,
                 )
         finally:
             self.train(was_training)
