@@ -81,6 +81,19 @@ def test_avgpool_averages_each_region_of_the_grid():
     assert torch.allclose(pooled[:, 3], bottom_right)
 
 
+@pytest.mark.parametrize(("grid", "tokens"), [((4, 4), 25), ((6, 4), 25), ((7, 7), 64)])
+def test_avgpool_to_more_tokens_than_the_grid_is_refused_not_upsampled(grid, tokens):
+    cfg = ProjectionConfig(reduction="avgpool", tokens=tokens)
+    side = math.isqrt(tokens)
+    match = (
+        rf"projection\.tokens {tokens} \({side}x{side}\) is more than the encoder's {grid[0]}x{grid[1]} grid"
+    )
+    with pytest.raises(ConfigError, match=match):
+        cfg.output_tokens(grid[0] * grid[1], grid)
+    with pytest.raises(ConfigError, match=match):
+        build_projection(cfg, DV, DLM, grid)
+
+
 @pytest.mark.parametrize("tokens", [2, 5, 12])
 def test_avgpool_to_a_non_square_count_is_refused_naming_the_setting(tokens):
     with pytest.raises(ValidationError, match=r"projection\.tokens must be a square number"):

@@ -46,6 +46,14 @@ class ProjectionConfig(BaseModel):
             return num_tokens
         rows, cols = _require_grid(self, grid)
         if self.reduction == "avgpool":
+            side = math.isqrt(self.tokens)  # type: ignore[arg-type]
+            if side > rows or side > cols:
+                from vlmkit.core.errors import ConfigError
+
+                raise ConfigError(
+                    f"projection.tokens {self.tokens} ({side}x{side}) is more than the encoder's {rows}x{cols} "
+                    f"grid gives; avgpool only reduces: use at most {min(rows, cols) ** 2} or reduction 'none'"
+                )
             return self.tokens  # type: ignore[return-value]
         return math.ceil(rows / self.factor) * math.ceil(cols / self.factor)
 
@@ -73,7 +81,8 @@ def build_projection(config: ProjectionConfig, feature_dim: int, lm_dim: int, gr
             self.grid = grid
             in_dim = feature_dim * (config.factor**2 if config.reduction == "pixel_shuffle" else 1)
             if config.reduction != "none":
-                _require_grid(config, grid)
+                rows, cols = _require_grid(config, grid)
+                config.output_tokens(rows * cols, grid)  # refuses what the grid cannot give
             self.norm = nn.LayerNorm(in_dim) if config.layernorm else nn.Identity()
             if config.type == "linear":
                 self.proj = nn.Linear(in_dim, lm_dim)
