@@ -115,10 +115,10 @@ def test_unreadable_and_missing_files_are_reported_while_the_others_are_captione
     assert isinstance(result.exception, VlmkitError)
     assert "2 of 4 images could not be read" in str(result.exception)
     assert result.stdout.splitlines() == [f"{images[0]}\t{CAPTIONS[0]}", f"{images[1]}\t{CAPTIONS[1]}"]
-    errors = [line for line in result.stderr.splitlines() if ": error: " in line]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 2, result.stderr
-    assert errors[0].startswith(f"{corrupt}: error: ") and "not a readable image" in errors[0]
-    assert errors[1].startswith(f"{missing}: error: ") and "not found" in errors[1]
+    assert errors[0].startswith(f"error: image {corrupt!r} is not a readable image")
+    assert errors[1] == f"error: image {missing!r}: file not found"  # the path once, not three times
 
 
 def test_json_reports_bad_files_in_place(model, images, bad_files):

@@ -67,7 +67,7 @@ def caption(
         if as_json:
             typer.echo(json.dumps({"path": r.path, "caption": r.caption, "error": r.error}))
         elif r.error:
-            typer.secho(f"{r.path}: error: {r.error}", fg="red", err=True)
+            typer.secho(f"error: {r.error}", fg="red", err=True)  # the message names the file
         else:
             typer.echo(f"{r.path}\t{r.caption}")
     failed = [r for r in results if r.error]

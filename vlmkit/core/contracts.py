@@ -202,7 +202,8 @@ class CaptionExample:
             else:
                 img = source
         except FileNotFoundError as exc:
-            raise DataError(f"image {self.id!r}: file not found: {exc.filename}") from exc
+            where = "" if str(exc.filename) == str(self.id) else f": {exc.filename}"
+            raise DataError(f"image {self.id!r}: file not found{where}") from exc
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise DataError(f"image {self.id!r} is not a readable image ({exc})") from exc
         if not hasattr(img, "convert"):
