@@ -107,6 +107,12 @@ def train(
     max_steps: int = typer.Option(None, help="Stop after N optimizer steps.", rich_help_panel=_PANEL_OPT),
     batch_size: int = typer.Option(None, help="Examples per step and device.", rich_help_panel=_PANEL_OPT),
     grad_accum: int = typer.Option(None, help="Gradient accumulation steps.", rich_help_panel=_PANEL_OPT),
+    group_by_length: bool = typer.Option(
+        None,
+        "--group-by-length/--no-group-by-length",
+        help="Batch captions of similar length together: less padding (default: on).",
+        rich_help_panel=_PANEL_OPT,
+    ),
     lr_projection: float = typer.Option(
         None, help="Learning rate of the projection.", rich_help_panel=_PANEL_OPT
     ),
@@ -189,6 +195,7 @@ def train(
         "max_steps": max_steps,
         "batch_size": batch_size,
         "grad_accum": grad_accum,
+        "group_by_length": group_by_length,
         "lr_projection": lr_projection,
         "lr_lora": lr_lora,
         "lr_encoder": lr_encoder,

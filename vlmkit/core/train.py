@@ -83,6 +83,15 @@ class CaptionTrainingSet(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.length
 
+    def caption_lengths(self) -> list[int]:
+        """Each example's mean reference length in characters: a free stand-in for its token
+        count (no tokenizer pass over the dataset), used to batch similar lengths together."""
+        lengths = []
+        for index in range(self.length):
+            captions = self.data[index].captions
+            lengths.append(round(sum(len(c) for c in captions) / max(len(captions), 1)))
+        return lengths
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         example = self.data[index]
         item: dict[str, Any] = {"caption": random.choice(example.captions)}
@@ -153,6 +162,18 @@ class VLMTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.vlm_config = vlm_config
         self.eval_captions = eval_captions  # (CaptionDataset, features or None) for --eval-metrics
+
+    def _get_train_sampler(self, train_dataset=None):
+        """With ``group_by_length``, batches of similar caption length (less padding): indices are
+        shuffled, cut into groups of 50 batches, and sorted by length within each group, so the
+        order stays random at the scale of an epoch (transformers' ``LengthGroupedSampler``)."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.vlm_config.group_by_length and isinstance(dataset, CaptionTrainingSet):
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return LengthGroupedSampler(batch, lengths=dataset.caption_lengths())
+        return super()._get_train_sampler(train_dataset)
 
     def create_optimizer(self, model=None):
         # Trainer passes the prepared model when it creates the optimizer late (FSDP)
