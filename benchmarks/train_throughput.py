@@ -806,7 +806,10 @@ def run_variants(args, run: Run) -> dict:
 
     model, params = run.extra["model"], run.extra["params"]
     base = model.lm.get_base_model()
-    dropouts = [m for n, m in model.lm.named_modules() if isinstance(m, nn.Dropout) and "lora_dropout" in n]
+    # peft holds each LoRA layer's dropout in a ModuleDict: nn.Dropout, or nn.Identity when p == 0
+    # (then no mask is drawn at all), so the variants swap the module, not just its p
+    dropout_slots = [m for n, m in model.lm.named_modules() if n.endswith("lora_dropout")]
+    dropouts = [d for slot in dropout_slots for d in slot.values() if isinstance(d, nn.Dropout)]
     frozen_linears = [
         m
         for n, m in base.named_modules()
@@ -834,8 +837,12 @@ def run_variants(args, run: Run) -> dict:
     def step(prec, attn, math, dropout, weights, opt, threads):
         torch.set_num_threads(threads)
         base.set_attn_implementation(attn)
-        for d in dropouts:
-            d.p = dropout
+        for slot in dropout_slots:
+            for key, module in slot.items():
+                if dropout == 0 and not isinstance(module, nn.Identity):
+                    slot[key] = nn.Identity()
+                elif dropout > 0 and getattr(module, "p", None) != dropout:
+                    slot[key] = nn.Dropout(dropout)
         for m in frozen_linears:
             if m.weight.dtype != weights:
                 m.weight.data = m.weight.data.to(weights)
