@@ -1,8 +1,8 @@
 """One epoch with length-grouped batches (``group_by_length``, vlmkit's default) vs shuffled ones.
 
 Captions of mixed length pad every batch to its longest caption. ``vlmkit train`` batches
-similar lengths together (transformers' ``LengthGroupedSampler`` over character lengths: groups of
-50 batches sorted by length, random order otherwise). This runs the same epoch both ways on the
+similar lengths together (transformers' ``LengthGroupedSampler`` over character lengths in buckets of
+16: groups of 50 batches sorted by bucket, random order otherwise). This runs the same epoch both ways on the
 same model, the two samplers' batches interleaved, timed by process CPU time with one thread and
 by wall clock, and counts the padding.
 
@@ -46,7 +46,6 @@ def main() -> None:
 
     import numpy as np
     import torch
-    from transformers.trainer_pt_utils import LengthGroupedSampler
 
     from vlmkit.core.config import TrainConfig
     from vlmkit.core.contracts import CaptionExample
@@ -55,6 +54,7 @@ def main() -> None:
     from vlmkit.core.train import (
         CaptionTrainingSet,
         Collator,
+        length_grouped_sampler,
         make_optimizer,
         optimizer_param_groups,
         prepare_model_for_precision,
@@ -91,9 +91,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     orders = {
         "shuffled": torch.randperm(len(data), generator=generator).tolist(),
-        "grouped": list(
-            LengthGroupedSampler(args.batch, lengths=data.caption_lengths(), generator=generator)
-        ),
+        "grouped": list(length_grouped_sampler(data, args.batch, generator=generator)),  # as vlmkit train
     }
     batches = {k: [o[i : i + args.batch] for i in range(0, len(o), args.batch)] for k, o in orders.items()}
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")

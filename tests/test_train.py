@@ -453,7 +453,7 @@ def varied_folder(tmp_path):
 
     folder = tmp_path / "varied"
     folder.mkdir()
-    words = [f"w{n}" for n in range(16)]
+    words = [f"word{n:02d}" for n in range(16)]
     counts = [1 + i % 16 for i in range(48)]
     random.Random(0).shuffle(counts)
     lines = []
@@ -499,3 +499,44 @@ def test_group_by_length_batches_similar_captions_and_still_sees_each_once(
     assert grouped < mixed / 1.5, (grouped, mixed)
     logged = yaml.safe_load((tmp_path / "b" / "run.yaml").read_text())
     assert logged["group_by_length"] is False
+
+
+def sampler_batches(captions: list[str], batch: int) -> list[list[str]]:
+    from vlmkit.core.contracts import CaptionExample
+    from vlmkit.core.datasets import ListDataset
+    from vlmkit.core.train import CaptionTrainingSet, length_grouped_sampler
+
+    data = CaptionTrainingSet(
+        ListDataset(
+            [CaptionExample(id=str(i), captions=[c], image=None) for i, c in enumerate(captions)], "x"
+        )
+    )
+    order = list(length_grouped_sampler(data, batch, generator=torch.Generator().manual_seed(0)))
+    assert sorted(order) == list(range(len(captions)))  # every example once
+    return [[captions[i] for i in order[k : k + batch]] for k in range(0, len(order), batch)]
+
+
+def test_captions_of_nearly_equal_length_stay_shuffled_not_sorted_into_classes():
+    """Shapes captions are 25-31 characters and their length follows their words: sorting by exact
+    length would make each batch one or two classes (that cost the demo 37 points of exact match)."""
+    from vlmkit.core.registry import get_registry
+
+    split = get_registry().dataset("shapes").load("train", {"size": 1200})  # the demo's data
+    captions = [example.captions[0] for example in split]
+    assert len({len(c) for c in captions}) > 3 and len(set(captions)) == 24
+    batches = sampler_batches(captions, 16)
+    distinct = [len(set(b)) for b in batches]
+    assert sum(distinct) / len(distinct) > 8, distinct  # of 16 rows, ~10 classes as by chance
+
+
+def test_captions_of_very_different_length_are_batched_together():
+    import random
+
+    rng = random.Random(0)
+    captions = [" ".join(["word"] * rng.randint(3, 60)) for _ in range(1600)]
+
+    def padding(batches):
+        return sum(max(map(len, b)) * len(b) - sum(map(len, b)) for b in batches)
+
+    shuffled = [captions[k : k + 16] for k in range(0, len(captions), 16)]
+    assert padding(sampler_batches(captions, 16)) < padding(shuffled) / 5
