@@ -9,6 +9,29 @@ from pathlib import Path
 
 import pytest
 
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
+    tiny models gain nothing from threads, and on a busy machine spinning threads cost seconds."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def vlmkit_home(tmp_path_factory):
+    """A temporary ``VLMKIT_HOME`` for a module: feature caches and converted checkpoints land
+    here, not in the user's cache."""
+    path = tmp_path_factory.mktemp("vlmkit-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLMKIT_HOME", str(path))
+        yield path
+
+
 _SPECS_TEMPLATE = '''\
 """A third-party vlmkit plugin, written the way a plugin author writes one."""
 import vlmkit

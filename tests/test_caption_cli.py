@@ -23,12 +23,7 @@ from vlmkit.testing import sample_images, tiny_decoder_checkpoint, tiny_encoder_
 CAPTIONS = ["A red circle on the left.", "Two dogs play in the snow.", "A green square."]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

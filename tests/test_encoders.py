@@ -35,13 +35,7 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run faster on one thread, and far faster than two on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -49,15 +43,6 @@ def registry() -> Registry:
     reg = Registry()
     reg.load_entry_points(environ={"VLMKIT_PLUGINS": ENCODER_PLUGINS})
     return reg
-
-
-@pytest.fixture(scope="module")
-def vlmkit_home(tmp_path_factory):
-    """Converted checkpoints go to a temporary VLMKIT_HOME, shared by this module's tests."""
-    home = tmp_path_factory.mktemp("vlmkit-home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VLMKIT_HOME", str(home))
-        yield home
 
 
 def _images() -> list[Image.Image]:

@@ -43,11 +43,9 @@ def cli(*args: str):
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    path = tmp_path_factory.mktemp("vlmkit-home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VLMKIT_HOME", str(path))
-        yield path
+def home(vlmkit_home):
+    """This module's ``VLMKIT_HOME`` (see conftest)."""
+    return vlmkit_home
 
 
 @pytest.fixture(scope="module")

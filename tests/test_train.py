@@ -34,12 +34,9 @@ SHAPES = "shapes:size=72,image_size=32"
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    """``VLMKIT_HOME`` for this module: feature caches land here, not in the user's cache."""
-    path = tmp_path_factory.mktemp("vlmkit-home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VLMKIT_HOME", str(path))
-        yield path
+def home(vlmkit_home):
+    """This module's ``VLMKIT_HOME`` (see conftest)."""
+    return vlmkit_home
 
 
 @pytest.fixture(scope="module")
