@@ -218,7 +218,7 @@ KILLED_RUN = textwrap.dedent(
 )
 
 
-def resume_config(checkpoints, out: Path) -> dict:
+def resume_config(checkpoints, out: Path, **settings) -> dict:
     return {
         "model": {
             "encoder": "siglip",
@@ -234,39 +234,71 @@ def resume_config(checkpoints, out: Path) -> dict:
         "batch_size": 4,
         "logging_steps": 1,
         "max_eval_samples": 8,
+        **settings,
     }
 
 
-def test_a_killed_run_resumes_from_its_last_checkpoint(checkpoints, home, tmp_path):
-    from vlmkit.core.config import validate_config
+#: a crash in the first epoch; and one in the second epoch with length-grouped batches (10
+#: examples: 3 steps an epoch; checkpoint-4 is one step into epoch 2), whose order must be that
+#: epoch's again on resume, not the first epoch's
+RESUME_CASES = {
+    "first-epoch": ({}, 3, "checkpoint-2"),
+    "second-epoch-grouped": (
+        {"group_by_length": True, "max_train_samples": 10, "max_steps": 8, "save_every": 4},
+        5,
+        "checkpoint-4",
+    ),
+}
 
+
+@pytest.mark.parametrize("case", RESUME_CASES)
+def test_a_killed_run_resumes_from_its_last_checkpoint(checkpoints, home, tmp_path, case, monkeypatch):
+    from vlmkit.core.config import validate_config
+    from vlmkit.core.train import LengthGroupedSampler
+
+    epochs: list[int] = []  # what the length-grouped sampler is told, in this process
+    set_epoch = LengthGroupedSampler.set_epoch
+    monkeypatch.setattr(
+        LengthGroupedSampler, "set_epoch", lambda self, e: (epochs.append(e), set_epoch(self, e))
+    )
+
+    settings, kill_at, last_checkpoint = RESUME_CASES[case]
     out = tmp_path / "killed"
-    data = resume_config(checkpoints, out)
+    data = resume_config(checkpoints, out, **settings)
+    steps_total = data["max_steps"]
     child = subprocess.run(
-        [sys.executable, "-c", KILLED_RUN, json.dumps(data), "3"],
+        [sys.executable, "-c", KILLED_RUN, json.dumps(data), str(kill_at)],
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert child.returncode == 17, child.stderr[-3000:]
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [last_checkpoint]
     assert not (out / MANIFEST).exists()  # a crashed run is not a model
 
     result = train(validate_config(data), resume=True, progress=False)
-    assert result.global_step == 6
-    steps = [r["step"] for r in read_logs(out) if "loss" in r]
-    assert steps == [1, 2, 3, 4, 5, 6]  # 1-2 before the crash, 3-6 after: nothing trained twice
-    state = json.loads((out / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
-    assert state["global_step"] == 6
-    assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4, 5, 6]
+    assert result.global_step == steps_total
+    if settings.get("group_by_length"):
+        assert epochs[0] == 1 and set(epochs) == {1, 2}  # resumed in the second epoch, then the third
+        epochs.clear()
+    every_step = list(range(1, steps_total + 1))
+    # the steps before the checkpoint, then the rest after the crash: nothing trained twice
+    assert [r["step"] for r in read_logs(out) if "loss" in r] == every_step
+    final = out / "checkpoints" / f"checkpoint-{steps_total}"
+    state = json.loads((final / "trainer_state.json").read_text())
+    assert state["global_step"] == steps_total
+    assert [h["step"] for h in state["log_history"] if "loss" in h] == every_step
     assert vlmkit.load(out).num_prefix_tokens == 16
 
     # the same run without a crash ends with the same weights: the checkpoint restored the
     # trainable tensors, the optimizer, the schedule and the data order
-    whole = train(validate_config(resume_config(checkpoints, tmp_path / "whole")), progress=False)
-    resumed = load_file(str(out / "checkpoints" / "checkpoint-6" / TRAINABLE_FILE))
-    uninterrupted = load_file(str(whole.output_dir / "checkpoints" / "checkpoint-6" / TRAINABLE_FILE))
+    whole_out = tmp_path / "whole"
+    train(validate_config(resume_config(checkpoints, whole_out, **settings)), progress=False)
+    if settings.get("group_by_length"):
+        assert set(epochs) == {0, 1, 2}  # a fresh order each epoch
+    resumed = load_file(str(final / TRAINABLE_FILE))
+    uninterrupted = load_file(str(whole_out / "checkpoints" / f"checkpoint-{steps_total}" / TRAINABLE_FILE))
     assert resumed.keys() == uninterrupted.keys()
     for name, value in resumed.items():
         torch.testing.assert_close(value, uninterrupted[name], rtol=1e-4, atol=1e-5, msg=name)
@@ -485,30 +517,30 @@ def padding_of_batches(base_args, folder, out, monkeypatch, *flags) -> tuple[int
 def test_group_by_length_batches_similar_captions_and_still_sees_each_once(
     base_args, varied_folder, tmp_path, monkeypatch
 ):
-    grouped, grouped_seen = padding_of_batches(base_args, varied_folder, tmp_path / "a", monkeypatch)
-    mixed, mixed_seen = padding_of_batches(
-        base_args, varied_folder, tmp_path / "b", monkeypatch, "--no-group-by-length"
+    grouped, grouped_seen = padding_of_batches(
+        base_args, varied_folder, tmp_path / "a", monkeypatch, "--group-by-length"
     )
+    mixed, mixed_seen = padding_of_batches(base_args, varied_folder, tmp_path / "b", monkeypatch)
     # 24 of the ~38 training examples in 6 steps, none twice within the epoch, either way
     assert len(set(grouped_seen)) == len(set(mixed_seen)) == 24
     # transformers sorts groups of len // (4 * batch) batches, at most 50: on this 38-example split
     # that is 2 batches at a time (on a large dataset, 50), so the gain here is the smallest kind
     assert grouped < mixed / 1.5, (grouped, mixed)
-    logged = yaml.safe_load((tmp_path / "b" / "run.yaml").read_text())
-    assert logged["group_by_length"] is False
+    assert yaml.safe_load((tmp_path / "a" / "run.yaml").read_text())["group_by_length"] is True
+    assert yaml.safe_load((tmp_path / "b" / "run.yaml").read_text())["group_by_length"] is False  # default
 
 
 def sampler_batches(captions: list[str], batch: int) -> list[list[str]]:
     from vlmkit.core.contracts import CaptionExample
     from vlmkit.core.datasets import ListDataset
-    from vlmkit.core.train import CaptionTrainingSet, length_grouped_sampler
+    from vlmkit.core.train import CaptionTrainingSet, LengthGroupedSampler
 
     data = CaptionTrainingSet(
         ListDataset(
             [CaptionExample(id=str(i), captions=[c], image=None) for i, c in enumerate(captions)], "x"
         )
     )
-    order = list(length_grouped_sampler(data, batch, generator=torch.Generator().manual_seed(0)))
+    order = list(LengthGroupedSampler(data, batch, seed=0))
     assert sorted(order) == list(range(len(captions)))  # every example once
     return [[captions[i] for i in order[k : k + batch]] for k in range(0, len(order), batch)]
 
@@ -537,3 +569,24 @@ def test_captions_of_very_different_length_are_batched_together():
 
     shuffled = [captions[k : k + 16] for k in range(0, len(captions), 16)]
     assert padding(sampler_batches(captions, 16)) < padding(shuffled) / 5
+
+
+def test_the_grouped_order_depends_on_the_seed_and_epoch_only():
+    from vlmkit.core.contracts import CaptionExample
+    from vlmkit.core.datasets import ListDataset
+    from vlmkit.core.train import CaptionTrainingSet, LengthGroupedSampler
+
+    captions = [" ".join(["word"] * (3 + i % 40)) for i in range(400)]
+    data = CaptionTrainingSet(
+        ListDataset(
+            [CaptionExample(id=str(i), captions=[c], image=None) for i, c in enumerate(captions)], "x"
+        )
+    )
+
+    def order(seed: int, epoch: int) -> list[int]:
+        sampler = LengthGroupedSampler(data, 8, seed=seed)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert order(0, 1) == order(0, 1)  # what a resumed run replays
+    assert order(0, 1) != order(0, 0) and order(1, 0) != order(0, 0)

@@ -110,7 +110,7 @@ def train(
     group_by_length: bool = typer.Option(
         None,
         "--group-by-length/--no-group-by-length",
-        help="Batch captions of similar length together: less padding (default: on).",
+        help="Batch captions of similar length together: less padding, less mixed batches (default: off).",
         rich_help_panel=_PANEL_OPT,
     ),
     lr_projection: float = typer.Option(

@@ -79,7 +79,9 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(16, gt=0, description="examples per device per step")
     grad_accum: int = Field(1, gt=0, description="gradient accumulation steps")
     group_by_length: bool = Field(
-        True, description="batch captions of similar length together (less padding, same epochs)"
+        False,
+        description="batch captions of similar length together: less padding (1.22x per epoch on "
+        "5-40 word captions), but batches less mixed where length follows content",
     )
     lr_projection: float = Field(2e-3, gt=0)
     lr_lora: float = Field(5e-4, gt=0)
