@@ -112,7 +112,7 @@ def test_unreadable_and_missing_files_are_reported_while_the_others_are_captione
     assert result.stdout.splitlines() == [f"{images[0]}\t{CAPTIONS[0]}", f"{images[1]}\t{CAPTIONS[1]}"]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 2, result.stderr
-    assert errors[0].startswith(f"error: image {corrupt!r} is not a readable image")
+    assert errors[0] == f"error: image {corrupt!r} is not a readable image (unknown format or corrupt data)"
     assert errors[1] == f"error: image {missing!r}: file not found"  # the path once, not three times
 
 

@@ -204,7 +204,11 @@ class CaptionExample:
         except FileNotFoundError as exc:
             where = "" if str(exc.filename) == str(self.id) else f": {exc.filename}"
             raise DataError(f"image {self.id!r}: file not found{where}") from exc
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        except UnidentifiedImageError as exc:  # its message repeats the path
+            raise DataError(
+                f"image {self.id!r} is not a readable image (unknown format or corrupt data)"
+            ) from exc
+        except (OSError, SyntaxError, ValueError) as exc:
             raise DataError(f"image {self.id!r} is not a readable image ({exc})") from exc
         if not hasattr(img, "convert"):
             raise DataError(f"image {self.id!r} is a {type(img).__name__}, not an image")
