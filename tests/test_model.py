@@ -328,6 +328,24 @@ def test_a_changed_encoder_is_warned_about_on_load(build, images, tmp_path, capl
     assert any("differs from the one model" in r.getMessage() for r in caplog.records)
 
 
+def test_a_changed_prompt_layout_is_warned_about_on_load(build, tmp_path, caplog):
+    vlm = build()
+    path = vlm.save(tmp_path / "model")
+    manifest = json.loads((path / MANIFEST).read_text())
+    assert manifest["prompt_ids"] == {"before": vlm.format(None).before, "after": vlm.format(None).after}
+    with caplog.at_level(logging.WARNING):
+        PrefixConditioningVLM.load(path)
+    assert not [r for r in caplog.records if "lays out the prompt" in r.getMessage()], caplog.text
+
+    # as if it had been trained when the plain layout had no start token
+    manifest["prompt_ids"]["before"] = manifest["prompt_ids"]["before"][1:]
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING):
+        PrefixConditioningVLM.load(path)
+    warned = [r.getMessage() for r in caplog.records if "lays out the prompt" in r.getMessage()]
+    assert len(warned) == 1 and "\n" not in warned[0], caplog.text
+
+
 def test_vlmkit_load_rebuilds_a_saved_model(trained, images, tmp_path):
     vlm, _ = trained
     path = vlm.save(tmp_path / "model", training={"steps": 1})

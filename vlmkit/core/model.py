@@ -393,6 +393,8 @@ class PrefixConditioningVLM(nn.Module):
             },
             "prefix_tokens": self.num_prefix_tokens,
             "stop_token_ids": self.stop_token_ids,
+            # the ids around the image at generation: ``load`` checks that they are still these
+            "prompt_ids": self._prompt_ids(),
             "files": {
                 "projection": "projection.safetensors",
                 "adapter": "adapter",
@@ -400,6 +402,10 @@ class PrefixConditioningVLM(nn.Module):
             },
             "training": training or {},
         }
+
+    def _prompt_ids(self) -> dict[str, list[int]]:
+        context = self.format(None)
+        return {"before": list(context.before), "after": list(context.after)}
 
     def save(self, path: str | Path, *, training: dict | None = None) -> Path:
         """Write the small artifact: manifest, projection and LoRA adapter (safetensors).
@@ -488,6 +494,20 @@ class PrefixConditioningVLM(nn.Module):
                 "changed); captions may be wrong",
                 config.encoder,
                 path,
+            )
+        saved_prompt = manifest.get("prompt_ids")
+        if saved_prompt and saved_prompt != model._prompt_ids():
+            now = model._prompt_ids()
+            log.warning(
+                "decoder %r lays out the prompt of model %s differently from when it was trained "
+                "(%d+%d ids around the image, now %d+%d: the tokenizer, its chat template or vlmkit "
+                "changed); captions may be wrong: load the decoder revision it was trained with",
+                config.decoder,
+                path,
+                len(saved_prompt["before"]),
+                len(saved_prompt["after"]),
+                len(now["before"]),
+                len(now["after"]),
             )
         if not trainable:
             model.requires_grad_(False)
