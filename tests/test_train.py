@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -310,6 +311,22 @@ def test_resuming_with_other_settings_names_what_differs(trained, base_args):
     message = str(result.exception)
     assert "model.lora.r" in message and "seed" in message and "\n" not in message
     assert "--overwrite" in message
+
+
+def test_resuming_with_another_batch_order_is_warned_about(trained):
+    from vlmkit.core.errors import VlmkitWarning
+    from vlmkit.core.train import prepare_output_dir
+
+    run = trained["out"] / "run.yaml"
+    with pytest.warns(
+        VlmkitWarning, match=r"--resume with batch_size: 4 -> 2, group_by_length: false -> true"
+    ):
+        prepare_output_dir(
+            load_config(run, {"batch_size": 2, "group_by_length": True}), resume=True, overwrite=False
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same settings: no warning
+        prepare_output_dir(load_config(run), resume=True, overwrite=False)
 
 
 def test_resume_without_a_run_is_refused(trained, base_args, tmp_path):

@@ -20,6 +20,7 @@ import math
 import random
 import shutil
 import time
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ import yaml
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 
 from vlmkit.core.config import TrainConfig
-from vlmkit.core.errors import ConfigError
+from vlmkit.core.errors import ConfigError, VlmkitWarning
 from vlmkit.core.model import MANIFEST, PrefixConditioningVLM
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ TRAINABLE_FILE = "trainable.safetensors"
 #: settings that define *what* is trained; a folder holding a run that differs in these is a
 #: different run and is never silently continued or overwritten
 IDENTITY_FIELDS = ("model", "datasets", "seed")
+#: settings that decide which examples each step sees: changing them on --resume is allowed (to fit
+#: memory, say) but the interrupted epoch is then skipped by another order, so it is warned about
+DATA_ORDER_FIELDS = ("batch_size", "grad_accum", "group_by_length")
 
 
 @dataclass
@@ -148,8 +152,8 @@ class _SamplerEpoch(TrainerCallback):
     def on_epoch_begin(self, args, state, control, **kwargs):
         trainer = self.trainer()
         sampler = getattr(trainer, "length_sampler", None)
-        if sampler is not None:  # state.epoch is the epoch reached: 0, 1.0, ... or 1.33 on resume
-            sampler.set_epoch(math.floor(state.epoch + 1e-6))
+        if sampler is not None:  # state.epoch is exactly 0, 1.0, 2.0 at epoch starts, 1.33 on resume
+            sampler.set_epoch(math.floor(state.epoch))
 
 
 class Collator:
@@ -348,6 +352,19 @@ def prepare_output_dir(config: TrainConfig, *, resume: bool, overwrite: bool) ->
         raise ConfigError(
             f"--resume: {out} holds a different run ({', '.join(differs)} differ); use the same settings, "
             "or --overwrite to replace it"
+        )
+    defaults = TrainConfig.model_fields
+    order = [
+        d
+        for k in DATA_ORDER_FIELDS
+        for d in _differences(previous.get(k, defaults[k].default), current.get(k), k)
+    ]
+    if order:
+        warnings.warn(
+            f"--resume with {', '.join(order)}: the interrupted epoch continues in another order, so some "
+            "of its examples may be seen twice and others not at all; resume with the run's settings to avoid it",
+            VlmkitWarning,
+            stacklevel=2,
         )
 
 
