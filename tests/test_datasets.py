@@ -461,3 +461,17 @@ def test_builtin_datasets_pass_the_plugin_contract_suite(photo_folder, tmp_path,
     flickr = str(tiny_flickr(tmp_path))
     check_dataset(Flickr30kDataset(), {"path": flickr})
     check_dataset(Flickr30kDataset(), {"path": flickr, "splits": "hash"}, seed=2)
+
+
+def test_an_unreadable_image_error_names_its_id_and_file_once(tmp_path):
+    from vlmkit.core.contracts import CaptionExample
+
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(DataError) as exc:
+        CaptionExample(id="coco-123", captions=[], image=bad).load_image()
+    message = str(exc.value)
+    assert message == f"image 'coco-123' ({bad}) is not a readable image (unknown format or corrupt data)"
+    with pytest.raises(DataError) as exc:
+        CaptionExample(id=str(bad), captions=[], image=bad).load_image()
+    assert str(exc.value).count(str(bad)) == 1

@@ -204,9 +204,11 @@ class CaptionExample:
         except FileNotFoundError as exc:
             where = "" if str(exc.filename) == str(self.id) else f": {exc.filename}"
             raise DataError(f"image {self.id!r}: file not found{where}") from exc
-        except UnidentifiedImageError as exc:  # its message repeats the path
+        except UnidentifiedImageError as exc:  # its message repeats the path: name the file once
+            path = str(source) if isinstance(source, (str, Path)) else None
+            where = f" ({path})" if path is not None and path != str(self.id) else ""
             raise DataError(
-                f"image {self.id!r} is not a readable image (unknown format or corrupt data)"
+                f"image {self.id!r}{where} is not a readable image (unknown format or corrupt data)"
             ) from exc
         except (OSError, SyntaxError, ValueError) as exc:
             raise DataError(f"image {self.id!r} is not a readable image ({exc})") from exc
