@@ -130,6 +130,20 @@ class Formatted:
     target: list[int] = field(default_factory=list)
 
 
+def cut_at_stop(rows: Sequence[Sequence[int]], stop_ids: Sequence[int]) -> list[list[int]]:
+    """Each row of generated ids up to, not including, its first stop token (``stop_token_ids``)."""
+    stops = set(stop_ids)
+    out = []
+    for row in rows:
+        ids = []
+        for token in row:
+            if token in stops:
+                break
+            ids.append(token)
+        out.append(ids)
+    return out
+
+
 class DecoderSpec(PluginSpec):
     """A family of decoder-only language models (SmolLM/Llama, Qwen2, Phi, GPT-2, ...).
 

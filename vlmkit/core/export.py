@@ -51,6 +51,7 @@ from torch import nn
 
 from vlmkit import __version__
 from vlmkit.core.errors import ArtifactError, ConfigError, ExportError, VlmkitError
+from vlmkit.core.paths import read_json_manifest
 from vlmkit.runtime import onnx as onnx_runtime
 
 log = logging.getLogger(__name__)
@@ -922,10 +923,7 @@ def read_hf_manifest(path: str | Path) -> dict[str, Any]:
         raise ArtifactError(
             f"{path} is not a vlmkit merged export (no {HF_MANIFEST}); make one with 'vlmkit export --format hf'"
         )
-    try:
-        manifest = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{file} is not valid JSON ({exc})") from exc
+    manifest = read_json_manifest(file, "vlmkit merged-export manifest")
     if manifest.get("format") != HF_FORMAT or manifest.get("format_version", 0) > HF_FORMAT_VERSION:
         raise ArtifactError(f"{file} is not a manifest this vlmkit reads")
     return manifest

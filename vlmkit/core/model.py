@@ -29,8 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from vlmkit import __version__
-from vlmkit.core.contracts import Formatted
+from vlmkit.core.contracts import Formatted, cut_at_stop
 from vlmkit.core.errors import ArtifactError, ConfigError, PluginError
+from vlmkit.core.paths import read_json_manifest
 from vlmkit.core.projection import ProjectionConfig, build_projection
 
 log = logging.getLogger(__name__)
@@ -349,15 +350,7 @@ class PrefixConditioningVLM(nn.Module):
                 )
         finally:
             self.train(was_training)
-        stops = set(self.stop_token_ids)
-        sequences = []
-        for row in out.tolist():
-            ids = []
-            for t in row:
-                if t in stops:
-                    break
-                ids.append(t)
-            sequences.append(ids)
+        sequences = cut_at_stop(out.tolist(), self.stop_token_ids)
         if return_ids:
             return sequences
         return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in sequences]
@@ -546,12 +539,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     file = path / MANIFEST
     if not file.is_file():
         raise ArtifactError(f"{path} is not a vlmkit model (no {MANIFEST}); train one with 'vlmkit train'")
-    try:
-        manifest = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{file} is not valid JSON ({exc})") from exc
-    if not isinstance(manifest, dict):
-        raise ArtifactError(f"{file} is not a vlmkit model manifest (a JSON {type(manifest).__name__})")
+    manifest = read_json_manifest(file, "vlmkit model manifest")
     if manifest.get("format") != ARTIFACT_FORMAT:
         raise ArtifactError(f"{file} is not a vlmkit model manifest (format is {manifest.get('format')!r})")
     if manifest.get("format_version", 0) > ARTIFACT_VERSION:

@@ -1,9 +1,12 @@
-"""Where vlmkit keeps derived files (converted checkpoints, feature caches)."""
+"""Where vlmkit keeps derived files (converted checkpoints, feature caches), and reading the JSON
+manifests of the folders it writes (models, exports)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 
 def cache_dir(*parts: str) -> Path:
@@ -12,3 +15,17 @@ def cache_dir(*parts: str) -> Path:
     path = root.joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def read_json_manifest(file: Path, what: str) -> dict[str, Any]:
+    """The JSON object in ``file``; ``ArtifactError`` when it is not valid JSON or not an object
+    (``what`` names it: "vlmkit model manifest"). Callers check existence and format fields."""
+    from vlmkit.core.errors import ArtifactError
+
+    try:
+        manifest = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{file} is not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{file} is not a {what} (a JSON {type(manifest).__name__})")
+    return manifest

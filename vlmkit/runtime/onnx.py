@@ -26,7 +26,6 @@ crop with the same rounding, rescale, normalise.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -35,7 +34,9 @@ from typing import Any
 
 import numpy as np
 
+from vlmkit.core.contracts import cut_at_stop
 from vlmkit.core.errors import ArtifactError, ConfigError, DataError
+from vlmkit.core.paths import read_json_manifest
 
 MANIFEST = "vlmkit-onnx.json"
 FORMAT = "vlmkit-onnx"
@@ -209,11 +210,8 @@ def read_onnx_manifest(folder: str | Path) -> dict[str, Any]:
         raise ArtifactError(
             f"{folder} is not a vlmkit ONNX export (no {MANIFEST}); make one with 'vlmkit export --format onnx'"
         )
-    try:
-        manifest = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{file} is not valid JSON ({exc})") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    manifest = read_json_manifest(file, "vlmkit ONNX manifest")
+    if manifest.get("format") != FORMAT:
         raise ArtifactError(f"{file} is not a vlmkit ONNX manifest")
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise ArtifactError(f"{folder} was written by a newer vlmkit (format {manifest['format_version']})")
@@ -384,16 +382,7 @@ class OnnxCaptioner:
             positions = np.full((batch, 1), length, dtype=np.int64)
             length += 1
 
-        stops = set(self.stop_token_ids)
-        out = []
-        for row in generated.tolist():
-            ids = []
-            for t in row:
-                if t in stops:
-                    break
-                ids.append(t)
-            out.append(ids)
-        return out
+        return cut_at_stop(generated.tolist(), self.stop_token_ids)
 
 
 def clean_up_tokenization(text: str) -> str:
