@@ -32,6 +32,54 @@ def vlmkit_home(tmp_path_factory):
         yield path
 
 
+@pytest.fixture
+def run_main(monkeypatch, capsys):
+    """The console script in-process: ``run_main("train", ...)`` -> (exit code, stderr)."""
+    import logging
+    import warnings
+
+    from vlmkit.cli.main import main
+
+    def run(*args: str) -> tuple[int, str]:
+        logger = logging.getLogger("vlmkit")
+        handlers, level = list(logger.handlers), logger.level
+        monkeypatch.setattr(sys, "argv", ["vlmkit", *args])
+        monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() replaces it
+        try:
+            with pytest.raises(SystemExit) as exit_info:
+                main()
+        finally:
+            logger.handlers[:] = handlers
+            logger.setLevel(level)
+        return exit_info.value.code, capsys.readouterr().err
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def fit_captions():
+    """``fit_captions(vlm, features, captions, max_steps)``: train the projection and LoRA (AdamW,
+    lr 5e-3) until greedy captions of ``features`` are ``captions`` (checked every 10 steps) or
+    ``max_steps`` pass; returns whether they are."""
+    import torch
+
+    def fit(vlm, features, captions: list[str], max_steps: int) -> bool:
+        batch = vlm.tokenize(captions)
+        groups = vlm.trainable_parameter_groups()
+        optimizer = torch.optim.AdamW(groups["projection"] + groups["lora"], lr=5e-3)
+        for step in range(1, max_steps + 1):
+            vlm.train()
+            loss = vlm(**batch.to_dict(), features=features)["loss"]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if step % 10 == 0 and vlm.generate(features=features) == captions:
+                return True
+        return vlm.generate(features=features) == captions
+
+    return fit
+
+
 _SPECS_TEMPLATE = '''\
 """A third-party vlmkit plugin, written the way a plugin author writes one."""
 import vlmkit

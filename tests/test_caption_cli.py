@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> str:
+def model(tmp_path_factory, fit_captions) -> str:
     """A saved model that captions image i of ``sample_images(3)`` with ``CAPTIONS[i]``."""
     root = tmp_path_factory.mktemp("caption-cli")
     config = {
@@ -41,18 +41,7 @@ def model(tmp_path_factory) -> str:
     torch.manual_seed(0)
     vlm = PrefixConditioningVLM.build(config)
     features = vlm.encode(vlm.preprocess(sample_images(3)))
-    batch = vlm.tokenize(CAPTIONS)
-    groups = vlm.trainable_parameter_groups()
-    optimizer = torch.optim.AdamW(groups["projection"] + groups["lora"], lr=5e-3)
-    for step in range(1, 401):
-        vlm.train()
-        loss = vlm(**batch.to_dict(), features=features)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % 10 == 0 and vlm.generate(features=features) == CAPTIONS:
-            break
-    assert vlm.generate(features=features) == CAPTIONS, "the tiny model did not learn its captions"
+    assert fit_captions(vlm, features, CAPTIONS, max_steps=400), "the tiny model did not learn its captions"
     return str(vlm.save(root / "model"))
 
 

@@ -5,9 +5,6 @@ Nothing here trains: the CLI tests stop right after the configuration is validat
 
 from __future__ import annotations
 
-import logging
-import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -55,27 +52,10 @@ def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
     return path
 
 
-def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    """The console script ``vlmkit ARGS`` in-process: (exit code, stderr)."""
-    logger = logging.getLogger("vlmkit")
-    handlers, level = list(logger.handlers), logger.level
-    monkeypatch.setattr(sys, "argv", ["vlmkit", *args])
-    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() replaces it
-    from vlmkit.cli.main import main
-
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-    finally:
-        logger.handlers[:] = handlers
-        logger.setLevel(level)
-    return exit_info.value.code, capsys.readouterr().err
-
-
 # ------------------------------------------------------------------------------- the file
 
 
-def test_malformed_yaml_is_one_line_naming_file_and_line(tmp_path, monkeypatch, capsys):
+def test_malformed_yaml_is_one_line_naming_file_and_line(tmp_path, run_main):
     path = write(tmp_path, "epochs: 2\nmodel:\n  decoder: [qwen2\nlr_lora: 1e-4\n")
     with pytest.raises(ConfigError) as info:
         load_config(path)
@@ -83,7 +63,7 @@ def test_malformed_yaml_is_one_line_naming_file_and_line(tmp_path, monkeypatch, 
     assert "\n" not in message
     assert str(path) in message and "line " in message
 
-    code, err = run_main(monkeypatch, capsys, "train", "--config", str(path))
+    code, err = run_main("train", "--config", str(path))
     assert code == 1
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(path) in lines[0], err

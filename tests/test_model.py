@@ -72,23 +72,12 @@ def nudge_lora(vlm, std: float = 0.3) -> None:
 
 
 @pytest.fixture(scope="module")
-def trained(build, images):
+def trained(build, images, fit_captions):
     """A GPT-2 model trained until greedy decoding reproduces ``CAPTIONS`` for ``images``."""
     torch.manual_seed(0)
     vlm = build(projection={"type": "mlp"}, lora={"r": 8, "alpha": 16, "dropout": 0.0})
     features = vlm.encode(vlm.preprocess(images))
-    batch = vlm.tokenize(CAPTIONS)
-    groups = vlm.trainable_parameter_groups()
-    optimizer = torch.optim.AdamW(groups["projection"] + groups["lora"], lr=5e-3)
-    for step in range(1, 301):
-        vlm.train()
-        loss = vlm(**batch.to_dict(), features=features)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % 10 == 0 and vlm.generate(features=features, max_new_tokens=16) == CAPTIONS:
-            break
-    assert vlm.generate(features=features, max_new_tokens=16) == CAPTIONS, "training did not converge"
+    assert fit_captions(vlm, features, CAPTIONS, max_steps=300), "training did not converge"
     vlm.eval()
     return vlm, features
 

@@ -445,10 +445,10 @@ def photo_folder(tmp_path):
 
 
 def test_bad_images_stop_the_run_in_one_line_naming_them_and_skip_trains(
-    base_args, photo_folder, tmp_path, monkeypatch, capsys
+    base_args, photo_folder, tmp_path, run_main
 ):
     out = tmp_path / "run"
-    code, err = run_main(monkeypatch, capsys, *base_args(out, dataset=f"folder:path={photo_folder}"))
+    code, err = run_main(*base_args(out, dataset=f"folder:path={photo_folder}"))
     assert code == 1
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, err
@@ -465,26 +465,6 @@ def test_bad_images_stop_the_run_in_one_line_naming_them_and_skip_trains(
 def test_a_dataset_error_is_a_data_error(base_args, tmp_path):
     result = cli(*base_args(tmp_path / "run", dataset=f"folder:path={tmp_path / 'nowhere'}"))
     assert isinstance(result.exception, DataError) and "no such folder" in str(result.exception)
-
-
-def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    """The console script ``vlmkit ARGS`` in-process: (exit code, stderr)."""
-    import logging
-    import warnings
-
-    from vlmkit.cli.main import main
-
-    logger = logging.getLogger("vlmkit")
-    handlers, level = list(logger.handlers), logger.level
-    monkeypatch.setattr(sys, "argv", ["vlmkit", *args])
-    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() replaces it
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-    finally:
-        logger.handlers[:] = handlers
-        logger.setLevel(level)
-    return exit_info.value.code, capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------- length grouping
