@@ -488,9 +488,8 @@ class PrefixConditioningVLM(nn.Module):
                 config.encoder,
                 path,
             )
-        saved_prompt = manifest.get("prompt_ids")
-        if saved_prompt and saved_prompt != model._prompt_ids():
-            now = model._prompt_ids()
+        saved_prompt, now = manifest.get("prompt_ids"), model._prompt_ids()
+        if saved_prompt and saved_prompt != now:
             log.warning(
                 "decoder %r lays out the prompt of model %s differently from when it was trained "
                 "(%d+%d ids around the image, now %d+%d: the tokenizer, its chat template or vlmkit "
