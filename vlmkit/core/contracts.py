@@ -198,6 +198,13 @@ class CaptionExample:
     captions: list[str]
     image: Any
 
+    def _named(self) -> str:
+        """The id, and the file when the id is not its path: ``'coco-123' (/data/123.jpg)``."""
+        source = self.image
+        if isinstance(source, (str, Path)) and str(source) != str(self.id):
+            return f"{self.id!r} ({source})"
+        return repr(self.id)
+
     def load_image(self) -> PIL.Image.Image:
         from PIL import Image, UnidentifiedImageError
 
@@ -216,13 +223,10 @@ class CaptionExample:
             else:
                 img = source
         except FileNotFoundError as exc:
-            where = "" if str(exc.filename) == str(self.id) else f": {exc.filename}"
-            raise DataError(f"image {self.id!r}: file not found{where}") from exc
+            raise DataError(f"image {self._named()}: file not found") from exc
         except UnidentifiedImageError as exc:  # its message repeats the path: name the file once
-            path = str(source) if isinstance(source, (str, Path)) else None
-            where = f" ({path})" if path is not None and path != str(self.id) else ""
             raise DataError(
-                f"image {self.id!r}{where} is not a readable image (unknown format or corrupt data)"
+                f"image {self._named()} is not a readable image (unknown format or corrupt data)"
             ) from exc
         except (OSError, SyntaxError, ValueError) as exc:
             raise DataError(f"image {self.id!r} is not a readable image ({exc})") from exc
