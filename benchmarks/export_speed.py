@@ -84,8 +84,8 @@ def main() -> None:
 
     import torch
 
-    from vlmkit.core.export import export_model
     from vlmkit.core.model import PrefixConditioningVLM
+    from vlmkit.export import export_model
     from vlmkit.runtime.onnx import OnnxCaptioner, _cores
 
     threads = args.threads or _cores()

@@ -1,7 +1,7 @@
 """One epoch with length-grouped batches (``vlmkit train --group-by-length``) vs shuffled ones.
 
 Captions of mixed length pad every batch to its longest caption. With ``--group-by-length``,
-``vlmkit train`` batches similar lengths together (``vlmkit.core.train.LengthGroupedSampler``:
+``vlmkit train`` batches similar lengths together (``vlmkit.train.trainer.LengthGroupedSampler``:
 caption lengths in buckets of 16 characters; the shuffled indices are cut into groups of
 ``min(n // (4 * batch), 50)`` batches, each sorted by bucket). This runs the same epoch both ways
 on the same model, the two samplers' batches interleaved, timed by process CPU time with one
@@ -49,18 +49,12 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from vlmkit.core.config import TrainConfig
     from vlmkit.core.contracts import CaptionExample
-    from vlmkit.core.datasets import ListDataset
     from vlmkit.core.model import PrefixConditioningVLM
-    from vlmkit.core.train import (
-        CaptionTrainingSet,
-        Collator,
-        LengthGroupedSampler,
-        make_optimizer,
-        optimizer_param_groups,
-        prepare_model_for_precision,
-    )
+    from vlmkit.sdk.datasets import ListDataset
+    from vlmkit.train.config import TrainConfig
+    from vlmkit.train.data import CaptionTrainingSet, Collator, LengthGroupedSampler
+    from vlmkit.train.trainer import make_optimizer, optimizer_param_groups, prepare_model_for_precision
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ One run, one machine, one batch size, one caption length (30 target tokens) for 
    average-pooled to a 16-token prefix by the MLP projection, the demo recipe's plain layout
    (start token, prefix, caption; ``--format chat`` for SmolLM2's chat layout), no LoRA dropout
    (vlmkit's default), loss (and LM head) on caption positions only, ``Collator``/``CaptionTrainingSet``
-   from ``vlmkit.core.train``, the optimizer of ``VLMTrainer``, bf16 autocast where the CPU has
+   from ``vlmkit.train.trainer``, the optimizer of ``VLMTrainer``, bf16 autocast where the CPU has
    bf16 instructions (both precisions are measured; the faster is the headline).
 
 Weights are random (no hub): SigLIP from ``SiglipVisionConfig()`` (base, 224 px, patch 16), GPT-2
@@ -256,7 +256,7 @@ class Run:
 
 def adamw(param_groups, **kwargs):
     """The optimizer every run gets: vlmkit's choice, so only the architecture differs."""
-    from vlmkit.core.train import make_optimizer
+    from vlmkit.train.trainer import make_optimizer
 
     return make_optimizer(param_groups, **kwargs)
 
@@ -546,7 +546,7 @@ def fixed_length_caption(model, tokens: int) -> str:
 
 def build_vlmkit_model(args, siglip_dir: Path, lm_checkpoint: str, *, precision: str = "fp32", **overrides):
     from vlmkit.core.model import ModelConfig, PrefixConditioningVLM
-    from vlmkit.core.train import prepare_model_for_precision
+    from vlmkit.train.trainer import prepare_model_for_precision
 
     config = ModelConfig(
         encoder="siglip",
@@ -558,14 +558,14 @@ def build_vlmkit_model(args, siglip_dir: Path, lm_checkpoint: str, *, precision:
         **overrides,
     )
     model = PrefixConditioningVLM.build(config, seed=0)
-    check_lm_config(model.lm.get_base_model().config)
+    check_lm_config(model.language_model.config)
     prepare_model_for_precision(model, precision)
     model.train()
     return model
 
 
 def vlmkit_data(args, model, n_batches: int = 4):
-    from vlmkit.core.train import CaptionTrainingSet, Collator
+    from vlmkit.train.data import CaptionTrainingSet, Collator
 
     caption = fixed_length_caption(model, args.caption_tokens)
     n = args.batch_size * n_batches
@@ -577,7 +577,7 @@ def vlmkit_data(args, model, n_batches: int = 4):
 
 
 def build_vlmkit(args, siglip_dir: Path, lm_checkpoint: str, precision: str, key: str = "vlmkit") -> Run:
-    from vlmkit.core.config import TrainConfig
+    from vlmkit.train.config import TrainConfig
 
     overrides = {"format": args.format}
     if args.lora_dropout is not None:
@@ -598,7 +598,7 @@ def build_vlmkit(args, siglip_dir: Path, lm_checkpoint: str, precision: str, key
     probe = collator([data[j] for j in range(args.batch_size)])
     seq = probe["input_ids"].shape[1]
     targets = int((probe["labels"] != -100).sum(1).max())
-    cfg = model.lm.get_base_model().config
+    cfg = model.language_model.config
     run = Run(
         key,
         f"3 vlmkit: cached features, {model.num_prefix_tokens}-token prefix, caption-only loss "
@@ -616,7 +616,7 @@ def build_vlmkit(args, siglip_dir: Path, lm_checkpoint: str, precision: str, key
 
 def vlmkit_optimizer(model, train_config):
     """The optimizer ``VLMTrainer.create_optimizer`` builds (same groups, same implementation)."""
-    from vlmkit.core.train import make_optimizer, optimizer_param_groups
+    from vlmkit.train.trainer import make_optimizer, optimizer_param_groups
 
     return make_optimizer(optimizer_param_groups(model, train_config))
 
@@ -805,7 +805,7 @@ def run_variants(args, run: Run) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     model, params = run.extra["model"], run.extra["params"]
-    base = model.lm.get_base_model()
+    base = model.language_model
     # peft holds each LoRA layer's dropout in a ModuleDict: nn.Dropout, or nn.Identity when p == 0
     # (then no mask is drawn at all), so the variants swap the module, not just its p
     dropout_slots = [m for n, m in model.lm.named_modules() if n.endswith("lora_dropout")]
@@ -918,7 +918,7 @@ def run_variants(args, run: Run) -> dict:
 def run_compile(args, siglip_dir: Path, lm_checkpoint: str, eager: Run) -> dict:
     """Compile the decoder (the step's bulk) with inductor; time the first step and steady steps."""
     compiled = build_vlmkit(args, siglip_dir, lm_checkpoint, eager.precision, key="vlmkit+compile")
-    decoder = compiled.extra["model"].lm.get_base_model().get_decoder()
+    decoder = compiled.extra["model"].language_model.get_decoder()
     decoder.compile()
     first_w, first_c = timed(compiled.step)
     second_w, _ = timed(compiled.step)
@@ -955,8 +955,9 @@ def run_trainer(args, run: Run, folder: Path) -> dict:
 
     from transformers import TrainerCallback
 
-    from vlmkit.core.config import TrainConfig
-    from vlmkit.core.train import VLMTrainer, _training_arguments
+    from vlmkit.train.config import TrainConfig
+    from vlmkit.train.job import _training_arguments
+    from vlmkit.train.trainer import VLMTrainer
 
     model, data, collator = run.extra["model"], run.extra["data"], run.extra["collator"]
     n = args.steps + 1

@@ -1,9 +1,27 @@
 """vlmkit: turn a pretrained vision encoder and a decoder-only LM into an image captioner.
 
-Kept light on purpose: importing vlmkit (and ``vlmkit --help``) does not import torch.
+This namespace is the public API, and all a plugin author imports besides ``vlmkit.testing``:
+
+- the contract: ``hookimpl`` and the hooks (``vlmkit/core/hookspecs.py``), the spec base classes
+  ``EncoderSpec``, ``DecoderSpec``, ``DatasetSpec`` and what they deal in (``VisionEncoder``,
+  ``Formatted``, ``CaptionExample``, ``CaptionDataset``, ``SPLITS``);
+- the toolkit to subclass or call: ``TransformersDecoderSpec`` (decoder families on transformers),
+  ``VisionEncoderModule`` and ``encoders`` (encoder backbones; both import torch), the dataset
+  helpers (``parse_options``, ``assign_split``, ``check_split``, ``fingerprint``, ``ListDataset``,
+  ``SplitFractions``, ``DEFAULT_FRACTIONS``) and ``cache_dir``;
+- the errors (``VlmkitError`` and its kinds) and ``load`` (a saved model).
+
+Kept light on purpose: importing vlmkit (and ``vlmkit --help``) imports no torch; the toolkit
+names load on first use.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from vlmkit.core.contracts import (
+    SPLITS,
     CaptionDataset,
     CaptionExample,
     DatasetSpec,
@@ -12,28 +30,80 @@ from vlmkit.core.contracts import (
     Formatted,
     VisionEncoder,
 )
-from vlmkit.core.errors import VlmkitError
+from vlmkit.core.errors import (
+    ArtifactError,
+    ConfigError,
+    DataError,
+    ExportError,
+    PluginError,
+    VlmkitError,
+    VlmkitWarning,
+)
 from vlmkit.core.hookspecs import hookimpl
+from vlmkit.core.paths import cache_dir
 
 __version__ = "0.1.0"
 
+#: toolkit name -> the module that defines it, imported on first use (some import torch)
+_LAZY = {
+    "TransformersDecoderSpec": "vlmkit.sdk.decoders",
+    "convert_gguf_checkpoint": "vlmkit.sdk.checkpoints",
+    "VisionEncoderModule": "vlmkit.sdk.encoders",
+    "encoders": "vlmkit.sdk.encoders",
+    "DEFAULT_FRACTIONS": "vlmkit.sdk.datasets",
+    "DataWarning": "vlmkit.sdk.datasets",
+    "ListDataset": "vlmkit.sdk.datasets",
+    "SplitFractions": "vlmkit.sdk.datasets",
+    "assign_split": "vlmkit.sdk.datasets",
+    "check_split": "vlmkit.sdk.datasets",
+    "fingerprint": "vlmkit.sdk.datasets",
+    "parse_options": "vlmkit.sdk.datasets",
+    "stratified_splits": "vlmkit.sdk.datasets",
+}
+
 __all__ = [
+    "SPLITS",
+    "ArtifactError",
     "CaptionDataset",
     "CaptionExample",
+    "ConfigError",
+    "DataError",
     "DatasetSpec",
     "DecoderSpec",
     "EncoderSpec",
+    "ExportError",
     "Formatted",
+    "PluginError",
     "VisionEncoder",
     "VlmkitError",
+    "VlmkitWarning",
     "__version__",
+    "cache_dir",
     "hookimpl",
     "load",
+    *_LAZY,
 ]
 
 
 def load(path, **kwargs):
-    """Rebuild a saved model (``PrefixConditioningVLM``) from its folder. See ``vlmkit.core.model``."""
-    from vlmkit.core.model import PrefixConditioningVLM
+    """Rebuild a saved model (``PrefixConditioningVLM``) or a merged export from its folder.
 
-    return PrefixConditioningVLM.load(path, **kwargs)
+    ``kwargs``: ``registry`` (default: the installed plugins), ``trainable`` (keep LoRA trainable).
+    """
+    from vlmkit.core.artifact import load as load_artifact
+
+    return load_artifact(path, **kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'vlmkit' has no attribute {name!r}")
+    module = importlib.import_module(module_name)
+    value = module if name == "encoders" else getattr(module, name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -37,7 +37,7 @@ def caption(
     from rich.console import Console
     from rich.progress import Progress
 
-    from vlmkit.core.caption import caption_files
+    from vlmkit.evaluate.loop import caption_files
 
     if onnx is not None:
         from vlmkit.runtime.onnx import OnnxCaptioner

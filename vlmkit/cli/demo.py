@@ -26,8 +26,8 @@ def demo(
     from rich.console import Console
     from rich.table import Table
 
-    from vlmkit.core.demo import run_demo
-    from vlmkit.core.metrics import format_metrics_table
+    from vlmkit.evaluate.metrics import format_metrics_table
+    from vlmkit.recipes.demo import run_demo
 
     console = Console()
     overrides = {"max_steps": steps} if steps else {}

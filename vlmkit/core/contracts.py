@@ -29,6 +29,8 @@ NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]*$")
 SPLITS = ("train", "validation", "test")
 #: decoder formatting styles: ``auto`` = the chat template when the tokenizer has one, else plain
 STYLES = ("auto", "chat", "plain")
+#: resampling filters by name in ``VisionEncoder.image_processing`` (values: ``PIL.Image.Resampling``)
+RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 
 
 class PluginSpec(ABC):
@@ -89,6 +91,17 @@ class VisionEncoder(Protocol):
     #: (rows, cols) when the tokens form a grid (row-major); ``None`` when they do not.
     #: Pooling and pixel-shuffle need it.
     grid: tuple[int, int] | None
+    #: ``preprocess`` as data, so runtimes without the plugin (ONNX, the browser) reproduce it::
+    #:
+    #:     {"input_size": [H, W],
+    #:      "resize": {"size": {"height": H, "width": W} | {"shortest_edge": S},
+    #:                 "resample": "bicubic" (a ``RESAMPLE`` name), "backend": "pil" | "torchvision"} | None,
+    #:      "center_crop": {"height": h, "width": w, "rounding": "floor" | "round"} | None,
+    #:      "rescale_factor": 1/255, "mean": [r, g, b], "std": [r, g, b]}
+    #:
+    #: ``None`` when the preprocessing cannot be said this way (export then refuses the encoder).
+    #: Export checks the declaration against ``preprocess`` on awkward images before it writes.
+    image_processing: Mapping[str, Any] | None
 
     def preprocess(self, images: Sequence[PIL.Image.Image]) -> torch.Tensor:
         """RGB PIL images -> pixel values ``[B, 3, H, W]`` exactly as the checkpoint expects."""

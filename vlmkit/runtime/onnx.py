@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from vlmkit.core.contracts import cut_at_stop
+from vlmkit.core.contracts import RESAMPLE, cut_at_stop
 from vlmkit.core.errors import ArtifactError, ConfigError, DataError
 from vlmkit.core.paths import read_json_manifest
 
@@ -42,9 +42,6 @@ MANIFEST = "vlmkit-onnx.json"
 FORMAT = "vlmkit-onnx"
 FORMAT_VERSION = 1
 VARIANTS = ("fp32", "int8")
-
-# Pillow's resampling filters by name (the numbers are PIL.Image.Resampling values).
-RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 
 
 # ----------------------------------------------------------------------------- preprocessing

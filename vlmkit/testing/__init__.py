@@ -29,6 +29,8 @@ which promise broke, and returns a small report of what it measured.
 - ``ToyEncoderSpec``: a tiny deterministic encoder (16 tokens of 16 dims) to pair with a decoder.
 - ``make_registry(*specs)``: a fresh ``Registry`` holding just ``specs``, to build a
   ``PrefixConditioningVLM`` from specs that are not installed.
+- ``registry_of(plugin_module)``: a fresh ``Registry`` holding what your plugin module registers
+  through the hooks (as its entry point would).
 - ``sample_images(n=2)``: ``n`` small distinct RGB PIL images.
 
 Tiny checkpoints of real architectures, random weights, built offline in about a second
@@ -57,6 +59,7 @@ from vlmkit.testing.contract import (
     check_decoder,
     check_encoder,
     make_registry,
+    registry_of,
     sample_images,
 )
 
@@ -76,6 +79,7 @@ __all__ = [
     "check_decoder",
     "check_encoder",
     "make_registry",
+    "registry_of",
     "sample_images",
     "tiny_decoder_checkpoint",
     "tiny_decoder_checkpoint_from_config",

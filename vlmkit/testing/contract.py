@@ -42,10 +42,18 @@ class ToyEncoderSpec(EncoderSpec):
 
         class ToyEncoder(nn.Module):
             num_tokens, feature_dim, grid, image_size = 16, 16, (4, 4), 32
+            # what ``preprocess`` does, as data: x / 127.5 - 1 after a bicubic resize to 32x32
+            image_processing = {
+                "input_size": [32, 32],
+                "resize": {"size": {"height": 32, "width": 32}, "resample": "bicubic", "backend": "pil"},
+                "center_crop": None,
+                "rescale_factor": 1 / 127.5,
+                "mean": [1.0, 1.0, 1.0],
+                "std": [1.0, 1.0, 1.0],
+            }
 
             def __init__(self) -> None:
                 super().__init__()
-                self.checkpoint, self.revision = checkpoint or "toy", revision
                 generator = torch.Generator().manual_seed(0)
                 self.conv = nn.Conv2d(3, 16, 8, 8)
                 with torch.no_grad():
@@ -99,6 +107,18 @@ def make_registry(*specs) -> Registry:
     registry.add_plugin(_Plugin(), name="vlmkit-testing")
     if registry.broken:
         raise AssertionError(f"specs failed to register: {registry.broken[0].error}")
+    return registry
+
+
+def registry_of(plugin, name: str | None = None) -> Registry:
+    """A fresh registry holding what ``plugin`` (your plugin module, as an entry point names it)
+    registers through the hooks; ``AssertionError`` with the reason when it fails to register."""
+    registry = Registry()
+    registry.add_plugin(plugin, name=name or getattr(plugin, "__name__", None))
+    if registry.broken:
+        raise AssertionError(
+            f"plugin {registry.broken[0].provider.plugin} failed: {registry.broken[0].error}"
+        )
     return registry
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import write_csv, write_images
-from vlmkit.core.contracts import SPLITS
-from vlmkit.core.errors import ConfigError, DataError
+from vlmkit import SPLITS, ConfigError, DataError
 from vlmkit.testing import check_dataset
 
 from vlmkit_plugin_example.captions_csv import CaptionsCsvDataset

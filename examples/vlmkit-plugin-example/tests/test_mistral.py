@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from vlmkit.core.errors import PluginError
+from vlmkit import PluginError
 from vlmkit.testing import check_decoder, tiny_decoder_checkpoint
 
 from vlmkit_plugin_example.mistral import MistralDecoder

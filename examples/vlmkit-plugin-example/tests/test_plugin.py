@@ -5,14 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from vlmkit.core.registry import Registry
+from vlmkit.testing import registry_of
 
 import vlmkit_plugin_example.plugin
 
 
 def test_the_plugin_registers_a_decoder_and_a_dataset():
-    registry = Registry()
-    registry.add_plugin(vlmkit_plugin_example.plugin, name="example")
+    registry = registry_of(vlmkit_plugin_example.plugin)
 
     assert not registry.broken
     assert registry.names("decoder") == ["mistral"]

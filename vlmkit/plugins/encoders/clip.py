@@ -25,7 +25,7 @@ class ClipEncoder(vlmkit.EncoderSpec):
     def load(self, checkpoint: str | None = None, *, revision: str | None = None):
         from transformers import CLIPImageProcessor, CLIPVisionModel
 
-        from vlmkit.core import encoders
+        from vlmkit.sdk import encoders
 
         checkpoint = checkpoint or self.default_checkpoint
         local = encoders.local_checkpoint(checkpoint)
@@ -56,6 +56,7 @@ class ClipEncoder(vlmkit.EncoderSpec):
             input_size=(size, size),
             checkpoint=source,
             revision=revision,
+            image_processing=encoders.hf_image_processing(processor),
             identity={
                 "features": "clip last_hidden_state without CLS",
                 "architecture": encoders.hf_config_identity(config),

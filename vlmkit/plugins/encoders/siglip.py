@@ -36,7 +36,7 @@ class SiglipEncoder(vlmkit.EncoderSpec):
     model_types = SIGLIP_TYPES + NAFLEX_TYPES
 
     def load(self, checkpoint: str | None = None, *, revision: str | None = None):
-        from vlmkit.core import encoders
+        from vlmkit.sdk import encoders
 
         checkpoint = checkpoint or self.default_checkpoint
         local = encoders.local_checkpoint(checkpoint)
@@ -51,7 +51,7 @@ class SiglipEncoder(vlmkit.EncoderSpec):
 def _load_fixed(checkpoint: str, revision: str | None, config: Any):
     from transformers import SiglipImageProcessor, SiglipVisionModel
 
-    from vlmkit.core import encoders
+    from vlmkit.sdk import encoders
 
     model = encoders.load_hf_model(
         SiglipVisionModel, checkpoint, revision=revision, config=config, family="siglip"
@@ -75,6 +75,7 @@ def _load_fixed(checkpoint: str, revision: str | None, config: Any):
         input_size=(size, size),
         checkpoint=checkpoint,
         revision=revision,
+        image_processing=encoders.hf_image_processing(processor),
         identity={
             "features": "siglip last_hidden_state",
             "architecture": encoders.hf_config_identity(config),
@@ -86,7 +87,7 @@ def _load_fixed(checkpoint: str, revision: str | None, config: Any):
 def _load_naflex(checkpoint: str, revision: str | None, config: Any):
     from transformers import Siglip2ImageProcessor, Siglip2VisionModel
 
-    from vlmkit.core import encoders
+    from vlmkit.sdk import encoders
 
     model = encoders.load_hf_model(
         Siglip2VisionModel, checkpoint, revision=revision, config=config, family="siglip"
@@ -117,6 +118,7 @@ def _load_naflex(checkpoint: str, revision: str | None, config: Any):
         input_size=steps["size"],
         checkpoint=checkpoint,
         revision=revision,
+        image_processing=encoders.resize_normalize_processing(**steps),
         identity={
             "features": "siglip2 naflex last_hidden_state, square grid",
             "architecture": encoders.hf_config_identity(config),

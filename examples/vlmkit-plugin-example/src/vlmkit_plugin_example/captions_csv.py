@@ -34,9 +34,11 @@ from typing import Any, ClassVar
 from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field
-from vlmkit import CaptionExample, DatasetSpec
-from vlmkit.core.datasets import (
+from vlmkit import (
     DEFAULT_FRACTIONS,
+    CaptionExample,
+    DataError,
+    DatasetSpec,
     ListDataset,
     SplitFractions,
     assign_split,
@@ -44,7 +46,6 @@ from vlmkit.core.datasets import (
     fingerprint,
     parse_options,
 )
-from vlmkit.core.errors import DataError
 
 #: bump when how rows become examples changes, so feature caches of the old examples are not reused
 FORMAT_VERSION = 1
@@ -209,6 +210,6 @@ def _read_rows(csv_file: Path, source: str) -> list[tuple[int, str, str, str]]:
 
 
 def _default_download_dir() -> Path:
-    from vlmkit.core.paths import cache_dir
+    from vlmkit import cache_dir
 
     return cache_dir("downloads", "captions-csv")

@@ -20,10 +20,10 @@ Override a method only for a real family quirk (``resolve_checkpoint`` for named
 checkpoints, ``prepare`` for tokenizer fix-ups, ``format`` for a prompt layout no template gives).
 """
 
-from vlmkit.core.decoders import TransformersDecoderSpec
+import vlmkit
 
 
-class MistralDecoder(TransformersDecoderSpec):
+class MistralDecoder(vlmkit.TransformersDecoderSpec):
     name = "mistral"
     description = "Mistral-7B and Mistral-7B-Instruct ([INST] chat template); example third-party plugin"
     default_checkpoint = "mistralai/Mistral-7B-Instruct-v0.2"

@@ -1,0 +1,367 @@
+"""``vlmkit export``: ONNX graphs with a KV cache (fp32 and int8), the torch-free ONNX Runtime
+captioner, merged Hugging Face weights, and one-line errors for bad input.
+
+Tiny random checkpoints of every decoder family (Llama, Qwen2, Phi, Phi-3, GPT-2) and every
+encoder plugin (SigLIP, CLIP, timm) are paired so that five exports cover them all, together
+with each token reduction. Exports are slow, so each model is built and exported once per module.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import vlmkit
+from vlmkit.core.errors import ArtifactError, ConfigError
+from vlmkit.core.model import PrefixConditioningVLM
+from vlmkit.export import MIN_OPSET, check_options, export_model, max_opset
+from vlmkit.plugins.decoders.gpt2 import GPT2Decoder
+from vlmkit.plugins.decoders.phi import PhiDecoder
+from vlmkit.plugins.decoders.qwen2 import Qwen2Decoder
+from vlmkit.plugins.decoders.smollm import SmolLMDecoder
+from vlmkit.plugins.encoders.clip import ClipEncoder
+from vlmkit.plugins.encoders.siglip import SiglipEncoder
+from vlmkit.plugins.encoders.timm import TimmEncoder
+from vlmkit.runtime.onnx import OnnxCaptioner, preprocess_images, resize_uint8_antialiased
+from vlmkit.testing.contract import make_registry, sample_images
+from vlmkit.testing.tiny_decoders import tiny_decoder_checkpoint
+from vlmkit.testing.tiny_encoders import tiny_encoder_checkpoint
+
+MAX_NEW_TOKENS = 10
+
+#: name -> (encoder, encoder image size, decoder plugin, tiny architecture, projection, export options)
+COMBOS = {
+    "siglip-llama": ("siglip", 32, "smollm", "llama", {"reduction": "none"}, {"quantize": "int8-dynamic"}),
+    # CLIP at 56 px has a 7x7 grid: pooling it to 2x2 is the adaptive pooling ONNX lacks
+    "clip-qwen2": ("clip", 56, "qwen2", "qwen2", {"reduction": "avgpool", "tokens": 4}, {}),
+    "siglip-phi": (
+        "siglip",
+        32,
+        "phi",
+        "phi",
+        {"reduction": "pixel_shuffle", "factor": 2},
+        {"opset": MIN_OPSET},
+    ),
+    "clip-phi3": ("clip", 32, "phi", "phi3", {"reduction": "none"}, {"opset": max_opset()}),
+    "timm-gpt2": ("timm", 64, "gpt2", "gpt2", {"reduction": "none"}, {"quantize": "int8"}),
+}
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def registry():
+    # The built-in plugins, independent of whatever the global registry holds during the session.
+    return make_registry(
+        SiglipEncoder(),
+        ClipEncoder(),
+        TimmEncoder(),
+        SmolLMDecoder(),
+        Qwen2Decoder(),
+        PhiDecoder(),
+        GPT2Decoder(),
+    )
+
+
+@pytest.fixture(scope="module")
+def images():
+    return sample_images(3)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, registry):
+    """``exported(name)`` -> (vlm, model folder, ONNX folder), built and exported once."""
+    cache: dict[str, tuple] = {}
+    root = tmp_path_factory.mktemp("export")
+
+    def get(name: str):
+        if name not in cache:
+            encoder, size, decoder, arch, projection, options = COMBOS[name]
+            folder = root / name
+            config = {
+                "encoder": encoder,
+                "encoder_checkpoint": tiny_encoder_checkpoint(encoder, folder / "encoder", image_size=size),
+                "decoder": decoder,
+                "decoder_checkpoint": tiny_decoder_checkpoint(arch, folder / "decoder"),
+                "projection": projection,
+                "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+                "prompt": "Describe the image.",
+                "max_caption_tokens": MAX_NEW_TOKENS,
+            }
+            vlm = PrefixConditioningVLM.build(config, registry=registry)
+            # LoRA starts as a no-op: give it weight so that merging it matters. 0.5 rather than
+            # a gentle 0.05, so that the tiny random LMs produce varied tokens, not one repeated.
+            generator = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for n, p in vlm.lm.named_parameters():
+                    if "lora_B" in n:
+                        p.normal_(0, 0.5, generator=generator)
+            vlm.eval()
+            model = vlm.save(folder / "model")
+            onnx = export_model(model, folder / "onnx", registry=registry, **options).path
+            cache[name] = (vlm, model, onnx)
+        return cache[name]
+
+    return get
+
+
+# ------------------------------------------------------------------------------ parity
+
+
+@pytest.mark.parametrize("name", list(COMBOS))
+def test_onnx_captions_match_pytorch_token_for_token(name, exported, images):
+    vlm, _, onnx = exported(name)
+    want = vlm.generate(images, return_ids=True)
+    with vlm.lm.disable_adapter():
+        unmerged = vlm.generate(images, return_ids=True)
+    assert unmerged != want, "LoRA does not change the captions: the test would not see a missing merge"
+    assert len({t for row in want for t in row}) > 2, "degenerate captions make a weak test"
+
+    captioner = OnnxCaptioner(onnx, variant="fp32", threads=1)
+    assert captioner.generate(images, return_ids=True) == want
+    assert captioner.generate(images) == vlm.generate(images)
+    manifest = json.loads((onnx / "vlmkit-onnx.json").read_text())
+    assert manifest["checks"]["decoder_max_rel_diff"] < 1e-4
+    assert manifest["vision"]["prefix_tokens"] == vlm.num_prefix_tokens
+
+
+def test_rows_stop_independently_like_pytorch(exported, images, tmp_path, monkeypatch):
+    """A row that emits a stop token ends there while the others go on (and the batch ends when
+    every row has stopped), exactly as in PyTorch."""
+    vlm, _, onnx = exported("siglip-llama")
+    full = vlm.generate(images, return_ids=True)
+    # a token row 0 emits but row 1 does not, made the only stop token on both sides
+    stop = next((t for t in full[0] if t not in full[1]), full[0][-1])
+    monkeypatch.setattr(PrefixConditioningVLM, "stop_token_ids", property(lambda self: [stop]))
+    want = vlm.generate(images, return_ids=True)
+    assert want == [row[: row.index(stop)] if stop in row else row for row in full]
+    assert len(want[0]) < len(want[1]) == MAX_NEW_TOKENS
+
+    copy = tmp_path / "onnx"
+    shutil.copytree(onnx, copy)
+    manifest = json.loads((copy / "vlmkit-onnx.json").read_text())
+    manifest["tokens"]["stop_ids"] = [stop]
+    (copy / "vlmkit-onnx.json").write_text(json.dumps(manifest))
+    assert OnnxCaptioner(copy, variant="fp32", threads=1).generate(images, return_ids=True) == want
+
+
+@pytest.mark.parametrize(
+    ("name", "ops"),
+    [("timm-gpt2", {"MatMulNBits"}), ("siglip-llama", {"MatMulInteger", "DynamicQuantizeLinear"})],
+    ids=["int8-blockwise", "int8-dynamic"],
+)
+def test_int8_export_is_quantized_close_to_fp32_and_captions(name, ops, exported, images):
+    import onnx
+    import onnxruntime as ort
+
+    from vlmkit.export.onnx import _decoder_inputs
+
+    _, _, folder = exported(name)
+    captioner = OnnxCaptioner(folder, threads=1)  # quantized exports default to int8
+    assert captioner.variant == "int8"
+    captions = captioner.generate(images)
+    assert len(captions) == len(images) and all(isinstance(c, str) for c in captions)
+    assert ops <= {node.op_type for node in onnx.load(str(folder / "decoder.int8.onnx")).graph.node}
+    assert (folder / "decoder.int8.onnx").stat().st_size < 0.7 * (folder / "decoder.onnx").stat().st_size
+
+    layout = {
+        k: captioner.manifest["decoder"][k] for k in ("num_layers", "num_kv_heads", "head_dim", "hidden_size")
+    }
+    inputs = {k: v.numpy() for k, v in _decoder_inputs(layout, batch=2, past=3, new=4, seed=0).items()}
+    fp32, int8 = (
+        ort.InferenceSession(str(folder / f)).run(None, inputs)[0]
+        for f in ("decoder.onnx", "decoder.int8.onnx")
+    )
+    assert np.abs(int8 - fp32).max() < 0.1 * np.abs(fp32).max()
+    with pytest.raises(ConfigError, match="int8"):
+        OnnxCaptioner(exported("clip-qwen2")[2], variant="int8")
+
+
+def test_runtime_imports_neither_torch_nor_transformers(exported, images, tmp_path):
+    """What ``vlmkit caption --onnx`` runs: image files in, captions out, with no torch loaded."""
+    _, _, folder = exported("siglip-llama")
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(str(tmp_path / f"{i}.png"))
+        image.save(paths[-1])
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from vlmkit.evaluate.loop import caption_files
+        from vlmkit.runtime.onnx import OnnxCaptioner
+
+        captioner = OnnxCaptioner({str(folder)!r}, variant="fp32", threads=1)
+        results = caption_files(captioner, {paths!r}, batch_size=2, max_new_tokens=4, num_beams=1)
+        assert [r.error for r in results] == [None] * {len(paths)}, results
+        heavy = sorted(m for m in ("torch", "transformers", "peft", "timm") if m in sys.modules)
+        assert not heavy, heavy
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_runtime_refuses_what_the_export_cannot_do(exported, images):
+    _, _, folder = exported("siglip-llama")
+    captioner = OnnxCaptioner(folder, variant="fp32", threads=1)
+    assert captioner.generate(images[:1], prompt="Describe the image.", max_new_tokens=2)  # the exported one
+    with pytest.raises(ConfigError, match="prompt built in"):
+        captioner.generate(images, prompt="What is this?")
+    with pytest.raises(ConfigError, match="greedily"):
+        captioner.generate(images, num_beams=3)
+
+
+# ------------------------------------------------------------------------------ preprocessing
+
+
+@pytest.mark.parametrize("name", ["siglip-llama", "clip-qwen2", "timm-gpt2"])
+def test_numpy_preprocessing_equals_the_encoder_plugin_on_photos(name, exported):
+    """transformers' processors (torchvision backend) and timm's (Pillow) transforms, reproduced
+    in numpy on real photos of every shape."""
+    import skimage.data
+    from PIL import Image
+
+    vlm, _, folder = exported(name)
+    spec = json.loads((folder / "vlmkit-onnx.json").read_text())["preprocessing"]
+    photos = [
+        Image.fromarray(getattr(skimage.data, n)()) for n in ("astronaut", "coffee", "chelsea", "rocket")
+    ]
+    for photo in photos + [photo.resize((37, 90)) for photo in photos[:2]]:
+        want = vlm.preprocess([photo]).numpy()
+        np.testing.assert_allclose(preprocess_images([photo], spec), want, atol=1e-5, rtol=0)
+
+
+def test_an_encoder_whose_preprocessing_cannot_be_described_is_refused():
+    from vlmkit.export.onnx import describe_preprocessing
+    from vlmkit.testing.contract import ToyEncoderSpec
+
+    with pytest.raises(ConfigError, match="image_processing"):
+        describe_preprocessing(ToyEncoderSpec().load())
+
+
+def test_antialiased_resize_is_bit_exact_with_torchvision():
+    import torchvision.transforms.v2.functional as F
+
+    rng = np.random.default_rng(0)
+    for (h, w), (oh, ow) in [((97, 61), (32, 32)), ((20, 300), (224, 224)), ((224, 224), (256, 100))]:
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        for mode in ("bilinear", "bicubic"):
+            want = F.resize(
+                torch.from_numpy(pixels).permute(2, 0, 1),
+                [oh, ow],
+                interpolation=F.InterpolationMode(mode),
+                antialias=True,
+            )
+            np.testing.assert_array_equal(
+                resize_uint8_antialiased(pixels, oh, ow, mode), want.permute(1, 2, 0).numpy()
+            )
+
+
+# ------------------------------------------------------------------------------ merged HF weights
+
+
+def test_hf_export_loads_with_plain_transformers(exported, registry, images, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    vlm, model, _ = exported("siglip-llama")
+    out = export_model(model, tmp_path / "hf", format="hf", registry=registry).path
+    assert not list(out.rglob("adapter_config.json")), "a merged export carries no LoRA adapter"
+    merged = AutoModelForCausalLM.from_pretrained(out / "decoder")
+    assert not hasattr(merged, "peft_config")
+    ids = torch.randint(0, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged(input_ids=ids).logits, vlm.lm(input_ids=ids).logits, atol=1e-5, rtol=1e-4
+        )
+    reloaded = vlmkit.load(out, registry=registry)
+    assert reloaded.generate(images, return_ids=True) == vlm.generate(images, return_ids=True)
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+def test_export_refuses_a_folder_that_is_not_a_model(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ArtifactError, match="is not a vlmkit model") as info:
+        export_model(tmp_path, tmp_path / "out")
+    assert "\n" not in str(info.value)
+    with pytest.raises(ArtifactError, match="does not exist"):
+        export_model(tmp_path / "missing", tmp_path / "out")
+
+
+@pytest.mark.parametrize("opset", [MIN_OPSET - 1, max_opset() + 1])
+def test_export_refuses_an_unsupported_opset_naming_the_range(opset, tmp_path):
+    with pytest.raises(ConfigError, match=f"from {MIN_OPSET} to {max_opset()}"):
+        check_options("onnx", opset, None, tmp_path / "out", False)
+    with pytest.raises(ConfigError, match="onnx only"):
+        check_options("hf", None, "int8", tmp_path / "out", False)
+
+
+def test_export_refuses_an_existing_folder_unless_overwrite(exported, registry, tmp_path):
+    _, model, onnx = exported("clip-qwen2")
+    with pytest.raises(ArtifactError, match="--overwrite"):
+        export_model(model, onnx, registry=registry)
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "thesis.tex").write_text("years of work")
+    with pytest.raises(ArtifactError, match="not a vlmkit export"):
+        export_model(model, stranger, format="hf", overwrite=True, registry=registry)
+    assert (stranger / "thesis.tex").exists()
+
+    out = tmp_path / "hf"
+    export_model(model, out, format="hf", registry=registry)
+    (out / "stale.txt").write_text("from the last export")
+    export_model(model, out, format="hf", overwrite=True, registry=registry)
+    assert (out / "vlmkit-hf.json").is_file() and not (out / "stale.txt").exists()
+
+
+def test_a_failed_export_leaves_nothing_that_looks_complete(exported, registry, tmp_path, monkeypatch):
+    import vlmkit.export.onnx as export_module
+
+    _, model, _ = exported("siglip-llama")
+
+    def broken(source, target, method):
+        Path(target).write_bytes(b"half a file")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(export_module, "quantize_int8", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_model(model, tmp_path / "out", quantize="int8", registry=registry)
+    assert list(tmp_path.iterdir()) == [], "neither the folder nor its temporary twin may remain"
+    with pytest.raises(ArtifactError, match="not a vlmkit ONNX export"):
+        OnnxCaptioner(tmp_path)
+
+
+def test_cli_export_prints_json_and_one_line_errors(exported, tmp_path, monkeypatch):
+    import typer
+    from typer.testing import CliRunner
+
+    from vlmkit.cli.export import export
+
+    _, model, _ = exported("clip-phi3")
+    monkeypatch.setattr(
+        "vlmkit.core.registry.get_registry", lambda: make_registry(ClipEncoder(), PhiDecoder())
+    )
+    app = typer.Typer()
+    app.command()(export)
+    app.command("other")(lambda: None)  # two commands: typer then expects the command name
+    runner = CliRunner()
+    out = tmp_path / "hf"
+    result = runner.invoke(
+        app, ["export", "--model", str(model), "--out", str(out), "--format", "hf", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["format"] == "hf"
+    again = runner.invoke(app, ["export", "-m", str(model), "-o", str(out), "--format", "hf"])
+    assert isinstance(again.exception, ArtifactError) and "\n" not in str(again.exception)
+    bad = runner.invoke(app, ["export", "-m", str(model), "-o", str(tmp_path / "x"), "--quantize", "int4"])
+    assert bad.exit_code == 2  # a usage error: click lists the choices

@@ -1,0 +1,477 @@
+"""Dataset plugins and the shared helpers: seeded disjoint splits, options, bad files, mixing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+from PIL import Image
+
+from vlmkit.core.contracts import SPLITS
+from vlmkit.core.errors import ConfigError, DataError
+from vlmkit.core.registry import Registry
+from vlmkit.plugins.datasets import _hub
+from vlmkit.plugins.datasets.coco import CocoDataset
+from vlmkit.plugins.datasets.flickr30k import Flickr30kDataset
+from vlmkit.plugins.datasets.folder import FolderDataset
+from vlmkit.plugins.datasets.shapes import ShapesDataset, caption_for
+from vlmkit.sdk.datasets import DataWarning, ListDataset, assign_split, mix, stratified_splits
+
+
+def load_all(spec, options=None, seed=0):
+    return {split: spec.load(split, options, seed=seed) for split in SPLITS}
+
+
+def ids_of(splits):
+    return {name: [ex.id for ex in ds] for name, ds in splits.items()}
+
+
+def assert_disjoint(splits):
+    ids = ids_of(splits)
+    for a in SPLITS:
+        for b in SPLITS:
+            if a < b:
+                assert not set(ids[a]) & set(ids[b]), f"{a} and {b} share images"
+
+
+# --------------------------------------------------------------------------------------- registry
+
+
+def test_builtin_datasets_register_through_entry_points_without_heavy_imports():
+    code = (
+        "import sys; from vlmkit.core.registry import Registry; r = Registry(); r.load_entry_points("
+        "{'VLMKIT_PLUGINS': 'shapes,folder,flickr30k,coco'}); print(r.names('dataset'), r.broken); "
+        "print(sorted(m for m in ('torch', 'datasets', 'PIL', 'numpy') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "['coco', 'flickr30k', 'folder', 'shapes'] []" in out
+    assert out.strip().endswith("[]"), out
+
+
+def test_registry_finds_specs_by_exact_name():
+    registry = Registry()
+    registry.load_entry_points({"VLMKIT_PLUGINS": "shapes,folder"})
+    assert isinstance(registry.dataset("shapes"), ShapesDataset)
+    assert isinstance(registry.dataset("folder"), FolderDataset)
+
+
+# --------------------------------------------------------------------------------------- shapes
+
+
+def test_shapes_splits_are_disjoint_deterministic_and_cover_every_caption_class():
+    spec = ShapesDataset()
+    splits = load_all(spec)
+    assert_disjoint(splits)
+    assert sum(len(d) for d in splits.values()) == 3000
+    assert abs(len(splits["train"]) - 2400) < 50
+    assert ids_of(splits) == ids_of(load_all(spec))  # same seed, same split
+    assert splits["train"].fingerprint == spec.load("train").fingerprint
+    classes = {caption_for(c, s, p) for c in ("red", "green", "blue", "yellow") for s in ("circle", "square", "triangle")
+               for p in ("left", "right")}  # fmt: skip
+    assert len(classes) == 24
+    for split in ("validation", "test"):
+        assert {ex.captions[0] for ex in splits[split]} == classes
+
+
+def test_shapes_seed_changes_the_split_but_not_the_images():
+    spec = ShapesDataset()
+    a, b = spec.load("test", seed=0), spec.load("test", seed=1)
+    assert {ex.id for ex in a} != {ex.id for ex in b}
+    assert a.fingerprint != b.fingerprint
+    train0 = {ex.id: ex for ex in spec.load("train", seed=0)}
+    common = next(ex for ex in b if ex.id in train0)  # an image in test under seed 1, train under 0
+    assert common.load_image().tobytes() == train0[common.id].load_image().tobytes()
+    assert common.captions == train0[common.id].captions
+
+
+def test_shapes_images_vary_but_captions_follow_from_them():
+    ds = ShapesDataset().load("train", {"size": 96, "image_size": 32})
+    by_caption: dict[str, list] = {}
+    for ex in ds:
+        by_caption.setdefault(ex.captions[0], []).append(ex.load_image())
+    same_class = next(imgs for imgs in by_caption.values() if len(imgs) > 1)
+    assert same_class[0].size == (32, 32)
+    assert same_class[0].tobytes() != same_class[1].tobytes()
+    red_left = ShapesDataset().load(
+        "test", {"size": 24, "colors": ["red"], "shapes": ["circle"], "positions": ["left"]}
+    )
+    img = red_left[0].load_image()
+    # the shape really is red and on the left: the reddest pixels are in the left half
+    reds = [
+        (x, y)
+        for x in range(64)
+        for y in range(64)
+        if img.getpixel((x, y))[0] > 180 > img.getpixel((x, y))[1] + 60
+    ]
+    assert reds and max(x for x, _ in reds) < 32
+    assert red_left[0].captions == ["A red circle on the left."]
+
+
+def test_shapes_options_are_validated_naming_the_key():
+    spec = ShapesDataset()
+    with pytest.raises(ConfigError, match=r"unknown option 'image_sise' \(did you mean 'image_size'\?\)"):
+        spec.load("train", {"image_sise": 32})
+    with pytest.raises(ConfigError, match=r"option 'colors'.*unknown colors \['teal'\]"):
+        spec.load("train", {"colors": ["red", "teal"]})
+    with pytest.raises(ConfigError, match="split_fractions"):
+        spec.load("train", {"split_fractions": [0.5, 0.5, 0.5]})
+    with pytest.raises(DataError, match="unknown split 'dev'"):
+        spec.load("dev")
+
+
+def test_stratified_splits_keep_a_test_example_of_every_class_even_when_small():
+    assignment = stratified_splits({"a": ["a1", "a2", "a3"], "b": ["b1", "b2", "b3"]}, seed=0)
+    for cls in "ab":
+        assert sorted(assignment[f"{cls}{i}"] for i in (1, 2, 3)) == ["test", "train", "validation"]
+
+
+def test_hash_split_of_an_image_does_not_depend_on_the_others():
+    before = {f"img{i}": assign_split(f"img{i}", 3) for i in range(200)}
+    assert {assign_split(f"img{i}", 3) for i in range(200)} == set(SPLITS)
+    assert before == {f"img{i}": assign_split(f"img{i}", 3) for i in range(200)}
+    assert before != {f"img{i}": assign_split(f"img{i}", 4) for i in range(200)}
+
+
+# --------------------------------------------------------------------------------------- folder
+
+
+def write_image(path, color=(200, 30, 30), fmt=None, size=(24, 24)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path, format=fmt)
+
+
+@pytest.fixture
+def photo_folder(tmp_path):
+    root = tmp_path / "photos"
+    lines = []
+    for i in range(40):
+        name = f"img{i:02d}.{'jpg' if i % 2 else 'png'}"
+        write_image(root / name, (i * 6, 100, 200 - i * 4))
+        lines.append(json.dumps({"file_name": name, "caption": f"picture number {i}"}))
+    lines.append(json.dumps({"image": "img00.png", "captions": ["another caption of zero"]}))
+    (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_folder_splits_are_disjoint_deterministic_and_seeded(photo_folder):
+    spec = FolderDataset()
+    opts = {"path": str(photo_folder), "split_fractions": [0.5, 0.25, 0.25]}
+    splits = load_all(spec, opts)
+    assert_disjoint(splits)
+    assert sorted(i for ids in ids_of(splits).values() for i in ids) == sorted(
+        f"img{i:02d}.{'jpg' if i % 2 else 'png'}" for i in range(40)
+    )
+    assert ids_of(splits) == ids_of(load_all(spec, opts))
+    assert ids_of(splits) != ids_of(load_all(spec, opts, seed=7))
+    everything = {ex.id: ex for ds in splits.values() for ex in ds}
+    assert everything["img00.png"].captions == ["picture number 0", "another caption of zero"]
+    assert everything["img01.jpg"].load_image().size == (24, 24)
+
+
+def test_folder_reads_csv_and_imagefolder_metadata(tmp_path):
+    for i in range(12):
+        write_image(tmp_path / "csv" / f"{i}.png")
+        write_image(tmp_path / "meta" / "train" / f"{i}.png")
+    rows = "file_name,captions\n" + "".join(f'{i}.png,"[""a {i}"", ""b {i}""]"\n' for i in range(12))
+    (tmp_path / "csv" / "captions.csv").write_text(rows)
+    meta = "".join(json.dumps({"file_name": f"train/{i}.png", "text": f"t{i}"}) + "\n" for i in range(12))
+    (tmp_path / "meta" / "metadata.jsonl").write_text(meta)
+    fractions = [0.34, 0.33, 0.33]
+    csv_all = [
+        ex
+        for s in SPLITS
+        for ex in FolderDataset().load(s, {"path": tmp_path / "csv", "split_fractions": fractions})
+    ]
+    assert sorted(ex.captions for ex in csv_all)[0] == ["a 0", "b 0"]
+    meta_all = [
+        ex
+        for s in SPLITS
+        for ex in FolderDataset().load(s, {"path": tmp_path / "meta", "split_fractions": fractions})
+    ]
+    assert {ex.id for ex in meta_all} == {f"train/{i}.png" for i in range(12)}
+    assert all(ex.captions == [f"t{ex.id[6:-4]}"] for ex in meta_all)
+
+
+def break_folder(root):
+    (root / "img03.jpg").unlink()  # missing
+    (root / "img05.jpg").write_bytes((root / "img05.jpg").read_bytes()[:200])  # truncated JPEG
+    (root / "img06.png").write_bytes(b"not an image at all")
+
+
+def test_folder_bad_images_are_an_error_naming_the_files_and_the_fix(photo_folder):
+    break_folder(photo_folder)
+    with pytest.raises(DataError) as info:
+        FolderDataset().load("train", {"path": photo_folder})
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert "3 of 40 images cannot be used" in msg
+    assert "1 missing: img03.jpg" in msg and "2 unreadable: img05.jpg, img06.png" in msg
+    assert "on_bad_image=skip" in msg
+
+
+def test_folder_skip_mode_leaves_bad_images_out_with_one_summary_line(photo_folder):
+    break_folder(photo_folder)
+    opts = {"path": photo_folder, "on_bad_image": "skip", "split_fractions": [0.5, 0.25, 0.25]}
+    with pytest.warns(DataWarning) as record:
+        splits = load_all(FolderDataset(), opts)
+    lines = [str(w.message) for w in record]
+    assert (
+        f"folder {photo_folder}: 3 of 40 images skipped (1 missing: img03.jpg; 2 unreadable: img05.jpg, img06.png)"
+        in lines
+    )
+    kept = {i for ids in ids_of(splits).values() for i in ids}
+    assert len(kept) == 37 and not kept & {"img03.jpg", "img05.jpg", "img06.png"}
+    assert splits["train"].info["skipped"] == ["img03.jpg", "img05.jpg", "img06.png"]
+
+
+def test_folder_fingerprint_changes_when_an_image_changes(photo_folder):
+    opts = {"path": photo_folder, "split_fractions": [1.0, 0.0, 0.0]}
+    before = FolderDataset().load("train", opts)
+    again = FolderDataset().load("train", opts)
+    assert before.fingerprint == again.fingerprint
+    write_image(photo_folder / "img04.png", (1, 2, 3))  # same name, same size, new pixels
+    assert FolderDataset().load("train", opts).fingerprint != before.fingerprint
+
+
+def test_folder_refuses_missing_folder_captions_and_empty_splits(tmp_path):
+    with pytest.raises(DataError, match="no such folder"):
+        FolderDataset().load("train", {"path": tmp_path / "nope"})
+    with pytest.raises(DataError, match=r"no captions file \(looked for captions.jsonl"):
+        FolderDataset().load("train", {"path": tmp_path})
+    write_image(tmp_path / "a.png")
+    (tmp_path / "captions.jsonl").write_text('{"file_name": "a.png"}\n')
+    with pytest.raises(DataError, match="line 1 has no caption for a.png"):
+        FolderDataset().load("train", {"path": tmp_path})
+    (tmp_path / "captions.jsonl").write_text('{"file_name": "a.png", "caption": "x"}\n')
+    with pytest.raises(DataError, match="split 'test' is empty"):
+        FolderDataset().load("test", {"path": tmp_path, "split_fractions": [1, 0, 0]})
+    with pytest.raises(ConfigError, match="unknown option 'folder'"):
+        FolderDataset().load("train", {"folder": tmp_path})
+    with pytest.raises(ConfigError, match="option 'path' is required"):
+        FolderDataset().load("train", {})
+
+
+# --------------------------------------------------------------------------------------- hub
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    _hub._load_raw.cache_clear()
+    yield
+    _hub._load_raw.cache_clear()
+
+
+def tiny_flickr(tmp_path, captions="original", n=30):
+    """A local copy with the columns of nlphuji/flickr30k (or Mozilla's alt-text version)."""
+    import datasets
+
+    rows = {"image": [], "sentids": [], "split": [], "img_id": [], "filename": []}
+    rows["caption" if captions == "original" else "alt_text"] = []
+    for i in range(n):
+        rows["image"].append(Image.new("RGB", (16, 16), (i * 8, 0, 0)))
+        rows["split"].append(["train", "train", "train", "val", "test"][i % 5])
+        rows["img_id"].append(str(i))
+        rows["filename"].append(f"{1000 + i}.jpg")
+        rows["sentids"].append([str(5 * i + k) for k in range(5)])
+        if captions == "original":
+            rows["caption"].append([f"photo {i} caption {k}" for k in range(5)])
+        else:
+            rows["alt_text"].append(f"alt text of photo {i}")
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "sentids": datasets.List(datasets.Value("string")),
+            "split": datasets.Value("string"),
+            "img_id": datasets.Value("string"),
+            "filename": datasets.Value("string"),
+            **(
+                {"caption": datasets.List(datasets.Value("string"))}
+                if captions == "original"
+                else {"alt_text": datasets.Value("string")}
+            ),
+        }
+    )
+    path = tmp_path / f"flickr-{captions}"
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict(rows, features=features)}).save_to_disk(
+        str(path)
+    )
+    return path
+
+
+def test_flickr30k_local_copy_uses_the_karpathy_split_column(tmp_path, hf_cache):
+    path = tiny_flickr(tmp_path)
+    spec = Flickr30kDataset()
+    splits = load_all(spec, {"path": str(path)})
+    assert_disjoint(splits)
+    assert [len(splits[s]) for s in SPLITS] == [18, 6, 6]
+    assert ids_of(splits) == ids_of(load_all(spec, {"path": str(path)}, seed=5))  # upstream split: no seed
+    ex = splits["test"][0]
+    assert ex.id == "14" and ex.captions == [f"photo 14 caption {k}" for k in range(5)]
+    assert ex.load_image().getpixel((0, 0)) == (14 * 8, 0, 0)
+    hashed = load_all(spec, {"path": str(path), "splits": "hash", "split_fractions": [0.6, 0.2, 0.2]})
+    assert_disjoint(hashed)
+    assert ids_of(hashed) != ids_of(load_all(spec, {"path": str(path), "splits": "hash"}, seed=1))
+
+
+def test_flickr30k_alt_text_splits_the_same_images_the_same_way(tmp_path, hf_cache):
+    original = load_all(Flickr30kDataset(), {"path": str(tiny_flickr(tmp_path))})
+    alt = load_all(
+        Flickr30kDataset(), {"captions": "alt-text", "path": str(tiny_flickr(tmp_path, "alt-text"))}
+    )
+    assert ids_of(original) == ids_of(alt)
+    assert alt["train"][0].captions == [f"alt text of photo {alt['train'][0].id}"]
+    assert alt["train"].fingerprint != original["train"].fingerprint
+    assert Flickr30kDataset.sources["alt-text"].dataset_id == "Mozilla/flickr30k-transformed-captions-gpt4o"
+
+
+def test_coco_karpathy_rows_read_images_from_image_root(tmp_path, hf_cache):
+    """The columns of yerevann/coco-karpathy, as parquet files that load_dataset reads."""
+    import datasets
+
+    image_root = tmp_path / "coco"
+    parts = {}
+    for split, ids in {
+        "train": range(0, 8),
+        "restval": range(8, 10),
+        "validation": range(10, 13),
+        "test": range(13, 16),
+    }.items():
+        rows = {"filepath": [], "filename": [], "sentences": [], "cocoid": [], "split": [], "url": []}
+        for i in ids:
+            folder = "train2014" if split == "train" else "val2014"
+            name = f"COCO_{folder}_{i:012d}.jpg"
+            write_image(image_root / folder / name, (0, i * 10, 0), size=(20, 16))
+            rows["filepath"].append(folder)
+            rows["filename"].append(name)
+            rows["sentences"].append([f"coco {i} a", f"coco {i} b"])
+            rows["cocoid"].append(i)
+            rows["split"].append(split)
+            rows["url"].append(f"http://images.cocodataset.org/{folder}/{name}")
+        parts[split] = datasets.Dataset.from_dict(rows)
+    data = tmp_path / "coco-karpathy" / "data"
+    data.mkdir(parents=True)
+    for split, ds in parts.items():
+        ds.to_parquet(str(data / f"{split}-00000-of-00001.parquet"))
+    opts = {"path": str(tmp_path / "coco-karpathy"), "image_root": str(image_root)}
+    splits = load_all(CocoDataset(), opts)
+    assert_disjoint(splits)
+    assert [len(splits[s]) for s in SPLITS] == [10, 3, 3]  # restval joins train
+    ex = splits["validation"][0]
+    assert ex.id == "10" and ex.captions == ["coco 10 a", "coco 10 b"]
+    assert ex.load_image().size == (20, 16)
+    # without image_root the images come from their URLs (not fetched here)
+    no_root = CocoDataset().load("test", {"path": str(tmp_path / "coco-karpathy")})
+    assert type(no_root[0].image).__name__ == "UrlImage"
+    assert no_root[0].image.url.startswith("http://images.cocodataset.org/val2014/")
+
+
+def test_hub_rows_per_caption_are_grouped_and_split_by_hash_when_no_test_split(tmp_path, hf_cache):
+    """Mozilla/coco-gpt4o-like: train/validation hub splits only, one row per caption."""
+    import datasets
+
+    def part(ids):
+        rows = {"image": [], "alt_text": [], "image_id": []}
+        for i in ids:
+            for k in range(2):
+                rows["image"].append(Image.new("RGB", (8, 8), (i, k, 0)))
+                rows["alt_text"].append(f"image {i} text {k}")
+                rows["image_id"].append(i)
+        return datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
+
+    path = tmp_path / "coco-alt"
+    datasets.DatasetDict({"train": part(range(40)), "validation": part(range(40, 50))}).save_to_disk(
+        str(path)
+    )
+    spec = CocoDataset()
+    opts = {"captions": "alt-text", "path": str(path)}
+    splits = load_all(spec, opts)
+    assert_disjoint(splits)
+    assert sum(len(d) for d in splits.values()) == 50
+    assert all(
+        ex.captions == [f"image {ex.id} text 0", f"image {ex.id} text 1"] for d in splits.values() for ex in d
+    )
+    assert ids_of(splits) != ids_of(load_all(spec, opts, seed=3))
+    assert len(spec.load("train", {**opts, "limit": 5})) == 5
+
+
+def test_hub_loader_offline_is_one_line_naming_the_id_and_the_local_fix(monkeypatch, hf_cache):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # the real offline error path
+    with pytest.raises(DataError) as info:
+        Flickr30kDataset().load("train")
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert "'nlphuji/flickr30k'" in msg and "ConnectionError" in msg and "pass path=" in msg
+    with pytest.raises(DataError, match="Mozilla/coco-gpt4o"):
+        CocoDataset().load("test", {"captions": "alt-text"})
+    with pytest.raises(DataError, match="local copy .* does not exist"):
+        CocoDataset().load("test", {"path": "/nonexistent/coco"})
+    with pytest.raises(ConfigError, match="option 'captions'"):
+        CocoDataset().load("test", {"captions": "gpt"})
+
+
+def test_hub_loader_names_a_missing_column(tmp_path, hf_cache):
+    path = tiny_flickr(tmp_path)
+    with pytest.raises(DataError, match="no column 'sentences' \\(captions\\); columns: image, sentids"):
+        Flickr30kDataset().load("train", {"path": str(path), "captions_column": "sentences"})
+
+
+# --------------------------------------------------------------------------------------- mixing
+
+
+def test_mix_concatenates_prefixes_ids_and_combines_fingerprints():
+    shapes = ShapesDataset().load("test", {"size": 48})
+    other = ShapesDataset().load("test", {"size": 48, "image_size": 32})
+    mixed = mix([shapes, other])
+    assert len(mixed) == len(shapes) + len(other)
+    assert mixed[0].id == f"shapes/{shapes[0].id}"
+    assert mixed[len(shapes)].id == f"shapes-2/{other[0].id}"
+    assert mixed[-1].captions == other[len(other) - 1].captions
+    assert mixed.fingerprint != mix([other, shapes]).fingerprint
+    assert mixed.fingerprint == mix([shapes, other]).fingerprint
+    assert mix([shapes]) is shapes
+    with pytest.raises(IndexError):
+        mixed[len(mixed)]
+    named = mix([ListDataset([], "a"), shapes], names=["flickr30k", "coco"])
+    assert named[0].id.startswith("coco/")
+
+
+def test_no_warnings_for_clean_loads(photo_folder):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FolderDataset().load("train", {"path": photo_folder})
+        ShapesDataset().load("train")
+
+
+# --------------------------------------------------------------------------------------- contract
+
+
+def test_builtin_datasets_pass_the_plugin_contract_suite(photo_folder, tmp_path, hf_cache):
+    from vlmkit.testing.contract import check_dataset
+
+    assert check_dataset(ShapesDataset(), {"size": 240}) == {"train": 192, "validation": 24, "test": 24}
+    check_dataset(FolderDataset(), {"path": str(photo_folder), "split_fractions": [0.5, 0.25, 0.25]})
+    flickr = str(tiny_flickr(tmp_path))
+    check_dataset(Flickr30kDataset(), {"path": flickr})
+    check_dataset(Flickr30kDataset(), {"path": flickr, "splits": "hash"}, seed=2)
+
+
+def test_an_unreadable_image_error_names_its_id_and_file_once(tmp_path):
+    from vlmkit.core.contracts import CaptionExample
+
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(DataError) as exc:
+        CaptionExample(id="coco-123", captions=[], image=bad).load_image()
+    message = str(exc.value)
+    assert message == f"image 'coco-123' ({bad}) is not a readable image (unknown format or corrupt data)"
+    with pytest.raises(DataError) as exc:
+        CaptionExample(id=str(bad), captions=[], image=bad).load_image()
+    assert str(exc.value).count(str(bad)) == 1

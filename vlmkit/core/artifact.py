@@ -1,0 +1,362 @@
+"""Model artifacts: the one function that assembles a model, and the folders it is saved in.
+
+``assemble`` builds every ``PrefixConditioningVLM``: a fresh one (new LoRA and projection), one
+restored from a saved model folder, or one from a merged export. Two code paths that "do the
+same" drift apart; this is the only one.
+
+A saved model is a small folder::
+
+    vlmkit.json               manifest: vlmkit version, plugins, checkpoints, projection, format,
+                              training config, the encoder fingerprint, the prompt's token ids
+    projection.safetensors    the projection weights
+    adapter/                  the LoRA adapter (peft's own format)
+    encoder.safetensors       only when encoder layers were trained
+
+Base weights are referenced, not copied. A merged export (``vlmkit export --format hf``) holds
+``vlmkit-hf.json``, the decoder with LoRA merged in ``decoder/`` and the same projection file;
+``load`` reads both kinds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from vlmkit import __version__
+from vlmkit.core.config import ModelConfig, validate_model_config
+from vlmkit.core.errors import ArtifactError, PluginError
+from vlmkit.core.paths import read_json_manifest, write_json
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "vlmkit.json"
+ARTIFACT_FORMAT = "vlmkit-model"
+ARTIFACT_VERSION = 1
+MERGED_MANIFEST = "vlmkit-hf.json"
+MERGED_FORMAT = "vlmkit-hf"
+MERGED_VERSION = 1
+
+
+def assemble(
+    config: ModelConfig | dict | None,
+    *,
+    registry=None,
+    adapter: str | Path | None = None,
+    merged: bool = False,
+    projection: str | Path | None = None,
+    encoder_weights: str | Path | None = None,
+    trainable: bool = True,
+    seed: int | None = 0,
+):
+    """Build a ``PrefixConditioningVLM`` through the registry.
+
+    - fresh (the default): new LoRA on the decoder, a projection initialised with ``seed``;
+    - ``adapter``: the LoRA adapter folder to load instead (``trainable`` keeps it trainable);
+    - ``merged=True``: the decoder checkpoint already has LoRA merged in: no adapter at all.
+
+    ``projection`` and ``encoder_weights`` are safetensors files to load into the projection and
+    the encoder (the trained encoder layers).
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    from vlmkit.core.model import PrefixConditioningVLM
+    from vlmkit.core.projection import build_projection
+    from vlmkit.core.registry import get_registry
+
+    config = validate_model_config(config)
+    encoder_name, decoder_name = config.plugins()
+    registry = registry or get_registry()
+    encoder_spec = registry.encoder(encoder_name)
+    decoder_spec = registry.decoder(decoder_name)
+    encoder = encoder_spec.load(config.encoder_checkpoint, revision=config.encoder_revision)
+    base, tokenizer = decoder_spec.load(config.decoder_checkpoint, revision=config.decoder_revision)
+    if merged:
+        lm = base
+    elif adapter is not None:
+        from peft import PeftModel
+
+        with _quiet_peft():
+            lm = PeftModel.from_pretrained(base, str(adapter), is_trainable=trainable)
+    else:
+        lm = _add_lora(base, decoder_spec, config)
+    if seed is not None:
+        torch.manual_seed(seed)
+    proj = build_projection(
+        config.projection, encoder.feature_dim, base.get_input_embeddings().embedding_dim, encoder.grid
+    )
+    if projection is not None:
+        proj.load_state_dict(load_file(str(projection)))
+    model = PrefixConditioningVLM(config, encoder, encoder_spec, decoder_spec, lm, tokenizer, proj)
+    model.freeze_encoder(config.unfreeze_encoder_layers)
+    if encoder_weights is not None:
+        tensors = load_file(str(encoder_weights))
+        missing = set(tensors) - {k for k, _ in encoder.named_parameters()}
+        if missing:
+            raise ArtifactError(f"{encoder_weights} holds weights the encoder lacks: {sorted(missing)[:3]}")
+        encoder.load_state_dict(tensors, strict=False)
+    return model
+
+
+def _add_lora(base, decoder_spec, config: ModelConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lora_args = dict(decoder_spec.lora_kwargs(base, config.lora.targets))
+    _check_lora_targets(base, lora_args["target_modules"], decoder_spec.name)
+    lora = LoraConfig(
+        r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout, **lora_args
+    )
+    with _quiet_peft():
+        return get_peft_model(base, lora)
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft reads ``model.is_gradient_checkpointing``, which transformers 5 deprecates with a
+    FutureWarning on every wrap: peft's business, not our users'. Only that warning is hidden."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
+
+
+# ------------------------------------------------------------------------------ saving
+
+
+def manifest(model, training: dict | None = None) -> dict[str, Any]:
+    """The ``vlmkit.json`` of ``model``."""
+    config = model.settings
+    encoder = model.encoder
+    return {
+        "format": ARTIFACT_FORMAT,
+        "format_version": ARTIFACT_VERSION,
+        "vlmkit_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": config.model_dump(mode="json"),
+        "encoder": {
+            "plugin": config.encoder,
+            "checkpoint": config.encoder_checkpoint or model.encoder_spec.default_checkpoint,
+            "revision": config.encoder_revision,
+            "fingerprint": encoder.fingerprint(),
+            "num_tokens": encoder.num_tokens,
+            "feature_dim": encoder.feature_dim,
+            "grid": list(encoder.grid) if encoder.grid else None,
+        },
+        "decoder": {
+            "plugin": config.decoder,
+            "checkpoint": config.decoder_checkpoint or model.decoder_spec.default_checkpoint,
+            "revision": config.decoder_revision,
+            "model_type": model.language_model.config.model_type,
+        },
+        "prefix_tokens": model.num_prefix_tokens,
+        "stop_token_ids": model.stop_token_ids,
+        # the ids around the image at generation: ``load`` checks that they are still these
+        "prompt_ids": prompt_ids(model),
+        "files": {
+            "projection": "projection.safetensors",
+            "adapter": "adapter",
+            "encoder": "encoder.safetensors" if model.encoder_weights() else None,
+        },
+        "training": training or {},
+    }
+
+
+def prompt_ids(model) -> dict[str, list[int]]:
+    context = model.format(None)
+    return {"before": list(context.before), "after": list(context.after)}
+
+
+def state(module) -> dict:
+    """``module``'s state dict as contiguous tensors, ready for safetensors."""
+    return {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+
+
+def save(model, path: str | Path, *, training: dict | None = None) -> Path:
+    """Write the small artifact: manifest, projection and LoRA adapter (safetensors).
+
+    Other files in the folder (checkpoints, logs) are left alone. The manifest is removed first
+    and written last, so a folder whose save was interrupted is never mistaken for a complete model.
+    """
+    from peft import PeftModel
+    from safetensors.torch import save_file
+
+    if not isinstance(model.lm, PeftModel):
+        raise ArtifactError("this model has no LoRA adapter to save (a merged export); export it instead")
+    path = Path(path)
+    ours = (path / MANIFEST).exists() or (path / "run.yaml").exists()  # run.yaml: a vlmkit train run
+    if path.exists() and not ours and any(path.iterdir()):
+        raise ArtifactError(f"{path} exists and is not a vlmkit model; choose another folder")
+    path.mkdir(parents=True, exist_ok=True)
+    (path / MANIFEST).unlink(missing_ok=True)
+    tmp = path / ".saving"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(state(model.projection), str(tmp / "projection.safetensors"))
+    model.lm.save_pretrained(str(tmp / "adapter"))
+    files = ["projection.safetensors", "adapter"]
+    encoder_weights = model.encoder_weights()
+    if encoder_weights:
+        save_file(encoder_weights, str(tmp / "encoder.safetensors"))
+        files.append("encoder.safetensors")
+    else:
+        (path / "encoder.safetensors").unlink(missing_ok=True)
+    for name in files:
+        target = path / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(tmp / name, target)
+    shutil.rmtree(tmp)
+    write_json(path / MANIFEST, manifest(model, training))
+    return path
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def load(path: str | Path, *, registry=None, trainable: bool = False):
+    """Rebuild a saved model (``vlmkit.json``) or a merged export (``vlmkit-hf.json``)."""
+    path = Path(path)
+    if (path / MERGED_MANIFEST).is_file() and not (path / MANIFEST).exists():
+        return _load_merged(path, registry=registry)
+    manifest = read_manifest(path)
+    config = validate_model_config(manifest.get("config"), source=str(path / MANIFEST))
+    encoder_file = (manifest.get("files") or {}).get("encoder")
+    for part in ("projection.safetensors", "adapter", encoder_file):
+        if part and not (path / part).exists():  # checked before minutes of loading base weights
+            raise ArtifactError(f"{path} is an incomplete vlmkit model: {part} is missing; save it again")
+    registry = _registry_with_plugins(registry, config, path)
+    model = assemble(
+        config,
+        registry=registry,
+        adapter=path / "adapter",
+        projection=path / "projection.safetensors",
+        encoder_weights=path / encoder_file if encoder_file else None,
+        trainable=trainable,
+        seed=None,
+    )
+    _warn_if_changed(model, manifest, path)
+    return _for_use(model, trainable)
+
+
+def _registry_with_plugins(registry, config: ModelConfig, path: Path):
+    """The registry, checked to hold the plugins the model at ``path`` needs."""
+    from vlmkit.core.registry import get_registry
+
+    registry = registry or get_registry()
+    encoder, decoder = config.plugins()
+    try:
+        registry.encoder(encoder)
+        registry.decoder(decoder)
+    except PluginError as exc:
+        raise PluginError(f"model {path} needs a plugin that is not available: {exc}") from exc
+    return registry
+
+
+def _warn_if_changed(model, manifest: dict[str, Any], path: Path) -> None:
+    """Warn when the encoder or the prompt layout is not what the model was trained with."""
+    config = model.settings
+    # checked after loading trained encoder layers: the saved fingerprint includes them
+    saved_fp = (manifest.get("encoder") or {}).get("fingerprint")
+    if saved_fp and model.encoder.fingerprint() != saved_fp:
+        log.warning(
+            "encoder %r differs from the one model %s was trained with (weights or preprocessing "
+            "changed); captions may be wrong",
+            config.encoder,
+            path,
+        )
+    saved_prompt, now = manifest.get("prompt_ids"), prompt_ids(model)
+    if saved_prompt and saved_prompt != now:
+        log.warning(
+            "decoder %r lays out the prompt of model %s differently from when it was trained "
+            "(%d+%d ids around the image, now %d+%d: the tokenizer, its chat template or vlmkit "
+            "changed); captions may be wrong: load the decoder revision it was trained with",
+            config.decoder,
+            path,
+            len(saved_prompt["before"]),
+            len(saved_prompt["after"]),
+            len(now["before"]),
+            len(now["after"]),
+        )
+
+
+def _load_merged(path: Path, *, registry=None):
+    """A captioner from a ``--format hf`` export: the encoder through its plugin, the merged
+    decoder from ``decoder/`` (no LoRA, no peft), the saved projection. For inference."""
+    manifest = read_merged_manifest(path)
+    files = manifest.get("files") or {}
+    config = validate_model_config(
+        {
+            **(manifest.get("config") or {}),
+            "decoder_checkpoint": str(path / "decoder"),
+            "decoder_revision": None,
+        },
+        source=str(path / MERGED_MANIFEST),
+    )
+    model = assemble(
+        config,
+        registry=_registry_with_plugins(registry, config, path),
+        merged=True,
+        projection=path / files.get("projection", "projection.safetensors"),
+        encoder_weights=path / files["encoder"] if files.get("encoder") else None,
+        seed=None,
+    )
+    return _for_use(model, trainable=False)
+
+
+def _for_use(model, trainable: bool):
+    if not trainable:
+        model.requires_grad_(False)
+    return model.eval()
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of a model folder; ``ArtifactError`` when ``path`` is not a vlmkit model."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"model folder {path} does not exist")
+    file = path / MANIFEST
+    if not file.is_file():
+        raise ArtifactError(f"{path} is not a vlmkit model (no {MANIFEST}); train one with 'vlmkit train'")
+    manifest = read_json_manifest(file, "vlmkit model manifest")
+    if manifest.get("format") != ARTIFACT_FORMAT:
+        raise ArtifactError(f"{file} is not a vlmkit model manifest (format is {manifest.get('format')!r})")
+    if manifest.get("format_version", 0) > ARTIFACT_VERSION:
+        raise ArtifactError(
+            f"{path} was written by a newer vlmkit (format {manifest['format_version']}); upgrade vlmkit"
+        )
+    if not isinstance(manifest.get("config"), dict):
+        raise ArtifactError(f"{file} has no model config; the folder is damaged: train or save it again")
+    return manifest
+
+
+def read_merged_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of a ``--format hf`` export; ``ArtifactError`` when ``path`` is not one."""
+    path = Path(path)
+    file = path / MERGED_MANIFEST
+    if not file.is_file():
+        raise ArtifactError(
+            f"{path} is not a vlmkit merged export (no {MERGED_MANIFEST}); make one with "
+            "'vlmkit export --format hf'"
+        )
+    manifest = read_json_manifest(file, "vlmkit merged-export manifest")
+    if manifest.get("format") != MERGED_FORMAT or manifest.get("format_version", 0) > MERGED_VERSION:
+        raise ArtifactError(f"{file} is not a manifest this vlmkit reads")
+    return manifest
+
+
+def _check_lora_targets(base, targets: Sequence[str], decoder: str) -> None:
+    names = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()} | {
+        n for n, _ in base.named_modules()
+    }
+    missing = [t for t in targets if t not in names]
+    if missing or not targets:
+        raise PluginError(
+            f"LoRA targets {missing or list(targets)} match no module of the {decoder!r} model; "
+            f"set lora.targets to module names it has"
+        )

@@ -1,0 +1,161 @@
+"""The one caption-and-score loop: ``vlmkit eval``, training's ``--eval-metrics`` and the demo
+caption a split with ``generate_captions`` and score it with ``score``; ``caption_files`` captions
+image files (``vlmkit caption``)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlmkit.core.contracts import CaptionExample
+from vlmkit.core.errors import ConfigError, DataError
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    out_dir: Path | None = None
+
+
+def generate_captions(
+    model,
+    data,
+    *,
+    features=None,
+    batch_size: int = 32,
+    limit: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
+    **generate_kwargs,
+) -> list[dict[str, Any]]:
+    """Greedy (or as configured) captions for the first ``limit`` examples of ``data``: one row
+    ``{"id", "prediction", "references"}`` each. ``vlmkit eval`` and training's evaluation both
+    caption through here.
+
+    ``features`` (rows in ``data``'s order, e.g. the feature cache) stand in for the images.
+    Otherwise images are decoded in a background thread while the model generates for the
+    previous batch.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = min(len(data), limit) if limit else len(data)
+    batches = [list(range(s, min(n, s + batch_size))) for s in range(0, n, batch_size)]
+
+    def load(indices):
+        examples = [data[i] for i in indices]
+        if features is not None:
+            import torch
+
+            rows = features[indices[0] : indices[-1] + 1].astype("float32")
+            return examples, {"features": torch.from_numpy(rows)}
+        return examples, {"images": [ex.load_image() for ex in examples]}
+
+    rows: list[dict[str, Any]] = []
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(load, batches[0]) if batches else None
+        for b in range(len(batches)):
+            examples, inputs = pending.result()
+            if b + 1 < len(batches):
+                pending = pool.submit(load, batches[b + 1])
+            captions = model.generate(**inputs, **generate_kwargs)
+            for ex, text in zip(examples, captions, strict=True):
+                rows.append({"id": ex.id, "prediction": text, "references": list(ex.captions)})
+            if on_batch:
+                on_batch(len(examples))
+    return rows
+
+
+def score(rows: list[dict[str, Any]]) -> dict[str, float]:
+    from vlmkit.evaluate.metrics import exact_match, score_captions
+
+    predictions = {r["id"]: r["prediction"] for r in rows}
+    references = {r["id"]: r["references"] for r in rows}
+    metrics = score_captions(predictions, references)
+    metrics["exact_match"] = exact_match(predictions, references)
+    return metrics
+
+
+def evaluate(
+    model,
+    data,
+    *,
+    out_dir: str | Path | None = None,
+    batch_size: int = 32,
+    limit: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
+    extra: dict[str, Any] | None = None,
+    **generate_kwargs,
+) -> EvalResult:
+    """Caption ``data`` with ``model``, score it, and (with ``out_dir``) write
+    ``predictions.jsonl`` and ``metrics.json`` there."""
+    if len(data) == 0:
+        raise ConfigError("the evaluation split is empty; nothing to evaluate")
+    started = time.perf_counter()
+    rows = generate_captions(
+        model, data, batch_size=batch_size, limit=limit, on_batch=on_batch, **generate_kwargs
+    )
+    metrics = score(rows)
+    seconds = time.perf_counter() - started
+    out = None
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with (out / "predictions.jsonl").open("w") as fh:
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
+        described = metrics.describe() if hasattr(metrics, "describe") else {"metrics": dict(metrics)}
+        record = {**described, "count": len(rows), "seconds": round(seconds, 2), **(extra or {})}
+        (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    return EvalResult(metrics=metrics, predictions=rows, seconds=seconds, out_dir=out)
+
+
+# ------------------------------------------------------------------------------ image files
+
+
+@dataclass
+class CaptionResult:
+    path: str
+    caption: str | None = None
+    error: str | None = None
+
+
+def read_images(paths: Sequence[str | Path]) -> tuple[list[tuple[str, object]], list[CaptionResult]]:
+    """Open every path as an RGB image; unreadable ones become error results, not exceptions."""
+    images, failed = [], []
+    for path in paths:
+        try:
+            images.append(
+                (str(path), CaptionExample(id=str(path), captions=[], image=Path(path)).load_image())
+            )
+        except DataError as exc:
+            failed.append(CaptionResult(path=str(path), error=str(exc)))
+    return images, failed
+
+
+def caption_files(
+    model,
+    paths: Sequence[str | Path],
+    *,
+    batch_size: int = 8,
+    on_batch: Callable[[int], None] | None = None,
+    **generate_kwargs,
+) -> list[CaptionResult]:
+    """Caption image files in batches, in the order given. ``model`` is anything with
+    ``generate(images, **kwargs) -> list[str]`` (a ``PrefixConditioningVLM`` or the ONNX runtime)."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    images, failed = read_images(paths)
+    results = {r.path: r for r in failed}
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        captions = model.generate([img for _, img in chunk], **generate_kwargs)
+        for (path, _), text in zip(chunk, captions, strict=True):
+            results[path] = CaptionResult(path=path, caption=text)
+        if on_batch:
+            on_batch(len(chunk))
+    return [results[str(p)] for p in paths]

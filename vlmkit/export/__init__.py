@@ -1,0 +1,203 @@
+"""The export job: a trained model folder -> ONNX graphs for ONNX Runtime, or merged HF weights.
+
+- ``--format onnx`` (``vlmkit.export.onnx``): what ``vlmkit.runtime.onnx.OnnxCaptioner`` runs without
+  torch; ``--quantize int8`` adds int8-weight graphs.
+- ``--format hf`` (``vlmkit.export.hf``): the decoder with LoRA merged as a plain transformers
+  checkpoint, the projection and a manifest; ``vlmkit.load`` reads it back.
+
+Folders are written under a temporary name next to ``out`` and renamed into place at the end, so
+an interrupted export never leaves a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlmkit.core.artifact import MERGED_MANIFEST
+from vlmkit.core.errors import ArtifactError, ConfigError
+from vlmkit.runtime.onnx import MANIFEST as ONNX_MANIFEST
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "hf")
+#: ``--quantize`` choice -> ``quantize_int8`` method (the variant is called ``int8`` either way)
+QUANTIZATIONS = {"int8": "blockwise", "int8-dynamic": "dynamic"}
+DEFAULT_OPSET = 17
+#: scaled_dot_product_attention, which every built-in decoder uses, exports from opset 14 on
+MIN_OPSET = 14
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote: the folder, its files (name -> bytes) and the checks it passed."""
+
+    path: Path
+    format: str
+    files: dict[str, int] = field(default_factory=dict)
+    checks: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def max_opset() -> int:
+    """The newest opset the TorchScript-based exporter of the installed torch writes."""
+    try:
+        from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+
+        return int(ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+    except ImportError:  # torch moved its private constants: the last value we know
+        return 20
+
+
+def check_options(
+    format: str, opset: int | None, quantize: str | None, out: str | Path, overwrite: bool
+) -> int | None:
+    """Refuse bad options before anything is loaded; returns the opset to use (ONNX only)."""
+    if format not in FORMATS:
+        raise ConfigError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise ConfigError(f"unknown quantization {quantize!r}; supported: {', '.join(QUANTIZATIONS)}")
+    if format == "hf" and (quantize is not None or opset is not None):
+        raise ConfigError("--opset and --quantize apply to --format onnx only")
+    if format == "onnx":
+        opset = DEFAULT_OPSET if opset is None else int(opset)
+        high = max_opset()
+        if not MIN_OPSET <= opset <= high:
+            raise ConfigError(f"ONNX opset {opset} is not supported; choose one from {MIN_OPSET} to {high}")
+    _check_out(Path(out), overwrite)
+    return opset
+
+
+def export_model(
+    model: str | Path,
+    out: str | Path,
+    *,
+    format: str = "onnx",
+    opset: int | None = None,
+    quantize: str | None = None,
+    overwrite: bool = False,
+    registry=None,
+    on_step: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Export the trained model folder ``model`` to the new folder ``out`` (see the module docstring)."""
+    from vlmkit.core.artifact import load, read_manifest
+
+    manifest = read_manifest(model)  # a one-line ArtifactError unless ``model`` is a vlmkit model
+    check_options(format, opset, quantize, out, overwrite)
+    step(on_step, f"loading {model}")
+    vlm = load(model, registry=registry)
+    source = {
+        "model": str(Path(model).resolve()),
+        "encoder": manifest.get("encoder"),
+        "decoder": manifest.get("decoder"),
+    }
+    return export_vlm(
+        vlm,
+        out,
+        format=format,
+        opset=opset,
+        quantize=quantize,
+        overwrite=overwrite,
+        source=source,
+        on_step=on_step,
+    )
+
+
+def export_vlm(
+    vlm,
+    out: str | Path,
+    *,
+    format: str = "onnx",
+    opset: int | None = None,
+    quantize: str | None = None,
+    overwrite: bool = False,
+    source: dict[str, Any] | None = None,
+    on_step: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Export an in-memory ``PrefixConditioningVLM`` (as ``export_model`` does after loading)."""
+    out = Path(out)
+    opset = check_options(format, opset, quantize, out, overwrite)
+    from vlmkit.export import hf, onnx
+
+    if any(p.device.type != "cpu" for p in vlm.parameters()):
+        raise ConfigError("export runs on the CPU: move the model there first (vlm.cpu())")
+    start = time.perf_counter()
+    was_training = vlm.training
+    vlm.eval()
+    try:
+        with _staging(out, overwrite) as tmp:
+            if format == "onnx":
+                checks = onnx.write_onnx(
+                    vlm, tmp, opset=opset, quantize=quantize, source=source, on_step=on_step
+                )
+            else:
+                checks = hf.write_merged(vlm, tmp, source=source, on_step=on_step)
+    finally:
+        vlm.train(was_training)
+    files = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
+    return ExportResult(out, format, files, checks, time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------------------ output folder
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ArtifactError(f"{out} exists and is not a folder; choose another --out")
+    if not overwrite:
+        raise ArtifactError(f"{out} already exists; pass --overwrite to replace it")
+    if any(out.iterdir()) and not _is_export(out):
+        raise ArtifactError(f"{out} is not a vlmkit export; refusing to replace it (choose another --out)")
+
+
+def _is_export(path: Path) -> bool:
+    return (path / ONNX_MANIFEST).is_file() or (path / MERGED_MANIFEST).is_file()
+
+
+@contextlib.contextmanager
+def _staging(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary folder beside ``out``, renamed to ``out`` when the block succeeds."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = out.parent / f".{out.name}.partial-{tag}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            _check_out(out, overwrite)  # it may have appeared while we were exporting
+            old = out.parent / f".{out.name}.replaced-{tag}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def step(on_step: Callable[[str], None] | None, message: str) -> None:
+    log.info("%s", message)
+    if on_step is not None:
+        on_step(message)
+
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "FORMATS",
+    "MIN_OPSET",
+    "ExportResult",
+    "check_options",
+    "export_model",
+    "export_vlm",
+    "max_opset",
+]

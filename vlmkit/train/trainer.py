@@ -1,0 +1,152 @@
+"""``VLMTrainer``: Hugging Face ``Trainer`` with per-part learning rates and checkpoints that hold
+only the trainable tensors (projection, LoRA, unfrozen encoder layers), not the frozen base."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from vlmkit.core.errors import ConfigError
+from vlmkit.core.model import PrefixConditioningVLM
+from vlmkit.evaluate.loop import generate_captions, score
+from vlmkit.train.config import TrainConfig
+from vlmkit.train.data import CaptionTrainingSet, LengthGroupedSampler, SamplerEpoch
+
+log = logging.getLogger(__name__)
+
+TRAINABLE_FILE = "trainable.safetensors"
+
+
+def optimizer_param_groups(model: PrefixConditioningVLM, config: TrainConfig) -> list[dict[str, Any]]:
+    """One AdamW group per trained part (projection, LoRA, unfrozen encoder layers), each with its
+    own learning rate."""
+    lrs = {"projection": config.lr_projection, "lora": config.lr_lora, "encoder": config.lr_encoder}
+    return [
+        {"params": params, "lr": lrs[name], "weight_decay": config.weight_decay}
+        for name, params in model.trainable_parameter_groups().items()
+        if params
+    ]
+
+
+def make_optimizer(param_groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.Optimizer:
+    """AdamW for ``param_groups``, fused (one kernel per tensor) on CUDA and on CPU.
+
+    torch picks the per-tensor Python loop on CPU when not told otherwise; the LoRA adapter is
+    a few hundred small tensors, and with several threads on a busy machine each of the ~10 ops
+    per tensor can wait for a descheduled thread.
+    """
+    params = [p for group in param_groups for p in group["params"]]
+    on_cpu = all(type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type == "cpu" for p in params)
+    fused = {"fused": True} if torch.cuda.is_available() or on_cpu else {}
+    return torch.optim.AdamW(param_groups, **fused, **kwargs)
+
+
+def prepare_model_for_precision(model: PrefixConditioningVLM, precision: str) -> None:
+    """Set-up that depends on the training precision and device.
+
+    bf16 autocast on CPU: the decoder's attention runs ``eager`` (matmul + fp32 softmax) instead
+    of SDPA. PyTorch's CPU flash-attention kernel is about 4x slower than eager in bf16 for the
+    short sequences of captioning (60 tokens: 15 vs 4 ms per layer, forward + backward, batch 8,
+    measured on an AVX512-BF16 CPU; ``benchmarks/train_throughput.py --variants``), about 10% of
+    a training step. In fp32 the two are even, and on GPUs SDPA is the right choice.
+    """
+    if precision == "bf16" and not torch.cuda.is_available():
+        model.language_model.set_attn_implementation("eager")
+
+
+class VLMTrainer(Trainer):
+    """``Trainer`` with per-part learning rates and checkpoints of trainable tensors only."""
+
+    def __init__(self, *args, vlm_config: TrainConfig, eval_captions=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.vlm_config = vlm_config
+        self.eval_captions = eval_captions  # (CaptionDataset, features or None) for --eval-metrics
+        self.length_sampler: LengthGroupedSampler | None = None
+        self.add_callback(SamplerEpoch(self))
+
+    def _get_train_sampler(self, train_dataset=None):
+        """With ``group_by_length``, batches of similar caption length: see ``LengthGroupedSampler``."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.vlm_config.group_by_length and isinstance(dataset, CaptionTrainingSet):
+            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            self.length_sampler = LengthGroupedSampler(dataset, batch, seed=seed)
+            return self.length_sampler
+        return super()._get_train_sampler(train_dataset)
+
+    def create_optimizer(self, model=None):
+        # Trainer passes the prepared model when it creates the optimizer late (FSDP)
+        if self.optimizer is None:
+            model = self.accelerator.unwrap_model(model) if model is not None else self.model
+            self.optimizer = make_optimizer(optimizer_param_groups(model, self.vlm_config))
+        return self.optimizer
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        from safetensors.torch import save_file
+
+        output = Path(output_dir or self.args.output_dir)
+        output.mkdir(parents=True, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(tensors, str(output / TRAINABLE_FILE))
+
+    def _load_trainable(self, checkpoint: str | Path) -> None:
+        from safetensors.torch import load_file
+
+        model = self.accelerator.unwrap_model(self.model)
+        file = Path(checkpoint) / TRAINABLE_FILE
+        if not file.is_file():
+            raise ConfigError(
+                f"checkpoint {checkpoint} has no {TRAINABLE_FILE}; it was not written by vlmkit train"
+            )
+        tensors = load_file(str(file))
+        params = dict(model.named_parameters())
+        unknown = sorted(set(tensors) - set(params))
+        if unknown:
+            raise ConfigError(f"checkpoint {checkpoint} does not fit this model (e.g. {unknown[0]})")
+        with torch.no_grad():
+            for name, value in tensors.items():
+                params[name].copy_(value)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        self._load_trainable(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        if self.state.best_model_checkpoint:
+            log.info("loading the best checkpoint %s", self.state.best_model_checkpoint)
+            self._load_trainable(self.state.best_model_checkpoint)
+
+    def evaluation_loop(self, *args, **kwargs):
+        output = super().evaluation_loop(*args, **kwargs)
+        if self.vlm_config.eval_metrics and self.eval_captions is not None:
+            prefix = kwargs.get("metric_key_prefix", "eval")
+            data, features = self.eval_captions
+            rows = generate_captions(
+                self.accelerator.unwrap_model(self.model),
+                data,
+                features=features,
+                batch_size=self.args.per_device_eval_batch_size,
+                limit=self.vlm_config.max_eval_samples,
+            )
+            scores = score(rows)
+            output.metrics.update({f"{prefix}_{k}": v for k, v in scores.items()})
+        return output
+
+
+class JsonlLogger(TrainerCallback):
+    """Appends every log record (loss, learning rates, eval metrics) to ``logs.jsonl``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
