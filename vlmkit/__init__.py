@@ -57,6 +57,7 @@ _LAZY = {
     "assign_split": "vlmkit.sdk.datasets",
     "check_split": "vlmkit.sdk.datasets",
     "fingerprint": "vlmkit.sdk.datasets",
+    "captions_of": "vlmkit.sdk.datasets",
     "parse_options": "vlmkit.sdk.datasets",
     "stratified_splits": "vlmkit.sdk.datasets",
 }

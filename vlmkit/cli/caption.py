@@ -12,7 +12,12 @@ from vlmkit.core.errors import VlmkitError
 
 def caption(
     images: list[Path] = typer.Argument(..., help="Image files to caption (JPEG, PNG, WebP, ...)."),
-    model: Path = typer.Option(None, "--model", "-m", help="A model folder written by 'vlmkit train'."),
+    model: Path = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="A model folder written by 'vlmkit train', or a merged export ('vlmkit export --format hf').",
+    ),
     onnx: Path = typer.Option(
         None, "--onnx", help="Or a folder written by 'vlmkit export --format onnx' (runs without torch)."
     ),

@@ -12,6 +12,7 @@ Only light imports here (pydantic, hashlib): dataset plugins import this module 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import difflib
 import hashlib
 import json
@@ -242,3 +243,23 @@ def load_split(datasets: Sequence[Any], split: str, *, seed: int = 0, registry=N
     if len(parts) == 1:
         return parts[0][1]
     return mix([data for _, data in parts], names=[name for name, _ in parts])
+
+
+def captions_of(value: Any) -> list[str]:
+    """Reference captions from what a dataset file holds for one image: a string, a JSON list in
+    a string (CSV cells), a list of strings, or of dicts with ``raw``/``caption``/``text`` (the
+    Karpathy JSON). Stripped; blanks and repeats dropped; ``[]`` for anything else."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        with contextlib.suppress(json.JSONDecodeError):
+            value = json.loads(value)
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        return []
+    out: list[str] = []
+    for item in value:
+        if isinstance(item, dict):
+            item = item.get("raw") or item.get("caption") or item.get("text")
+        if isinstance(item, str) and item.strip() and item.strip() not in out:
+            out.append(item.strip())
+    return out

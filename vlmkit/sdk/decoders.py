@@ -38,10 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from vlmkit.core.contracts import DecoderSpec, Formatted
+from vlmkit.core.contracts import STYLES, DecoderSpec, Formatted
 from vlmkit.core.errors import PluginError
-
-STYLES = ("auto", "chat", "plain")
 
 # Stand-ins rendered through the chat template, then cut out. Plain ASCII, so no template escapes
 # or trims them.

@@ -30,6 +30,7 @@ from vlmkit.sdk.datasets import (
     ListDataset,
     SplitFractions,
     assign_split,
+    captions_of,
     check_split,
     fingerprint,
     parse_options,
@@ -154,7 +155,7 @@ def load_hub_split(name: str, source: HubSource, opts: HubOptions, split: str, s
         if ids is None or any(i in (None, "") for i in ids):
             ids, positional = [f"{part_name}:{row}" for row in range(len(ds))], True
         for row, identity in enumerate(ids):
-            captions = _as_captions(table[captions_col][row])
+            captions = captions_of(table[captions_col][row])
             record = records.get(str(identity))
             if record is None:
                 label = table[split_col][row] if split_col else part_name
@@ -265,20 +266,6 @@ def _load_raw(
     if not parts:
         raise DataError(f"{where}: the dataset has no rows")
     return parts
-
-
-def _as_captions(value: Any) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        value = [value]
-    out = []
-    for item in value:
-        if isinstance(item, dict):  # Karpathy json: {"raw": "...", "tokens": [...]}
-            item = item.get("raw") or item.get("caption") or item.get("text")
-        if isinstance(item, str) and item.strip() and item.strip() not in out:
-            out.append(item.strip())
-    return out
 
 
 def _image_paths(ds: Any, column: str) -> list[str] | None:

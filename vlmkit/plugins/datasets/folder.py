@@ -18,7 +18,6 @@ bad file. ``on_bad_image="error"`` (the default) refuses the folder naming the b
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import io
@@ -41,6 +40,7 @@ from vlmkit.sdk.datasets import (
     ListDataset,
     SplitFractions,
     assign_split,
+    captions_of,
     check_split,
     fingerprint,
     parse_options,
@@ -168,7 +168,7 @@ def _read_captions(path: Path, source: str) -> dict[str, list[str]]:
         if not isinstance(image, str):
             raise DataError(f"{where} names no image (use one of the keys {', '.join(IMAGE_KEYS)})")
         raw = next((row[k] for k in CAPTION_KEYS if row.get(k) not in (None, "")), None)
-        captions = _as_captions(raw)
+        captions = captions_of(raw)
         if not captions:
             raise DataError(
                 f"{where} has no caption for {image} (use one of the keys {', '.join(CAPTION_KEYS)})"
@@ -176,17 +176,6 @@ def _read_captions(path: Path, source: str) -> dict[str, list[str]]:
         merged = entries.setdefault(Path(image).as_posix(), [])
         merged.extend(c for c in captions if c not in merged)
     return entries
-
-
-def _as_captions(raw: Any) -> list[str]:
-    if isinstance(raw, str) and raw.lstrip().startswith("["):
-        with contextlib.suppress(json.JSONDecodeError):
-            raw = json.loads(raw)
-    if isinstance(raw, str):
-        raw = [raw]
-    if not isinstance(raw, list):
-        return []
-    return [c.strip() for c in raw if isinstance(c, str) and c.strip()]
 
 
 def _resolve(base: Path, image: str) -> Path:
