@@ -500,3 +500,31 @@ def test_a_model_saved_before_the_layout_change_still_loads(tmp_path, caplog):
         model = vlmkit.load(model_dir)
     assert not caplog.records, [r.getMessage() for r in caplog.records]
     assert model.generate(sample_images(2), return_ids=True) == expected["ids"]
+
+
+# ------------------------------------------------------------------------------ devices
+
+
+@pytest.fixture
+def tensors_default_to_meta():
+    """Tensors made without naming a device land on ``meta`` while a test runs: one that vlmkit
+    builds without following the model (on a GPU: a CPU tensor beside CUDA weights) then fails
+    here as it would there, with no GPU needed."""
+    torch.set_default_device("meta")
+    try:
+        yield
+    finally:
+        torch.set_default_device(None)
+
+
+def test_generation_builds_every_tensor_on_the_models_device(trained, images, tensors_default_to_meta):
+    vlm, features = trained
+    assert vlm.generate(features=features.cpu(), max_new_tokens=16) == CAPTIONS
+    assert vlm.caption(images, max_new_tokens=16) == CAPTIONS
+    assert vlm.tokenize(CAPTIONS).input_ids.device == vlm.device
+
+
+def test_the_loss_follows_the_models_device(trained, tensors_default_to_meta):
+    vlm, features = trained
+    loss = vlm(**vlm.tokenize(CAPTIONS).to_dict(), features=features)["loss"]
+    assert loss.device == vlm.device and torch.isfinite(loss)

@@ -150,11 +150,13 @@ class PrefixConditioningVLM(nn.Module):
         *,
         prompt: str | Sequence[str] | None = None,
         padding_side: Literal["left", "right"] = "right",
+        device=None,
     ) -> Batch:
         """Token ids, attention mask, image-slot mask and labels for a batch of captions.
 
         ``None`` captions format for generation (no target, no labels). Training pads on the
         right; generation on the left, so every row's next token comes right after its prompt.
+        The tensors are on ``device`` (default: the model's).
         """
         rows, label_rows, image_rows = [], [], []
         k = self.num_prefix_tokens
@@ -168,21 +170,29 @@ class PrefixConditioningVLM(nn.Module):
             image_rows.append([False] * len(f.before) + [True] * k + [False] * (len(ids) - len(f.before) - k))
             label_rows.append([IGNORE_INDEX] * (len(ids) - len(f.target)) + list(f.target))
         width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        image_mask = torch.zeros((len(rows), width), dtype=torch.bool)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        for i, (ids, img, lab) in enumerate(zip(rows, image_rows, label_rows, strict=True)):
-            n = len(ids)
-            sl = slice(width - n, width) if padding_side == "left" else slice(0, n)
-            input_ids[i, sl] = torch.tensor(ids)
-            attention[i, sl] = 1
-            image_mask[i, sl] = torch.tensor(img)
-            labels[i, sl] = torch.tensor(lab)
+
+        def padded(row_list, fill):
+            pads = [[fill] * (width - len(r)) for r in row_list]
+            if padding_side == "left":
+                return [p + list(r) for p, r in zip(pads, row_list, strict=True)]
+            return [list(r) + p for p, r in zip(pads, row_list, strict=True)]
+
+        # built where the model is (or where the caller says: the training collator keeps them on
+        # the CPU and the Trainer moves each batch), so generation on a GPU never mixes devices
+        device = self.device if device is None else device
+        input_ids = torch.tensor(padded(rows, self.pad_token_id), dtype=torch.long, device=device)
+        attention = torch.tensor(padded([[1] * len(r) for r in rows], 0), dtype=torch.long, device=device)
+        image_mask = torch.tensor(padded(image_rows, False), dtype=torch.bool, device=device)
+        labels = torch.tensor(padded(label_rows, IGNORE_INDEX), dtype=torch.long, device=device)
         has_labels = any(c is not None for c in captions)
         return Batch(input_ids, attention, image_mask, labels if has_labels else None)
 
     # ------------------------------------------------------------------ forward
+
+    @property
+    def device(self) -> torch.device:
+        """Where the LM's input embeddings are; every input is moved there."""
+        return self.lm.get_input_embeddings().weight.device
 
     def preprocess(self, images) -> Any:
         """PIL images -> pixel values, exactly as the encoder checkpoint expects."""
@@ -222,6 +232,9 @@ class PrefixConditioningVLM(nn.Module):
             if pixel_values is None:
                 raise ValueError("forward needs pixel_values or features")
             features = self.encode(pixel_values)
+        device = self.device
+        input_ids, attention_mask, image_mask = (t.to(device) for t in (input_ids, attention_mask, image_mask))
+        labels = labels.to(device) if labels is not None else None
         prefix = self.projection(features)
         embeds = self.embed(input_ids, image_mask, prefix)
         base = self.language_model
