@@ -54,6 +54,7 @@ def assemble(
     encoder_weights: str | Path | None = None,
     trainable: bool = True,
     seed: int | None = 0,
+    dtype: str | None = None,
 ):
     """Build a ``PrefixConditioningVLM`` through the registry.
 
@@ -62,11 +63,14 @@ def assemble(
     - ``merged=True``: the decoder checkpoint already has LoRA merged in: no adapter at all.
 
     ``projection`` and ``encoder_weights`` are safetensors files to load into the projection and
-    the encoder (the trained encoder layers).
+    the encoder (the trained encoder layers). ``dtype`` (``bfloat16``, ``float16``; default
+    float32) is that of the frozen base weights: the decoder loads in it, a wholly frozen encoder
+    is cast to it; LoRA and the projection stay float32 (peft keeps adapters in float32).
     """
     import torch
     from safetensors.torch import load_file
 
+    from vlmkit.core.device import torch_dtype
     from vlmkit.core.model import PrefixConditioningVLM
     from vlmkit.core.projection import build_projection
     from vlmkit.core.registry import get_registry
@@ -77,7 +81,13 @@ def assemble(
     encoder_spec = registry.encoder(encoder_name)
     decoder_spec = registry.decoder(decoder_name)
     encoder = encoder_spec.load(config.encoder_checkpoint, revision=config.encoder_revision)
-    base, tokenizer = decoder_spec.load(config.decoder_checkpoint, revision=config.decoder_revision)
+    half = dtype not in (None, "float32")
+    if half and not config.unfreeze_encoder_layers:  # trained encoder layers keep fp32 weights
+        encoder.to(torch_dtype(dtype))
+    load_dtype = {"dtype": dtype} if half else {}  # third-party specs without a dtype still work in fp32
+    base, tokenizer = decoder_spec.load(
+        config.decoder_checkpoint, revision=config.decoder_revision, **load_dtype
+    )
     if merged:
         lm = base
     elif adapter is not None:
@@ -219,11 +229,25 @@ def save(model, path: str | Path, *, training: dict | None = None) -> Path:
 # ------------------------------------------------------------------------------ loading
 
 
-def load(path: str | Path, *, registry=None, trainable: bool = False):
-    """Rebuild a saved model (``vlmkit.json``) or a merged export (``vlmkit-hf.json``)."""
+def load(
+    path: str | Path,
+    *,
+    registry=None,
+    trainable: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
+):
+    """Rebuild a saved model (``vlmkit.json``) or a merged export (``vlmkit-hf.json``).
+
+    ``device``: ``cpu`` (the default), ``cuda``, ``cuda:N``, ``mps`` or ``auto``. ``dtype``:
+    ``float32`` (the default), ``bfloat16`` or ``float16``, or a precision name (``bf16`` ...); the
+    base weights load straight in it and, unless ``trainable``, the whole model is cast to it.
+    """
     path = Path(path)
     if (path / MERGED_MANIFEST).is_file() and not (path / MANIFEST).exists():
-        return _load_merged(path, registry=registry)
+        return _place(
+            _load_merged(path, registry=registry, dtype=_dtype_name(dtype)), device, dtype, trainable
+        )
     manifest = read_manifest(path)
     config = validate_model_config(manifest.get("config"), source=str(path / MANIFEST))
     encoder_file = (manifest.get("files") or {}).get("encoder")
@@ -239,9 +263,33 @@ def load(path: str | Path, *, registry=None, trainable: bool = False):
         encoder_weights=path / encoder_file if encoder_file else None,
         trainable=trainable,
         seed=None,
+        dtype=_dtype_name(dtype),
     )
     _warn_if_changed(model, manifest, path)
-    return _for_use(model, trainable)
+    return _place(_for_use(model, trainable), device, dtype, trainable)
+
+
+def _dtype_name(dtype) -> str | None:
+    """``dtype`` (a torch dtype, ``bfloat16`` or ``bf16``) as a torch dtype name; None stays None."""
+    if dtype is None:
+        return None
+    from vlmkit.core.device import torch_dtype
+
+    return str(torch_dtype(str(dtype).removeprefix("torch."))).removeprefix("torch.")
+
+
+def _place(model, device: str | None, dtype, trainable: bool):
+    from vlmkit.core.device import resolve_device, torch_dtype
+
+    if device is not None:
+        model.to(resolve_device(device))
+    if dtype is not None and not trainable:
+        model.to(torch_dtype(_dtype_name(dtype)))
+    if str(dtype) == "tf32":  # fp32 weights, TF32 matmuls (Ampere+ GPUs; no effect elsewhere)
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return model
 
 
 def _registry_with_plugins(registry, config: ModelConfig, path: Path):
@@ -285,7 +333,7 @@ def _warn_if_changed(model, manifest: dict[str, Any], path: Path) -> None:
         )
 
 
-def _load_merged(path: Path, *, registry=None):
+def _load_merged(path: Path, *, registry=None, dtype: str | None = None):
     """A captioner from a ``--format hf`` export: the encoder through its plugin, the merged
     decoder from ``decoder/`` (no LoRA, no peft), the saved projection. For inference."""
     manifest = read_merged_manifest(path)
@@ -305,6 +353,7 @@ def _load_merged(path: Path, *, registry=None):
         projection=path / files.get("projection", "projection.safetensors"),
         encoder_weights=path / files["encoder"] if files.get("encoder") else None,
         seed=None,
+        dtype=dtype,
     )
     return _for_use(model, trainable=False)
 

@@ -68,25 +68,37 @@ class PrefixConditioningVLM(nn.Module):
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def build(cls, config=None, *, registry=None, seed: int | None = 0) -> PrefixConditioningVLM:
+    def build(cls, config=None, *, registry=None, seed: int | None = 0, dtype=None) -> PrefixConditioningVLM:
         """A fresh model: encoder and decoder through their plugins, new LoRA and projection
-        (``vlmkit.core.artifact.assemble``)."""
+        (``vlmkit.core.artifact.assemble``); ``dtype`` is that of the frozen base weights."""
         from vlmkit.core.artifact import assemble
 
-        return assemble(config, registry=registry, seed=seed)
+        return assemble(config, registry=registry, seed=seed, dtype=dtype)
 
     @classmethod
-    def load(cls, path, *, registry=None, trainable: bool = False) -> PrefixConditioningVLM:
+    def load(
+        cls, path, *, registry=None, trainable: bool = False, device=None, dtype=None
+    ) -> PrefixConditioningVLM:
         """A saved model or merged export (``vlmkit.load``; ``vlmkit.core.artifact.load``)."""
         from vlmkit.core.artifact import load
 
-        return load(path, registry=registry, trainable=trainable)
+        return load(path, registry=registry, trainable=trainable, device=device, dtype=dtype)
 
     def save(self, path, *, training: dict | None = None):
         """Write the model artifact to ``path`` (``vlmkit.core.artifact.save``)."""
         from vlmkit.core.artifact import save
 
         return save(self, path, training=training)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute the decoder's activations in backward (``Trainer``'s name for it). Non-reentrant
+        by default: it needs no input that requires grad, so LoRA and the prefix train as without."""
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        lm = self.language_model
+        if hasattr(lm, "activation_checkpointing_enable"):  # transformers 5's name for it
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     @property
     def language_model(self):
@@ -233,7 +245,9 @@ class PrefixConditioningVLM(nn.Module):
                 raise ValueError("forward needs pixel_values or features")
             features = self.encode(pixel_values)
         device = self.device
-        input_ids, attention_mask, image_mask = (t.to(device) for t in (input_ids, attention_mask, image_mask))
+        input_ids, attention_mask, image_mask = (
+            t.to(device) for t in (input_ids, attention_mask, image_mask)
+        )
         labels = labels.to(device) if labels is not None else None
         prefix = self.projection(features)
         embeds = self.embed(input_ids, image_mask, prefix)
