@@ -58,12 +58,12 @@ def caption(
 
         vlm = OnnxCaptioner(onnx)
     else:
-        from vlmkit.core.device import resolve
-        from vlmkit.core.model import PrefixConditioningVLM
+        import vlmkit
+        from vlmkit.train.precision import resolve
 
         placement = resolve(device, precision)
         typer.echo(f"vlmkit: {placement.describe()}", err=True)
-        vlm = PrefixConditioningVLM.load(model, device=placement.device, dtype=placement.precision)
+        vlm = vlmkit.load(model, device=placement.device, dtype=placement.precision)
     kwargs = {
         "max_new_tokens": max_new_tokens,
         "num_beams": num_beams,

@@ -63,18 +63,18 @@ def eval_command(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from vlmkit.core.model import PrefixConditioningVLM
+    import vlmkit
     from vlmkit.evaluate.loop import evaluate
     from vlmkit.evaluate.metrics import format_metrics_table
     from vlmkit.sdk.datasets import load_split
 
     console = Console(stderr=True)
     data = load_split(datasets, split, seed=split_seed)
-    from vlmkit.core.device import resolve
+    from vlmkit.train.precision import resolve
 
     placement = resolve(device, precision)
     console.print(f"vlmkit: {placement.describe()}")
-    vlm = PrefixConditioningVLM.load(model, device=placement.device, dtype=placement.precision)
+    vlm = vlmkit.load(model, device=placement.device, dtype=placement.precision)
     total = min(len(data), max_samples) if max_samples else len(data)
     columns = (TextColumn("captioning"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:

@@ -63,14 +63,12 @@ def assemble(
     - ``merged=True``: the decoder checkpoint already has LoRA merged in: no adapter at all.
 
     ``projection`` and ``encoder_weights`` are safetensors files to load into the projection and
-    the encoder (the trained encoder layers). ``dtype`` (``bfloat16``, ``float16``; default
-    float32) is that of the frozen base weights: the decoder loads in it, a wholly frozen encoder
-    is cast to it; LoRA and the projection stay float32 (peft keeps adapters in float32).
+    the encoder (the trained encoder layers). ``dtype`` (default float32): the frozen base weights'
+    (decoder, wholly frozen encoder); LoRA and the projection stay float32 (peft's adapters too).
     """
     import torch
     from safetensors.torch import load_file
 
-    from vlmkit.core.device import torch_dtype
     from vlmkit.core.model import PrefixConditioningVLM
     from vlmkit.core.projection import build_projection
     from vlmkit.core.registry import get_registry
@@ -83,7 +81,7 @@ def assemble(
     encoder = encoder_spec.load(config.encoder_checkpoint, revision=config.encoder_revision)
     half = dtype not in (None, "float32")
     if half and not config.unfreeze_encoder_layers:  # trained encoder layers keep fp32 weights
-        encoder.to(torch_dtype(dtype))
+        encoder.to(getattr(torch, dtype))
     load_dtype = {"dtype": dtype} if half else {}  # third-party specs without a dtype still work in fp32
     base, tokenizer = decoder_spec.load(
         config.decoder_checkpoint, revision=config.decoder_revision, **load_dtype
@@ -229,25 +227,12 @@ def save(model, path: str | Path, *, training: dict | None = None) -> Path:
 # ------------------------------------------------------------------------------ loading
 
 
-def load(
-    path: str | Path,
-    *,
-    registry=None,
-    trainable: bool = False,
-    device: str | None = None,
-    dtype: str | None = None,
-):
-    """Rebuild a saved model (``vlmkit.json``) or a merged export (``vlmkit-hf.json``).
-
-    ``device``: ``cpu`` (the default), ``cuda``, ``cuda:N``, ``mps`` or ``auto``. ``dtype``:
-    ``float32`` (the default), ``bfloat16`` or ``float16``, or a precision name (``bf16`` ...); the
-    base weights load straight in it and, unless ``trainable``, the whole model is cast to it.
-    """
+def load(path: str | Path, *, registry=None, trainable: bool = False, dtype: str | None = None):
+    """Rebuild a saved model (``vlmkit.json``) or a merged export (``vlmkit-hf.json``), its base
+    weights in ``dtype`` (all of it unless ``trainable``); ``vlmkit.load`` also places it."""
     path = Path(path)
     if (path / MERGED_MANIFEST).is_file() and not (path / MANIFEST).exists():
-        return _place(
-            _load_merged(path, registry=registry, dtype=_dtype_name(dtype)), device, dtype, trainable
-        )
+        return _for_use(_load_merged(path, registry=registry, dtype=dtype), False, dtype)
     manifest = read_manifest(path)
     config = validate_model_config(manifest.get("config"), source=str(path / MANIFEST))
     encoder_file = (manifest.get("files") or {}).get("encoder")
@@ -263,33 +248,10 @@ def load(
         encoder_weights=path / encoder_file if encoder_file else None,
         trainable=trainable,
         seed=None,
-        dtype=_dtype_name(dtype),
+        dtype=dtype,
     )
     _warn_if_changed(model, manifest, path)
-    return _place(_for_use(model, trainable), device, dtype, trainable)
-
-
-def _dtype_name(dtype) -> str | None:
-    """``dtype`` (a torch dtype, ``bfloat16`` or ``bf16``) as a torch dtype name; None stays None."""
-    if dtype is None:
-        return None
-    from vlmkit.core.device import torch_dtype
-
-    return str(torch_dtype(str(dtype).removeprefix("torch."))).removeprefix("torch.")
-
-
-def _place(model, device: str | None, dtype, trainable: bool):
-    from vlmkit.core.device import resolve_device, torch_dtype
-
-    if device is not None:
-        model.to(resolve_device(device))
-    if dtype is not None and not trainable:
-        model.to(torch_dtype(_dtype_name(dtype)))
-    if str(dtype) == "tf32":  # fp32 weights, TF32 matmuls (Ampere+ GPUs; no effect elsewhere)
-        import torch
-
-        torch.backends.cuda.matmul.allow_tf32 = True
-    return model
+    return _for_use(model, trainable, dtype)
 
 
 def _registry_with_plugins(registry, config: ModelConfig, path: Path):
@@ -355,12 +317,16 @@ def _load_merged(path: Path, *, registry=None, dtype: str | None = None):
         seed=None,
         dtype=dtype,
     )
-    return _for_use(model, trainable=False)
+    return model
 
 
-def _for_use(model, trainable: bool):
+def _for_use(model, trainable: bool, dtype: str | None = None):
     if not trainable:
         model.requires_grad_(False)
+        if dtype not in (None, "float32"):
+            import torch
+
+            model.to(getattr(torch, dtype))
     return model.eval()
 
 

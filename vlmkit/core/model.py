@@ -76,13 +76,11 @@ class PrefixConditioningVLM(nn.Module):
         return assemble(config, registry=registry, seed=seed, dtype=dtype)
 
     @classmethod
-    def load(
-        cls, path, *, registry=None, trainable: bool = False, device=None, dtype=None
-    ) -> PrefixConditioningVLM:
+    def load(cls, path, *, registry=None, trainable: bool = False, dtype=None) -> PrefixConditioningVLM:
         """A saved model or merged export (``vlmkit.load``; ``vlmkit.core.artifact.load``)."""
         from vlmkit.core.artifact import load
 
-        return load(path, registry=registry, trainable=trainable, device=device, dtype=dtype)
+        return load(path, registry=registry, trainable=trainable, dtype=dtype)
 
     def save(self, path, *, training: dict | None = None):
         """Write the model artifact to ``path`` (``vlmkit.core.artifact.save``)."""
@@ -94,11 +92,10 @@ class PrefixConditioningVLM(nn.Module):
         """Recompute the decoder's activations in backward (``Trainer``'s name for it). Non-reentrant
         by default: it needs no input that requires grad, so LoRA and the prefix train as without."""
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        lm = self.language_model
-        if hasattr(lm, "activation_checkpointing_enable"):  # transformers 5's name for it
-            lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        lm = self.language_model  # transformers 5 renamed it activation checkpointing
+        if hasattr(lm, "activation_checkpointing_enable"):
+            return lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     @property
     def language_model(self):
@@ -184,14 +181,13 @@ class PrefixConditioningVLM(nn.Module):
         width = max(len(r) for r in rows)
 
         def padded(row_list, fill):
-            pads = [[fill] * (width - len(r)) for r in row_list]
-            if padding_side == "left":
-                return [p + list(r) for p, r in zip(pads, row_list, strict=True)]
-            return [list(r) + p for p, r in zip(pads, row_list, strict=True)]
+            left = padding_side == "left"
+            return [
+                [fill] * (width - len(r)) * left + list(r) + [fill] * (width - len(r)) * (not left)
+                for r in row_list
+            ]
 
-        # built where the model is (or where the caller says: the training collator keeps them on
-        # the CPU and the Trainer moves each batch), so generation on a GPU never mixes devices
-        device = self.device if device is None else device
+        device = self.device if device is None else device  # the collator asks for CPU (Trainer moves)
         input_ids = torch.tensor(padded(rows, self.pad_token_id), dtype=torch.long, device=device)
         attention = torch.tensor(padded([[1] * len(r) for r in rows], 0), dtype=torch.long, device=device)
         image_mask = torch.tensor(padded(image_rows, False), dtype=torch.bool, device=device)
@@ -244,11 +240,6 @@ class PrefixConditioningVLM(nn.Module):
             if pixel_values is None:
                 raise ValueError("forward needs pixel_values or features")
             features = self.encode(pixel_values)
-        device = self.device
-        input_ids, attention_mask, image_mask = (
-            t.to(device) for t in (input_ids, attention_mask, image_mask)
-        )
-        labels = labels.to(device) if labels is not None else None
         prefix = self.projection(features)
         embeds = self.embed(input_ids, image_mask, prefix)
         base = self.language_model

@@ -81,6 +81,7 @@ def run_demo(
     from vlmkit.sdk.datasets import load_split
     from vlmkit.train import train
     from vlmkit.train.job import training_placement
+    from vlmkit.train.precision import place
 
     started = time.perf_counter()
     config = demo_config(output_dir, **overrides)
@@ -100,7 +101,9 @@ def run_demo(
     result = train(config, overwrite=True, progress=progress)
 
     log("[3/4] scoring the trained model on the same images")
-    model = PrefixConditioningVLM.load(config.output_dir, device=placement.device, dtype=placement.precision)
+    model = place(
+        PrefixConditioningVLM.load, config.output_dir, device=placement.device, dtype=placement.precision
+    )
     evaluation = evaluate(model, test, limit=n_test, out_dir=Path(config.output_dir) / "eval-test")
     after = evaluation.metrics
 

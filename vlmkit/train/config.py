@@ -28,8 +28,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from vlmkit.core.config import ModelConfig, validated
-from vlmkit.core.device import DEVICE_PATTERN
 from vlmkit.core.errors import ConfigError
+from vlmkit.train.precision import DEVICE_PATTERN
 
 
 class DatasetConfig(BaseModel):

@@ -29,13 +29,13 @@ import torch
 import yaml
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 
-from vlmkit.core.device import Placement, resolve
 from vlmkit.core.errors import ConfigError, VlmkitWarning
 from vlmkit.core.model import PrefixConditioningVLM
 from vlmkit.sdk.datasets import load_split
 from vlmkit.train.config import TrainConfig
 from vlmkit.train.data import CaptionTrainingSet, Collator
 from vlmkit.train.features import FeatureCache
+from vlmkit.train.precision import Placement, resolve
 from vlmkit.train.trainer import JsonlLogger, VLMTrainer, prepare_model_for_precision
 
 log = logging.getLogger(__name__)
@@ -236,7 +236,7 @@ def _final_evaluation(trainer: Trainer) -> dict[str, float] | None:
 
 
 def training_placement(config: TrainConfig) -> Placement:
-    """The device and precision ``config`` asks for, ``auto`` resolved (``vlmkit.core.device``).
+    """The device and precision ``config`` asks for, ``auto`` resolved (``vlmkit.train.precision``).
 
     Under torchrun each rank takes the GPU of its local rank, so only ``auto`` or ``cuda`` fit.
     Outside it, ``Trainer`` always trains on the first visible GPU: another one is chosen with

@@ -200,6 +200,22 @@ def measure_cpu_matmul(size: int = 256, repeats: int = 3, budget_s: float = 0.05
     return out
 
 
+def place(load, path, *, device: str | None = None, dtype: Any = None, **kwargs) -> Any:
+    """``load(path, dtype=..., **kwargs)`` placed on ``device`` (default cpu). ``dtype``: a torch
+    dtype, its name or a precision name; ``tf32`` loads fp32 and allows TF32 matmuls."""
+    import torch
+
+    name = (
+        None if dtype is None else str(torch_dtype(str(dtype).removeprefix("torch."))).removeprefix("torch.")
+    )
+    model = load(path, dtype=name, **kwargs)
+    if device is not None:
+        model.to(resolve_device(device))
+    if str(dtype) == "tf32":  # fp32 weights, TF32 matmuls on Ampere+ GPUs (no effect elsewhere)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return model
+
+
 def torch_dtype(name: str | None) -> Any:
     """``torch.float32`` etc. for ``float32``/``bfloat16``/``float16`` or a precision name."""
     import torch
