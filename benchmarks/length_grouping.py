@@ -68,7 +68,7 @@ def main() -> None:
         }
     )
     model = PrefixConditioningVLM.build(config.model)
-    prepare_model_for_precision(model, args.precision)
+    prepare_model_for_precision(model, args.precision, "cpu")
     model.train()
     examples = [
         CaptionExample(

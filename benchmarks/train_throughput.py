@@ -559,7 +559,7 @@ def build_vlmkit_model(args, siglip_dir: Path, lm_checkpoint: str, *, precision:
     )
     model = PrefixConditioningVLM.build(config, seed=0)
     check_lm_config(model.language_model.config)
-    prepare_model_for_precision(model, precision)
+    prepare_model_for_precision(model, precision, "cpu")  # this benchmark runs on the CPU
     model.train()
     return model
 

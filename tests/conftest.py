@@ -10,6 +10,41 @@ from pathlib import Path
 import pytest
 
 
+def pytest_configure(config):
+    """CPU tests stay on the CPU: CUDA is hidden (before torch starts) unless the run selects the
+    ``gpu`` tests (``pytest -m gpu``, as benchmarks/gpu_check.sh does)."""
+    import os
+
+    selection = config.getoption("markexpr", "") or ""
+    if "gpu" not in selection.replace("not gpu", ""):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests are skipped, with the reason shown, where no CUDA device is visible."""
+    if not any(item.get_closest_marker("gpu") for item in items):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible); run benchmarks/gpu_check.sh on one")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def fp32_wins_the_cpu_probe(monkeypatch):
+    """``precision: auto`` on a CPU measures fp32 against bf16: a timing. Tests see fp32 win, so
+    their results do not depend on the machine (nor is a made-up figure cached in the user's
+    VLMKIT_HOME); tests of the decision and of the cache mock the measurement themselves."""
+    from vlmkit.train import precision as device
+
+    figures = {"cpu": "test CPU", "fp32_gflops": 100.0, "bf16_gflops": 50.0, "cached": True}
+    monkeypatch.setattr(device, "cpu_matmul_probe", lambda *a, **k: figures)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):

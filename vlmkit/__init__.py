@@ -89,11 +89,15 @@ __all__ = [
 def load(path, **kwargs):
     """Rebuild a saved model (``PrefixConditioningVLM``) or a merged export from its folder.
 
-    ``kwargs``: ``registry`` (default: the installed plugins), ``trainable`` (keep LoRA trainable).
+    ``kwargs``: ``registry`` (default: the installed plugins), ``trainable`` (keep LoRA trainable),
+    ``device`` (``cpu`` by default, ``cuda``, ``cuda:N``, ``mps``, ``auto``) and ``dtype``
+    (``float32`` by default, ``bfloat16``, ``float16``).
     """
     from vlmkit.core.artifact import load as load_artifact
+    from vlmkit.train.precision import place
 
-    return load_artifact(path, **kwargs)
+    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+    return place(load_artifact, path, device=device, dtype=dtype, **kwargs)
 
 
 def __getattr__(name: str) -> Any:

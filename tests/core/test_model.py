@@ -500,3 +500,87 @@ def test_a_model_saved_before_the_layout_change_still_loads(tmp_path, caplog):
         model = vlmkit.load(model_dir)
     assert not caplog.records, [r.getMessage() for r in caplog.records]
     assert model.generate(sample_images(2), return_ids=True) == expected["ids"]
+
+
+# ------------------------------------------------------------------------------ devices
+
+
+@pytest.fixture
+def tensors_default_to_meta():
+    """Tensors made without naming a device land on ``meta`` while a test runs: one that vlmkit
+    builds without following the model (on a GPU: a CPU tensor beside CUDA weights) then fails
+    here as it would there, with no GPU needed."""
+    torch.set_default_device("meta")
+    try:
+        yield
+    finally:
+        torch.set_default_device(None)
+
+
+def test_generation_builds_every_tensor_on_the_models_device(trained, images, tensors_default_to_meta):
+    vlm, features = trained
+    assert vlm.generate(features=features.cpu(), max_new_tokens=16) == CAPTIONS
+    assert vlm.caption(images, max_new_tokens=16) == CAPTIONS
+    assert vlm.tokenize(CAPTIONS).input_ids.device == vlm.device
+
+
+def test_the_loss_follows_the_models_device(trained, tensors_default_to_meta):
+    vlm, features = trained
+    loss = vlm(**vlm.tokenize(CAPTIONS).to_dict(), features=features)["loss"]
+    assert loss.device == vlm.device and torch.isfinite(loss)
+
+
+def test_half_precision_loads_the_frozen_base_in_it_and_keeps_trained_weights_fp32(build, images):
+    vlm = PrefixConditioningVLM.build(build().settings, dtype="bfloat16")
+    assert vlm.language_model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert {p.dtype for p in vlm.encoder.parameters()} == {torch.bfloat16}
+    trained = [p for group in vlm.trainable_parameter_groups().values() for p in group]
+    assert trained and {p.dtype for p in trained} == {torch.float32}  # fp32 master weights
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = vlm(**vlm.tokenize(CAPTIONS).to_dict(), pixel_values=vlm.preprocess(images))["loss"]
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None and p.grad.dtype == torch.float32 for p in trained)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(build, images):
+    def loss_and_grads(checkpointing: bool):
+        torch.manual_seed(0)  # the same LoRA init and dropout masks for both
+        vlm = build(lora={"r": 4, "alpha": 8, "dropout": 0.0})
+        nudge_lora(vlm)
+        if checkpointing:
+            vlm.gradient_checkpointing_enable()
+        vlm.train()
+        loss = vlm(**vlm.tokenize(CAPTIONS).to_dict(), pixel_values=vlm.preprocess(images))["loss"]
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in vlm.named_parameters() if p.requires_grad}
+        lm = vlm.language_model
+        on = (
+            lm.is_activation_checkpointing
+            if hasattr(lm, "is_activation_checkpointing")
+            else lm.is_gradient_checkpointing
+        )
+        return loss.item(), grads, on
+
+    plain_loss, plain, off = loss_and_grads(False)
+    ckpt_loss, ckpt, on = loss_and_grads(True)
+    assert (off, on) == (False, True)
+    assert ckpt_loss == pytest.approx(plain_loss, rel=1e-6)
+    assert (
+        plain.keys() == ckpt.keys()
+        and any("lora_A" in n for n in plain)
+        and any("projection" in n for n in plain)
+    )
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_load_places_the_model_on_a_device_in_a_dtype(trained, images, tmp_path):
+    vlm, _ = trained
+    vlm.save(tmp_path / "m")
+    loaded = vlmkit.load(tmp_path / "m", device="cpu", dtype="bf16")
+    assert loaded.device == torch.device("cpu")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert len(loaded.caption(images, max_new_tokens=4)) == 2
+    assert {p.dtype for p in vlmkit.load(tmp_path / "m").parameters()} == {torch.float32}
+    with pytest.raises(ConfigError, match="no CUDA GPU is visible"):
+        vlmkit.load(tmp_path / "m", device="cuda")

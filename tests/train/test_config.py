@@ -223,3 +223,62 @@ def test_a_model_config_without_plugins_is_refused_by_name():
 
     with pytest.raises(ConfigError, match="model.encoder is not set"):
         ModelConfig().plugins()
+
+
+# ------------------------------------------------------------------------------- device and precision
+
+
+def test_device_and_precision_default_to_auto_and_reach_the_config_from_flags(cli_config):
+    assert (
+        TrainConfig(datasets=[{"name": "shapes"}]).device,
+        TrainConfig(datasets=[{"name": "shapes"}]).precision,
+    ) == (
+        "auto",
+        "auto",
+    )
+    config = cli_config("--device", "cpu", "--precision", "bf16", "--gradient-checkpointing")
+    assert (config.device, config.precision, config.gradient_checkpointing) == ("cpu", "bf16", True)
+
+
+@pytest.mark.parametrize(("key", "value"), [("device", "gpu"), ("device", "cuda:x"), ("precision", "half")])
+def test_unknown_devices_and_precisions_are_config_errors_naming_the_field(key, value):
+    with pytest.raises(ConfigError, match=f"^configuration: {key}: "):
+        load_config(overrides={"datasets": [{"name": "shapes"}], key: value})
+
+
+def training_arguments(tmp_path, placement, **settings):
+    from vlmkit.train.job import _training_arguments
+
+    config = TrainConfig(datasets=[{"name": "shapes"}], output_dir=tmp_path, **settings)
+    return _training_arguments(config, False, placement)
+
+
+def test_training_arguments_follow_the_chosen_precision_and_device(tmp_path):
+    from vlmkit.train.precision import Placement
+
+    bf16 = training_arguments(tmp_path, Placement("cpu", "bf16", "as asked"))
+    assert (bf16.bf16, bf16.fp16, bf16.use_cpu, str(bf16.device)) == (True, False, True, "cpu")
+    fp32 = training_arguments(tmp_path, Placement("cpu", "fp32", "as asked"))
+    assert (fp32.bf16, fp32.fp16, fp32.use_cpu) == (False, False, True)
+
+
+def test_auto_precision_on_a_cpu_is_the_probes_choice(tmp_path, monkeypatch):
+    from vlmkit.train import precision as device
+    from vlmkit.train.job import training_placement
+
+    config = TrainConfig(datasets=[{"name": "shapes"}], device="auto", precision="auto")
+    for fp32, bf16, chosen in ((149.0, 58.5, "fp32"), (100.0, 210.0, "bf16")):
+        figures = {"cpu": "test CPU", "fp32_gflops": fp32, "bf16_gflops": bf16, "cached": False}
+        monkeypatch.setattr(device, "cpu_matmul_probe", lambda *a, f=figures, **k: f)
+        placement = training_placement(config)
+        assert (placement.device, placement.precision) == ("cpu", chosen)
+
+
+@pytest.mark.parametrize("name", ["cuda:1", "cuda:0"])
+def test_training_on_a_numbered_gpu_points_to_cuda_visible_devices(name, monkeypatch):
+    from vlmkit.train.job import training_placement
+
+    config = TrainConfig(datasets=[{"name": "shapes"}], device=name)
+    expected = "CUDA_VISIBLE_DEVICES=1" if name == "cuda:1" else "no CUDA GPU is visible"
+    with pytest.raises(ConfigError, match=expected):
+        training_placement(config)

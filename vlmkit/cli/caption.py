@@ -30,6 +30,15 @@ def caption(
         None, "--prompt", help="Prompt text (default: the one the model was trained with)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines: {path, caption, error}."),
+    device: str = typer.Option(
+        "auto", "--device", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps (--model only)."
+    ),
+    precision: str = typer.Option(
+        "auto",
+        "--precision",
+        help="auto (bf16 on CUDA where supported, else fp16; on a CPU the faster of fp32 and bf16, measured), "
+        "fp32, tf32, bf16 or fp16.",
+    ),
 ) -> None:
     """Write a caption for each image with a trained model (--model) or an ONNX export (--onnx).
 
@@ -49,9 +58,12 @@ def caption(
 
         vlm = OnnxCaptioner(onnx)
     else:
-        from vlmkit.core.model import PrefixConditioningVLM
+        import vlmkit
+        from vlmkit.train.precision import resolve
 
-        vlm = PrefixConditioningVLM.load(model)
+        placement = resolve(device, precision)
+        typer.echo(f"vlmkit: {placement.describe()}", err=True)
+        vlm = vlmkit.load(model, device=placement.device, dtype=placement.precision)
     kwargs = {
         "max_new_tokens": max_new_tokens,
         "num_beams": num_beams,

@@ -16,6 +16,17 @@ def demo(
         None, "--test-samples", min=1, help="Score only this many held-out images."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    device: str = typer.Option(
+        None,
+        "--device",
+        help="Training device: auto (default: CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps.",
+    ),
+    precision: str = typer.Option(
+        None,
+        "--precision",
+        help="Training precision: auto (default: bf16 on CUDA where supported, else fp16; on a CPU the faster of fp32 and bf16, measured), "
+        "fp32, tf32, bf16 or fp16.",
+    ),
 ) -> None:
     """Train the embedded default offline and show that it learns.
 
@@ -31,6 +42,7 @@ def demo(
 
     console = Console()
     overrides = {"max_steps": steps} if steps else {}
+    overrides |= {k: v for k, v in (("device", device), ("precision", precision)) if v is not None}
     result = run_demo(output, test_samples=test_samples, progress=not quiet, log=console.print, **overrides)
 
     console.print(format_metrics_table({"step 0": result.before, f"step {result.steps}": result.after}))

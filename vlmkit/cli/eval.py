@@ -30,6 +30,15 @@ def eval_command(
         None, "--seed", help="Split seed (default: the one the model was trained with)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+    device: str = typer.Option(
+        "auto", "--device", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps."
+    ),
+    precision: str = typer.Option(
+        "auto",
+        "--precision",
+        help="auto (bf16 on CUDA where supported, else fp16; on a CPU the faster of fp32 and bf16, measured), "
+        "fp32, tf32, bf16 or fp16.",
+    ),
 ) -> None:
     """Caption a dataset split and score it: BLEU-1..4, METEOR, ROUGE-L, CIDEr, exact match.
 
@@ -54,14 +63,18 @@ def eval_command(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from vlmkit.core.model import PrefixConditioningVLM
+    import vlmkit
     from vlmkit.evaluate.loop import evaluate
     from vlmkit.evaluate.metrics import format_metrics_table
     from vlmkit.sdk.datasets import load_split
 
     console = Console(stderr=True)
     data = load_split(datasets, split, seed=split_seed)
-    vlm = PrefixConditioningVLM.load(model)
+    from vlmkit.train.precision import resolve
+
+    placement = resolve(device, precision)
+    console.print(f"vlmkit: {placement.describe()}")
+    vlm = vlmkit.load(model, device=placement.device, dtype=placement.precision)
     total = min(len(data), max_samples) if max_samples else len(data)
     columns = (TextColumn("captioning"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:

@@ -122,7 +122,21 @@ def train(
     lr_encoder: float = typer.Option(
         None, help="Learning rate of unfrozen encoder layers.", rich_help_panel=_PANEL_OPT
     ),
-    precision: str = typer.Option(None, help="fp32 or bf16 (autocast).", rich_help_panel=_PANEL_OPT),
+    device: str = typer.Option(
+        None, help="auto (default: CUDA, else MPS, else CPU), cpu, cuda or mps.", rich_help_panel=_PANEL_OPT
+    ),
+    precision: str = typer.Option(
+        None,
+        help="auto (default: bf16 on CUDA where supported, else fp16; on a CPU the faster of fp32 and bf16, "
+        "measured), fp32, tf32, bf16 or fp16.",
+        rich_help_panel=_PANEL_OPT,
+    ),
+    gradient_checkpointing: bool = typer.Option(
+        None,
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+        help="Recompute decoder activations in backward: less memory, more compute.",
+        rich_help_panel=_PANEL_OPT,
+    ),
     eval_every: int = typer.Option(
         None, help="Evaluate every N steps (default: each epoch).", rich_help_panel=_PANEL_RUN
     ),
@@ -200,7 +214,9 @@ def train(
         "lr_projection": lr_projection,
         "lr_lora": lr_lora,
         "lr_encoder": lr_encoder,
+        "device": device,
         "precision": precision,
+        "gradient_checkpointing": gradient_checkpointing,
         "eval_every": eval_every,
         "eval_metrics": eval_metrics,
         "early_stopping_patience": early_stopping,

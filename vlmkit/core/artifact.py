@@ -54,6 +54,7 @@ def assemble(
     encoder_weights: str | Path | None = None,
     trainable: bool = True,
     seed: int | None = 0,
+    dtype: str | None = None,
 ):
     """Build a ``PrefixConditioningVLM`` through the registry.
 
@@ -62,7 +63,8 @@ def assemble(
     - ``merged=True``: the decoder checkpoint already has LoRA merged in: no adapter at all.
 
     ``projection`` and ``encoder_weights`` are safetensors files to load into the projection and
-    the encoder (the trained encoder layers).
+    the encoder (the trained encoder layers). ``dtype`` (default float32): the frozen base weights'
+    (decoder, wholly frozen encoder); LoRA and the projection stay float32 (peft's adapters too).
     """
     import torch
     from safetensors.torch import load_file
@@ -77,7 +79,13 @@ def assemble(
     encoder_spec = registry.encoder(encoder_name)
     decoder_spec = registry.decoder(decoder_name)
     encoder = encoder_spec.load(config.encoder_checkpoint, revision=config.encoder_revision)
-    base, tokenizer = decoder_spec.load(config.decoder_checkpoint, revision=config.decoder_revision)
+    half = dtype not in (None, "float32")
+    if half and not config.unfreeze_encoder_layers:  # trained encoder layers keep fp32 weights
+        encoder.to(getattr(torch, dtype))
+    load_dtype = {"dtype": dtype} if half else {}  # third-party specs without a dtype still work in fp32
+    base, tokenizer = decoder_spec.load(
+        config.decoder_checkpoint, revision=config.decoder_revision, **load_dtype
+    )
     if merged:
         lm = base
     elif adapter is not None:
@@ -219,11 +227,12 @@ def save(model, path: str | Path, *, training: dict | None = None) -> Path:
 # ------------------------------------------------------------------------------ loading
 
 
-def load(path: str | Path, *, registry=None, trainable: bool = False):
-    """Rebuild a saved model (``vlmkit.json``) or a merged export (``vlmkit-hf.json``)."""
+def load(path: str | Path, *, registry=None, trainable: bool = False, dtype: str | None = None):
+    """Rebuild a saved model (``vlmkit.json``) or a merged export (``vlmkit-hf.json``), its base
+    weights in ``dtype`` (all of it unless ``trainable``); ``vlmkit.load`` also places it."""
     path = Path(path)
     if (path / MERGED_MANIFEST).is_file() and not (path / MANIFEST).exists():
-        return _load_merged(path, registry=registry)
+        return _for_use(_load_merged(path, registry=registry, dtype=dtype), False, dtype)
     manifest = read_manifest(path)
     config = validate_model_config(manifest.get("config"), source=str(path / MANIFEST))
     encoder_file = (manifest.get("files") or {}).get("encoder")
@@ -239,9 +248,10 @@ def load(path: str | Path, *, registry=None, trainable: bool = False):
         encoder_weights=path / encoder_file if encoder_file else None,
         trainable=trainable,
         seed=None,
+        dtype=dtype,
     )
     _warn_if_changed(model, manifest, path)
-    return _for_use(model, trainable)
+    return _for_use(model, trainable, dtype)
 
 
 def _registry_with_plugins(registry, config: ModelConfig, path: Path):
@@ -285,7 +295,7 @@ def _warn_if_changed(model, manifest: dict[str, Any], path: Path) -> None:
         )
 
 
-def _load_merged(path: Path, *, registry=None):
+def _load_merged(path: Path, *, registry=None, dtype: str | None = None):
     """A captioner from a ``--format hf`` export: the encoder through its plugin, the merged
     decoder from ``decoder/`` (no LoRA, no peft), the saved projection. For inference."""
     manifest = read_merged_manifest(path)
@@ -305,13 +315,18 @@ def _load_merged(path: Path, *, registry=None):
         projection=path / files.get("projection", "projection.safetensors"),
         encoder_weights=path / files["encoder"] if files.get("encoder") else None,
         seed=None,
+        dtype=dtype,
     )
-    return _for_use(model, trainable=False)
+    return model
 
 
-def _for_use(model, trainable: bool):
+def _for_use(model, trainable: bool, dtype: str | None = None):
     if not trainable:
         model.requires_grad_(False)
+        if dtype not in (None, "float32"):
+            import torch
+
+            model.to(getattr(torch, dtype))
     return model.eval()
 
 

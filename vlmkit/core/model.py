@@ -68,25 +68,34 @@ class PrefixConditioningVLM(nn.Module):
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def build(cls, config=None, *, registry=None, seed: int | None = 0) -> PrefixConditioningVLM:
+    def build(cls, config=None, *, registry=None, seed: int | None = 0, dtype=None) -> PrefixConditioningVLM:
         """A fresh model: encoder and decoder through their plugins, new LoRA and projection
-        (``vlmkit.core.artifact.assemble``)."""
+        (``vlmkit.core.artifact.assemble``); ``dtype`` is that of the frozen base weights."""
         from vlmkit.core.artifact import assemble
 
-        return assemble(config, registry=registry, seed=seed)
+        return assemble(config, registry=registry, seed=seed, dtype=dtype)
 
     @classmethod
-    def load(cls, path, *, registry=None, trainable: bool = False) -> PrefixConditioningVLM:
+    def load(cls, path, *, registry=None, trainable: bool = False, dtype=None) -> PrefixConditioningVLM:
         """A saved model or merged export (``vlmkit.load``; ``vlmkit.core.artifact.load``)."""
         from vlmkit.core.artifact import load
 
-        return load(path, registry=registry, trainable=trainable)
+        return load(path, registry=registry, trainable=trainable, dtype=dtype)
 
     def save(self, path, *, training: dict | None = None):
         """Write the model artifact to ``path`` (``vlmkit.core.artifact.save``)."""
         from vlmkit.core.artifact import save
 
         return save(self, path, training=training)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute the decoder's activations in backward (``Trainer``'s name for it). Non-reentrant
+        by default: it needs no input that requires grad, so LoRA and the prefix train as without."""
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        lm = self.language_model  # transformers 5 renamed it activation checkpointing
+        if hasattr(lm, "activation_checkpointing_enable"):
+            return lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     @property
     def language_model(self):
@@ -150,11 +159,13 @@ class PrefixConditioningVLM(nn.Module):
         *,
         prompt: str | Sequence[str] | None = None,
         padding_side: Literal["left", "right"] = "right",
+        device=None,
     ) -> Batch:
         """Token ids, attention mask, image-slot mask and labels for a batch of captions.
 
         ``None`` captions format for generation (no target, no labels). Training pads on the
         right; generation on the left, so every row's next token comes right after its prompt.
+        The tensors are on ``device`` (default: the model's).
         """
         rows, label_rows, image_rows = [], [], []
         k = self.num_prefix_tokens
@@ -168,21 +179,28 @@ class PrefixConditioningVLM(nn.Module):
             image_rows.append([False] * len(f.before) + [True] * k + [False] * (len(ids) - len(f.before) - k))
             label_rows.append([IGNORE_INDEX] * (len(ids) - len(f.target)) + list(f.target))
         width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        image_mask = torch.zeros((len(rows), width), dtype=torch.bool)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        for i, (ids, img, lab) in enumerate(zip(rows, image_rows, label_rows, strict=True)):
-            n = len(ids)
-            sl = slice(width - n, width) if padding_side == "left" else slice(0, n)
-            input_ids[i, sl] = torch.tensor(ids)
-            attention[i, sl] = 1
-            image_mask[i, sl] = torch.tensor(img)
-            labels[i, sl] = torch.tensor(lab)
+
+        def padded(row_list, fill):
+            left = padding_side == "left"
+            return [
+                [fill] * (width - len(r)) * left + list(r) + [fill] * (width - len(r)) * (not left)
+                for r in row_list
+            ]
+
+        device = self.device if device is None else device  # the collator asks for CPU (Trainer moves)
+        input_ids = torch.tensor(padded(rows, self.pad_token_id), dtype=torch.long, device=device)
+        attention = torch.tensor(padded([[1] * len(r) for r in rows], 0), dtype=torch.long, device=device)
+        image_mask = torch.tensor(padded(image_rows, False), dtype=torch.bool, device=device)
+        labels = torch.tensor(padded(label_rows, IGNORE_INDEX), dtype=torch.long, device=device)
         has_labels = any(c is not None for c in captions)
         return Batch(input_ids, attention, image_mask, labels if has_labels else None)
 
     # ------------------------------------------------------------------ forward
+
+    @property
+    def device(self) -> torch.device:
+        """Where the LM's input embeddings are; every input is moved there."""
+        return self.lm.get_input_embeddings().weight.device
 
     def preprocess(self, images) -> Any:
         """PIL images -> pixel values, exactly as the encoder checkpoint expects."""

@@ -113,7 +113,8 @@ def build_projection(config: ProjectionConfig, feature_dim: int, lm_dim: int, gr
             return x.reshape(b, (rows // f) * (cols // f), f * f * d)
 
         def forward(self, features: torch.Tensor) -> torch.Tensor:
-            x = self.reduce(features.to(next(self.proj.parameters()).dtype))
+            weight = next(self.proj.parameters())  # features follow the projection's device and dtype
+            x = self.reduce(features.to(device=weight.device, dtype=weight.dtype))
             return self.proj(self.norm(x))
 
     return Projection()

@@ -80,6 +80,8 @@ def run_demo(
     from vlmkit.evaluate.loop import evaluate
     from vlmkit.sdk.datasets import load_split
     from vlmkit.train import train
+    from vlmkit.train.job import training_placement
+    from vlmkit.train.precision import place
 
     started = time.perf_counter()
     config = demo_config(output_dir, **overrides)
@@ -87,7 +89,9 @@ def run_demo(
     n_test = min(len(test), test_samples) if test_samples else len(test)
 
     log(f"[1/4] scoring the untrained model (step 0) on {n_test} held-out shapes images")
-    untrained = PrefixConditioningVLM.build(config.model, seed=config.seed)
+    placement = training_placement(config)  # the demo captions where it trains
+    untrained = PrefixConditioningVLM.build(config.model, seed=config.seed, dtype=placement.dtype)
+    untrained.to(placement.device)
     before = evaluate(untrained, test, limit=n_test, max_new_tokens=16).metrics
     del untrained
 
@@ -97,7 +101,9 @@ def run_demo(
     result = train(config, overwrite=True, progress=progress)
 
     log("[3/4] scoring the trained model on the same images")
-    model = PrefixConditioningVLM.load(config.output_dir)
+    model = place(
+        PrefixConditioningVLM.load, config.output_dir, device=placement.device, dtype=placement.precision
+    )
     evaluation = evaluate(model, test, limit=n_test, out_dir=Path(config.output_dir) / "eval-test")
     after = evaluation.metrics
 

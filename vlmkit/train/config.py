@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from vlmkit.core.config import ModelConfig, validated
 from vlmkit.core.errors import ConfigError
+from vlmkit.train.precision import DEVICE_PATTERN
 
 
 class DatasetConfig(BaseModel):
@@ -68,7 +69,19 @@ class TrainConfig(BaseModel):
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
     max_grad_norm: float = Field(1.0, gt=0)
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast where the hardware has it")
+    device: str = Field(
+        "auto",
+        pattern=DEVICE_PATTERN,
+        description="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps",
+    )
+    precision: Literal["auto", "fp32", "tf32", "bf16", "fp16"] = Field(
+        "auto",
+        description="auto: bf16 on CUDA where supported (else fp16), fp32 on MPS, on a CPU the faster of "
+        "fp32 and bf16 as measured; bf16/fp16 autocast with the frozen base weights in that dtype",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute the decoder's activations in backward: less memory, more compute"
+    )
 
     eval_every: int | None = Field(None, gt=0, description="evaluate every N steps (default: once per epoch)")
     eval_metrics: bool = Field(False, description="caption the validation split and compute BLEU/CIDEr/...")

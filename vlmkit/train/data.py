@@ -101,7 +101,8 @@ class Collator:
         self.model = model
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = self.model.tokenize([it["caption"] for it in items]).to_dict()
+        # on the CPU (worker processes, pinned memory): the Trainer moves each batch to the device
+        batch = self.model.tokenize([it["caption"] for it in items], device="cpu").to_dict()
         key = "features" if "features" in items[0] else "pixel_values"
         batch[key] = torch.stack([it[key] for it in items])
         return batch

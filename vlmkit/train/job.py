@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 import warnings
@@ -34,6 +35,7 @@ from vlmkit.sdk.datasets import load_split
 from vlmkit.train.config import TrainConfig
 from vlmkit.train.data import CaptionTrainingSet, Collator
 from vlmkit.train.features import FeatureCache
+from vlmkit.train.precision import Placement, resolve
 from vlmkit.train.trainer import JsonlLogger, VLMTrainer, prepare_model_for_precision
 
 log = logging.getLogger(__name__)
@@ -129,7 +131,8 @@ def train(
 
     started = time.perf_counter()
     out = config.output_dir
-    args = _training_arguments(config, progress)  # sets up torch.distributed under torchrun
+    placement = training_placement(config)
+    args = _training_arguments(config, progress, placement)  # sets up torch.distributed under torchrun
     refusal = None
     if args.process_index == 0:
         try:
@@ -140,9 +143,15 @@ def train(
     if (refusal := _from_rank_zero(refusal)) is not None:
         raise ConfigError(refusal)
     set_seed(config.seed)
+    if args.process_index == 0:
+        log.info("training on %s", placement.describe())
 
-    model = PrefixConditioningVLM.build(config.model, registry=registry, seed=config.seed)
-    prepare_model_for_precision(model, config.precision)
+    model = PrefixConditioningVLM.build(
+        config.model, registry=registry, seed=config.seed, dtype=placement.dtype
+    )
+    prepare_model_for_precision(model, placement.precision, placement.device_type)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
     train_data = load_split(config.datasets, "train", seed=config.seed, registry=registry)
     eval_data = load_split(config.datasets, "validation", seed=config.seed, registry=registry)
     use_cache = config.feature_cache and model.encoder_frozen
@@ -226,7 +235,27 @@ def _final_evaluation(trainer: Trainer) -> dict[str, float] | None:
     return None
 
 
-def _training_arguments(config: TrainConfig, progress: bool) -> TrainingArguments:
+def training_placement(config: TrainConfig) -> Placement:
+    """The device and precision ``config`` asks for, ``auto`` resolved (``vlmkit.train.precision``).
+
+    Under torchrun each rank takes the GPU of its local rank, so only ``auto`` or ``cuda`` fit.
+    Outside it, ``Trainer`` always trains on the first visible GPU: another one is chosen with
+    ``CUDA_VISIBLE_DEVICES``, not ``cuda:N``.
+    """
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if config.device.startswith("cuda:") and (distributed or config.device != "cuda:0"):
+        raise ConfigError(
+            f"device {config.device!r}: vlmkit train uses one GPU per process; pick it with "
+            f"CUDA_VISIBLE_DEVICES={config.device.split(':')[1]} and --device cuda"
+            + (" (under torchrun each rank takes its local rank's GPU)" if distributed else "")
+        )
+    placement = resolve(config.device, config.precision, cache_dir=config.cache_dir)
+    if placement.precision == "fp16" and placement.device_type == "cpu":
+        raise ConfigError("precision fp16 needs a GPU; on a CPU use bf16 or fp32")
+    return placement
+
+
+def _training_arguments(config: TrainConfig, progress: bool, placement: Placement) -> TrainingArguments:
     metric = "eval_CIDEr" if config.eval_metrics else "eval_loss"
     eval_every = config.eval_every
     strategy = "steps" if eval_every else "epoch"
@@ -234,7 +263,8 @@ def _training_arguments(config: TrainConfig, progress: bool) -> TrainingArgument
     best = bool(config.early_stopping_patience)
     if best and save_every and eval_every and save_every % eval_every:
         raise ConfigError("early stopping needs save_every to be a multiple of eval_every")
-    return TrainingArguments(
+    on_cuda = placement.device_type == "cuda"
+    args = TrainingArguments(
         output_dir=str(config.output_dir / "checkpoints"),
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=max(config.batch_size, 16),
@@ -246,7 +276,10 @@ def _training_arguments(config: TrainConfig, progress: bool) -> TrainingArgument
         lr_scheduler_type=config.scheduler,
         warmup_steps=config.warmup_ratio,  # a float below 1 is a ratio of the total steps
         max_grad_norm=config.max_grad_norm,
-        bf16=config.precision == "bf16",
+        bf16=placement.precision == "bf16",
+        fp16=placement.precision == "fp16",  # with a GradScaler; LoRA and projection stay fp32
+        # TF32 for what runs in fp32 (and all of "tf32"); bf16 on CUDA implies an Ampere+ card
+        tf32=True if placement.precision == "tf32" or (on_cuda and placement.precision == "bf16") else None,
         eval_strategy=strategy,
         eval_steps=eval_every,
         save_strategy="steps" if save_every else "epoch",
@@ -264,8 +297,17 @@ def _training_arguments(config: TrainConfig, progress: bool) -> TrainingArgument
         prediction_loss_only=True,
         disable_tqdm=not progress,
         ddp_find_unused_parameters=False,
-        use_cpu=not torch.cuda.is_available(),
+        # MPS when it is the device (Trainer picks it whenever use_cpu is off on a Mac)
+        use_cpu=placement.device_type == "cpu",
     )
+    if args.n_gpu > 1:  # Trainer would wrap the model in nn.DataParallel: one GPU instead
+        args._n_gpu = 1
+        log.info(
+            "training on 1 of %d GPUs; use all with 'torchrun --nproc_per_node %d -m vlmkit.cli.main train ...'",
+            torch.cuda.device_count(),
+            torch.cuda.device_count(),
+        )
+    return args
 
 
 def _tensorboard_callback(folder: Path):

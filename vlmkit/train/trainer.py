@@ -47,16 +47,17 @@ def make_optimizer(param_groups: list[dict[str, Any]], **kwargs: Any) -> torch.o
     return torch.optim.AdamW(param_groups, **fused, **kwargs)
 
 
-def prepare_model_for_precision(model: PrefixConditioningVLM, precision: str) -> None:
+def prepare_model_for_precision(model: PrefixConditioningVLM, precision: str, device_type: str) -> None:
     """Set-up that depends on the training precision and device.
 
     bf16 autocast on CPU: the decoder's attention runs ``eager`` (matmul + fp32 softmax) instead
     of SDPA. PyTorch's CPU flash-attention kernel is about 4x slower than eager in bf16 for the
     short sequences of captioning (60 tokens: 15 vs 4 ms per layer, forward + backward, batch 8,
     measured on an AVX512-BF16 CPU; ``benchmarks/train_throughput.py --variants``), about 10% of
-    a training step. In fp32 the two are even, and on GPUs SDPA is the right choice.
+    a training step. In fp32 the two are even, and on GPUs SDPA is the right choice. Keyed on the
+    device the run trains on (``device_type``: cpu, cuda, mps), not on what the machine has.
     """
-    if precision == "bf16" and not torch.cuda.is_available():
+    if precision == "bf16" and device_type == "cpu":
         model.language_model.set_attn_implementation("eager")
 
 
@@ -127,13 +128,15 @@ class VLMTrainer(Trainer):
         if self.vlm_config.eval_metrics and self.eval_captions is not None:
             prefix = kwargs.get("metric_key_prefix", "eval")
             data, features = self.eval_captions
-            rows = generate_captions(
-                self.accelerator.unwrap_model(self.model),
-                data,
-                features=features,
-                batch_size=self.args.per_device_eval_batch_size,
-                limit=self.vlm_config.max_eval_samples,
-            )
+            # on the training device (the model moves the cached CPU features) under its autocast
+            with self.autocast_smart_context_manager():
+                rows = generate_captions(
+                    self.accelerator.unwrap_model(self.model),
+                    data,
+                    features=features,
+                    batch_size=self.args.per_device_eval_batch_size,
+                    limit=self.vlm_config.max_eval_samples,
+                )
             scores = score(rows)
             output.metrics.update({f"{prefix}_{k}": v for k, v in scores.items()})
         return output

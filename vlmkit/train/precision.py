@@ -1,0 +1,227 @@
+"""Where a model runs and in which precision: ``--device`` and ``--precision`` of every command.
+
+``device``: ``auto`` (CUDA, else Apple MPS, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+``precision``: ``auto``, ``fp32``, ``tf32`` (fp32 weights, TF32 matmuls on Ampere+ GPUs),
+``bf16`` or ``fp16`` (autocast in training with fp32 LoRA/projection; the frozen base weights in
+that dtype).
+
+``auto`` follows the hardware: on CUDA bf16 where the card has it, else fp16 (with loss scaling in
+training); on MPS fp32; on a CPU a measured choice. bf16 matmuls are ~2x faster than fp32 on a
+Zen 4 core but ~2.5x slower on a Xeon without AMX (and ~100x slower on CPUs without any bf16
+instructions), so a short probe (a few ms of matmuls in each,
+cached per machine under ``VLMKIT_HOME``) decides there.
+
+Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vlmkit.core.errors import ConfigError
+
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
+DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
+#: bf16 must beat fp32 by this factor on a CPU to be chosen: it costs accuracy, so a tie goes to fp32
+CPU_BF16_MARGIN = 1.2
+PROBE_FILE = "cpu-matmul-probe.json"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A resolved device and precision, and the one line that says why."""
+
+    device: str  # "cpu", "cuda", "cuda:1", "mps"
+    precision: str  # fp32 | tf32 | bf16 | fp16
+    reason: str
+
+    @property
+    def dtype(self) -> str:
+        """The torch dtype name of the frozen base weights: bfloat16, float16 or float32."""
+        return {"bf16": "bfloat16", "fp16": "float16"}.get(self.precision, "float32")
+
+    @property
+    def device_type(self) -> str:
+        return self.device.split(":")[0]
+
+    def describe(self) -> str:
+        return f"device {self.device}, precision {self.precision}: {self.reason}"
+
+
+def check_device_name(device: str) -> str:
+    """``device`` if it is one of the accepted spellings; ``ConfigError`` otherwise (no torch)."""
+    if not re.match(DEVICE_PATTERN, str(device)):
+        raise ConfigError(f"unknown device {device!r}; use {DEVICES}")
+    return device
+
+
+def resolve_device(device: str = "auto") -> str:
+    """The device ``device`` names, checked to exist here; ``auto``: CUDA, else MPS, else CPU."""
+    import torch
+
+    check_device_name(device)
+    has_mps = torch.backends.mps.is_available()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r}: no CUDA GPU is visible here; use --device cpu or auto")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                f"numbered from 0"
+            )
+    if device == "mps" and not has_mps:
+        raise ConfigError("device 'mps': Apple MPS is not available here; use --device cpu or auto")
+    return device
+
+
+def resolve(device: str = "auto", precision: str = "auto", *, cache_dir: Path | None = None) -> Placement:
+    """Device and precision for a run, ``auto`` resolved as the module docstring says."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
+    device = resolve_device(device)
+    kind = device.split(":")[0]
+    if kind == "cuda":
+        return _cuda(device, precision)
+    if precision in ("tf32", "fp16") and kind == "cpu":
+        raise ConfigError(f"precision {precision} needs a GPU; on a CPU use bf16, fp32 or auto")
+    if precision == "tf32":
+        raise ConfigError("precision tf32 is a CUDA (Ampere or newer) mode; on MPS use fp32, fp16 or bf16")
+    if precision != "auto":
+        return Placement(device, precision, "as asked")
+    if kind == "mps":
+        return Placement(device, "fp32", "auto on MPS: fp32 (mixed precision on MPS is not yet verified)")
+    return _cpu_auto(cache_dir)
+
+
+def _cuda(device: str, precision: str) -> Placement:
+    import torch
+
+    name = torch.cuda.get_device_name(device)
+    major, minor = torch.cuda.get_device_capability(device)
+    has_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    if precision == "bf16" and not has_bf16:
+        raise ConfigError(
+            f"precision bf16: {name} (compute capability {major}.{minor}) has no bf16; use fp16 or auto"
+        )
+    if precision == "tf32" and major < 8:
+        raise ConfigError(f"precision tf32 needs an Ampere or newer GPU; {name} is {major}.{minor}: use fp32")
+    if precision != "auto":
+        return Placement(device, precision, f"as asked on {name}")
+    if has_bf16:
+        return Placement(device, "bf16", f"auto on {name}: bf16 is supported")
+    return Placement(device, "fp16", f"auto on {name} ({major}.{minor}, no bf16): fp16 with loss scaling")
+
+
+def _cpu_auto(cache_dir: Path | None) -> Placement:
+    probe = cpu_matmul_probe(cache_dir)
+    fp32, bf16 = probe["fp32_gflops"], probe["bf16_gflops"]
+    choice = "bf16" if bf16 >= CPU_BF16_MARGIN * fp32 else "fp32"
+    why = (
+        f"auto on CPU {probe['cpu']!r}: matmul bf16 {bf16:.0f} vs fp32 {fp32:.0f} GFLOP/s "
+        f"({'measured' if not probe.get('cached') else 'measured earlier'}; bf16 needs "
+        f"{CPU_BF16_MARGIN}x)"
+    )
+    return Placement("cpu", choice, why)
+
+
+# ---------------------------------------------------------------------------- the CPU probe
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_matmul_probe(cache_dir: Path | None = None) -> dict[str, Any]:
+    """``{"cpu", "fp32_gflops", "bf16_gflops", "cached"}`` for this machine, torch and thread count:
+    read from ``cache_dir/cpu-matmul-probe.json`` or measured (``measure_cpu_matmul``) and stored."""
+    import json
+
+    import torch
+
+    from vlmkit.core.paths import cache_dir as default_cache_dir
+    from vlmkit.core.paths import write_json
+
+    key = f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    file = Path(cache_dir or default_cache_dir()) / PROBE_FILE
+    try:
+        known = json.loads(file.read_text()) if file.is_file() else {}
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    if isinstance(known.get(key), dict) and {"fp32_gflops", "bf16_gflops"} <= set(known[key]):
+        return {**known[key], "cpu": cpu_name(), "cached": True}
+    measured = measure_cpu_matmul()
+    known[key] = measured
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        write_json(file, known)
+    except OSError:  # a read-only cache only costs the next run a few ms
+        pass
+    return {**measured, "cpu": cpu_name(), "cached": False}
+
+
+def measure_cpu_matmul(size: int = 256, repeats: int = 3, budget_s: float = 0.05) -> dict[str, float]:
+    """GFLOP/s of a ``size``-square matmul in fp32 and bf16 on the CPU: best of ``repeats`` after
+    a warm-up, a few ms in all. A dtype with no fast kernel (bf16 without AVX512-BF16/AMX runs
+    ~100x slower) stops repeating once it has spent ``budget_s``: its speed is plain by then."""
+    import torch
+
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(size, size).to(dtype)
+        b = torch.randn(size, size).to(dtype)
+        spent = best = float("inf")
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            took = time.perf_counter() - start
+            spent = took if i == 0 else spent + took
+            if i > 0 or took > budget_s:  # the first call warms up, unless it was already too slow
+                best = min(best, took)
+            if spent > budget_s and best < float("inf"):
+                break
+        out[f"{name}_gflops"] = round(2 * size**3 / max(best, 1e-9) / 1e9, 3)
+    return out
+
+
+def place(load, path, *, device: str | None = None, dtype: Any = None, **kwargs) -> Any:
+    """``load(path, dtype=..., **kwargs)`` placed on ``device`` (default cpu). ``dtype``: a torch
+    dtype, its name or a precision name; ``tf32`` loads fp32 and allows TF32 matmuls."""
+    import torch
+
+    name = (
+        None if dtype is None else str(torch_dtype(str(dtype).removeprefix("torch."))).removeprefix("torch.")
+    )
+    model = load(path, dtype=name, **kwargs)
+    if device is not None:
+        model.to(resolve_device(device))
+    if str(dtype) == "tf32":  # fp32 weights, TF32 matmuls on Ampere+ GPUs (no effect elsewhere)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return model
+
+
+def torch_dtype(name: str | None) -> Any:
+    """``torch.float32`` etc. for ``float32``/``bfloat16``/``float16`` or a precision name."""
+    import torch
+
+    names = {"fp32": "float32", "tf32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    value = getattr(torch, names.get(name or "float32", name or "float32"), None)
+    if not isinstance(value, torch.dtype):
+        raise ConfigError(f"unknown dtype {name!r}; use float32, bfloat16, float16 (or fp32, bf16, fp16)")
+    return value
