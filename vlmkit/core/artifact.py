@@ -1,20 +1,11 @@
-"""Model artifacts: the one function that assembles a model, and the folders it is saved in.
+"""Model artifacts: ``assemble``, the one function that builds a model (fresh, from a saved
+folder, from a merged export: two paths that "do the same" drift apart), and those folders.
 
-``assemble`` builds every ``PrefixConditioningVLM``: a fresh one (new LoRA and projection), one
-restored from a saved model folder, or one from a merged export. Two code paths that "do the
-same" drift apart; this is the only one.
-
-A saved model is a small folder::
-
-    vlmkit.json               manifest: vlmkit version, plugins, checkpoints, projection, format,
-                              training config, the encoder fingerprint, the prompt's token ids
-    projection.safetensors    the projection weights
-    adapter/                  the LoRA adapter (peft's own format)
-    encoder.safetensors       only when encoder layers were trained
-
+A saved model: ``vlmkit.json`` (manifest: versions, plugins, checkpoints, projection, format,
+training config, encoder fingerprint, the prompt's token ids), ``projection.safetensors``,
+``adapter/`` (peft's LoRA format) and, when encoder layers were trained, ``encoder.safetensors``.
 Base weights are referenced, not copied. A merged export (``vlmkit export --format hf``) holds
-``vlmkit-hf.json``, the decoder with LoRA merged in ``decoder/`` and the same projection file;
-``load`` reads both kinds.
+``vlmkit-hf.json``, the LoRA-merged decoder in ``decoder/`` and the same projection file.
 """
 
 from __future__ import annotations
@@ -25,7 +16,6 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +107,13 @@ def _add_lora(base, decoder_spec, config: ModelConfig):
     from peft import LoraConfig, get_peft_model
 
     lora_args = dict(decoder_spec.lora_kwargs(base, config.lora.targets))
-    _check_lora_targets(base, lora_args["target_modules"], decoder_spec.name)
+    targets = lora_args["target_modules"]
+    names = {name for n, _ in base.named_modules() for name in (n, n.rsplit(".", 1)[-1])}
+    if not targets or not set(targets) <= names:  # a spec's promise, checked: peft's error is a traceback
+        raise PluginError(
+            f"LoRA targets {sorted(set(targets) - names) or targets} match no module of the "
+            f"{decoder_spec.name!r} model; set lora.targets to module names it has"
+        )
     lora = LoraConfig(
         r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout, **lora_args
     )
@@ -363,15 +359,3 @@ def read_merged_manifest(path: str | Path) -> dict[str, Any]:
     if manifest.get("format") != MERGED_FORMAT or manifest.get("format_version", 0) > MERGED_VERSION:
         raise ArtifactError(f"{file} is not a manifest this vlmkit reads")
     return manifest
-
-
-def _check_lora_targets(base, targets: Sequence[str], decoder: str) -> None:
-    names = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()} | {
-        n for n, _ in base.named_modules()
-    }
-    missing = [t for t in targets if t not in names]
-    if missing or not targets:
-        raise PluginError(
-            f"LoRA targets {missing or list(targets)} match no module of the {decoder!r} model; "
-            f"set lora.targets to module names it has"
-        )
