@@ -240,12 +240,29 @@ def test_numpy_preprocessing_equals_the_encoder_plugin_on_photos(name, exported)
         np.testing.assert_allclose(preprocess_images([photo], spec), want, atol=1e-5, rtol=0)
 
 
-def test_an_encoder_whose_preprocessing_cannot_be_described_is_refused():
+def test_an_encoder_that_declares_no_preprocessing_is_refused():
     from vlmkit.export.onnx import describe_preprocessing
     from vlmkit.testing.contract import ToyEncoderSpec
 
-    with pytest.raises(ConfigError, match="image_processing"):
-        describe_preprocessing(ToyEncoderSpec().load())
+    encoder = ToyEncoderSpec().load()
+    assert describe_preprocessing(encoder)["input_size"] == [32, 32]  # it declares its own
+    encoder.image_processing = None
+    with pytest.raises(ConfigError, match="declares no image_processing"):
+        describe_preprocessing(encoder)
+
+
+def test_a_declared_preprocessing_that_is_not_what_preprocess_does_is_refused():
+    from vlmkit.export.onnx import _check_preprocessing, describe_preprocessing
+    from vlmkit.testing.contract import ToyEncoderSpec
+
+    encoder = ToyEncoderSpec().load()
+    assert _check_preprocessing(encoder, describe_preprocessing(encoder)) < 1e-4
+    encoder.image_processing = {
+        **encoder.image_processing,
+        "resize": {**encoder.image_processing["resize"], "resample": "bilinear"},
+    }
+    with pytest.raises(ConfigError, match="cannot reproduce"):
+        _check_preprocessing(encoder, describe_preprocessing(encoder))
 
 
 def test_antialiased_resize_is_bit_exact_with_torchvision():
