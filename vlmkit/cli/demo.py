@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from vlmkit.cli.options import device_option, precision_option
+
 
 def demo(
     output: Path = typer.Option(
@@ -16,17 +18,8 @@ def demo(
         None, "--test-samples", min=1, help="Score only this many held-out images."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
-    device: str = typer.Option(
-        None,
-        "--device",
-        help="Training device: auto (default: CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps.",
-    ),
-    precision: str = typer.Option(
-        None,
-        "--precision",
-        help="Training precision: auto (default: bf16 on CUDA where supported, else fp16; on a CPU the faster of fp32 and bf16, measured), "
-        "fp32, tf32, bf16 or fp16.",
-    ),
+    device: str = device_option(None, note="; training device, default auto"),
+    precision: str = precision_option(None),
 ) -> None:
     """Train the embedded default offline and show that it learns.
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from vlmkit.cli.options import device_option, precision_option
 from vlmkit.core.errors import ConfigError
 
 
@@ -30,15 +31,8 @@ def eval_command(
         None, "--seed", help="Split seed (default: the one the model was trained with)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
-    device: str = typer.Option(
-        "auto", "--device", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps."
-    ),
-    precision: str = typer.Option(
-        "auto",
-        "--precision",
-        help="auto (bf16 on CUDA where supported, else fp16; on a CPU the faster of fp32 and bf16, measured), "
-        "fp32, tf32, bf16 or fp16.",
-    ),
+    device: str = device_option(),
+    precision: str = precision_option(),
 ) -> None:
     """Caption a dataset split and score it: BLEU-1..4, METEOR, ROUGE-L, CIDEr, exact match.
 
