@@ -341,7 +341,7 @@ def test_resume_without_a_run_is_refused(trained, base_args, tmp_path):
     (out / "run.yaml").write_text((trained["out"] / "run.yaml").read_text())
     result = cli(*base_args(out, "--resume"))
     assert isinstance(result.exception, ConfigError), result.output
-    assert "holds no checkpoint yet; use --overwrite" in str(result.exception)
+    assert "holds no complete checkpoint; use --overwrite" in str(result.exception)
 
 
 # ------------------------------------------------------------------------------- output folders

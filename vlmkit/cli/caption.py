@@ -46,6 +46,7 @@ def caption(
     from rich.progress import Progress
 
     from vlmkit.evaluate.loop import caption_files
+    from vlmkit.sdk.datasets import tsv_field
 
     if onnx is not None:
         from vlmkit.runtime.onnx import OnnxCaptioner
@@ -80,7 +81,7 @@ def caption(
         elif r.error:
             typer.secho(f"error: {r.error}", fg="red", err=True)  # the message names the file
         else:
-            typer.echo(f"{r.path}\t{r.caption}")
+            typer.echo(f"{tsv_field(r.path)}\t{tsv_field(r.caption)}")
     failed = [r for r in results if r.error]
     if failed:
         raise VlmkitError(f"{len(failed)} of {len(results)} images could not be read")

@@ -88,6 +88,8 @@ def _plugin_warnings_on_one_line() -> None:
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, VlmkitWarning):
             typer.secho(f"warning: {message}", fg="yellow", err=True)
+        elif category.__name__ == "DecompressionBombWarning":
+            pass  # Pillow's; the image loader refuses such an image with its own error line
         else:
             default_show(message, category, filename, lineno, file, line)
 

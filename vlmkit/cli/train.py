@@ -17,7 +17,7 @@ _PANEL_RUN = "Run"
 
 def parse_dataset(text: str) -> dict:
     """``NAME`` or ``NAME:key=value,key=value`` -> ``{"name": ..., "options": {...}}``."""
-    import yaml
+    from vlmkit.train.config import parse_yaml
 
     name, _, rest = text.partition(":")
     options = {}
@@ -25,7 +25,7 @@ def parse_dataset(text: str) -> dict:
         key, sep, value = part.partition("=")
         if not sep or not key:
             raise ConfigError(f"--dataset {text!r}: options must look like NAME:key=value,key=value")
-        options[key.strip()] = yaml.safe_load(value)
+        options[key.strip()] = parse_yaml(value, f"--dataset {text!r}: the value of {key.strip()!r}")
     return {"name": name.strip(), "options": options}
 
 
@@ -45,7 +45,7 @@ def _split_top_level(text: str) -> list[str]:
 
 
 def parse_set(items: list[str]) -> dict:
-    import yaml
+    from vlmkit.train.config import parse_yaml
 
     out = {}
     for item in items:
@@ -54,7 +54,7 @@ def parse_set(items: list[str]) -> dict:
             raise ConfigError(
                 f"--set {item!r}: use --set KEY=VALUE with a dotted key, e.g. --set model.lora.r=8"
             )
-        out[key.strip()] = yaml.safe_load(value)
+        out[key.strip()] = parse_yaml(value, f"--set {item!r}: the value")
     return out
 
 
@@ -250,7 +250,8 @@ def train(
         raise typer.Exit(130) from None
     console.print(
         f"trained {result.global_step} steps in {result.seconds:.0f} s "
-        f"({result.samples_per_second or 0:.2f} samples/s), final train loss {result.train_loss or float('nan'):.4f}"
+        f"({result.samples_per_second or 0:.2f} samples/s)"
+        + (f", final train loss {result.train_loss:.4f}" if result.train_loss is not None else "")
         + (" from the feature cache" if result.used_feature_cache else "")
     )
     for key, value in result.eval_metrics.items():

@@ -232,9 +232,7 @@ def load(path: str | Path, *, registry=None, trainable: bool = False, dtype: str
     manifest = read_manifest(path)
     config = validate_model_config(manifest.get("config"), source=str(path / MANIFEST))
     encoder_file = (manifest.get("files") or {}).get("encoder")
-    for part in ("projection.safetensors", "adapter", encoder_file):
-        if part and not (path / part).exists():  # checked before minutes of loading base weights
-            raise ArtifactError(f"{path} is an incomplete vlmkit model: {part} is missing; save it again")
+    _check_files(path, ["projection.safetensors", "adapter/adapter_config.json", encoder_file])
     registry = _registry_with_plugins(registry, config, path)
     model = assemble(
         config,
@@ -248,6 +246,34 @@ def load(path: str | Path, *, registry=None, trainable: bool = False, dtype: str
     )
     _warn_if_changed(model, manifest, path)
     return _for_use(model, trainable, dtype)
+
+
+def _check_files(path: Path, names: list[str | None]) -> None:
+    """Each file ``load`` reads is there and intact, checked before minutes of loading base weights:
+    a damaged one is one line naming it, not a traceback from safetensors or peft."""
+    import json
+
+    from safetensors import safe_open
+
+    adapter = [
+        n for n in ("adapter_model.safetensors", "adapter_model.bin") if (path / "adapter" / n).exists()
+    ]
+    for name in [n for n in names if n] + [f"adapter/{(adapter or ['adapter_model.safetensors'])[0]}"]:
+        file = path / name
+        try:
+            if name.endswith(".json"):
+                json.loads(file.read_text())
+            elif name.endswith(".safetensors"):
+                safe_open(str(file), "pt").keys()  # reads the header and checks the file's length
+            elif not file.is_file():
+                raise FileNotFoundError(name)
+        except FileNotFoundError:
+            problem = "is missing"
+        except Exception as exc:  # noqa: BLE001 - json, safetensors and the OS raise their own types
+            problem = f"is damaged ({str(exc).splitlines()[0]})"
+        else:
+            continue
+        raise ArtifactError(f"model {path}: {name} {problem}; save the model again or train it again")
 
 
 def _registry_with_plugins(registry, config: ModelConfig, path: Path):

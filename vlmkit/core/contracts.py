@@ -218,34 +218,86 @@ class CaptionExample:
             return f"{self.id!r} ({source})"
         return repr(self.id)
 
-    def load_image(self) -> PIL.Image.Image:
+    def load_image(self, *, draft: bool = False) -> PIL.Image.Image:
+        """The image in RGB, upright (EXIF orientation applied), 16-bit greyscale scaled to 8 bits.
+
+        Every way an image can be bad (missing, not a regular file, too large, a decompression
+        bomb, corrupt) is one ``DataError`` line naming it, and nothing is read without bound.
+        ``draft``: decode a JPEG at 1/8 scale, enough to find a corrupt one, to check it quickly.
+        """
         from PIL import Image, UnidentifiedImageError
 
-        source = self.image
         try:
-            if callable(source):
-                img = source()
-            elif isinstance(source, (str, Path)):
-                img = Image.open(source)
-                img.load()
-            elif isinstance(source, (bytes, bytearray)):
-                import io
-
-                img = Image.open(io.BytesIO(source))
-                img.load()
-            else:
-                img = source
+            source = self.image() if callable(self.image) else self.image
+            if isinstance(source, (str, Path)):
+                source = read_image_file(source)
+            return _upright_rgb(source, draft)
         except FileNotFoundError as exc:
             raise DataError(f"image {self._named()}: file not found") from exc
-        except UnidentifiedImageError as exc:  # its message repeats the path: name the file once
+        except _Refused as exc:
+            raise DataError(f"image {self._named()} {exc}") from exc
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise DataError(f"image {self._named()} is refused: {exc}") from exc
+        except UnidentifiedImageError as exc:  # its message repeats the path, or a BytesIO's repr
             raise DataError(
                 f"image {self._named()} is not a readable image (unknown format or corrupt data)"
             ) from exc
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise DataError(f"image {self.id!r} is not a readable image ({exc})") from exc
-        if not hasattr(img, "convert"):
-            raise DataError(f"image {self.id!r} is a {type(img).__name__}, not an image")
-        return img.convert("RGB")
+        except OSError as exc:
+            raise DataError(f"image {self._named()} cannot be read ({exc.strerror or exc})") from exc
+        except DataError:  # a plugin's loader (a failed download) already says what and where
+            raise
+        except Exception as exc:  # noqa: BLE001 - Pillow's decoders raise many types for bad data
+            why = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            raise DataError(f"image {self._named()} is not a readable image ({why})") from exc
+
+
+#: image files larger than this are refused unread
+MAX_IMAGE_BYTES = 256 * 2**20
+
+
+class _Refused(DataError):
+    """An image refused before decoding; ``load_image`` puts its name in front."""
+
+
+def read_image_file(path: str | Path) -> bytes:
+    """The bytes of an image file: a regular file (a FIFO would block, ``/dev/zero`` never ends)
+    of at most ``MAX_IMAGE_BYTES``. ``FileNotFoundError``, ``OSError`` or ``DataError``."""
+    import os
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO opens without a writer
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # what was opened, not what the path names now
+        os.close(fd)
+        raise _Refused("is not a regular file (a folder, pipe or device)")
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_IMAGE_BYTES + 1)
+    if len(data) > MAX_IMAGE_BYTES:
+        raise _Refused(f"is larger than {MAX_IMAGE_BYTES // 2**20} MiB, the most vlmkit reads")
+    return data
+
+
+def _upright_rgb(image: Any, draft: bool = False) -> PIL.Image.Image:
+    import io
+
+    from PIL import Image, ImageOps
+
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        image = Image.open(io.BytesIO(image))
+    if not hasattr(image, "convert"):
+        raise _Refused(f"is a {type(image).__name__}, not an image")
+    pixels, limit = image.width * image.height, Image.MAX_IMAGE_PIXELS
+    if limit and pixels > limit:  # Pillow only warns up to twice its limit: refuse from the limit on
+        raise Image.DecompressionBombError(f"{pixels} pixels, more than {limit}: a decompression bomb?")
+    if draft:
+        image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+    image.load()
+    image = ImageOps.exif_transpose(image)  # phone photos are stored sideways with an EXIF tag
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255):
+        import numpy as np  # convert("RGB") clips 16-bit values: mid grey would turn white
+
+        grey = np.asarray(image, dtype=np.float64) / 257
+        image = Image.fromarray(np.clip(grey.round(), 0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")
 
 
 class CaptionDataset(Protocol):

@@ -26,6 +26,7 @@ crop with the same rounding, rescale, normalise.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Sequence
@@ -272,10 +273,18 @@ class OnnxCaptioner:
                 raise ArtifactError(f"{self.folder} is incomplete: {name} is missing")
         options = session_options(threads)
         providers = list(providers or ["CPUExecutionProvider"])
-        self.vision = ort.InferenceSession(str(self.folder / files["vision"]), options, providers=providers)
-        self.decoder = ort.InferenceSession(str(self.folder / files["decoder"]), options, providers=providers)
-        self.embed_tokens = np.load(self.folder / self.manifest["embed_tokens"], mmap_mode="r")
-        self.tokenizer = Tokenizer.from_file(str(self.folder / self.manifest["tokenizer"]))
+        with self._reading(files["vision"]):
+            self.vision = ort.InferenceSession(
+                str(self.folder / files["vision"]), options, providers=providers
+            )
+        with self._reading(files["decoder"]):
+            self.decoder = ort.InferenceSession(
+                str(self.folder / files["decoder"]), options, providers=providers
+            )
+        with self._reading(self.manifest["embed_tokens"]):
+            self.embed_tokens = np.load(self.folder / self.manifest["embed_tokens"], mmap_mode="r")
+        with self._reading(self.manifest["tokenizer"]):
+            self.tokenizer = Tokenizer.from_file(str(self.folder / self.manifest["tokenizer"]))
         tokens = self.manifest["tokens"]
         self.stop_token_ids = [int(t) for t in tokens["stop_ids"]]
         self.pad_token_id = int(tokens["pad_id"])
@@ -284,6 +293,15 @@ class OnnxCaptioner:
         self._past_names = [n for n in dec["inputs"] if n.startswith("past_key_values.")]
         self._kv_shape = (dec["num_kv_heads"], dec["head_dim"])
         self._dtype = np.dtype(dec["dtype"])
+
+    @contextlib.contextmanager
+    def _reading(self, name: str):
+        """A damaged file of the export is one line naming it, not ONNX Runtime's or numpy's traceback."""
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - InvalidProtobuf, ValueError (mmap length), ...
+            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ArtifactError(f"{self.folder / name} is damaged ({why}); export the model again") from None
 
     @property
     def prefix_tokens(self) -> int:

@@ -33,6 +33,15 @@ class DataWarning(VlmkitWarning):
     """Something about the data a user should see, in one line (images skipped, no stable ids)."""
 
 
+class BadImagesError(DataError):
+    """A dataset refused because of bad images; ``problems`` maps each one to what is wrong with it
+    (the message names only the first few)."""
+
+    def __init__(self, message: str, problems: Mapping[str, str]) -> None:
+        super().__init__(message)
+        self.problems = dict(problems)
+
+
 # --------------------------------------------------------------------------------------- options
 
 
@@ -83,6 +92,20 @@ def _options_error(name: str, model: type[BaseModel], exc: ValidationError) -> s
             msg = err["msg"].removeprefix("Value error, ")
             problems.append(f"option {key!r}: {msg} (got {err.get('input')!r})")
     return f"dataset {name!r}: {'; '.join(problems)}. Options: {', '.join(fields)}"
+
+
+def tsv_field(text: str) -> str:
+    r"""``text`` as one field of a tab-separated line: backslash, TAB, CR and LF escaped as
+    ``\\ \t \r \n``, other control characters as ``\xNN``. A caption or a file name
+    holding a TAB, a newline or a terminal escape cannot break the columns or the terminal."""
+    return "".join(_TSV_ESCAPES.get(c) or (f"\\x{ord(c):02x}" if _is_control(c) else c) for c in text)
+
+
+_TSV_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\r": "\\r", "\n": "\\n"}
+
+
+def _is_control(char: str) -> bool:
+    return ord(char) < 32 or 127 <= ord(char) < 160
 
 
 # --------------------------------------------------------------------------------------- splits

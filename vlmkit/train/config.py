@@ -115,20 +115,7 @@ def load_config(
     if path is not None:
         path = Path(path)
         source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from exc
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must hold a mapping of settings, not a {type(loaded).__name__}")
-        data = loaded
+        data = _read_config_file(path)
     for key, value in (overrides or {}).items():
         if value is None:
             continue
@@ -136,6 +123,37 @@ def load_config(
     if defaults is not None:
         data = defaults(data)
     return validate_config(data, source)
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; pass the YAML file in it")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read ({exc.strerror or exc})") from None
+    loaded = parse_yaml(text, str(path))
+    if loaded is None:  # an empty file, or only comments: most likely a mistake, not "all defaults"
+        raise ConfigError(f"{path} is empty; write settings in it, or drop --config to use the defaults")
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path} must hold a mapping of settings, not a {type(loaded).__name__}")
+    return loaded
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """``text`` as plain YAML data (no tags: nothing is constructed); ``ConfigError`` naming
+    ``where`` (a file, or a flag and its value) otherwise."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark and "\n" in text.strip() else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where} is not valid YAML{at}: {problem}") from None
 
 
 def validate_config(data: dict[str, Any], source: str = "configuration") -> TrainConfig:

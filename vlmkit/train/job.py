@@ -29,9 +29,9 @@ import torch
 import yaml
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 
-from vlmkit.core.errors import ConfigError, VlmkitWarning
+from vlmkit.core.errors import ConfigError, DataError, VlmkitWarning
 from vlmkit.core.model import PrefixConditioningVLM
-from vlmkit.sdk.datasets import load_split
+from vlmkit.sdk.datasets import BadImagesError, load_split, tsv_field
 from vlmkit.train.config import TrainConfig
 from vlmkit.train.data import CaptionTrainingSet, Collator
 from vlmkit.train.features import FeatureCache
@@ -41,6 +41,8 @@ from vlmkit.train.trainer import JsonlLogger, VLMTrainer, prepare_model_for_prec
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.yaml"
+#: every image a dataset refused or skipped, with what is wrong with it (tab-separated)
+BAD_IMAGES_FILE = "bad_images.tsv"
 #: settings that define *what* is trained; a folder holding a run that differs in these is a
 #: different run and is never silently continued or overwritten
 IDENTITY_FIELDS = ("model", "datasets", "seed")
@@ -64,7 +66,8 @@ def prepare_output_dir(config: TrainConfig, *, resume: bool, overwrite: bool) ->
     """Refuse to mix runs: a folder holding another run is never silently reused or deleted."""
     out = config.output_dir
     run_file = out / RUN_FILE
-    if not out.exists() or not any(out.iterdir()):
+    # a start refused for bad images leaves only their list: the corrected command may use the folder
+    if not out.exists() or not any(p.name != BAD_IMAGES_FILE for p in out.iterdir()):
         if resume:
             raise ConfigError(f"--resume: {out} holds no run to resume; drop --resume to start one")
         return
@@ -78,6 +81,9 @@ def prepare_output_dir(config: TrainConfig, *, resume: bool, overwrite: bool) ->
     previous = yaml.safe_load(run_file.read_text()) or {}
     current = json.loads(config.model_dump_json())
     differs = [d for k in IDENTITY_FIELDS for d in _differences(previous.get(k), current.get(k), k)]
+    # skipping bad images instead of refusing them changes which examples train, not what is trained
+    order = [d for d in differs if d.split(":")[0].endswith(".options.on_bad_image")]
+    differs = [d for d in differs if d not in order]
     if not resume:
         raise ConfigError(
             f"output folder {out} already holds a run; use --resume to continue it, --overwrite to replace it, "
@@ -89,7 +95,7 @@ def prepare_output_dir(config: TrainConfig, *, resume: bool, overwrite: bool) ->
             "or --overwrite to replace it"
         )
     defaults = TrainConfig.model_fields
-    order = [
+    order += [
         d
         for k in DATA_ORDER_FIELDS
         for d in _differences(previous.get(k, defaults[k].default), current.get(k), k)
@@ -107,14 +113,55 @@ def _differences(before: Any, now: Any, key: str) -> list[str]:
     """``key.sub: before -> now`` for every leaf setting that changed."""
     if isinstance(before, dict) and isinstance(now, dict):
         return [d for k in {**before, **now} for d in _differences(before.get(k), now.get(k), f"{key}.{k}")]
+    if isinstance(before, list) and isinstance(now, list) and len(before) == len(now):
+        return [
+            d
+            for i, (b, n) in enumerate(zip(before, now, strict=True))
+            for d in _differences(b, n, f"{key}.{i}")
+        ]
     return [] if before == now else [f"{key}: {json.dumps(before)} -> {json.dumps(now)}"]
 
 
 def last_checkpoint(output_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete ``checkpoints/checkpoint-N``. One that lacks a file (a run killed while
+    writing it) is passed over with a warning: resuming from it would fail or lose the optimizer."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    from vlmkit.train.trainer import TRAINABLE_FILE
 
     folder = output_dir / "checkpoints"
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    steps = {}
+    for path in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if folder.is_dir() else ():
+        if path.is_dir() and path.name.rpartition("-")[2].isdigit():
+            steps[int(path.name.rpartition("-")[2])] = path
+    for step in sorted(steps, reverse=True):
+        missing = [f for f in ("trainer_state.json", TRAINABLE_FILE) if not (steps[step] / f).is_file()]
+        if not missing and _start_step(steps[step]) is not None:
+            return str(steps[step])
+        warnings.warn(
+            f"--resume: {steps[step]} is incomplete ({', '.join(missing) or 'trainer_state.json'} missing or "
+            "cut short: the run stopped while writing it); looking for an earlier checkpoint",
+            VlmkitWarning,
+            stacklevel=2,
+        )
+    return None
+
+
+def _start_step(checkpoint: str | Path) -> int | None:
+    """The step ``checkpoint`` was saved at; ``None`` when its trainer_state.json is unreadable."""
+    try:
+        return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _train_loss(trainer: Trainer, training_loss: float, start_step: int) -> float | None:
+    """Transformers averages the loss over the steps of this call alone: after a resume from the
+    final checkpoint (nothing left to train) that is 0.0. Then the mean of the logged losses."""
+    if trainer.state.global_step > start_step:
+        return training_loss
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    return sum(losses) / len(losses) if losses else None
 
 
 def train(
@@ -146,14 +193,14 @@ def train(
     if args.process_index == 0:
         log.info("training on %s", placement.describe())
 
+    # the data first: a bad file fails the run in seconds, not after minutes of loading weights
+    train_data, eval_data = _load_data(config, registry, write_list=args.process_index == 0)
     model = PrefixConditioningVLM.build(
         config.model, registry=registry, seed=config.seed, dtype=placement.dtype
     )
     prepare_model_for_precision(model, placement.precision, placement.device_type)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    train_data = load_split(config.datasets, "train", seed=config.seed, registry=registry)
-    eval_data = load_split(config.datasets, "validation", seed=config.seed, registry=registry)
     use_cache = config.feature_cache and model.encoder_frozen
     train_features = eval_features = None
     if use_cache:
@@ -184,15 +231,17 @@ def train(
         vlm_config=config,
         eval_captions=(eval_data, eval_features) if config.eval_metrics else None,
     )
-    checkpoint = None
+    checkpoint, start_step = None, 0
     if resume:
         checkpoint = last_checkpoint(out)
         if checkpoint is None:
             raise ConfigError(
-                f"--resume: {out / 'checkpoints'} holds no checkpoint yet; use --overwrite to start over"
+                f"--resume: {out / 'checkpoints'} holds no complete checkpoint; use --overwrite to start over"
             )
         log.info("resuming from %s", checkpoint)
+        start_step = _start_step(checkpoint) or 0
     result = trainer.train(resume_from_checkpoint=checkpoint)
+    train_loss = _train_loss(trainer, result.training_loss, start_step)
     eval_metrics = {}
     if config.eval_metrics or config.early_stopping_patience:
         eval_metrics = _final_evaluation(trainer) or trainer.evaluate()
@@ -203,7 +252,7 @@ def train(
             training={
                 "config": json.loads(config.model_dump_json()),
                 "global_step": trainer.state.global_step,
-                "train_loss": result.training_loss,
+                "train_loss": train_loss,
                 "eval": eval_metrics,
                 "used_feature_cache": use_cache,
             },
@@ -212,12 +261,47 @@ def train(
     return TrainResult(
         output_dir=out,
         global_step=trainer.state.global_step,
-        train_loss=result.training_loss,
+        train_loss=train_loss,
         samples_per_second=result.metrics.get("train_samples_per_second"),
         seconds=time.perf_counter() - started,
         eval_metrics=eval_metrics,
         used_feature_cache=use_cache,
     )
+
+
+def _load_data(config: TrainConfig, registry, *, write_list: bool):
+    """The train and validation splits; every bad image a dataset reported (refused or skipped)
+    is listed in full in ``BAD_IMAGES_FILE`` in the run folder (messages name only a few)."""
+    bad: dict[str, str] = {}
+    splits = []
+    try:
+        for split in ("train", "validation"):
+            data = load_split(config.datasets, split, seed=config.seed, registry=registry)
+            parts = zip(getattr(data, "names", [None]), getattr(data, "datasets", [data]), strict=True)
+            for name, part in parts:  # ids as a mix names them: <dataset>/<id>
+                bad.update({f"{name}/{i}" if name else i: why for i, why in _problems(part).items()})
+            splits.append(data)
+    except BadImagesError as exc:
+        if write_list:
+            file = _write_bad(config, exc.problems)
+            raise DataError(f"{exc}; all {len(exc.problems)} are listed in {file}") from exc
+        raise
+    if bad and write_list:
+        log.info("%d bad images skipped; listed in %s", len(bad), _write_bad(config, bad))
+    return splits
+
+
+def _problems(data) -> dict[str, str]:
+    info = getattr(data, "info", None)
+    return dict(info.get("problems") or {}) if isinstance(info, dict) else {}
+
+
+def _write_bad(config: TrainConfig, problems: dict[str, str]) -> Path:
+    file = config.output_dir / BAD_IMAGES_FILE
+    file.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"{tsv_field(image)}\t{tsv_field(why)}\n" for image, why in sorted(problems.items())]
+    file.write_text("image\tproblem\n" + "".join(lines))
+    return file
 
 
 def _final_evaluation(trainer: Trainer) -> dict[str, float] | None:

@@ -10,10 +10,13 @@ The folder holds images and one captions file, found in this order unless ``capt
 - ``metadata.jsonl`` / ``metadata.csv``: the Hugging Face ``imagefolder`` layout
   (``file_name`` plus ``text`` or ``caption``), so a folder prepared for ``datasets`` works as is.
 
-Image paths are relative to the captions file. Every image is checked when the dataset loads
-(it exists, its header parses, a JPEG decodes to the end), so training never dies mid-epoch on a
-bad file. ``on_bad_image="error"`` (the default) refuses the folder naming the bad files;
-``"skip"`` leaves them out and reports one summary line.
+Image paths are relative to the captions file. Every image is checked when the dataset loads,
+by decoding it the way training will (``CaptionExample.load_image``; a JPEG at 1/8 scale), so
+training never dies mid-epoch on a bad file. A path that resolves outside the folder (``../``, an
+absolute path, a symlink out) is a bad image, never read, unless ``allow_outside=true``.
+``on_bad_image="error"`` (the default) refuses the folder naming the bad files; ``"skip"`` leaves
+them out and reports one summary line. Either way ``info["problems"]`` maps every bad image to
+what is wrong with it (``vlmkit train`` writes it to ``bad_images.tsv`` in the run folder).
 """
 
 from __future__ import annotations
@@ -32,10 +35,11 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 import vlmkit
-from vlmkit.core.contracts import CaptionExample, DatasetSpec
+from vlmkit.core.contracts import CaptionExample, DatasetSpec, read_image_file
 from vlmkit.core.errors import DataError
 from vlmkit.sdk.datasets import (
     DEFAULT_FRACTIONS,
+    BadImagesError,
     DataWarning,
     ListDataset,
     SplitFractions,
@@ -68,6 +72,9 @@ class FolderOptions(BaseModel):
         "error",
         description="a missing or unreadable image: error refuses the folder, skip leaves the image out",
     )
+    allow_outside: bool = Field(
+        False, description="read image paths that resolve outside the folder (../, absolute, symlinks out)"
+    )
     split_fractions: SplitFractions = Field(
         DEFAULT_FRACTIONS,
         description="train / validation / test fractions; each image's split comes from a hash of its path",
@@ -95,7 +102,8 @@ class FolderDataset(DatasetSpec):
 
         base = captions_file.parent
         paths = {image_id: _resolve(base, image_id) for image_id in entries}
-        checks = _check_images(list(paths.values()))
+        inside = None if opts.allow_outside else {root, base.resolve()}
+        checks = _check_images(list(paths.values()), inside)
         bad = {i: checks[paths[i]][0] for i in entries if checks[paths[i]][0] is not None}
         if bad:
             _report_bad(source, bad, len(entries), opts.on_bad_image)
@@ -116,7 +124,7 @@ class FolderDataset(DatasetSpec):
             )
         # ids and content hashes, not the folder's location: a moved folder keeps its feature cache
         fp = fingerprint("folder", FORMAT_VERSION, split, seed, digests)
-        info = {"split": split, "captions_file": str(captions_file), "skipped": sorted(bad)}
+        info = {"split": split, "captions_file": str(captions_file), "skipped": sorted(bad), "problems": bad}
         return ListDataset(examples, fp, name="folder", info=info)
 
 
@@ -188,21 +196,25 @@ def _resolve(base: Path, image: str) -> Path:
 # (path, size, mtime_ns) -> (problem or None, sha256 of the bytes). Loading train, validation and
 # test reads each file once per process, not three times.
 _CHECKED: dict[tuple[str, int, int], tuple[str | None, str]] = {}
+OUTSIDE = "is outside the folder (not read; pass allow_outside=true to use it)"
 
 
-def _check_images(paths: list[Path]) -> dict[Path, tuple[str | None, str]]:
-    """For each path: ``(None, sha256)`` when usable, else ``("missing" | "unreadable: why", "")``."""
+def _check_images(paths: list[Path], inside: set[Path] | None) -> dict[Path, tuple[str | None, str]]:
+    """For each path: ``(None, sha256)`` when usable, else ``(what is wrong, "")``: ``"missing"``,
+    ``"is outside the folder ..."`` or why it is unreadable. ``inside``: where images must resolve."""
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-        return dict(zip(paths, pool.map(_check_image, paths), strict=True))
+        return dict(zip(paths, pool.map(lambda p: _check_image(p, inside), paths), strict=True))
 
 
-def _check_image(path: Path) -> tuple[str | None, str]:
+def _check_image(path: Path, inside: set[Path] | None) -> tuple[str | None, str]:
+    if inside is not None and not any(path.resolve().is_relative_to(f) for f in inside):
+        return OUTSIDE, ""  # resolve() follows symlinks: a link out is outside
     try:
         stat = path.stat()
     except FileNotFoundError:
         return "missing", ""
     except OSError as exc:
-        return f"unreadable: {exc.strerror or exc}", ""
+        return f"cannot be read ({exc.strerror or exc})", ""
     key = (str(path), stat.st_size, stat.st_mtime_ns)
     if key not in _CHECKED:
         _CHECKED[key] = _verify(path)
@@ -210,48 +222,38 @@ def _check_image(path: Path) -> tuple[str | None, str]:
 
 
 def _verify(path: Path) -> tuple[str | None, str]:
-    from PIL import Image
-
+    """Decode ``path`` with the loader training uses: what passes here does not fail there."""
     try:
-        data = path.read_bytes()
+        data = read_image_file(path)
+        CaptionExample(id="", captions=[], image=data).load_image(draft=True)
+    except FileNotFoundError:
+        return "missing", ""
     except OSError as exc:
-        return f"unreadable: {exc.strerror or exc}", ""
-    digest = hashlib.sha256(data).hexdigest()
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.verify()  # structure and checksums (PNG CRCs); decodes no pixels
-        with Image.open(io.BytesIO(data)) as img:
-            if img.format == "JPEG":
-                # verify() reads only the header of a JPEG: decode at 1/8 scale (cheap) to catch
-                # truncated files, the commonest corruption
-                img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
-                img.load()
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
-        return f"unreadable: {type(exc).__name__}: {exc}".split("\n")[0], ""
-    return None, digest
+        return f"cannot be read ({exc.strerror or exc})", ""
+    except DataError as exc:  # "image '' is not a readable image (...)": the id is added later
+        return str(exc).removeprefix("image '' "), ""
+    return None, hashlib.sha256(data).hexdigest()
 
 
 def _report_bad(source: str, bad: dict[str, str], total: int, mode: str) -> None:
-    missing = sorted(i for i, why in bad.items() if why == "missing")
-    unreadable = sorted(i for i, why in bad.items() if why != "missing")
+    kinds: dict[str, list[str]] = {"missing": [], "outside the folder": [], "unreadable": []}
+    for image_id, why in sorted(bad.items()):
+        kind = "missing" if why == "missing" else "outside the folder" if why == OUTSIDE else "unreadable"
+        kinds[kind].append(image_id)
 
     def names(ids: list[str]) -> str:
-        return ", ".join(ids[:5]) + (", ..." if len(ids) > 5 else "")
+        return ", ".join(ids[:5]) + (f", ... ({len(ids) - 5} more)" if len(ids) > 5 else "")
 
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing: {names(missing)}")
-    if unreadable:
-        parts.append(f"{len(unreadable)} unreadable: {names(unreadable)}")
-    detail = "; ".join(parts)
+    detail = "; ".join(f"{len(ids)} {kind}: {names(ids)}" for kind, ids in kinds.items() if ids)
     if mode == "skip":
         warnings.warn(f"{source}: {len(bad)} of {total} images skipped ({detail})", DataWarning, stacklevel=3)
         return
-    first = unreadable[0] if unreadable else None
-    why = f" ({first}: {bad[first].removeprefix('unreadable: ')})" if first else ""
-    raise DataError(
+    first = next(iter(kinds["unreadable"] + kinds["outside the folder"]), None)
+    why = f" ({first} {bad[first]})" if first else ""
+    raise BadImagesError(
         f"{source}: {len(bad)} of {total} images cannot be used ({detail}){why}; fix or remove them, "
-        "or pass on_bad_image=skip to leave them out"
+        "or pass on_bad_image=skip to leave them out",
+        problems=bad,
     )
 
 
