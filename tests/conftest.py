@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import struct
 import sys
 import textwrap
+import zlib
 from pathlib import Path
 
 import pytest
@@ -113,6 +115,32 @@ def fit_captions():
         return vlm.generate(features=features) == captions
 
     return fit
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _hostile_png(width: int, height: int, *, rows: int | None = None, cut: float = 1.0) -> bytes:
+    """An RGB PNG with valid chunk CRCs holding ``rows`` rows of pixels (default: all of them), its
+    zlib stream cut to the fraction ``cut``: ``verify()`` passes it whatever the pixel data."""
+    rows = height if rows is None else rows
+    raw = b"".join(b"\x00" + bytes((r * 7 + c) % 251 for c in range(width * 3)) for r in range(rows))
+    stream = zlib.compress(raw)
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", header)
+        + _chunk(b"IDAT", stream[: int(len(stream) * cut)])
+        + _chunk(b"IEND", b"")
+    )
+
+
+@pytest.fixture(scope="session")
+def hostile_png():
+    """``hostile_png(width, height, rows=None, cut=1.0)``: the bytes of a hand-made PNG (see
+    ``_hostile_png``): a decompression bomb in 65 bytes, or pixel data too short to decode."""
+    return _hostile_png
 
 
 _SPECS_TEMPLATE = '''\

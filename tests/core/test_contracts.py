@@ -2,7 +2,7 @@
 are one ``DataError`` line naming the image, nothing is read without bound, and images come out
 the way they look (upright, 16-bit greyscale scaled, not clipped).
 
-The hostile files are made by hand (``hostile_png``): a PNG header claiming 400 million pixels is
+The hostile files are made by hand (the ``hostile_png`` fixture): a PNG header claiming 400 million pixels is
 65 bytes, so the bombs here cost nothing to make or to refuse.
 """
 
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -20,25 +18,6 @@ from PIL import Image
 import vlmkit.core.contracts as contracts
 from vlmkit.core.contracts import CaptionExample
 from vlmkit.core.errors import DataError
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def hostile_png(width: int, height: int, *, rows: int | None = None, cut: float = 1.0) -> bytes:
-    """An RGB PNG with valid chunk CRCs holding ``rows`` rows of pixels (default: all of them), its
-    zlib stream cut to the fraction ``cut``: ``verify()`` passes it whatever the pixel data."""
-    rows = height if rows is None else rows
-    raw = b"".join(b"\x00" + bytes((r * 7 + c) % 251 for c in range(width * 3)) for r in range(rows))
-    stream = zlib.compress(raw)
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _chunk(b"IHDR", header)
-        + _chunk(b"IDAT", stream[: int(len(stream) * cut)])
-        + _chunk(b"IEND", b"")
-    )
 
 
 def load(image, id="img") -> Image.Image:
@@ -54,7 +33,7 @@ def error_of(image, id="img") -> str:
 
 
 @pytest.mark.parametrize("size", [(20000, 20000), (10000, 10000)], ids=["over-2x-limit", "over-limit"])
-def test_a_decompression_bomb_is_refused_before_decoding(tmp_path, size, recwarn):
+def test_a_decompression_bomb_is_refused_before_decoding(tmp_path, size, hostile_png, recwarn):
     path = tmp_path / "bomb.png"
     path.write_bytes(hostile_png(*size, rows=0))
     message = error_of(path, id="bomb.png")
@@ -64,7 +43,7 @@ def test_a_decompression_bomb_is_refused_before_decoding(tmp_path, size, recwarn
         load(path.read_bytes())  # the same from bytes (a Hub dataset's images)
 
 
-def test_a_png_that_passes_verify_but_cannot_be_decoded_is_an_error(tmp_path):
+def test_a_png_that_passes_verify_but_cannot_be_decoded_is_an_error(tmp_path, hostile_png):
     path = tmp_path / "cut.png"
     path.write_bytes(hostile_png(64, 64, cut=0.5))
     with Image.open(path) as img:
