@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -225,6 +226,66 @@ def test_folder_skip_mode_leaves_bad_images_out_with_one_summary_line(photo_fold
     kept = {i for ids in ids_of(splits).values() for i in ids}
     assert len(kept) == 37 and not kept & {"img03.jpg", "img05.jpg", "img06.png"}
     assert splits["train"].info["skipped"] == ["img03.jpg", "img05.jpg", "img06.png"]
+
+
+def test_folder_check_decodes_so_a_png_that_passes_verify_is_caught(photo_folder, hostile_png):
+    (photo_folder / "img08.png").write_bytes(hostile_png(64, 64, cut=0.5))  # valid CRCs, cut pixel data
+    (photo_folder / "img10.png").write_bytes(hostile_png(20000, 20000, rows=0))  # a decompression bomb
+    with pytest.raises(DataError) as info:
+        FolderDataset().load("train", {"path": photo_folder})
+    assert "2 unreadable: img08.png, img10.png" in str(info.value)
+    assert "(img08.png cannot be read (image file is truncated" in str(info.value)
+    opts = {"path": photo_folder, "on_bad_image": "skip", "split_fractions": [1.0, 0.0, 0.0]}
+    with pytest.warns(DataWarning, match="2 of 40 images skipped"):
+        train = FolderDataset().load("train", opts)
+    assert len(train) == 38 and all(ex.load_image() for ex in train)  # what passed, decodes
+    assert set(train.info["problems"]) == {"img08.png", "img10.png"}
+
+
+def test_folder_lists_every_bad_image_though_its_message_names_five(photo_folder):
+    for i in range(0, 16, 2):
+        (photo_folder / f"img{i:02d}.png").write_bytes(b"junk")
+    with pytest.raises(DataError) as info:
+        FolderDataset().load("train", {"path": photo_folder})
+    assert "8 unreadable: img00.png, img02.png, img04.png, img06.png, img08.png, ... (3 more)" in str(
+        info.value
+    )
+    assert sorted(info.value.problems) == [f"img{i:02d}.png" for i in range(0, 16, 2)]
+    assert set(info.value.problems.values()) == {"is not a readable image (unknown format or corrupt data)"}
+
+
+def test_folder_refuses_paths_outside_it_unread_unless_allowed(photo_folder, tmp_path, monkeypatch):
+    import vlmkit.plugins.datasets.folder as folder
+
+    outside = tmp_path / "outside.png"
+    write_image(outside)
+    (photo_folder / "link.png").symlink_to(outside)
+    (photo_folder / "etc.png").symlink_to("/etc/hostname")
+    lines = [
+        json.dumps({"file_name": name, "caption": "out"})
+        for name in ("../outside.png", "link.png", "etc.png")
+    ]
+    with (photo_folder / "captions.jsonl").open("a") as f:
+        f.write("\n".join([*lines, json.dumps({"file_name": str(outside), "caption": "abs"})]) + "\n")
+    read = []
+    monkeypatch.setattr(folder, "read_image_file", lambda path: read.append(path) or Path(path).read_bytes())
+    folder._CHECKED.clear()
+    with pytest.raises(DataError) as info:
+        FolderDataset().load("train", {"path": photo_folder})
+    message = str(info.value)
+    assert f"4 outside the folder: ../outside.png, {outside}, etc.png, link.png" in message
+    assert "pass allow_outside=true to use it" in message and "\n" not in message
+    assert not {p.name for p in map(Path, read)} & {"outside.png", "link.png", "etc.png", "hostname"}
+
+    opts = {
+        "path": photo_folder,
+        "allow_outside": True,
+        "on_bad_image": "skip",
+        "split_fractions": [1.0, 0, 0],
+    }
+    with pytest.warns(DataWarning, match=r"1 of 44 images skipped \(1 unreadable: etc.png\)"):
+        train = FolderDataset().load("train", opts)
+    assert {"../outside.png", "link.png", str(outside)} <= {ex.id for ex in train}
 
 
 def test_folder_fingerprint_changes_when_an_image_changes(photo_folder):
