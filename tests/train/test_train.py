@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 import vlmkit
 from vlmkit.cli.main import app
 from vlmkit.core.artifact import MANIFEST
-from vlmkit.core.errors import ConfigError, DataError
+from vlmkit.core.errors import ConfigError, DataError, VlmkitWarning
 from vlmkit.core.model import PrefixConditioningVLM
 from vlmkit.sdk.datasets import DataWarning
 from vlmkit.testing import tiny_decoder_checkpoint, tiny_encoder_checkpoint
@@ -344,6 +344,29 @@ def test_resume_without_a_run_is_refused(trained, base_args, tmp_path):
     assert "holds no complete checkpoint; use --overwrite" in str(result.exception)
 
 
+def test_resume_after_a_kill_in_the_final_save_or_in_a_checkpoint_write(base_args, tmp_path):
+    out = tmp_path / "run"
+    args = base_args(out, "--set", "save_every=3", steps=6)  # 6 steps: one epoch, exactly
+    cli_ok(*args)
+    logged = [r["loss"] for r in read_logs(out) if "loss" in r]
+
+    # killed during the final save (the manifest goes first): nothing is left to train
+    (out / MANIFEST).unlink()
+    result = cli_ok(*args, "--resume")
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["training"]["global_step"] == 6
+    assert manifest["training"]["train_loss"] == pytest.approx(sum(logged) / len(logged))
+    assert "final train loss" in result.stderr and "nan" not in result.stderr
+
+    # killed while writing checkpoint-6: resume passes over it, says so, and trains steps 4-6 again
+    (out / "checkpoints" / "checkpoint-6" / "trainer_state.json").unlink()
+    with pytest.warns(VlmkitWarning, match=r"checkpoint-6 is incomplete \(trainer_state.json missing"):
+        cli_ok(*args, "--resume")
+    state = json.loads((out / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    assert [r["step"] for r in read_logs(out) if "loss" in r] == [1, 2, 3, 4, 5, 6, 4, 5, 6]
+
+
 # ------------------------------------------------------------------------------- output folders
 
 
@@ -473,6 +496,40 @@ def test_bad_images_stop_the_run_in_one_line_naming_them_and_skip_trains(
         cli_ok(*base_args(out, dataset=f"folder:path={photo_folder},on_bad_image=skip", steps=2))
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["training"]["global_step"] == 2
+
+
+def test_every_bad_image_is_listed_in_the_run_folder_before_any_weights_load(
+    base_args, photo_folder, tmp_path, monkeypatch
+):
+    for i in range(0, 14, 2):
+        (photo_folder / f"img{i:02d}.png").write_bytes(b"junk")
+    out = tmp_path / "run"
+
+    def no_weights_yet(*args, **kwargs):
+        raise AssertionError("the model was built before the data was checked")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(PrefixConditioningVLM, "build", no_weights_yet)
+        result = cli(*base_args(out, dataset=f"folder:path={photo_folder}"))
+    assert isinstance(result.exception, DataError), result.exception
+    assert str(result.exception).endswith(f"all 9 are listed in {out / 'bad_images.tsv'}")
+    listed = (out / "bad_images.tsv").read_text().splitlines()
+    assert listed[0] == "image\tproblem" and len(listed) == 10
+    assert "gone.png\tmissing" in listed and "img12.png\tis not a readable image" in "\n".join(listed)
+
+    # the folder holds only the list: the corrected command needs no --overwrite
+    skip = f"folder:path={photo_folder},on_bad_image=skip"
+    with pytest.warns(DataWarning, match="9 of 32 images skipped"):
+        cli_ok(*base_args(out, dataset=skip, steps=1))
+    assert len((out / "bad_images.tsv").read_text().splitlines()) == 10
+
+    # skipping or refusing bad images is not another run: resuming with the other is warned about
+    from vlmkit.core.errors import VlmkitWarning
+    from vlmkit.train import prepare_output_dir
+
+    refuse = [{"name": "folder", "options": {"path": str(photo_folder), "on_bad_image": "error"}}]
+    with pytest.warns(VlmkitWarning, match=r"datasets.0.options.on_bad_image: \"skip\" -> \"error\""):
+        prepare_output_dir(load_config(out / "run.yaml", {"datasets": refuse}), resume=True, overwrite=False)
 
 
 def test_a_dataset_error_is_a_data_error(base_args, tmp_path):
