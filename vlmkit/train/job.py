@@ -189,12 +189,12 @@ def train(
     # every rank raises the refusal: one that waited at a barrier instead would hang until timeout
     if (refusal := _from_rank_zero(refusal)) is not None:
         raise ConfigError(refusal)
-    set_seed(config.seed)
     if args.process_index == 0:
         log.info("training on %s", placement.describe())
 
     # the data first: a bad file fails the run in seconds, not after minutes of loading weights
     train_data, eval_data = _load_data(config, registry, write_list=args.process_index == 0)
+    set_seed(config.seed)  # after the data: a loader drawing random numbers does not change the model
     model = PrefixConditioningVLM.build(
         config.model, registry=registry, seed=config.seed, dtype=placement.dtype
     )
