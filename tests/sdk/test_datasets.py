@@ -234,7 +234,7 @@ def test_folder_check_decodes_so_a_png_that_passes_verify_is_caught(photo_folder
     with pytest.raises(DataError) as info:
         FolderDataset().load("train", {"path": photo_folder})
     assert "2 unreadable: img08.png, img10.png" in str(info.value)
-    assert "(img08.png cannot be read (image file is truncated" in str(info.value)
+    assert "(img08.png is not a readable image (image file is truncated" in str(info.value)
     opts = {"path": photo_folder, "on_bad_image": "skip", "split_fractions": [1.0, 0.0, 0.0]}
     with pytest.warns(DataWarning, match="2 of 40 images skipped"):
         train = FolderDataset().load("train", opts)

@@ -11,6 +11,7 @@ Base weights are referenced, not copied. A merged export (``vlmkit export --form
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -249,30 +250,23 @@ def load(path: str | Path, *, registry=None, trainable: bool = False, dtype: str
 
 
 def _check_files(path: Path, names: list[str | None]) -> None:
-    """Each file ``load`` reads is there and intact, checked before minutes of loading base weights:
-    a damaged one is one line naming it, not a traceback from safetensors or peft."""
-    import json
-
+    """Each file ``load`` reads is there and intact, checked before minutes of loading base weights."""
     from safetensors import safe_open
 
-    adapter = [
-        n for n in ("adapter_model.safetensors", "adapter_model.bin") if (path / "adapter" / n).exists()
-    ]
-    for name in [n for n in names if n] + [f"adapter/{(adapter or ['adapter_model.safetensors'])[0]}"]:
-        file = path / name
+    weights = "bin" if (path / "adapter" / "adapter_model.bin").is_file() else "safetensors"  # peft's two
+    for name in [*filter(None, names), f"adapter/adapter_model.{weights}"]:
         try:
             if name.endswith(".json"):
-                json.loads(file.read_text())
+                json.loads((path / name).read_bytes())
             elif name.endswith(".safetensors"):
-                safe_open(str(file), "pt").keys()  # reads the header and checks the file's length
-            elif not file.is_file():
+                safe_open(str(path / name), "pt")  # its header gives the file's length: a cut file fails
+            elif not (path / name).is_file():
                 raise FileNotFoundError(name)
+            continue
         except FileNotFoundError:
             problem = "is missing"
         except Exception as exc:  # noqa: BLE001 - json, safetensors and the OS raise their own types
-            problem = f"is damaged ({str(exc).splitlines()[0]})"
-        else:
-            continue
+            problem = f"is damaged ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
         raise ArtifactError(f"model {path}: {name} {problem}; save the model again or train it again")
 
 

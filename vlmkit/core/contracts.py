@@ -220,12 +220,9 @@ class CaptionExample:
 
     def load_image(self, *, draft: bool = False) -> PIL.Image.Image:
         """The image in RGB, upright (EXIF orientation applied), 16-bit greyscale scaled to 8 bits.
-
-        Every way an image can be bad (missing, not a regular file, too large, a decompression
-        bomb, corrupt) is one ``DataError`` line naming it, and nothing is read without bound.
-        ``draft``: decode a JPEG at 1/8 scale, enough to find a corrupt one, to check it quickly.
-        """
-        from PIL import Image, UnidentifiedImageError
+        Whatever is wrong (missing, not a regular file, too large, a decompression bomb, corrupt)
+        is one ``DataError`` line naming it. ``draft``: a JPEG at 1/8 scale (a quick check)."""
+        from PIL import UnidentifiedImageError
 
         try:
             source = self.image() if callable(self.image) else self.image
@@ -234,21 +231,17 @@ class CaptionExample:
             return _upright_rgb(source, draft)
         except FileNotFoundError as exc:
             raise DataError(f"image {self._named()}: file not found") from exc
-        except _Refused as exc:
-            raise DataError(f"image {self._named()} {exc}") from exc
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise DataError(f"image {self._named()} is refused: {exc}") from exc
-        except UnidentifiedImageError as exc:  # its message repeats the path, or a BytesIO's repr
+        except UnidentifiedImageError as exc:  # its message repeats the path, or shows a BytesIO
             raise DataError(
                 f"image {self._named()} is not a readable image (unknown format or corrupt data)"
             ) from exc
-        except OSError as exc:
-            raise DataError(f"image {self._named()} cannot be read ({exc.strerror or exc})") from exc
+        except _Refused as exc:
+            raise DataError(f"image {self._named()} {exc}") from exc
         except DataError:  # a plugin's loader (a failed download) already says what and where
             raise
         except Exception as exc:  # noqa: BLE001 - Pillow's decoders raise many types for bad data
-            why = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            raise DataError(f"image {self._named()} is not a readable image ({why})") from exc
+            why = (exc.strerror or str(exc)) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+            raise DataError(f"image {self._named()} is not a readable image ({why.splitlines()[0]})") from exc
 
 
 #: image files larger than this are refused unread
@@ -260,8 +253,8 @@ class _Refused(DataError):
 
 
 def read_image_file(path: str | Path) -> bytes:
-    """The bytes of an image file: a regular file (a FIFO would block, ``/dev/zero`` never ends)
-    of at most ``MAX_IMAGE_BYTES``. ``FileNotFoundError``, ``OSError`` or ``DataError``."""
+    """The bytes of a regular file (a FIFO would block, ``/dev/zero`` never end) of at most
+    ``MAX_IMAGE_BYTES``. ``FileNotFoundError``, ``OSError`` or ``DataError``."""
     import os
     import stat
 
@@ -276,22 +269,21 @@ def read_image_file(path: str | Path) -> bytes:
     return data
 
 
-def _upright_rgb(image: Any, draft: bool = False) -> PIL.Image.Image:
+def _upright_rgb(image: Any, draft: bool) -> PIL.Image.Image:
     import io
 
     from PIL import Image, ImageOps
 
     if isinstance(image, (bytes, bytearray, memoryview)):
-        image = Image.open(io.BytesIO(image))
+        image = Image.open(io.BytesIO(image))  # over twice MAX_IMAGE_PIXELS: DecompressionBombError
     if not hasattr(image, "convert"):
         raise _Refused(f"is a {type(image).__name__}, not an image")
     pixels, limit = image.width * image.height, Image.MAX_IMAGE_PIXELS
     if limit and pixels > limit:  # Pillow only warns up to twice its limit: refuse from the limit on
-        raise Image.DecompressionBombError(f"{pixels} pixels, more than {limit}: a decompression bomb?")
+        raise _Refused(f"has {pixels} pixels, more than {limit}: a decompression bomb?")
     if draft:
         image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
-    image.load()
-    image = ImageOps.exif_transpose(image)  # phone photos are stored sideways with an EXIF tag
+    image = ImageOps.exif_transpose(image)  # loads it; phone photos are stored sideways with a tag
     if image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255):
         import numpy as np  # convert("RGB") clips 16-bit values: mid grey would turn white
 
