@@ -7,8 +7,8 @@ code is 1, nothing hangs, and the good work in the same call is kept (the other 
 - damaged model folders and ONNX exports: one line naming the file and what to do;
 - config files and ``--set``/``--dataset`` values that are not what they claim to be.
 
-The model is a tiny SigLIP + GPT-2 saved untrained (its captions do not matter here). Captioning
-with a named pipe among the images runs in a subprocess with a timeout, so a hang fails the test
+The model is a tiny SigLIP + GPT-2 saved untrained (its captions do not matter here). The console
+script runs in-process under an alarm, so a read that blocks (a named pipe) fails the test
 instead of stalling the suite.
 """
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -69,12 +68,38 @@ def images(tmp_path, hostile_png) -> dict[str, str]:
 HOSTILE = ["bomb", "bomb-warning", "cut", "pipe", "zero", "folder"]
 
 
-def vlmkit_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """The console script in a fresh process (PYTHONPATH passes through: this checkout wins)."""
-    code = "import sys; from vlmkit.cli.main import main; sys.argv[0] = 'vlmkit'; main()"
-    return subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout
-    )
+@pytest.fixture
+def console(monkeypatch, capsys):
+    """``console(*args)`` -> (exit code, stdout, stderr): the console script ``main()`` in-process,
+    under a 60 s alarm, so a read that blocks (a named pipe) fails the test instead of hanging it."""
+    import logging
+    import signal
+    import warnings
+
+    from vlmkit.cli.main import main
+
+    def alarm(signum, frame):
+        raise TimeoutError("vlmkit blocked for 60 s")
+
+    def run(*args: str) -> tuple[int, str, str]:
+        logger = logging.getLogger("vlmkit")
+        handlers, level = list(logger.handlers), logger.level
+        monkeypatch.setattr(sys, "argv", ["vlmkit", *args])
+        monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() replaces it
+        previous = signal.signal(signal.SIGALRM, alarm)
+        signal.alarm(60)
+        try:
+            with pytest.raises(SystemExit) as exit_info:
+                main()
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+            logger.handlers[:] = handlers
+            logger.setLevel(level)
+        out, err = capsys.readouterr()
+        return exit_info.value.code, out, err
+
+    return run
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -93,14 +118,13 @@ def check_errors(stderr: str, images: dict[str, str], names: list[str]) -> None:
     assert stderr.splitlines()[-1] == f"error: {len(names)} of {len(names) + 2} images could not be read"
 
 
-def test_caption_reports_each_hostile_image_and_captions_the_good_ones(model, images):
+def test_caption_reports_each_hostile_image_and_captions_the_good_ones(model, images, console):
     order = [images["good0"], *(images[n] for n in HOSTILE), images["good1"]]
-    result = vlmkit_cli("caption", *order, "--model", str(model))
-    assert result.returncode == 1
-    captioned = [line.split("\t")[0] for line in result.stdout.splitlines()]
-    assert captioned == [images["good0"], images["good1"]]
-    check_errors(result.stderr, images, HOSTILE)
-    assert "decompression bomb" in result.stderr and "not a regular file" in result.stderr
+    code, out, err = console("caption", *order, "--model", str(model))
+    assert code == 1
+    assert [line.split("\t")[0] for line in out.splitlines()] == [images["good0"], images["good1"]]
+    check_errors(err, images, HOSTILE)
+    assert "decompression bomb" in err and "not a regular file" in err
 
 
 def test_caption_json_reports_hostile_images_in_place(model, images):
