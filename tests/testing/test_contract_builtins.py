@@ -96,9 +96,11 @@ def test_every_builtin_plugin_is_registered_through_its_entry_point(registry):
 
 
 @pytest.mark.parametrize("case", list(ENCODERS))
-def test_builtin_encoder_keeps_the_contract(registry, checkpoint, case):
-    report = check_encoder(registry.encoder(ENCODERS[case][0]), checkpoint("encoder", case))
+def test_builtin_encoder_keeps_the_contract(registry, checkpoint, case, tmp_path):
+    # with tmp_path, the suite also trains the last two blocks and round-trips save/load
+    report = check_encoder(registry.encoder(ENCODERS[case][0]), checkpoint("encoder", case), tmp_path)
     assert report["num_tokens"] > 0 and report["feature_dim"] > 0
+    assert report["round_trip"]["unfrozen"] == 2 and report["round_trip"]["trained_tensors"] > 0
 
 
 @pytest.mark.parametrize("case", list(DECODERS))

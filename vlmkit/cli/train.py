@@ -84,7 +84,7 @@ def train(
     lora_r: int = typer.Option(None, help="LoRA rank.", rich_help_panel=_PANEL_MODEL),
     unfreeze_encoder_layers: int = typer.Option(
         None,
-        help="Train the encoder's last N blocks too (disables the feature cache).",
+        help="Train the encoder's last N blocks too (disables the feature cache; batch-norm statistics stay fixed).",
         rich_help_panel=_PANEL_MODEL,
     ),
     prompt: str = typer.Option(

@@ -3,7 +3,8 @@ folder, from a merged export: two paths that "do the same" drift apart), and tho
 
 A saved model: ``vlmkit.json`` (manifest: versions, plugins, checkpoints, projection, format,
 training config, encoder fingerprint, the prompt's token ids), ``projection.safetensors``,
-``adapter/`` (peft's LoRA format) and, when encoder layers were trained, ``encoder.safetensors``.
+``adapter/`` (peft's LoRA format) and, when encoder layers were trained, ``encoder.safetensors``
+(their parameters and buffers).
 Base weights are referenced, not copied. A merged export (``vlmkit export --format hf``) holds
 ``vlmkit-hf.json``, the LoRA-merged decoder in ``decoder/`` and the same projection file.
 """
@@ -97,7 +98,7 @@ def assemble(
     model.freeze_encoder(config.unfreeze_encoder_layers)
     if encoder_weights is not None:
         tensors = load_file(str(encoder_weights))
-        missing = set(tensors) - {k for k, _ in encoder.named_parameters()}
+        missing = set(tensors) - set(encoder.state_dict())
         if missing:
             raise ArtifactError(f"{encoder_weights} holds weights the encoder lacks: {sorted(missing)[:3]}")
         encoder.load_state_dict(tensors, strict=False)

@@ -122,10 +122,24 @@ class PrefixConditioningVLM(nn.Module):
         """True when features can come from the cache: no encoder parameter trains."""
         return not any(p.requires_grad for p in self.encoder.parameters())
 
+    def unfrozen_encoder_layers(self) -> list[nn.Module]:
+        """The last ``unfreeze_encoder_layers`` encoder blocks (by the config, trainable or not)."""
+        n = self.settings.unfreeze_encoder_layers
+        return list(self.encoder.layers())[-n:] if n else []
+
     def train(self, mode: bool = True):
+        """Train mode for the trainable parts only: frozen encoder blocks stay in eval mode (no
+        dropout; batch-norm statistics are buffers that would move with every batch). Batch norm in
+        unfrozen blocks trains weight and bias but keeps its statistics, as fine-tuning recipes for
+        small batches do (the statistics of 8-32 images are noise)."""
         super().train(mode)
-        if self.encoder_frozen:  # a frozen encoder stays in eval mode (dropout, batch-norm stats)
-            self.encoder.eval()
+        self.encoder.eval()
+        if mode and not self.encoder_frozen:
+            for layer in self.unfrozen_encoder_layers():
+                layer.train()
+                for module in layer.modules():
+                    if getattr(module, "track_running_stats", False):
+                        module.eval()
         return self
 
     # ------------------------------------------------------------------ tokens
@@ -322,16 +336,16 @@ class PrefixConditioningVLM(nn.Module):
     # ------------------------------------------------------------------ introspection
 
     def encoder_weights(self) -> dict[str, Any]:
-        """The encoder weights an artifact must carry: those of the last ``unfreeze_encoder_layers``
-        blocks and any other trainable ones. Chosen by the config as well as ``requires_grad``, so
-        a model loaded for inference (everything frozen) and saved or exported again keeps them."""
-        n = self.settings.unfreeze_encoder_layers
-        layers = list(self.encoder.layers())[-n:] if n else []
-        unfrozen = {id(p) for layer in layers for p in layer.parameters()}
+        """The encoder state an artifact must carry: parameters *and* buffers (batch-norm
+        statistics) of the last ``unfreeze_encoder_layers`` blocks, and any other trainable
+        parameter. Chosen by the config as well as ``requires_grad``, so a model loaded for
+        inference (everything frozen) and saved or exported again keeps them."""
+        layers = self.unfrozen_encoder_layers()
+        unfrozen = {id(t) for layer in layers for t in (*layer.parameters(), *layer.buffers())}
         return {
             k: v.detach().contiguous()
-            for k, v in self.encoder.named_parameters()
-            if v.requires_grad or id(v) in unfrozen
+            for k, v in self.encoder.state_dict(keep_vars=True).items()
+            if id(v) in unfrozen or v.requires_grad
         }
 
     def trainable_parameter_groups(self) -> dict[str, list]:

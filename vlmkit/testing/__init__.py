@@ -18,7 +18,12 @@ The contract suite (``vlmkit.testing.contract``): each ``check_*`` raises ``Asse
 which promise broke, and returns a small report of what it measured.
 
 - ``check_encoder(spec, checkpoint, tmp_path=None)``: loads frozen; features of the declared
-  shape and grid; stable fingerprint; ``layers()``.
+  shape and grid; stable fingerprint; ``layers()``. Given ``tmp_path``, also
+  ``check_encoder_round_trip``.
+- ``check_encoder_round_trip(spec, checkpoint, tmp_path, *, unfreeze=2, steps=3)``: trains the
+  last ``unfreeze`` blocks a few steps (with ``ToyDecoderSpec``): frozen blocks stay in eval mode
+  and unchanged (batch-norm statistics included); after save and load, the encoder state,
+  features, fingerprint and captions equal the trained model's.
 - ``check_decoder(spec, checkpoint, tmp_path, *, styles=("auto", "plain"), encoder=None,
   encoder_checkpoint=None)``: model type, pad token, LoRA targets, stop tokens; formatting
   (generation context = training context; target = caption + stop token); label masking;
@@ -27,6 +32,7 @@ which promise broke, and returns a small report of what it measured.
 - ``check_dataset(spec, options=None, *, seed=0, sample=32)``: three non-empty, deterministic,
   disjoint splits of captioned RGB images with stable fingerprints.
 - ``ToyEncoderSpec``: a tiny deterministic encoder (16 tokens of 16 dims) to pair with a decoder.
+- ``ToyDecoderSpec``: a decoder spec for tiny Llama checkpoints, to pair with an encoder.
 - ``make_registry(*specs)``: a fresh ``Registry`` holding just ``specs``, to build a
   ``PrefixConditioningVLM`` from specs that are not installed.
 - ``registry_of(plugin_module)``: a fresh ``Registry`` holding what your plugin module registers
@@ -54,10 +60,12 @@ import importlib
 from typing import Any
 
 from vlmkit.testing.contract import (
+    ToyDecoderSpec,
     ToyEncoderSpec,
     check_dataset,
     check_decoder,
     check_encoder,
+    check_encoder_round_trip,
     make_registry,
     registry_of,
     sample_images,
@@ -74,10 +82,12 @@ _LAZY = {
 
 __all__ = [
     "TOKENIZER_STYLES",
+    "ToyDecoderSpec",
     "ToyEncoderSpec",
     "check_dataset",
     "check_decoder",
     "check_encoder",
+    "check_encoder_round_trip",
     "make_registry",
     "registry_of",
     "sample_images",

@@ -20,6 +20,7 @@ from typing import Any
 from vlmkit.core.contracts import SPLITS, DatasetSpec, DecoderSpec, EncoderSpec, VisionEncoder
 from vlmkit.core.hookspecs import hookimpl
 from vlmkit.core.registry import Registry
+from vlmkit.sdk.decoders import TransformersDecoderSpec
 
 CAPTIONS = ["A red circle on the left.", "Two dogs play in the snow near a small wooden house."]
 PROMPT = "Describe the image."
@@ -143,7 +144,7 @@ def check_encoder(
 ) -> dict[str, Any]:
     """An encoder plugin loads ``checkpoint`` frozen, preprocesses any RGB image to one shape,
     returns ``[B, num_tokens, feature_dim]`` features whose grid matches, has a stable
-    fingerprint, and names its layers."""
+    fingerprint, and names its layers. Given ``tmp_path``, also ``check_encoder_round_trip``."""
     import torch
 
     encoder = spec.load(checkpoint)
@@ -169,7 +170,103 @@ def check_encoder(
     assert isinstance(fp, str) and fp, "fingerprint must be a non-empty string"
     assert spec.load(checkpoint).fingerprint() == fp, "fingerprint must be stable across loads"
     assert len(list(encoder.layers())) > 0, "layers() must list the encoder blocks"
-    return {"num_tokens": encoder.num_tokens, "feature_dim": encoder.feature_dim, "fingerprint": fp}
+    report = {"num_tokens": encoder.num_tokens, "feature_dim": encoder.feature_dim, "fingerprint": fp}
+    if tmp_path is not None:
+        report["round_trip"] = check_encoder_round_trip(spec, checkpoint, tmp_path)
+    return report
+
+
+class ToyDecoderSpec(TransformersDecoderSpec):
+    """A tiny Llama decoder (``tiny_decoder_checkpoint("llama")``) to pair with an encoder."""
+
+    name = "vlmkit-toy-llama"
+    description = "tiny random Llama for encoder tests (vlmkit.testing)"
+    model_types = ("llama",)
+    lora_targets = ("q_proj", "v_proj")
+    layer_class = "LlamaDecoderLayer"
+
+
+def check_encoder_round_trip(
+    spec: EncoderSpec, checkpoint: str | None, tmp_path: str | Path, *, unfreeze: int = 2, steps: int = 3
+) -> dict[str, Any]:
+    """With its last ``unfreeze`` blocks trained (``unfreeze_encoder_layers``), the encoder in a
+    saved and reloaded model computes exactly what the trained one did.
+
+    Trains a few steps (a tiny Llama decoder), and checks: frozen blocks stay in eval mode and
+    keep every parameter and buffer (batch-norm statistics) unchanged; the unfrozen blocks
+    train; after ``save`` and ``load`` the encoder's whole state, its features, its fingerprint
+    (no "encoder differs" warning) and the captions equal the trained model's.
+    """
+    import torch
+
+    from vlmkit.core.model import PrefixConditioningVLM
+    from vlmkit.testing.tiny_decoders import tiny_decoder_checkpoint
+
+    tmp_path = Path(tmp_path)
+    decoder = ToyDecoderSpec()
+    registry = make_registry(spec, decoder)
+    blocks = len(list(spec.load(checkpoint).layers()))
+    unfreeze = min(unfreeze, blocks)
+    config = {
+        "encoder": spec.name,
+        "encoder_checkpoint": checkpoint,
+        "decoder": decoder.name,
+        "decoder_checkpoint": tiny_decoder_checkpoint("llama", tmp_path / f"{spec.name}-round-trip-lm"),
+        "projection": {"type": "linear", "reduction": "none"},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "unfreeze_encoder_layers": unfreeze,
+        "max_caption_tokens": 6,
+    }
+    vlm = PrefixConditioningVLM.build(config, registry=registry)
+    layers = list(vlm.encoder.layers())
+    frozen_ids = {id(t) for layer in layers[:-unfreeze] for t in (*layer.parameters(), *layer.buffers())}
+    before = {k: v.detach().clone() for k, v in vlm.encoder.state_dict(keep_vars=True).items()}
+    frozen_names = {k for k, v in vlm.encoder.state_dict(keep_vars=True).items() if id(v) in frozen_ids}
+    registered = set(vlm.encoder.modules())
+    images = sample_images(2)
+    pixels = vlm.preprocess(images)
+    batch = vlm.tokenize(CAPTIONS)
+    groups = vlm.trainable_parameter_groups()
+    assert groups["encoder"], (
+        f"{spec.name}: unfreeze_encoder_layers={unfreeze} made no encoder weight trainable"
+    )
+    optimizer = torch.optim.AdamW([p for g in groups.values() for p in g], lr=1e-2)
+    for _ in range(steps):
+        vlm.train()
+        training = [
+            m for layer in layers[:-unfreeze] for m in layer.modules() if m in registered and m.training
+        ]
+        assert not training, (
+            f"{spec.name}: frozen encoder blocks are in train mode ({type(training[0]).__name__})"
+        )
+        loss = vlm(**batch.to_dict(), pixel_values=pixels)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    vlm.eval()
+    after = vlm.encoder.state_dict()
+    moved = [k for k in frozen_names if not torch.equal(before[k], after[k])]
+    assert not moved, f"{spec.name}: training changed frozen encoder state: {sorted(moved)[:3]}"
+    trained = [k for k in before if k not in frozen_names and not torch.equal(before[k], after[k])]
+    assert trained, f"{spec.name}: the unfrozen encoder blocks did not change in training"
+
+    reloaded = PrefixConditioningVLM.load(vlm.save(tmp_path / f"{spec.name}-round-trip"), registry=registry)
+    differ = [k for k, v in reloaded.encoder.state_dict().items() if not torch.equal(v, after[k])]
+    assert not differ, (
+        f"{spec.name}: the reloaded encoder differs from the trained one in {sorted(differ)[:3]}"
+    )
+    assert reloaded.encoder.fingerprint() == vlm.encoder.fingerprint(), (
+        f"{spec.name}: the reloaded encoder's fingerprint differs (load would warn 'encoder differs')"
+    )
+    with torch.no_grad():
+        assert torch.equal(reloaded.encode(pixels), vlm.encode(pixels)), (
+            f"{spec.name}: features differ after reload"
+        )
+    captions = vlm.generate(pixel_values=pixels, return_ids=True)
+    assert reloaded.generate(pixel_values=pixels, return_ids=True) == captions, (
+        f"{spec.name}: captions differ after reload"
+    )
+    return {"unfrozen": unfreeze, "trained_tensors": len(trained)}
 
 
 # ------------------------------------------------------------------------------- decoders
