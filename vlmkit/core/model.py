@@ -64,6 +64,10 @@ class PrefixConditioningVLM(nn.Module):
         #: are real) and what ``generate`` emits after a row has stopped; the tokenizer's pad, else 0
         self.pad_token_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._prompt_cache: dict[tuple[str, str], Formatted] = {}
+        resolve = getattr(decoder_spec, "resolve_layer_class", None)  # FSDP's auto-wrap reads this
+        self._no_split_modules = (
+            [resolve(self.language_model)] if resolve and decoder_spec.layer_class else []
+        )
 
     # ------------------------------------------------------------------ construction
 
@@ -122,8 +126,7 @@ class PrefixConditioningVLM(nn.Module):
         """True when features can come from the cache: no encoder parameter trains."""
         return not any(p.requires_grad for p in self.encoder.parameters())
 
-    def unfrozen_encoder_layers(self) -> list[nn.Module]:
-        """The last ``unfreeze_encoder_layers`` encoder blocks (by the config, trainable or not)."""
+    def unfrozen_encoder_layers(self) -> list[nn.Module]:  # by the config, trainable or not
         n = self.settings.unfreeze_encoder_layers
         return list(self.encoder.layers())[-n:] if n else []
 

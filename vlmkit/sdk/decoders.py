@@ -355,15 +355,21 @@ class TransformersDecoderSpec(DecoderSpec):
 
     def resolve_layer_class(self, model: Any) -> str:
         """Class name of ``model``'s transformer block (FSDP auto-wrap): ``layer_class`` or one of
-        ``layer_classes`` when present, else the model's own ``_no_split_modules``."""
+        ``layer_classes``; only when the plugin declares none, the model's own ``_no_split_modules``.
+        A declared class the model lacks (a typo) is an error, never silently replaced."""
         present = {type(m).__name__ for m in model.modules()}
         declared = [c for c in (self.layer_class, *self.layer_classes) if c]
-        for candidate in [*declared, *sorted(getattr(model, "_no_split_modules", None) or ())]:
+        own = sorted(getattr(model, "_no_split_modules", None) or ())
+        for candidate in declared or own:
             if candidate in present:
                 return candidate
-        raise PluginError(
-            f"no transformer block class ({', '.join(declared) or 'none declared'}) in this {self.name} model"
-        )
+        if declared:
+            blocks = ", ".join(c for c in own if c in present) or "none found"
+            raise PluginError(
+                f"decoder plugin {self.name!r} declares layer_class {', '.join(declared)}, but this "
+                f"{type(model).__name__} has no such module (its block class: {blocks})"
+            )
+        raise PluginError(f"no transformer block class (none declared) in this {self.name} model")
 
 
 # ---------------------------------------------------------------------------------- helpers

@@ -34,6 +34,7 @@ from vlmkit.core.model import PrefixConditioningVLM
 from vlmkit.sdk.datasets import BadImagesError, load_split, tsv_field
 from vlmkit.train.config import TrainConfig
 from vlmkit.train.data import CaptionTrainingSet, Collator
+from vlmkit.train.distributed import save_model
 from vlmkit.train.features import FeatureCache
 from vlmkit.train.precision import Placement, resolve
 from vlmkit.train.trainer import JsonlLogger, VLMTrainer, prepare_model_for_precision
@@ -246,17 +247,18 @@ def train(
     if config.eval_metrics or config.early_stopping_patience:
         eval_metrics = _final_evaluation(trainer) or trainer.evaluate()
 
-    if trainer.is_world_process_zero():
-        model.save(
-            out,
-            training={
-                "config": json.loads(config.model_dump_json()),
-                "global_step": trainer.state.global_step,
-                "train_loss": train_loss,
-                "eval": eval_metrics,
-                "used_feature_cache": use_cache,
-            },
-        )
+    save_model(  # rank 0 writes; under FSDP2 every rank first takes part in gathering
+        model,
+        out,
+        training={
+            "config": json.loads(config.model_dump_json()),
+            "global_step": trainer.state.global_step,
+            "train_loss": train_loss,
+            "eval": eval_metrics,
+            "used_feature_cache": use_cache,
+        },
+        registry=registry,
+    )
     _barrier()
     return TrainResult(
         output_dir=out,

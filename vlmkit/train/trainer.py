@@ -17,6 +17,13 @@ from vlmkit.core.model import PrefixConditioningVLM
 from vlmkit.evaluate.loop import generate_captions, score
 from vlmkit.train.config import TrainConfig
 from vlmkit.train.data import CaptionTrainingSet, LengthGroupedSampler, SamplerEpoch
+from vlmkit.train.distributed import (
+    check_fsdp_applies,
+    is_sharded,
+    load_trainable,
+    trainable_state_dict,
+    unsharded_root,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +73,7 @@ class VLMTrainer(Trainer):
 
     def __init__(self, *args, vlm_config: TrainConfig, eval_captions=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        check_fsdp_applies(self)
         self.vlm_config = vlm_config
         self.eval_captions = eval_captions  # (CaptionDataset, features or None) for --eval-metrics
         self.length_sampler: LengthGroupedSampler | None = None
@@ -89,31 +97,37 @@ class VLMTrainer(Trainer):
         return self.optimizer
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """The trainable tensors, written by the saving rank only and atomically (a temporary name,
+        then a rename), from the gathered ``state_dict`` when ``Trainer`` passes one (FSDP,
+        DeepSpeed); ``Trainer`` calls this on every rank under those."""
         from safetensors.torch import save_file
 
+        from vlmkit.core.paths import atomic_write
+
+        if not self.args.should_save:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        if state_dict is None and is_sharded(model):
+            # gathering shards takes every rank, and only this one is here
+            raise ConfigError(
+                "the model is sharded but Trainer passed no gathered state dict: launch FSDP through "
+                "accelerate (fsdp_state_dict_type FULL_STATE_DICT), not with fully_shard by hand"
+            )
+        tensors = trainable_state_dict(model, state_dict)
         output = Path(output_dir or self.args.output_dir)
         output.mkdir(parents=True, exist_ok=True)
-        model = self.accelerator.unwrap_model(self.model)
-        tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(tensors, str(output / TRAINABLE_FILE))
+        atomic_write(output / TRAINABLE_FILE, lambda tmp: save_file(tensors, str(tmp)))
 
     def _load_trainable(self, checkpoint: str | Path) -> None:
         from safetensors.torch import load_file
 
-        model = self.accelerator.unwrap_model(self.model)
         file = Path(checkpoint) / TRAINABLE_FILE
         if not file.is_file():
             raise ConfigError(
                 f"checkpoint {checkpoint} has no {TRAINABLE_FILE}; it was not written by vlmkit train"
             )
-        tensors = load_file(str(file))
-        params = dict(model.named_parameters())
-        unknown = sorted(set(tensors) - set(params))
-        if unknown:
-            raise ConfigError(f"checkpoint {checkpoint} does not fit this model (e.g. {unknown[0]})")
-        with torch.no_grad():
-            for name, value in tensors.items():
-                params[name].copy_(value)
+        model = self.accelerator.unwrap_model(self.model)
+        load_trainable(model, load_file(str(file)), source=f"checkpoint {checkpoint}")
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
         self._load_trainable(resume_from_checkpoint)
@@ -128,10 +142,12 @@ class VLMTrainer(Trainer):
         if self.vlm_config.eval_metrics and self.eval_captions is not None:
             prefix = kwargs.get("metric_key_prefix", "eval")
             data, features = self.eval_captions
-            # on the training device (the model moves the cached CPU features) under its autocast
-            with self.autocast_smart_context_manager():
+            model = self.accelerator.unwrap_model(self.model)
+            # on the training device (the model moves the cached CPU features) under its autocast;
+            # FSDP2: generate is not forward, so nothing else unshards the root
+            with self.autocast_smart_context_manager(), unsharded_root(model):
                 rows = generate_captions(
-                    self.accelerator.unwrap_model(self.model),
+                    model,
                     data,
                     features=features,
                     batch_size=self.args.per_device_eval_batch_size,
