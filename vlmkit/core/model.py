@@ -131,10 +131,9 @@ class PrefixConditioningVLM(nn.Module):
         return list(self.encoder.layers())[-n:] if n else []
 
     def train(self, mode: bool = True):
-        """Train mode for the trainable parts only: frozen encoder blocks stay in eval mode (no
-        dropout; batch-norm statistics are buffers that would move with every batch). Batch norm in
-        unfrozen blocks trains weight and bias but keeps its statistics, as fine-tuning recipes for
-        small batches do (the statistics of 8-32 images are noise)."""
+        """Frozen encoder blocks stay in eval mode (batch-norm statistics would move with every
+        batch); batch norm in unfrozen blocks trains weight and bias but keeps its statistics, as
+        fine-tuning recipes for small batches do (the statistics of 8-32 images are noise)."""
         super().train(mode)
         self.encoder.eval()
         if mode and not self.encoder_frozen:
