@@ -3,8 +3,7 @@ folder, from a merged export: two paths that "do the same" drift apart), and tho
 
 A saved model: ``vlmkit.json`` (manifest: versions, plugins, checkpoints, projection, format,
 training config, encoder fingerprint, the prompt's token ids), ``projection.safetensors``,
-``adapter/`` (peft's LoRA format) and, when encoder layers were trained, ``encoder.safetensors``
-(their parameters and buffers).
+``adapter/`` (peft's LoRA format) and, when encoder layers were trained, ``encoder.safetensors``.
 Base weights are referenced, not copied. A merged export (``vlmkit export --format hf``) holds
 ``vlmkit-hf.json``, the LoRA-merged decoder in ``decoder/`` and the same projection file.
 """

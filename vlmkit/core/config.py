@@ -44,9 +44,7 @@ class ModelConfig(BaseModel):
     decoder_revision: str | None = None
     projection: ProjectionConfig = Field(default_factory=ProjectionConfig)
     lora: LoraSettings = Field(default_factory=LoraSettings)
-    #: train the encoder's last N blocks too (no feature cache then); the others stay frozen in
-    #: eval mode. Batch norm in the unfrozen blocks trains weight and bias but keeps its running
-    #: statistics; the artifact stores those blocks' parameters and buffers
+    #: train the encoder's last N blocks too; their batch norm keeps its statistics (small batches)
     unfreeze_encoder_layers: int = Field(0, ge=0)
     prompt: str = ""
     format: Literal["auto", "chat", "plain"] = "auto"

@@ -65,9 +65,7 @@ class PrefixConditioningVLM(nn.Module):
         self.pad_token_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._prompt_cache: dict[tuple[str, str], Formatted] = {}
         resolve = getattr(decoder_spec, "resolve_layer_class", None)  # FSDP's auto-wrap reads this
-        self._no_split_modules = (
-            [resolve(self.language_model)] if resolve and decoder_spec.layer_class else []
-        )
+        self._no_split_modules = [resolve(lm)] if resolve and decoder_spec.layer_class else []
 
     # ------------------------------------------------------------------ construction
 
@@ -127,21 +125,16 @@ class PrefixConditioningVLM(nn.Module):
         return not any(p.requires_grad for p in self.encoder.parameters())
 
     def unfrozen_encoder_layers(self) -> list[nn.Module]:  # by the config, trainable or not
-        n = self.settings.unfreeze_encoder_layers
-        return list(self.encoder.layers())[-n:] if n else []
+        return list(self.encoder.layers())[-n:] if (n := self.settings.unfreeze_encoder_layers) else []
 
     def train(self, mode: bool = True):
-        """Frozen encoder blocks stay in eval mode (batch-norm statistics would move with every
-        batch); batch norm in unfrozen blocks trains weight and bias but keeps its statistics, as
-        fine-tuning recipes for small batches do (the statistics of 8-32 images are noise)."""
         super().train(mode)
-        self.encoder.eval()
+        self.encoder.eval()  # frozen blocks and all batch norm: statistics would move every batch
         if mode and not self.encoder_frozen:
             for layer in self.unfrozen_encoder_layers():
                 layer.train()
-                for module in layer.modules():
-                    if getattr(module, "track_running_stats", False):
-                        module.eval()
+            for m in self.encoder.modules():
+                m.training = m.training and not getattr(m, "track_running_stats", False)
         return self
 
     # ------------------------------------------------------------------ tokens
@@ -338,10 +331,7 @@ class PrefixConditioningVLM(nn.Module):
     # ------------------------------------------------------------------ introspection
 
     def encoder_weights(self) -> dict[str, Any]:
-        """The encoder state an artifact must carry: parameters *and* buffers (batch-norm
-        statistics) of the last ``unfreeze_encoder_layers`` blocks, and any other trainable
-        parameter. Chosen by the config as well as ``requires_grad``, so a model loaded for
-        inference (everything frozen) and saved or exported again keeps them."""
+        """Parameters and buffers of the blocks unfrozen by the config (kept by a model loaded frozen)."""
         layers = self.unfrozen_encoder_layers()
         unfrozen = {id(t) for layer in layers for t in (*layer.parameters(), *layer.buffers())}
         return {
