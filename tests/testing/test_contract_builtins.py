@@ -107,7 +107,9 @@ def test_builtin_encoder_keeps_the_contract(registry, checkpoint, case, tmp_path
 def test_builtin_decoder_keeps_the_contract(registry, checkpoint, case, tmp_path):
     report = check_decoder(registry.decoder(DECODERS[case][0]), checkpoint("decoder", case), tmp_path)
     assert math.isfinite(report["loss"])
-    assert len(report["captions"]) == 2
+    assert len(report["captions"]) == 3
+    assert report["loss_paths"]["largest_logit"] > 5  # compared at a realistic magnitude
+    assert report["onnx"]["image_dependent"]  # ONNX = PyTorch on captions that depend on the image
 
 
 def test_shapes_dataset_keeps_the_contract(registry):

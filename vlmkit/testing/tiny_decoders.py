@@ -31,6 +31,10 @@ phi3       Phi-3-mini-instruct: SentencePiece-style BPE (``▁``, byte     ``phi
            fallback, adds ``<s>``), EOS = pad = ``<|endoftext|>``,
            ``<|user|>``/``<|assistant|>``/``<|end|>`` that swallow the
            newline after them (``rstrip``)
+gemma      Gemma-2-it: SentencePiece-style BPE (adds ``<bos>``), pad 0,  (test-only ``gemma2``)
+           EOS 1, BOS 2, unk 3 under their own names, turns
+           ``<start_of_turn>``/``<end_of_turn>``, a template that
+           writes the BOS itself and rejects a system role
 plain      GPT-2 / Phi-2: byte-level BPE, ``<|endoftext|>`` is BOS, EOS   ``gpt2``, ``phi``
            and unk, no pad token, no chat template
 =========  ============================================================  ==========================
@@ -129,6 +133,15 @@ PHI3_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
 )
 
+GEMMA2_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+
 
 @dataclass(frozen=True)
 class _Style:
@@ -183,6 +196,17 @@ _STYLES: dict[str, _Style] = {
             "<|end|>": True,
             "<|user|>": True,
         },
+    ),
+    "gemma": _Style(
+        kind="sentencepiece",
+        bos="<bos>",
+        eos="<eos>",
+        unk="<unk>",
+        pad="<pad>",
+        add_bos=True,
+        chat_template=GEMMA2_TEMPLATE,
+        specials=("<pad>", "<eos>", "<bos>", "<unk>"),
+        controls={"<start_of_turn>": False, "<end_of_turn>": False},
     ),
     "plain": _Style(
         kind="byte",
@@ -270,7 +294,7 @@ def tiny_tokenizer(style: str, path: str | Path | None = None) -> Any:
         )
         tk.train_from_iterator(corpus, trainer=trainer)
     else:
-        tk = _sentencepiece_like(corpus, s.specials)
+        tk = _sentencepiece_like(corpus, s.specials, s.unk or s.specials[0])
         if s.add_bos:
             tk.post_processor = processors.TemplateProcessing(
                 single=f"{s.bos} $A",
@@ -296,12 +320,12 @@ def tiny_tokenizer(style: str, path: str | Path | None = None) -> Any:
     return tokenizer
 
 
-def _sentencepiece_like(corpus: list[str], specials: tuple[str, ...]) -> Any:
+def _sentencepiece_like(corpus: list[str], specials: tuple[str, ...], unk: str) -> Any:
     """A Llama/Phi-3 style BPE: ``▁`` for spaces (prepended to the first word), byte fallback."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     # SentencePiece learns pieces within words (split=True) but encodes with split=False.
-    scratch = Tokenizer(models.BPE(unk_token=specials[0]))
+    scratch = Tokenizer(models.BPE(unk_token=unk))
     scratch.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
     alphabet = sorted({ch for line in corpus for ch in line} | {"▁"})
     budget = VOCAB_SIZE - 256  # the byte-fallback tokens come on top
@@ -319,9 +343,7 @@ def _sentencepiece_like(corpus: list[str], specials: tuple[str, ...]) -> Any:
         vocab.setdefault(tok, len(vocab))
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
 
-    tk = Tokenizer(
-        models.BPE(vocab=vocab, merges=merges, unk_token=specials[0], byte_fallback=True, fuse_unk=True)
-    )
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, byte_fallback=True, fuse_unk=True))
     tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
     tk.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
