@@ -14,6 +14,7 @@ never by comparing with the pad id (GPT-2's pad token *is* its EOS, which is a r
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -261,13 +262,19 @@ class PrefixConditioningVLM(nn.Module):
                     logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
                 )
             return result
-        hidden = base.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
-        hidden = hidden.last_hidden_state[:, :-1]
+        # The model's own forward with ``logits_to_keep`` (not our own head call): families that
+        # softcap or scale logits after the head (Gemma-2, Granite, Cohere) train as they generate.
         targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX
-        logits = base.get_output_embeddings()(hidden[keep])
-        loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep])
-        return {"loss": loss}
+        keep = torch.nn.functional.pad(targets != IGNORE_INDEX, (0, 1))
+        # transformers 5 takes a [B, T] mask; before, positions shared by all rows (a superset)
+        if not hasattr(sys.modules.get("transformers.modeling_utils"), "slice_logits_to_keep"):
+            keep = keep.any(0).nonzero().squeeze(1)
+        out = base(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep)
+        picked = targets[:, keep] if keep.ndim == 1 else targets[keep[:, :-1]]
+        logits = out.logits.flatten(0, -2).float()
+        return {
+            "loss": torch.nn.functional.cross_entropy(logits, picked.flatten(), ignore_index=IGNORE_INDEX)
+        }
 
     # ------------------------------------------------------------------ generation
 

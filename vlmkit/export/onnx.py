@@ -100,8 +100,8 @@ def write_onnx(vlm, folder: Path, *, opset: int, quantize: str | None, source, o
         },
         what="decoder graph",
     )
-    embed = lm.get_input_embeddings().weight.detach().float().numpy()
-    np.save(folder / "embed_tokens.npy", np.ascontiguousarray(embed))
+    embed = embedding_table(lm)
+    np.save(folder / "embed_tokens.npy", embed)
 
     step(on_step, "saving the tokenizer")
     tokenizer = vlm.tokenizer
@@ -181,6 +181,19 @@ def merged_decoder(vlm):
     merged = merged.float().eval()
     merged.requires_grad_(False)
     return merged
+
+
+def embedding_table(lm, chunk: int = 8192) -> np.ndarray:
+    """``[V, D]``: the LM's input-embedding *module* run over every token id, not its weight:
+    families scale inside the module (Gemma multiplies by sqrt(hidden_size)), and the runtimes
+    (Python, browser) look ids up in this table where PyTorch calls the module."""
+    module = lm.get_input_embeddings()
+    vocab = module.weight.shape[0]
+    with torch.no_grad():
+        rows = [
+            module(torch.arange(i, min(i + chunk, vocab))).float().numpy() for i in range(0, vocab, chunk)
+        ]
+    return np.ascontiguousarray(np.concatenate(rows))
 
 
 def quantize_int8(source: Path, target: Path, method: str = "dynamic") -> None:
@@ -405,10 +418,14 @@ class DecoderStep(nn.Module):
 
 
 def _make_cache(pairs, config):
+    """A cache that keeps every key/value, windowed layers too: the runtimes keep one attention
+    mask and one past length for all layers. The window itself is applied by the attention mask
+    transformers builds from the model's config (``sliding_window``), as in PyTorch generation,
+    where a windowed layer's cache drops what its window no longer sees."""
     from transformers import DynamicCache
 
     try:
-        return DynamicCache(ddp_cache_data=pairs, config=config)
+        return DynamicCache(ddp_cache_data=pairs)
     except TypeError:  # transformers 4.x
         return DynamicCache.from_legacy_cache(tuple(pairs))
 
