@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -422,6 +423,25 @@ def test_a_manifest_from_a_newer_vlmkit_is_refused(saved, tmp_path):
 
 
 # ------------------------------------------------------------------------------ build errors
+
+
+def test_a_model_built_from_relative_checkpoint_paths_loads_from_another_directory(
+    build, checkpoints, images, tmp_path, monkeypatch
+):
+    # as after: vlmkit train --encoder-checkpoint ./siglip --decoder-checkpoint gpt2
+    monkeypatch.chdir(Path(checkpoints["siglip"]).parent)
+    vlm = build(encoder_checkpoint="./siglip", decoder_checkpoint="gpt2")
+    nudge_lora(vlm)
+    path = vlm.save(tmp_path / "model")
+    manifest = json.loads((path / MANIFEST).read_text())
+    assert (
+        manifest["config"]["encoder_checkpoint"] == manifest["encoder"]["checkpoint"] == checkpoints["siglip"]
+    )
+    assert (
+        manifest["config"]["decoder_checkpoint"] == manifest["decoder"]["checkpoint"] == checkpoints["gpt2"]
+    )
+    monkeypatch.chdir(tmp_path)
+    assert vlmkit.load(path).caption(images, max_new_tokens=6) == vlm.caption(images, max_new_tokens=6)
 
 
 def test_a_checkpoint_of_another_family_is_a_one_line_plugin_error(build, checkpoints):

@@ -264,6 +264,22 @@ class Spaced(Decoder):
     name = "my decoder"
 
 
+class StringModelTypes(Decoder):
+    model_types = "gemma2"  # noqa: UP034 - the trap: a string, which "in" would match by substring
+
+
+class StringTargets(Decoder):
+    lora_targets = "query_key_value"
+
+
+class NumberTargetsPerModelType(Decoder):
+    lora_targets = {"phi": ("q_proj", 3)}
+
+
+class ClassAsLayerClass(Decoder):
+    layer_class = Decoder
+
+
 @pytest.mark.parametrize(
     ("hook_name", "spec", "error"),
     [
@@ -278,6 +294,14 @@ class Spaced(Decoder):
         ),
         ("register_decoders", Spaced(), "got 'my decoder'"),
         ("register_datasets", Unnamed(), "Unnamed.name must be an exact lowercase name"),
+        (
+            "register_decoders",
+            StringModelTypes(),
+            "StringModelTypes.model_types must be a tuple of names, got 'gemma2'",
+        ),
+        ("register_decoders", StringTargets(), "StringTargets.lora_targets must be a tuple of names"),
+        ("register_decoders", NumberTargetsPerModelType(), "got {'phi': ('q_proj', 3)}"),
+        ("register_decoders", ClassAsLayerClass(), "ClassAsLayerClass.layer_class must be a class name"),
     ],
     ids=[
         "class-not-instance",
@@ -287,6 +311,10 @@ class Spaced(Decoder):
         "uppercase",
         "space",
         "no-name",
+        "model-types-a-string",
+        "lora-targets-a-string",
+        "lora-targets-per-model-type-not-names",
+        "layer-class-not-a-name",
     ],
 )
 def test_invalid_spec_is_recorded_as_a_broken_plugin(registry, hook_name, spec, error):

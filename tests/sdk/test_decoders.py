@@ -188,13 +188,48 @@ def test_bogus_lora_targets_fail_listing_real_modules(case):
 
 def test_a_family_whose_targets_match_nothing_fails(registry, loaded):
     model, _ = loaded["llama"]
-    with pytest.raises(PluginError, match="c_attn, c_proj match no linear module"):
+    with pytest.raises(PluginError, match="gpt2.lora_targets: c_attn, c_proj match no linear module"):
         registry.decoder("gpt2").resolve_lora_targets(model)
+
+
+def test_a_misspelt_declared_lora_target_fails_naming_it(loaded):
+    class Typo(TransformersDecoderSpec):
+        name = "typo"
+        model_types = ("llama",)
+        lora_targets = ("q_proj", "v_prj")
+
+    model, _ = loaded["llama"]
+    with pytest.raises(PluginError, match=r"typo.lora_targets: v_prj match no linear module .* v_proj"):
+        Typo().resolve_lora_targets(model)
+
+
+def test_lora_targets_per_model_type_are_alternatives(registry, loaded):
+    phi = registry.decoder("phi")
+    assert phi.resolve_lora_targets(loaded["phi"][0]) == ["q_proj", "k_proj", "v_proj", "dense"]
+    assert phi.resolve_lora_targets(loaded["phi3"][0]) == ["qkv_proj", "o_proj"]
+    with pytest.raises(
+        PluginError, match="declares LoRA targets for model_type 'phi', 'phi3', not for this 'llama'"
+    ):
+        phi.resolve_lora_targets(loaded["llama"][0])
 
 
 def test_layer_class_resolves_per_model(case):
     spec, _, model, _, _, layer = case
     assert spec.resolve_layer_class(model) == layer
+
+
+def test_a_misspelt_layer_class_fails_at_load(tmp_path):
+    class Typo(TransformersDecoderSpec):
+        name = "typo"
+        model_types = ("llama",)
+        lora_targets = ("q_proj",)
+        layer_class = "LlamaDecoderLayr"
+
+    checkpoint = tiny_decoder_checkpoint("llama", tmp_path / "llama")
+    with pytest.raises(
+        PluginError, match="declares layer_class LlamaDecoderLayr, .* its block class: LlamaDecoderLayer"
+    ):
+        Typo().load(checkpoint)
 
 
 # --------------------------------------------------------------------------------- formatting

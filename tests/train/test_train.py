@@ -9,6 +9,7 @@ plugin, the data 72 ``shapes`` images (24 per split). Runs go through the Typer 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -113,10 +114,32 @@ def read_logs(out: Path) -> list[dict]:
 def trained(base_args, tmp_path_factory, home):
     """One tiny run from the CLI; the encoder forward calls it made; the feature cache after it."""
     out = tmp_path_factory.mktemp("runs") / "first"
-    with pytest.MonkeyPatch.context() as mp:
-        calls = EncoderCalls(mp)
-        result = cli_ok(*base_args(out))
-    return {"out": out, "encoder_calls": calls.count, "cache": snapshot(home / "features"), "result": result}
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("vlmkit")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            calls = EncoderCalls(mp)
+            result = cli_ok(*base_args(out))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return {
+        "out": out,
+        "encoder_calls": calls.count,
+        "cache": snapshot(home / "features"),
+        "result": result,
+        "log": messages,
+    }
+
+
+def test_train_reports_the_lora_targets_it_resolved_once(trained):
+    lora = [m for m in trained["log"] if m.startswith("LoRA ")]
+    assert lora == ["LoRA r=16 on k_proj, o_proj, q_proj, v_proj of the smollm model"]
 
 
 # ------------------------------------------------------------------------------- the artifact

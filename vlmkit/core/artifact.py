@@ -143,10 +143,13 @@ def manifest(model, training: dict | None = None) -> dict[str, Any]:
         "format_version": ARTIFACT_VERSION,
         "vlmkit_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "config": config.model_dump(mode="json"),
+        "config": {
+            **config.model_dump(mode="json"),
+            **{k: located(getattr(config, k)) for k in ("encoder_checkpoint", "decoder_checkpoint")},
+        },
         "encoder": {
             "plugin": config.encoder,
-            "checkpoint": config.encoder_checkpoint or model.encoder_spec.default_checkpoint,
+            "checkpoint": located(config.encoder_checkpoint) or model.encoder_spec.default_checkpoint,
             "revision": config.encoder_revision,
             "fingerprint": encoder.fingerprint(),
             "num_tokens": encoder.num_tokens,
@@ -155,7 +158,7 @@ def manifest(model, training: dict | None = None) -> dict[str, Any]:
         },
         "decoder": {
             "plugin": config.decoder,
-            "checkpoint": config.decoder_checkpoint or model.decoder_spec.default_checkpoint,
+            "checkpoint": located(config.decoder_checkpoint) or model.decoder_spec.default_checkpoint,
             "revision": config.decoder_revision,
             "model_type": model.language_model.config.model_type,
         },
@@ -170,6 +173,12 @@ def manifest(model, training: dict | None = None) -> dict[str, Any]:
         },
         "training": training or {},
     }
+
+
+def located(checkpoint: str | None) -> str | None:
+    """A local checkpoint as an absolute path (a model folder loads from anywhere), else as given."""
+    local = Path(checkpoint).expanduser() if checkpoint else None
+    return str(local.resolve()) if local is not None and local.exists() else checkpoint
 
 
 def prompt_ids(model) -> dict[str, list[int]]:
@@ -296,18 +305,13 @@ def _warn_if_changed(model, manifest: dict[str, Any], path: Path) -> None:
             config.encoder,
             path,
         )
-    saved_prompt, now = manifest.get("prompt_ids"), prompt_ids(model)
-    if saved_prompt and saved_prompt != now:
+    saved, now = manifest.get("prompt_ids"), prompt_ids(model)
+    if saved and saved != now:
+        was, new = (f"{len(ids['before'])}+{len(ids['after'])}" for ids in (saved, now))
         log.warning(
-            "decoder %r lays out the prompt of model %s differently from when it was trained "
-            "(%d+%d ids around the image, now %d+%d: the tokenizer, its chat template or vlmkit "
-            "changed); captions may be wrong: load the decoder revision it was trained with",
-            config.decoder,
-            path,
-            len(saved_prompt["before"]),
-            len(saved_prompt["after"]),
-            len(now["before"]),
-            len(now["after"]),
+            f"decoder {config.decoder!r} lays out the prompt of model {path} differently from when it was "
+            f"trained ({was} ids around the image, now {new}: the tokenizer, its chat template or vlmkit "
+            "changed); captions may be wrong: load the decoder revision it was trained with"
         )
 
 

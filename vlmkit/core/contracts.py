@@ -10,9 +10,10 @@ Read this file together with ``hookspecs.py``; ``docs/plugins.md`` walks through
 
 from __future__ import annotations
 
+import itertools
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
@@ -146,15 +147,7 @@ class Formatted:
 def cut_at_stop(rows: Sequence[Sequence[int]], stop_ids: Sequence[int]) -> list[list[int]]:
     """Each row of generated ids up to, not including, its first stop token (``stop_token_ids``)."""
     stops = set(stop_ids)
-    out = []
-    for row in rows:
-        ids = []
-        for token in row:
-            if token in stops:
-                break
-            ids.append(token)
-        out.append(ids)
-    return out
+    return [list(itertools.takewhile(lambda token: token not in stops, row)) for row in rows]
 
 
 class DecoderSpec(PluginSpec):
@@ -166,9 +159,10 @@ class DecoderSpec(PluginSpec):
     kind: ClassVar[str] = "decoder"
     #: ``config.model_type`` values this family accepts (a checkpoint of another type is refused)
     model_types: ClassVar[tuple[str, ...]] = ()
-    #: LoRA target module names (last name component, e.g. ``q_proj``); resolved against the
-    #: loaded model, failing clearly when none match
-    lora_targets: ClassVar[tuple[str, ...]] = ()
+    #: LoRA target module names (last name component, e.g. ``q_proj``), each of which the loaded
+    #: model must have; or, for a family whose architectures name them differently, a mapping
+    #: ``model_type -> names``
+    lora_targets: ClassVar[tuple[str, ...] | Mapping[str, tuple[str, ...]]] = ()
     #: class name of one transformer block, for FSDP auto-wrapping
     layer_class: ClassVar[str | None] = None
 
@@ -337,7 +331,11 @@ def check_spec(spec: object, kind: str) -> PluginSpec:
         raise PluginError(
             f"{type(spec).__name__}.name must be an exact lowercase name like 'my-decoder', got {name!r}"
         )
+    for attr in ("model_types", "lora_targets", "layer_classes") if kind == "decoder" else ():
+        value = getattr(spec, attr, ())  # the trap: ("gemma2") is a str, and "in" matches "gemma" in it
+        lists = value.values() if attr == "lora_targets" and isinstance(value, Mapping) else [value]
+        if not all(isinstance(v, (tuple, list)) and all(isinstance(x, str) for x in v) for v in lists):
+            raise PluginError(f"{type(spec).__name__}.{attr} must be a tuple of names, got {value!r}")
+    if not isinstance(layer := getattr(spec, "layer_class", None), (str, type(None))):
+        raise PluginError(f"{type(spec).__name__}.layer_class must be a class name, got {layer!r}")
     return spec
-
-
-ImageLoader = Callable[[], "PIL.Image.Image"]

@@ -43,9 +43,7 @@ class Batch:
             "attention_mask": self.attention_mask,
             "image_mask": self.image_mask,
         }
-        if self.labels is not None:
-            out["labels"] = self.labels
-        return out
+        return out if self.labels is None else {**out, "labels": self.labels}
 
 
 class PrefixConditioningVLM(nn.Module):
@@ -244,7 +242,9 @@ class PrefixConditioningVLM(nn.Module):
 
         The LM head runs only on positions whose next token is a target: caption positions are a
         small part of each row (the prefix and prompt are most of it) and the vocabulary
-        projection is the single largest matmul of a small LM.
+        projection is the single largest matmul of a small LM. It runs in the model's own forward
+        (``logits_to_keep``), not called by us: what a family does after the head (Gemma-2's
+        softcapping, Granite's logit scaling) then trains as it generates.
         """
         if features is None:
             if pixel_values is None:
@@ -252,29 +252,20 @@ class PrefixConditioningVLM(nn.Module):
             features = self.encode(pixel_values)
         prefix = self.projection(features)
         embeds = self.embed(input_ids, image_mask, prefix)
-        base = self.language_model
-        if return_logits or labels is None:
-            out = base(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
-            logits = out.logits
-            result: dict[str, Any] = {"logits": logits}
-            if labels is not None:
-                result["loss"] = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
-                )
-            return result
-        # The model's own forward with ``logits_to_keep`` (not our own head call): families that
-        # softcap or scale logits after the head (Gemma-2, Granite, Cohere) train as they generate.
-        targets = labels[:, 1:]
-        keep = torch.nn.functional.pad(targets != IGNORE_INDEX, (0, 1))
-        # transformers 5 takes a [B, T] mask; before, positions shared by all rows (a superset)
-        if not hasattr(sys.modules.get("transformers.modeling_utils"), "slice_logits_to_keep"):
-            keep = keep.any(0).nonzero().squeeze(1)
-        out = base(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep)
-        picked = targets[:, keep] if keep.ndim == 1 else targets[keep[:, :-1]]
-        logits = out.logits.flatten(0, -2).float()
-        return {
-            "loss": torch.nn.functional.cross_entropy(logits, picked.flatten(), ignore_index=IGNORE_INDEX)
-        }
+        full = return_logits or labels is None
+        targets = None if labels is None else labels[:, 1:]
+        keep = 0 if full else nn.functional.pad(targets != IGNORE_INDEX, (0, 1))  # 0: all positions
+        if not full and not hasattr(sys.modules.get("transformers.modeling_utils"), "slice_logits_to_keep"):
+            keep = keep.any(0).nonzero().squeeze(1)  # transformers 4: positions shared by all rows
+        out = self.language_model(
+            inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep
+        )
+        result: dict[str, Any] = {"logits": out.logits} if full else {}
+        if labels is not None:
+            picked = targets if full else targets[:, keep] if keep.ndim == 1 else targets[keep[:, :-1]]
+            logits = (out.logits[:, :-1] if full else out.logits).flatten(0, -2).float()
+            result["loss"] = nn.functional.cross_entropy(logits, picked.flatten(), ignore_index=IGNORE_INDEX)
+        return result
 
     # ------------------------------------------------------------------ generation
 

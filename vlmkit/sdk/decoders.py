@@ -110,6 +110,7 @@ class TransformersDecoderSpec(DecoderSpec):
             name, "tokenizer", lambda: AutoTokenizer.from_pretrained(source, revision=revision)
         )
         self.prepare(model, tokenizer)
+        self.resolve_layer_class(model)  # a misspelt layer_class fails here, not in FSDP wrapping
         return model, tokenizer
 
     def resolve_checkpoint(self, checkpoint: str) -> str:
@@ -325,24 +326,33 @@ class TransformersDecoderSpec(DecoderSpec):
     # ------------------------------------------------------------------------------ LoRA, FSDP
 
     def resolve_lora_targets(self, model: Any, targets: Sequence[str] | None = None) -> list[str]:
-        """The names in ``lora_targets`` (or ``targets``) that are linear modules of ``model``.
+        """The LoRA target names for ``model``: ``targets`` when given, else ``lora_targets`` (its
+        entry for the model's ``model_type`` when it is a mapping). Every name must be a module
+        LoRA can adapt: a misspelt one fails here, naming the modules there are, rather than
+        leaving a layer silently unadapted.
 
         Returns last name components (``q_proj``), which peft's ``target_modules`` matches as
         suffixes: apply LoRA to the language model alone, since vision encoders use the same names.
-        With the declared ``lora_targets`` (a union over the family's architectures) it fails only
-        when none matches; with explicit ``targets`` every name must match.
         """
-        wanted = tuple(targets) if targets is not None else tuple(self.lora_targets)
-        found = {leaf for leaf, _ in _adaptable_modules(model) if leaf in wanted}
-        missing = [t for t in wanted if t not in found]
-        if not found or (targets is not None and missing):
-            present = list(dict.fromkeys(leaf for leaf, _ in _adaptable_modules(model)))
-            model_type = getattr(getattr(model, "config", None), "model_type", "?")
+        model_type = getattr(getattr(model, "config", None), "model_type", "?")
+        declared = self.lora_targets
+        if targets is None and isinstance(declared, Mapping):
+            if model_type not in declared:
+                raise PluginError(
+                    f"decoder {self.name!r} declares LoRA targets for model_type "
+                    f"{', '.join(map(repr, declared))}, not for this {model_type!r} model"
+                )
+            declared = declared[model_type]
+        wanted = tuple(targets if targets is not None else declared)
+        present = list(dict.fromkeys(leaf for leaf, _ in _adaptable_modules(model)))
+        missing = [t for t in wanted if t not in present]
+        if missing or not wanted:
+            what = "LoRA targets" if targets is not None else f"{self.name}.lora_targets"
             raise PluginError(
-                f"LoRA target(s) {', '.join(missing or wanted)} match no linear module of this {model_type!r} "
-                f"model ({self.name}); modules LoRA can adapt there: {', '.join(present[:12]) or 'none'}"
+                f"{what}: {', '.join(missing) or 'none declared'} match no linear module of this "
+                f"{model_type!r} model; modules LoRA can adapt there: {', '.join(present[:12]) or 'none'}"
             )
-        return [t for t in wanted if t in found]
+        return list(wanted)
 
     def lora_kwargs(self, model: Any, targets: Sequence[str] | None = None) -> dict[str, Any]:
         """Family-specific ``peft.LoraConfig`` arguments for ``model``::

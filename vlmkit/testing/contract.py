@@ -368,6 +368,9 @@ def _check_loaded(spec: DecoderSpec, checkpoint, styles) -> list[str]:
     assert targets, f"{spec.name} resolved no LoRA targets"
     for t in targets:
         assert any(n == t or n.endswith("." + t) for n in names), f"LoRA target {t!r} is not a module"
+    if hasattr(spec, "resolve_layer_class"):  # FSDP wraps these blocks: a misspelt name must fail
+        layer = spec.resolve_layer_class(model)
+        assert any(type(m).__name__ == layer for m in model.modules()), f"no {layer} block in the model"
     stops = spec.stop_token_ids(tokenizer)
     assert stops, f"{spec.name} declares no stop tokens"
     for style in styles:

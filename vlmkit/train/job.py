@@ -199,6 +199,14 @@ def train(
     model = PrefixConditioningVLM.build(
         config.model, registry=registry, seed=config.seed, dtype=placement.dtype
     )
+    if args.process_index == 0:  # resolved against the loaded model: what LoRA really adapts
+        lora = model.lm.peft_config["default"]
+        log.info(
+            "LoRA r=%d on %s of the %s model",
+            lora.r,
+            ", ".join(sorted(lora.target_modules)),
+            config.model.decoder,
+        )
     prepare_model_for_precision(model, placement.precision, placement.device_type)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()

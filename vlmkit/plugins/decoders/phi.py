@@ -9,7 +9,7 @@ The two differ in what LoRA adapts and in the prompt:
   chat template (``<|user|>``/``<|assistant|>``/``<|end|>``) is used, captions end with ``<|end|>``
   and generation also stops at ``<|endoftext|>``.
 
-``lora_targets`` is the union; ``resolve_lora_targets`` keeps the names the loaded model has.
+``lora_targets`` therefore names them per ``model_type``.
 """
 
 import vlmkit
@@ -21,7 +21,7 @@ class PhiDecoder(TransformersDecoderSpec):
     description = "Microsoft Phi-2 (plain prompts) and Phi-3/3.5 (chat) causal LMs"
     default_checkpoint = "microsoft/phi-2"
     model_types = ("phi", "phi3")
-    lora_targets = ("q_proj", "k_proj", "v_proj", "dense", "qkv_proj", "o_proj")
+    lora_targets = {"phi": ("q_proj", "k_proj", "v_proj", "dense"), "phi3": ("qkv_proj", "o_proj")}
     layer_class = "PhiDecoderLayer"
     layer_classes = ("Phi3DecoderLayer",)
 
