@@ -25,10 +25,12 @@ which promise broke, and returns a small report of what it measured.
   and unchanged (batch-norm statistics included); after save and load, the encoder state,
   features, fingerprint and captions equal the trained model's.
 - ``check_decoder(spec, checkpoint, tmp_path, *, styles=("auto", "plain"), encoder=None,
-  encoder_checkpoint=None)``: model type, pad token, LoRA targets, stop tokens; formatting
-  (generation context = training context; target = caption + stop token); label masking;
-  one training step; batched generation = one by one; save/load round trip. Uses
-  ``ToyEncoderSpec`` unless ``encoder`` is given.
+  encoder_checkpoint=None, onnx=True)``: model type, pad token, LoRA targets, layer class, stop
+  tokens; formatting (generation context = training context; target = caption + stop token);
+  label masking per style; one training step; the target-only loss equals the model's own
+  full-logits loss at realistic logit magnitudes; with random LoRA and projection: batched
+  generation = one by one, save/move/load round trip, and (``onnx``) the ONNX export captions
+  exactly as PyTorch. Uses ``ToyEncoderSpec`` unless ``encoder`` is given.
 - ``check_dataset(spec, options=None, *, seed=0, sample=32)``: three non-empty, deterministic,
   disjoint splits of captioned RGB images with stable fingerprints.
 - ``ToyEncoderSpec``: a tiny deterministic encoder (16 tokens of 16 dims) to pair with a decoder.
@@ -43,11 +45,12 @@ Tiny checkpoints of real architectures, random weights, built offline in about a
 (imported on first use; ``vlmkit.testing.tiny_decoders`` and ``.tiny_encoders`` document them):
 
 - ``tiny_tokenizer(style, path=None)``: a ~640-token tokenizer with the conventions of a real
-  family; ``style`` is one of ``TOKENIZER_STYLES`` (``smollm``, ``chatml``, ``phi3``, ``plain``).
+  family; ``style`` is one of ``TOKENIZER_STYLES`` (``smollm``, ``chatml``, ``phi3``, ``gemma``, ``plain``).
 - ``tiny_decoder_checkpoint(arch, path=None)``: a folder with a tiny causal LM of a built-in
   architecture (``llama``, ``qwen2``, ``phi``, ``phi3``, ``gpt2``) and its tokenizer.
 - ``tiny_decoder_checkpoint_from_config(config, tokenizer_style, path=None)``: the same for any
-  transformers config you give: how a plugin author gets a checkpoint of their own family.
+  transformers config you give (``tokenizer_style``: a style name or a tokenizer you built): how
+  a plugin author gets a checkpoint of their own family.
 - ``tiny_encoder_checkpoint(arch, path, *, image_size=32, ...)``: a tiny vision encoder
   (``siglip``, ``siglip2``, ``clip``, ``timm``) saved as the real ones are published.
 

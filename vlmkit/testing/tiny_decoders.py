@@ -412,8 +412,12 @@ def tiny_decoder_checkpoint_from_config(
     config: Any, tokenizer_style: Any, path: str | Path | None = None
 ) -> str:
     """Like ``tiny_decoder_checkpoint`` for a config you give (any ``PretrainedConfig`` that
-    ``AutoModelForCausalLM`` knows). Its vocabulary size and special-token ids are set from a
-    ``tiny_tokenizer(tokenizer_style)``; keep the config small, the weights are random."""
+    ``AutoModelForCausalLM`` knows); keep it small, the weights are random (seed 0, drawn without
+    reseeding torch's global generator).
+
+    ``tokenizer_style`` is one of ``TOKENIZER_STYLES`` (``tiny_tokenizer(tokenizer_style)`` is
+    saved with the model) or a tokenizer you built, e.g. a ``tiny_tokenizer`` given another chat
+    template or EOS. The config's vocabulary size and BOS/EOS/pad ids are set from it."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -428,8 +432,9 @@ def tiny_decoder_checkpoint_from_config(
     config.vocab_size = len(tokenizer)
     for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(config, attr, getattr(tokenizer, attr))
-    torch.manual_seed(SEED)
-    model = AutoModelForCausalLM.from_config(config)
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream stays as it was
+        torch.manual_seed(SEED)
+        model = AutoModelForCausalLM.from_config(config)
     model.generation_config = GenerationConfig.from_model_config(config)
     model.save_pretrained(str(path))
     return str(path)
