@@ -227,7 +227,7 @@ def test_a_misspelt_layer_class_fails_at_load(tmp_path):
 
     checkpoint = tiny_decoder_checkpoint("llama", tmp_path / "llama")
     with pytest.raises(
-        PluginError, match="declares layer_class LlamaDecoderLayr, .* its block class: LlamaDecoderLayer"
+        PluginError, match="declares layer_class LlamaDecoderLayr, .*its block class: LlamaDecoderLayer"
     ):
         Typo().load(checkpoint)
 
