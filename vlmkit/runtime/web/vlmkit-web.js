@@ -1,0 +1,475 @@
+// vlmkit's browser captioner: an ES module, no build step, nothing loaded from outside its folder.
+//
+//   import { caption } from "./vlmkit-web.js";
+//   const text = await caption(document.querySelector("img"));   // or a File / Blob / ImageBitmap
+//
+// It runs the folder `vlmkit export --format web` writes (see vlmkit-web.json there) the way the
+// Python runtime (vlmkit/runtime/onnx.py) runs an ONNX export, token for token:
+//   - preprocessing from the manifest: resize with the declared filter *and implementation*
+//     ("pil": Pillow's 22-bit fixed-point kernels; "torchvision": ATen's int16 kernels with the
+//     weights computed as the numpy port computes them), centre crop with the declared rounding,
+//     rescale and normalise in float32;
+//   - the prompt's token embeddings, the image prefix from vision.onnx, then greedy decoding with
+//     decoder.onnx and its key/value cache until a stop id or max_new_tokens;
+//   - detokenizing with tokenizers.js (@huggingface/tokenizers), special tokens skipped.
+// onnxruntime-web runs the graphs: wasm by default, WebGPU when the browser has an adapter
+// (WebGPU kernels sum in another order, so its captions may differ from Python's in rare ties).
+
+const HERE = new URL(".", import.meta.url);
+const MANIFEST = "vlmkit-onnx.json"; // the ONNX export's manifest, with a "web" section
+
+/** Load the captioner of the export folder at `base` (default: this module's folder).
+ *  options.backend: "auto" (WebGPU when available, else wasm), "wasm" or "webgpu";
+ *  options.threads: wasm threads (default: the cores, up to 4; needs a cross-origin-isolated page). */
+export async function loadCaptioner(base = HERE, options = {}) {
+  base = new URL(base, location.href);
+  if (!base.pathname.endsWith("/")) base = new URL(base.pathname + "/", base);
+  const manifest = await fetchJSON(new URL(MANIFEST, base));
+  const started = performance.now();
+  if (!manifest.web) throw new Error(`vlmkit: ${base} is an ONNX export without the browser runtime (export with --format web)`);
+  const runtime = manifest.web.runtime;
+  const vendor = new URL(runtime.vendor, base);
+  const ort = await import(new URL(runtime.onnxruntime, base).href);
+  ort.env.wasm.wasmPaths = vendor.href;
+  const cores = navigator.hardwareConcurrency || 1;
+  ort.env.wasm.numThreads = self.crossOriginIsolated ? options.threads || Math.min(4, cores) : 1;
+  const backend = await chooseBackend(options.backend || "auto");
+  const providers = backend === "webgpu" ? ["webgpu", "wasm"] : ["wasm"];
+  const graphs = manifest.variants[manifest.default_variant];
+  const [vision, decoder, embeddings, tokenizer] = await Promise.all([
+    fetchBytes(new URL(graphs.vision, base)).then((b) => ort.InferenceSession.create(b, { executionProviders: providers })),
+    fetchBytes(new URL(graphs.decoder, base)).then((b) => ort.InferenceSession.create(b, { executionProviders: providers })),
+    fetchBytes(new URL(manifest.web.embed_tokens.file, base)).then((b) => new EmbeddingTable(b, manifest.web.embed_tokens)),
+    loadTokenizer(base, manifest),
+  ]);
+  return new Captioner({ ort, manifest, vision, decoder, embeddings, tokenizer, backend, loadMs: performance.now() - started });
+}
+
+let defaultCaptioner = null;
+
+/** Caption one image (an <img>, <canvas>, ImageBitmap, ImageData, File or Blob) with the export
+ *  this module sits in; the first call loads the graphs. */
+export async function caption(image, options = {}) {
+  defaultCaptioner ??= loadCaptioner(HERE, options);
+  return (await defaultCaptioner).caption(image);
+}
+
+export class Captioner {
+  constructor({ ort, manifest, vision, decoder, embeddings, tokenizer, backend, loadMs }) {
+    Object.assign(this, { ort, manifest, vision, decoder, embeddings, tokenizer, backend, loadMs });
+    const tokens = manifest.tokens;
+    this.stopIds = new Set(tokens.stop_ids.map(Number));
+    const dec = manifest.decoder;
+    this.pastNames = dec.inputs.filter((n) => n.startsWith("past_key_values."));
+    this.presentNames = dec.outputs.filter((n) => n.startsWith("present."));
+    this.kvHeads = dec.num_kv_heads;
+    this.headDim = dec.head_dim;
+    this.hidden = dec.hidden_size;
+    this.queue = Promise.resolve(); // onnxruntime sessions run one call at a time
+  }
+
+  /** The caption of `image` (a string). */
+  async caption(image) {
+    return (await this.captionDetails(image)).text;
+  }
+
+  /** { text, ids, ms, preprocessMs, visionMs, tokens } for `image`. */
+  captionDetails(image) {
+    const run = this.queue.then(() => this.#captionNow(image));
+    this.queue = run.catch(() => {});
+    return run;
+  }
+
+  /** Pixel values [1, 3, H, W] (Float32Array) as the Python runtime computes them. */
+  async preprocess(image) {
+    return preprocess(await rgbPixels(image), this.manifest.preprocessing);
+  }
+
+  async #captionNow(image) {
+    const t0 = performance.now();
+    const pixels = await this.preprocess(image);
+    const t1 = performance.now();
+    const [h, w] = this.manifest.preprocessing.input_size;
+    const vis = this.manifest.vision;
+    const out = await this.vision.run({ [vis.input]: new this.ort.Tensor("float32", pixels, [1, 3, h, w]) });
+    const prefix = out[vis.output];
+    const t2 = performance.now();
+    const ids = await this.#greedy(prefix.data, prefix.dims[1]);
+    prefix.dispose?.();
+    let text = this.tokenizer.decode(ids, { skip_special_tokens: true, clean_up_tokenization_spaces: false });
+    if (this.manifest.tokens.clean_up_tokenization_spaces) text = cleanUpTokenization(text);
+    text = pythonStrip(text);
+    const t3 = performance.now();
+    return { text, ids, ms: t3 - t0, preprocessMs: t1 - t0, visionMs: t2 - t1, tokens: ids.length };
+  }
+
+  async #greedy(prefix, prefixTokens) {
+    const { ort, hidden } = this;
+    const { before, after } = this.manifest.tokens;
+    const length0 = before.length + prefixTokens + after.length;
+    const embeds = new Float32Array(length0 * hidden);
+    before.forEach((id, i) => this.embeddings.row(id, embeds, i * hidden));
+    embeds.set(prefix.subarray(0, prefixTokens * hidden), before.length * hidden);
+    after.forEach((id, i) => this.embeddings.row(id, embeds, (before.length + prefixTokens + i) * hidden));
+
+    let past = {};
+    for (const name of this.pastNames) {
+      past[name] = new ort.Tensor("float32", new Float32Array(0), [1, this.kvHeads, 0, this.headDim]);
+    }
+    let feedEmbeds = embeds;
+    let step = length0;
+    let length = length0;
+    let positions = BigInt64Array.from({ length: length0 }, (_, i) => BigInt(i));
+    const limit = this.manifest.generation.max_new_tokens;
+    const ids = [];
+    for (let i = 0; i < limit; i++) {
+      const feed = {
+        inputs_embeds: new ort.Tensor("float32", feedEmbeds, [1, step, hidden]),
+        attention_mask: new ort.Tensor("int64", new BigInt64Array(length).fill(1n), [1, length]),
+        position_ids: new ort.Tensor("int64", positions, [1, step]),
+        ...past,
+      };
+      const out = await this.decoder.run(feed);
+      for (const name of this.pastNames) past[name].dispose?.();
+      const next = argmax(out.logits.data);
+      out.logits.dispose?.();
+      if (this.stopIds.has(next)) {
+        for (const name of this.presentNames) out[name].dispose?.();
+        break;
+      }
+      ids.push(next);
+      past = {};
+      this.pastNames.forEach((name, k) => (past[name] = out[this.presentNames[k]]));
+      feedEmbeds = new Float32Array(hidden);
+      this.embeddings.row(next, feedEmbeds, 0);
+      positions = BigInt64Array.of(BigInt(length));
+      step = 1;
+      length += 1;
+    }
+    for (const name of this.pastNames) past[name]?.dispose?.();
+    return ids;
+  }
+}
+
+// ------------------------------------------------------------------------------ loading
+
+async function fetchJSON(url) {
+  return JSON.parse(new TextDecoder().decode(await fetchBytes(url)));
+}
+
+async function fetchBytes(url) {
+  const response = await fetch(url);
+  if (!response.ok) throw new Error(`vlmkit: cannot load ${url} (HTTP ${response.status})`);
+  return new Uint8Array(await response.arrayBuffer());
+}
+
+async function chooseBackend(wanted) {
+  if (wanted === "wasm") return "wasm";
+  const adapter = navigator.gpu ? await navigator.gpu.requestAdapter().catch(() => null) : null;
+  if (adapter) return "webgpu";
+  if (wanted === "webgpu") throw new Error("vlmkit: WebGPU was asked for but this browser has no WebGPU adapter");
+  return "wasm";
+}
+
+async function loadTokenizer(base, manifest) {
+  const { Tokenizer } = await import(new URL(manifest.web.runtime.tokenizers, base).href);
+  const files = manifest.web.tokenizer;
+  const [json, config] = await Promise.all([
+    fetchJSON(new URL(files.file, base)),
+    files.config ? fetchJSON(new URL(files.config, base)) : {},
+  ]);
+  return new Tokenizer(json, config);
+}
+
+/** The token-embedding table [V, D]: raw little-endian float32 or float16 rows after `offset`
+ *  bytes (the .npy header, which the manifest measured). */
+class EmbeddingTable {
+  constructor(bytes, spec) {
+    const [rows, dim] = spec.shape;
+    this.dim = dim;
+    this.dtype = spec.dtype;
+    const start = bytes.byteOffset + (spec.offset || 0);
+    const buffer = bytes.buffer.slice(start, start + rows * dim * (spec.dtype === "float16" ? 2 : 4));
+    if (spec.dtype === "float32") this.data = new Float32Array(buffer);
+    else if (spec.dtype === "float16") this.data = new Uint16Array(buffer);
+    else throw new Error(`vlmkit: unknown embedding dtype ${spec.dtype}`);
+    if (this.data.length !== rows * dim) throw new Error("vlmkit: the embedding table is shorter than its manifest says");
+  }
+
+  /** Row `id` as float32 into `out` at `offset`. */
+  row(id, out, offset) {
+    const start = id * this.dim;
+    if (this.dtype === "float32") out.set(this.data.subarray(start, start + this.dim), offset);
+    else for (let j = 0; j < this.dim; j++) out[offset + j] = halfToFloat(this.data[start + j]);
+  }
+}
+
+function halfToFloat(h) {
+  const sign = h & 0x8000 ? -1 : 1;
+  const exponent = (h >> 10) & 0x1f;
+  const fraction = h & 0x3ff;
+  if (exponent === 0) return sign * fraction * 2 ** -24;
+  if (exponent === 31) return fraction ? NaN : sign * Infinity;
+  return sign * (1 + fraction / 1024) * 2 ** (exponent - 15);
+}
+
+function argmax(values) {
+  let best = 0; // the first of equal maxima, as numpy's argmax
+  for (let i = 1; i < values.length; i++) if (values[i] > values[best]) best = i;
+  return best;
+}
+
+// transformers' clean_up_tokenization, as vlmkit.runtime.onnx.clean_up_tokenization
+function cleanUpTokenization(text) {
+  const pairs = [[" .", "."], [" ?", "?"], [" !", "!"], [" ,", ","], [" ' ", "'"], [" n't", "n't"], [" 'm", "'m"], [" 's", "'s"], [" 've", "'ve"], [" 're", "'re"]];
+  for (const [a, b] of pairs) text = text.replaceAll(a, b);
+  return text;
+}
+
+// Python's str.strip() strips what str.isspace() calls space: JS's \s less U+FEFF, plus \x1c-\x1f, \x85
+const PY_SPACE = "[\\t\\n\\v\\f\\r \\x1c-\\x1f\\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]";
+const PY_STRIP = new RegExp(`^${PY_SPACE}+|${PY_SPACE}+$`, "g");
+
+function pythonStrip(text) {
+  return text.replace(PY_STRIP, "");
+}
+
+// ------------------------------------------------------------------------------ preprocessing
+
+/** RGB pixels { data: Uint8Array [H * W * 3], width, height } of an image-like or a Blob. Alpha is
+ *  dropped as Pillow's convert("RGB") does (for fully opaque images the values are exact). */
+export async function rgbPixels(image) {
+  let source = image;
+  if (typeof Blob !== "undefined" && image instanceof Blob) {
+    source = await createImageBitmap(image, { colorSpaceConversion: "none", premultiplyAlpha: "none" });
+  } else if (typeof HTMLImageElement !== "undefined" && image instanceof HTMLImageElement) {
+    if (!image.complete) await image.decode();
+  }
+  let rgba, width, height;
+  if (typeof ImageData !== "undefined" && source instanceof ImageData) {
+    ({ data: rgba, width, height } = source);
+  } else {
+    width = source.naturalWidth || source.videoWidth || source.width;
+    height = source.naturalHeight || source.videoHeight || source.height;
+    const canvas = new OffscreenCanvas(width, height);
+    const context = canvas.getContext("2d", { colorSpace: "srgb", willReadFrequently: true });
+    context.drawImage(source, 0, 0);
+    rgba = context.getImageData(0, 0, width, height, { colorSpace: "srgb" }).data;
+  }
+  if (source !== image) source.close?.();
+  const data = new Uint8Array(width * height * 3);
+  for (let i = 0, j = 0; i < data.length; i += 3, j += 4) {
+    data[i] = rgba[j];
+    data[i + 1] = rgba[j + 1];
+    data[i + 2] = rgba[j + 2];
+  }
+  return { data, width, height };
+}
+
+/** RGB pixels -> Float32Array [3, H, W] as vlmkit.runtime.onnx.preprocess_images makes them. */
+export function preprocess(image, spec) {
+  let { data, width, height } = image;
+  if (spec.resize) {
+    const [h, w] = resizeSize(width, height, spec.resize.size);
+    if (h !== height || w !== width) {
+      data = resizeUint8(data, height, width, h, w, spec.resize);
+      [height, width] = [h, w];
+    }
+  }
+  if (spec.center_crop) {
+    const c = spec.center_crop;
+    ({ data, width, height } = centerCrop(data, height, width, c.height, c.width, c.rounding || "floor"));
+  }
+  const [wantH, wantW] = spec.input_size;
+  if (height !== wantH || width !== wantW) {
+    throw new Error(`vlmkit: preprocessing made ${height}x${width} images but the vision graph takes ${wantH}x${wantW}`);
+  }
+  const f = Math.fround;
+  const rescale = f(spec.rescale_factor);
+  const mean = spec.mean.map(f);
+  const std = spec.std.map(f);
+  const out = new Float32Array(3 * height * width);
+  const plane = height * width;
+  for (let p = 0; p < plane; p++) {
+    for (let c = 0; c < 3; c++) {
+      // float32 at every step, as numpy computes (pixels.astype(float32) * rescale - mean) / std
+      out[c * plane + p] = f(f(f(data[p * 3 + c] * rescale) - mean[c]) / std[c]);
+    }
+  }
+  return out;
+}
+
+function resizeSize(width, height, size) {
+  if ("shortest_edge" in size) {
+    const portrait = width <= height;
+    const [short, long] = portrait ? [width, height] : [height, width];
+    const newShort = size.shortest_edge;
+    const newLong = Math.trunc((newShort * long) / short);
+    return portrait ? [newLong, newShort] : [newShort, newLong];
+  }
+  return [size.height, size.width];
+}
+
+function centerCrop(data, h, w, height, width, rounding) {
+  if (height > h || width > w) {
+    // pad with zeros first, as transformers and torchvision do
+    const H = Math.max(h, height);
+    const W = Math.max(w, width);
+    const top = Math.floor(Math.max(height - h, 0) / 2);
+    const left = Math.floor(Math.max(width - w, 0) / 2);
+    const padded = new Uint8Array(H * W * 3);
+    for (let y = 0; y < h; y++) padded.set(data.subarray(y * w * 3, (y + 1) * w * 3), ((top + y) * W + left) * 3);
+    [data, h, w] = [padded, H, W];
+  }
+  const cut = rounding === "floor" ? Math.trunc : roundHalfEven;
+  const top = cut((h - height) / 2);
+  const left = cut((w - width) / 2);
+  const out = new Uint8Array(height * width * 3);
+  for (let y = 0; y < height; y++) {
+    const from = ((top + y) * w + left) * 3;
+    out.set(data.subarray(from, from + width * 3), y * width * 3);
+  }
+  return { data: out, width, height };
+}
+
+function roundHalfEven(v) {
+  const r = Math.round(v);
+  return Math.abs(v % 1) === 0.5 && r % 2 !== 0 ? r - 1 : r;
+}
+
+// Separable resampling of uint8 RGB, horizontal pass first, uint8 between passes: Pillow's
+// ImagingResample ("pil": 22 fraction bits) or ATen's antialiased uint8 kernel ("torchvision":
+// as many fraction bits as fit an int16), with the same float64 filter weights as each.
+
+const PIL_FILTERS = {
+  bilinear: [1.0, (x) => { x = Math.abs(x); return x < 1.0 ? 1.0 - x : 0.0; }],
+  bicubic: [2.0, (x) => {
+    const a = -0.5;
+    x = Math.abs(x);
+    if (x < 1.0) return ((a + 2.0) * x - (a + 3.0)) * x * x + 1;
+    if (x < 2.0) return (((x - 5) * x + 8) * x - 4) * a;
+    return 0.0;
+  }],
+  box: [0.5, (x) => (x > -0.5 && x <= 0.5 ? 1.0 : 0.0)],
+  hamming: [1.0, (x) => {
+    x = Math.abs(x);
+    if (x === 0.0) return 1.0;
+    if (x >= 1.0) return 0.0;
+    x *= Math.PI;
+    return (Math.sin(x) / x) * (Math.fround(0.54) + Math.fround(0.46) * Math.cos(x));
+  }],
+  lanczos: [3.0, (x) => (-3.0 <= x && x < 3.0 ? sinc(x) * sinc(x / 3) : 0.0)],
+};
+
+// the numpy port's formulas (vlmkit.runtime.onnx._bilinear/_bicubic), which are ATen's
+const TORCHVISION_FILTERS = {
+  bilinear: [1.0, (x) => { x = Math.abs(x); return x < 1.0 ? 1.0 - x : 0.0; }],
+  bicubic: [2.0, (x) => {
+    const a = -0.5;
+    x = Math.abs(x);
+    if (x < 1.0) return ((a + 2) * x - (a + 3)) * x * x + 1;
+    if (x < 2.0) return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a;
+    return 0.0;
+  }],
+};
+
+function sinc(x) {
+  if (x === 0.0) return 1.0;
+  x *= Math.PI;
+  return Math.sin(x) / x;
+}
+
+function resizeUint8(data, h, w, height, width, resize) {
+  const backend = resize.backend || "pil";
+  const filters = backend === "torchvision" ? TORCHVISION_FILTERS : PIL_FILTERS;
+  const filter = filters[resize.resample];
+  if (!filter) throw new Error(`vlmkit: resample ${resize.resample} with the ${backend} backend is not supported in the browser`);
+  // Pillow 13 runs the vertical pass first when the height shrinks by more than twice as many
+  // pixels as the width (the manifest says which rule the exporting Pillow followed)
+  const verticalFirst = resize.pass_order === "pillow13" && h - height > 0 && h - height > (w - width) * 2;
+  if (verticalFirst && h !== height) [data, h] = [resampleAxis(data, h, w, height, filter, backend, false), height];
+  if (w !== width) [data, w] = [resampleAxis(data, h, w, width, filter, backend, true), width];
+  if (h !== height) data = resampleAxis(data, h, w, height, filter, backend, false);
+  return data;
+}
+
+function resampleAxis(data, h, w, outSize, [baseSupport, fn], backend, horizontal) {
+  const inSize = horizontal ? w : h;
+  const scale = inSize / outSize;
+  const support = scale >= 1.0 ? baseSupport * scale : baseSupport;
+  const invScale = scale >= 1.0 ? 1.0 / scale : 1.0;
+  const taps = Math.ceil(support) * 2 + 1;
+  const first = new Int32Array(outSize);
+  const count = new Int32Array(outSize);
+  const weights = new Float64Array(outSize * taps);
+  for (let i = 0; i < outSize; i++) {
+    const center = scale * (i + 0.5);
+    const lo = Math.max(Math.trunc(center - support + 0.5), 0);
+    const n = Math.min(Math.max(Math.min(Math.trunc(center + support + 0.5), inSize) - lo, 0), taps);
+    const row = weights.subarray(i * taps, i * taps + n);
+    for (let j = 0; j < n; j++) row[j] = fn((j + lo - center + 0.5) * invScale);
+    // Pillow sums the weights in order; numpy (the torchvision port) sums pairwise
+    const total = backend === "torchvision" ? numpySum(row) : row.reduce((s, v) => s + v, 0.0);
+    if (total !== 0.0) for (let j = 0; j < n; j++) row[j] /= total;
+    first[i] = lo;
+    count[i] = n;
+  }
+  const precision = backend === "torchvision" ? int16Precision(weights) : 22;
+  const one = 2 ** precision;
+  const kernel = new Int32Array(weights.length);
+  for (let k = 0; k < weights.length; k++) {
+    const s = weights[k] * one;
+    kernel[k] = s < 0 ? Math.trunc(s - 0.5) : Math.trunc(s + 0.5);
+  }
+  const outH = horizontal ? h : outSize;
+  const outW = horizontal ? outSize : w;
+  const out = new Uint8Array(outH * outW * 3);
+  const half = 2 ** (precision - 1);
+  for (let i = 0; i < outSize; i++) {
+    const lo = first[i];
+    const n = count[i];
+    const k = i * taps;
+    const lines = horizontal ? h : w;
+    for (let line = 0; line < lines; line++) {
+      for (let c = 0; c < 3; c++) {
+        let acc = half;
+        for (let j = 0; j < n; j++) {
+          const src = horizontal ? (line * w + lo + j) * 3 + c : ((lo + j) * w + line) * 3 + c;
+          acc += data[src] * kernel[k + j];
+        }
+        const v = Math.floor(acc / one);
+        out[horizontal ? (line * outW + i) * 3 + c : (i * outW + line) * 3 + c] = v < 0 ? 0 : v > 255 ? 255 : v;
+      }
+    }
+  }
+  return out;
+}
+
+function int16Precision(weights) {
+  let max = -Infinity;
+  for (const v of weights) if (v > max) max = v;
+  let precision = 0;
+  while (precision < 22 && Math.trunc(0.5 + max * 2 ** (precision + 1)) < 2 ** 15) precision += 1;
+  return precision;
+}
+
+// numpy's pairwise summation of float64 (what ndarray.sum does for a contiguous row)
+function numpySum(a, start = 0, n = a.length) {
+  if (n < 8) {
+    let s = -0.0;
+    for (let i = 0; i < n; i++) s += a[start + i];
+    return s;
+  }
+  if (n <= 128) {
+    const r = new Float64Array(8);
+    for (let j = 0; j < 8; j++) r[j] = a[start + j];
+    let i = 8;
+    for (; i < n - (n % 8); i += 8) for (let j = 0; j < 8; j++) r[j] += a[start + i + j];
+    let s = (r[0] + r[1] + (r[2] + r[3])) + (r[4] + r[5] + (r[6] + r[7]));
+    for (; i < n; i++) s += a[start + i];
+    return s;
+  }
+  let n2 = Math.floor(n / 2);
+  n2 -= n2 % 8;
+  return numpySum(a, start, n2) + numpySum(a, start + n2, n - n2);
+}
