@@ -202,6 +202,14 @@ def test_browser_captions_equal_the_python_runtime(name, browser, site, images, 
     assert [g["ids"] for g in got] == want
     assert [g["text"] for g in got] == want_text
 
+    # the module's one-call API, as another page or an extension would use it
+    text = browser.execute_async_script(
+        "const [url, done] = arguments; import(new URL('vlmkit-web.js', location.href).href)"
+        ".then(async (m) => done(await m.caption(await (await fetch(url)).blob())), (e) => done(String(e)));",
+        urls[0],
+    )
+    assert text == want_text[0]
+
     # the preprocessing alone, bit for bit (a wrong pixel would show here before it flips a token)
     pixels = browser.execute_async_script(
         "const done = arguments[1]; window.vlmkitPage.preprocessUrl(arguments[0]).then(done);", urls[1]

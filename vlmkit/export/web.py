@@ -108,12 +108,6 @@ def read_web_manifest(folder: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def embedding_table(folder: str | Path) -> np.ndarray:
-    """The web export's token-embedding table as float32 ``[V, D]`` (what both runtimes feed)."""
-    manifest = onnx_runtime.read_onnx_manifest(folder)
-    return np.load(Path(folder) / manifest["embed_tokens"]).astype(np.float32)
-
-
 # ------------------------------------------------------------------------------ assembling
 
 
