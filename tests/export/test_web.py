@@ -63,7 +63,8 @@ def browser():
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service(driver_path))
-    driver.set_script_timeout(600)
+    driver.set_script_timeout(900)  # a real model's first caption on a busy machine takes minutes
+    driver.command_executor.client_config.timeout = 900
     yield driver
     driver.quit()
 

@@ -3,7 +3,7 @@
 //   import { caption } from "./vlmkit-web.js";
 //   const text = await caption(document.querySelector("img"));   // or a File / Blob / ImageBitmap
 //
-// It runs the folder `vlmkit export --format web` writes (see vlmkit-web.json there) the way the
+// It runs the folder `vlmkit export --format web` writes (its vlmkit-onnx.json says what) the way the
 // Python runtime (vlmkit/runtime/onnx.py) runs an ONNX export, token for token:
 //   - preprocessing from the manifest: resize with the declared filter *and implementation*
 //     ("pil": Pillow's 22-bit fixed-point kernels; "torchvision": ATen's int16 kernels with the
@@ -12,8 +12,9 @@
 //   - the prompt's token embeddings, the image prefix from vision.onnx, then greedy decoding with
 //     decoder.onnx and its key/value cache until a stop id or max_new_tokens;
 //   - detokenizing with tokenizers.js (@huggingface/tokenizers), special tokens skipped.
-// onnxruntime-web runs the graphs: wasm by default, WebGPU when the browser has an adapter
-// (WebGPU kernels sum in another order, so its captions may differ from Python's in rare ties).
+// onnxruntime-web runs the graphs: wasm by default, WebGPU when the browser has an adapter.
+// WebGPU kernels compute in another order, so where two tokens are nearly tied (often, in an
+// untrained model) its captions may differ from Python's; the wasm backend's match them.
 
 const HERE = new URL(".", import.meta.url);
 const MANIFEST = "vlmkit-onnx.json"; // the ONNX export's manifest, with a "web" section
