@@ -65,7 +65,7 @@ def write_web_export(
     source,
     out: str | Path,
     *,
-    variant: str = "int8",
+    variant: str = "int4",
     embeddings: str = "float16",
     overwrite: bool = False,
     registry=None,

@@ -1,0 +1,113 @@
+"""Captions of quantized ONNX graphs and embedding tables against float32, and their sizes.
+
+    python benchmarks/web_quantization.py ONNX_DIR [--images 24] [--max-new-tokens N]
+
+ONNX_DIR is a ``vlmkit export --format onnx`` folder (of the demo model: ``runs/demo``). The
+script adds the ``int8`` and ``int4`` variants (ONNX Runtime's ``MatMulNBitsQuantizer``, see
+``vlmkit.export.quantize``) and ``int8-acc4`` (int8 activations too) when missing, captions
+held-out ``shapes`` images and scikit-image's photos with each, and prints per variant: captions
+identical to fp32, ms per caption (Python ONNX Runtime, this machine) and bytes; then the same
+for the token-embedding table stored as float16 and as int8 (one scale per row), fed to the int4
+graphs (the web export's default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def images(n: int):
+    from PIL import Image
+
+    from vlmkit.core.demo import SKIMAGE_PHOTOS, demo_config
+    from vlmkit.core.train import load_split
+
+    test = load_split(demo_config("runs/demo"), "test")
+    out = [test[i].load_image() for i in range(min(n, len(test)))]
+    try:
+        from skimage import data
+
+        out += [Image.fromarray(np.asarray(getattr(data, k)())).convert("RGB") for k in SKIMAGE_PHOTOS]
+    except ImportError:
+        pass
+    return out
+
+
+def add_variant(folder: Path, name: str, variant: str, **options) -> None:
+    from vlmkit.export.quantize import add_quantized_variant
+
+    manifest = json.loads((folder / "vlmkit-onnx.json").read_text())
+    if name in manifest["variants"]:
+        return
+    add_quantized_variant(folder, variant, **options)
+    if name != variant:  # keep it under its own name, beside the plain variant
+        manifest = json.loads((folder / "vlmkit-onnx.json").read_text())
+        entry = manifest["variants"].pop(variant)
+        for part in ("vision", "decoder"):
+            (folder / entry[part]).rename(folder / f"{part}.{name}.onnx")
+            entry[part] = f"{part}.{name}.onnx"
+        manifest["variants"][name] = entry
+        (folder / "vlmkit-onnx.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def main() -> None:
+    from vlmkit.runtime.onnx import OnnxCaptioner
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("onnx", type=Path)
+    parser.add_argument("--images", type=int, default=24)
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    args = parser.parse_args()
+    add_variant(args.onnx, "int4", "int4")
+    add_variant(args.onnx, "int8", "int8")
+    add_variant(args.onnx, "int8-acc4", "int8", accuracy_level=4)
+    pictures = images(args.images)
+    manifest = json.loads((args.onnx / "vlmkit-onnx.json").read_text())
+    table = np.load(args.onnx / manifest["embed_tokens"])
+    stored = {
+        "float16": table.astype(np.float16).astype(np.float32),
+        "int8": np.rint(table / (scale := np.abs(table).max(1, keepdims=True) / 127)).clip(-127, 127) * scale,
+    }
+    runs = [(v, None) for v in ("fp32", "int8", "int8-acc4", "int4")]
+    runs += [("int4", e) for e in stored]
+    captions: dict[str, list[str]] = {}
+    for variant, embedding in runs:
+        captioner = OnnxCaptioner(args.onnx, variant=variant)
+        if embedding:
+            captioner.embed_tokens = stored[embedding].astype(np.float32)
+        kwargs = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
+        captioner.generate(pictures[:1], **kwargs)  # warm-up
+        start = time.perf_counter()
+        got = [captioner.generate([p], **kwargs)[0] for p in pictures]
+        ms = (time.perf_counter() - start) * 1000 / len(pictures)
+        name = variant + (f" + {embedding} embeddings" if embedding else "")
+        captions[name] = got
+        same = sum(a == b for a, b in zip(got, captions["fp32"], strict=True))
+        files = (
+            manifest["variants"].get(variant)
+            or json.loads((args.onnx / "vlmkit-onnx.json").read_text())["variants"][variant]
+        )
+        mb = sum((args.onnx / files[p]).stat().st_size for p in ("vision", "decoder")) / 1e6
+        print(
+            f"{name:32s} identical to fp32 {same}/{len(got)} ({100 * same / len(got):.0f}%)  "
+            f"{ms:6.0f} ms/caption  graphs {mb:6.1f} MB",
+            flush=True,
+        )
+    rows, dim = table.shape
+    print(
+        f"embedding table [{rows}, {dim}]: float32 {table.nbytes / 1e6:.1f} MB, float16 {table.nbytes / 2e6:.1f} MB, "
+        f"int8 + row scales {rows * (dim + 4) / 1e6:.1f} MB"
+    )
+    for name, got in captions.items():
+        for i, (a, b) in enumerate(zip(captions["fp32"], got, strict=True)):
+            if a != b:
+                print(f"  {name}, image {i}: fp32 {a!r} -> {b!r}")
+
+
+if __name__ == "__main__":
+    main()
