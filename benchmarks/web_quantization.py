@@ -39,20 +39,20 @@ def images(n: int):
 
 
 def add_variant(folder: Path, name: str, variant: str, **options) -> None:
-    from vlmkit.export.quantize import add_quantized_variant
+    """Quantize the fp32 graphs to ``variant`` as ``<part>.<name>.onnx`` and register them as ``name``."""
+    from vlmkit.export.quantize import DEFAULT_BLOCK_SIZE, WEIGHT_BITS, quantize_graph
 
-    manifest = json.loads((folder / "vlmkit-onnx.json").read_text())
+    file = folder / "vlmkit-onnx.json"
+    manifest = json.loads(file.read_text())
     if name in manifest["variants"]:
         return
-    add_quantized_variant(folder, variant, **options)
-    if name != variant:  # keep it under its own name, beside the plain variant
-        manifest = json.loads((folder / "vlmkit-onnx.json").read_text())
-        entry = manifest["variants"].pop(variant)
-        for part in ("vision", "decoder"):
-            (folder / entry[part]).rename(folder / f"{part}.{name}.onnx")
-            entry[part] = f"{part}.{name}.onnx"
-        manifest["variants"][name] = entry
-        (folder / "vlmkit-onnx.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    entry = {"bits": WEIGHT_BITS[variant], "block_size": DEFAULT_BLOCK_SIZE[variant], **options}
+    for part in ("vision", "decoder"):
+        source = folder / manifest["variants"]["fp32"][part]
+        quantize_graph(source, folder / f"{part}.{name}.onnx", variant, **options)
+        entry[part] = f"{part}.{name}.onnx"
+    manifest["variants"][name] = entry
+    file.write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def main() -> None:

@@ -59,10 +59,11 @@ def browser():
         pytest.fail(f"the browser tests need {missing}: {INSTALL}", pytrace=False)
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1000,760"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu"):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service(driver_path))
+    driver.set_window_size(960, 640)
     driver.set_script_timeout(900)  # a real model's first caption on a busy machine takes minutes
     driver.command_executor.client_config.timeout = 900
     yield driver
