@@ -10,8 +10,8 @@ module for the folder layout):
   the first step (past length 0) and every later one (one token each).
 - ``vlmkit-onnx.json``: the graphs' inputs/outputs, the past key/value layout, the prompt's token
   ids as the decoder plugin formats them, stop/pad ids, and the encoder's preprocessing as data.
-- ``--quantize int8`` (or ``int8-dynamic``): ``*.int8.onnx`` next to the float32 graphs, with
-  int8 MatMul/Gemm weights (see ``quantize_int8`` for the two methods).
+- ``--quantize int8|int4``: ``*.int8.onnx`` or ``*.int4.onnx`` next to the float32 graphs, with
+  the MatMul/Gemm weights quantized by ONNX Runtime's ``MatMulNBitsQuantizer`` (``vlmkit.export.quantize``).
 
 Export uses torch's TorchScript-based ONNX exporter (``dynamo=False``): it exports the
 ``DynamicCache`` path of every built-in decoder family (Llama, Qwen2, Phi, Phi-3, GPT-2) with
@@ -41,7 +41,7 @@ from torch import nn
 
 from vlmkit import __version__
 from vlmkit.core.errors import ConfigError, ExportError, VlmkitError
-from vlmkit.export import QUANTIZATIONS, step
+from vlmkit.export import step
 from vlmkit.runtime import onnx as onnx_runtime
 
 log = logging.getLogger(__name__)
@@ -115,13 +115,14 @@ def write_onnx(vlm, folder: Path, *, opset: int, quantize: str | None, source, o
     checks["vision_max_rel_diff"] = _check_vision(folder / "vision.onnx", vision, pixels)
     checks["decoder_max_rel_diff"] = _check_decoder(folder / "decoder.onnx", decoder_step, layout)
 
-    variants = {"fp32": {"vision": "vision.onnx", "decoder": "decoder.onnx"}}
+    variants: dict[str, Any] = {"fp32": {"vision": "vision.onnx", "decoder": "decoder.onnx"}}
     if quantize is not None:
-        method = QUANTIZATIONS[quantize]
-        step(on_step, f"quantizing MatMul/Gemm weights to int8 ({method})")
-        for name in ("vision", "decoder"):
-            quantize_int8(folder / f"{name}.onnx", folder / f"{name}.int8.onnx", method)
-        variants["int8"] = {"vision": "vision.int8.onnx", "decoder": "decoder.int8.onnx", "method": method}
+        from vlmkit.export.quantize import CPU_ACCURACY_LEVEL, quantize_graphs
+
+        level = CPU_ACCURACY_LEVEL.get(quantize)
+        variants[quantize] = quantize_graphs(
+            folder, variants["fp32"], quantize, accuracy_level=level, on_step=on_step
+        )
 
     _warn_generation_config(lm)
     formatted = vlm.format(None)
@@ -134,7 +135,7 @@ def write_onnx(vlm, folder: Path, *, opset: int, quantize: str | None, source, o
         "opset": opset,
         "exporter": f"torch {torch.__version__} torch.onnx (TorchScript)",
         "variants": variants,
-        "default_variant": "fp32" if quantize is None else "int8",
+        "default_variant": quantize or "fp32",
         "embed_tokens": "embed_tokens.npy",
         "tokenizer": "tokenizer.json",
         "vision": {
@@ -194,130 +195,6 @@ def embedding_table(lm, chunk: int = 8192) -> np.ndarray:
             module(torch.arange(i, min(i + chunk, vocab))).float().numpy() for i in range(0, vocab, chunk)
         ]
     return np.ascontiguousarray(np.concatenate(rows))
-
-
-def quantize_int8(source: Path, target: Path, method: str = "dynamic") -> None:
-    """int8 weights for every MatMul/Gemm with a constant weight, activations float at the graph's
-    edges. ``method``:
-
-    - ``dynamic``: ONNX Runtime's ``quantize_dynamic``: per-channel int8 weights, each activation
-      tensor quantized to uint8 at run time with one scale for the whole tensor. Fastest; but
-      one outlier channel sets the scale for all, and decoder LMs have such channels.
-    - ``blockwise``: ``MatMulNBits`` (8 bits): int8 weights in blocks of 128 along the input
-      dimension with a scale each (ONNX Runtime's own default block), activations quantized per
-      block at run time (``accuracy_level`` 4), so an outlier spoils only its block.
-
-    EfficientNet-Lite0 + SmolLM2-135M trained on ``shapes`` (fp32: 28 of 28 held-out shapes
-    right), 32 images: ``blockwise`` gave 31 captions identical to fp32 (the other on a photo, not
-    a shape) at 1.2-1.6x fp32's speed, ``dynamic`` 18 at 1.5x: SmolLM2 has activation channels
-    10^4 times the mean (a ``down_proj`` input), which one scale per tensor cannot hold.
-    """
-    if method == "blockwise":
-        _quantize_blockwise(source, target)
-        return
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # it logs "consider pre-processing" on the root logger, every time
-    try:
-        quantize_dynamic(
-            str(source),
-            str(target),
-            op_types_to_quantize=["MatMul", "Gemm"],
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            # 7-bit weights: on x86 CPUs without VNNI (AVX2, or AVX-512 hidden by a hypervisor)
-            # ONNX Runtime's u8 x s8 kernel (VPMADDUBSW) saturates its 16-bit sums with full 8-bit
-            # weights; on such a machine the test model's logits moved by 18% of their range
-            # instead of under 10%. ONNX Runtime's own advice for these CPUs.
-            reduce_range=True,
-            extra_options={"MatMulConstBOnly": True},
-        )
-    finally:
-        root.setLevel(level)
-
-
-def _quantize_blockwise(source: Path, target: Path, block_size: int = 128, accuracy_level: int = 4) -> None:
-    """Rewrite ``MatMul(x, W)`` with a constant float ``W [K, N]`` as ``MatMulNBits`` (bits=8):
-    symmetric int8 per block of ``block_size`` inputs, stored offset by 128 (the op's default zero
-    point), one float scale per block and output."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    model = onnx.load(str(source))
-    weights = {t.name: t for t in model.graph.initializer}
-    uses: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
-    nodes = []
-    for node in model.graph.node:
-        found = _constant_weight(node, weights)
-        if found is None:
-            nodes.append(node)
-            continue
-        w, matrix, bias = found  # matrix: [K, N]
-        k, n = matrix.shape
-        blocks = -(-k // block_size)
-        wt = np.zeros((n, blocks * block_size), dtype=np.float32)
-        wt[:, :k] = matrix.T
-        wt = wt.reshape(n, blocks, block_size)
-        scale = np.maximum(np.abs(wt).max(-1), np.float32(1e-12)) / np.float32(127.0)
-        q = (np.clip(np.rint(wt / scale[..., None]), -127, 127) + 128).astype(np.uint8)
-        packed = numpy_helper.from_array(q, f"{w.name}.int8")
-        scales = numpy_helper.from_array(scale.astype(np.float32).reshape(-1), f"{w.name}.scales")
-        model.graph.initializer.extend([packed, scales])
-        # a Gemm's bias is added after (it may be computed, and Gemm broadcasts it)
-        product = f"{node.output[0]}.int8" if bias else node.output[0]
-        nodes.append(
-            helper.make_node(
-                "MatMulNBits",
-                [node.input[0], packed.name, scales.name],
-                [product],
-                name=f"{node.name}.int8",
-                domain="com.microsoft",
-                K=k,
-                N=n,
-                bits=8,
-                block_size=block_size,
-                accuracy_level=accuracy_level,
-            )
-        )
-        if bias:
-            nodes.append(
-                helper.make_node("Add", [product, bias], list(node.output), name=f"{node.name}.bias")
-            )
-        uses[w.name] -= 1
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    kept = [t for t in model.graph.initializer if uses.get(t.name, 1) > 0]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
-    if not any(op.domain == "com.microsoft" for op in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    onnx.save(model, str(target))
-
-
-def _constant_weight(node, weights) -> tuple[Any, np.ndarray, str | None] | None:
-    """``(initializer, W [K, N], bias name)`` when ``node`` multiplies by a constant float matrix:
-    ``MatMul(x, W)``, or ``Gemm(x, W[, bias])`` with alpha = beta = 1 and x not transposed."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
-        return None
-    w = weights.get(node.input[1])
-    if w is None or len(w.dims) != 2 or w.data_type != onnx.TensorProto.FLOAT:
-        return None
-    matrix = numpy_helper.to_array(w)
-    if node.op_type == "MatMul":
-        return w, matrix, None
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
-        return None
-    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    return w, (matrix.T if attrs.get("transB", 0) else matrix), bias
 
 
 def _onnx_export(module, args, path: Path, *, opset: int, what: str, **kwargs) -> None:

@@ -1,27 +1,33 @@
-"""Weight-only quantization of an ONNX export with ONNX Runtime's own quantizer.
+"""Weight-only quantization of ONNX graphs with ONNX Runtime's own quantizer.
 
 ``MatMulNBitsQuantizer`` (``onnxruntime.quantization.matmul_nbits_quantizer``) rewrites every
 ``MatMul`` by a constant float weight as ``com.microsoft.MatMulNBits``: the weight in blocks of
-``block_size`` inputs, 4 or 8 bits each, with a float scale (and, asymmetric, a zero point) per
-block. Activations stay float at the graph's edges, so the runtimes feed the same inputs to
-every variant. ONNX Runtime runs ``MatMulNBits`` on the CPU and in onnxruntime-web (wasm and
-WebGPU), which is why it is the one format we write.
+``block_size`` inputs, 4 or 8 bits each, symmetric, with a float scale per block. Activations stay
+float at the graph's edges, so the runtimes feed the same inputs to every variant. ONNX Runtime
+runs ``MatMulNBits`` on the CPU and in onnxruntime-web (wasm and WebGPU), which is why it is the
+one format we write. The quantizer knows ``MatMul`` only; ``Gemm`` by a constant weight (GPT-2's
+``Conv1D`` exports as one) is first rewritten as ``MatMul`` + ``Add``, the same product.
 
-The variants are named after their bits (``int8``, ``int4``) and live next to the float32 graphs
-in the export folder (``vision.int4.onnx``, ``decoder.int4.onnx``), registered in its manifest so
-that ``OnnxCaptioner(folder, variant="int4")`` runs them.
+The variants are named after their bits (``int8``, ``int4``) and registered in the export's
+manifest with their method, block size and ``accuracy_level`` (MatMulNBits' attribute: unset,
+activations stay float; 4, activations are quantized to int8 per block at run time).
+``vlmkit export --format onnx --quantize int8`` sets 4: ONNX Runtime's CPU kernel for 8-bit weights
+with float activations is slow, the int8 x int8 one is fast. The web export leaves it unset: the
+browser's wasm kernels then compute what the CPU kernels compute, and its captions equal Python's.
 
-Measured on the demo model (EfficientNet-Lite0 + SmolLM2-135M trained on ``shapes``): see the
-web export note in the README ("In the browser").
+This replaces a hand-written writer of the same int8 ``MatMulNBits`` (block 128, level 4), which kept
+31 of 32 captions of the trained demo model identical to fp32; ``quantize_dynamic`` (one activation
+scale per tensor), dropped with it, kept 18: SmolLM2 has activation channels 10^4 times the mean.
+int4's agreement on the demo model is measured by ``benchmarks/web_quantization.py``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vlmkit.core.errors import ArtifactError, ConfigError
 
@@ -29,8 +35,10 @@ log = logging.getLogger(__name__)
 
 #: variant name -> bits per weight
 WEIGHT_BITS = {"int8": 8, "int4": 4}
-#: ONNX Runtime's default block; 32 halves int4's error on SmolLM2 for 6% more bytes (see README)
-DEFAULT_BLOCK_SIZE = {"int8": 128, "int4": 32}
+#: ONNX Runtime's default block for int8; 32 for int4, whose coarser steps need smaller blocks
+BLOCK_SIZE = {"int8": 128, "int4": 32}
+#: ``accuracy_level`` for the ONNX export that the Python runtime runs on a CPU (see above)
+CPU_ACCURACY_LEVEL = {"int8": 4}
 
 
 @dataclass
@@ -49,18 +57,18 @@ def quantize_graph(
     variant: str,
     *,
     block_size: int | None = None,
-    symmetric: bool = True,
     accuracy_level: int | None = None,
 ) -> QuantizedGraph:
-    """Write ``target``: the graph ``source`` with its constant ``MatMul`` weights quantized to
-    ``variant`` (``int8`` or ``int4``) by ``MatMulNBitsQuantizer``.
-
-    ``accuracy_level`` is ``MatMulNBits``' attribute (None: ONNX Runtime's default, float
-    activations; 4: int8 activations per block, faster on CPUs with int8 dot products but computed
-    by other kernels in the browser, so the browser's captions may then differ from Python's).
-    """
+    """Write ``target``: the graph ``source`` with its constant ``MatMul``/``Gemm`` weights quantized
+    to ``variant`` (``int8`` or ``int4``) by ``MatMulNBitsQuantizer``."""
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    except ImportError as exc:  # it imports onnx_ir, which onnxruntime does not depend on
+        raise ConfigError(
+            f"quantizing needs onnxruntime's MatMulNBitsQuantizer ({exc}); pip install 'vlmkit[quantize]'"
+        ) from None
 
     if variant not in WEIGHT_BITS:
         raise ConfigError(f"unknown quantization {variant!r}; supported: {', '.join(WEIGHT_BITS)}")
@@ -68,12 +76,12 @@ def quantize_graph(
     if not source.is_file():
         raise ArtifactError(f"cannot quantize {source}: no such file")
     model = onnx.load(str(source))
-    before = sum(1 for n in model.graph.node if n.op_type == "MatMul")
+    _gemm_as_matmul(model)
     quantizer = MatMulNBitsQuantizer(
         model,
         bits=WEIGHT_BITS[variant],
-        block_size=block_size or DEFAULT_BLOCK_SIZE[variant],
-        is_symmetric=symmetric,
+        block_size=block_size or BLOCK_SIZE[variant],
+        is_symmetric=True,
         accuracy_level=accuracy_level,
         op_types_to_quantize=("MatMul",),
     )
@@ -85,55 +93,97 @@ def quantize_graph(
     finally:
         root.setLevel(level)
     quantized = sum(1 for n in quantizer.model.model.graph.node if n.op_type == "MatMulNBits")
-    if quantized == 0 and before:
-        log.warning("%s: no MatMul has a constant float weight; %s is a copy", source.name, target.name)
+    if quantized == 0:
+        log.warning(
+            "%s: no MatMul has a constant float weight; %s is not quantized", source.name, target.name
+        )
     quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
     return QuantizedGraph(target, quantized, source.stat().st_size, target.stat().st_size)
 
 
-def add_quantized_variant(
-    folder: str | Path,
+def quantize_graphs(
+    folder: Path,
+    graphs: dict[str, str],
     variant: str,
     *,
-    block_size: int | None = None,
+    target: Path | None = None,
     accuracy_level: int | None = None,
-    make_default: bool = False,
     on_step: Callable[[str], None] | None = None,
-) -> dict[str, QuantizedGraph]:
-    """Quantize the float32 graphs of the ONNX export ``folder`` to ``variant`` and register the
-    variant in its manifest (``variants[variant]``, with the method and block size).
+) -> dict[str, Any]:
+    """Quantize the graphs ``{"vision": file, "decoder": file}`` of ``folder`` to
+    ``<part>.<variant>.onnx`` in ``target`` (default: ``folder``); returns the manifest's entry
+    for the variant."""
+    from vlmkit.export import step
 
-    Returns ``{"vision": ..., "decoder": ...}``. An existing variant of that name is replaced.
-    """
-    from vlmkit.runtime.onnx import MANIFEST, read_onnx_manifest
-
-    folder = Path(folder)
-    manifest = read_onnx_manifest(folder)
-    fp32 = manifest["variants"].get("fp32")
-    if fp32 is None:
-        raise ArtifactError(f"{folder} has no fp32 graphs to quantize")
-    block = block_size or DEFAULT_BLOCK_SIZE.get(variant, 0)
-    graphs: dict[str, QuantizedGraph] = {}
+    target = folder if target is None else target
+    block = BLOCK_SIZE[variant]
+    entry: dict[str, Any] = {}
     for part in ("vision", "decoder"):
-        if on_step is not None:
-            on_step(f"quantizing the {part} graph to {variant} (MatMulNBits, block {block})")
-        source = folder / fp32[part]
-        graphs[part] = quantize_graph(
-            source,
-            folder / f"{part}.{variant}.onnx",
-            variant,
-            block_size=block,
-            accuracy_level=accuracy_level,
+        step(on_step, f"quantizing the {part} graph to {variant} (MatMulNBits, block {block})")
+        done = quantize_graph(
+            folder / graphs[part], target / f"{part}.{variant}.onnx", variant, accuracy_level=accuracy_level
         )
-    manifest["variants"][variant] = {
-        "vision": graphs["vision"].path.name,
-        "decoder": graphs["decoder"].path.name,
-        "method": "onnxruntime MatMulNBitsQuantizer",
-        "bits": WEIGHT_BITS[variant],
-        "block_size": block,
-        "accuracy_level": accuracy_level,
+        entry[part] = done.path.name
+    entry.update(
+        method="onnxruntime MatMulNBitsQuantizer",
+        bits=WEIGHT_BITS[variant],
+        block_size=block,
+        accuracy_level=accuracy_level,
+    )
+    return entry
+
+
+def _gemm_as_matmul(model) -> None:
+    """Rewrite, in place, ``Gemm(x, W[, C])`` by a constant float ``W`` (alpha = beta = 1, x not
+    transposed) as ``MatMul(x, W)`` (+ ``Add(C)``), so that the quantizer, which knows ``MatMul``
+    only, quantizes it too."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    weights = {t.name: t for t in model.graph.initializer}
+    nodes = []
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        w = weights.get(node.input[1]) if node.op_type == "Gemm" and len(node.input) > 1 else None
+        plain = (
+            not attrs.get("transA", 0) and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0
+        )
+        if w is None or not plain or len(w.dims) != 2 or w.data_type != onnx.TensorProto.FLOAT:
+            nodes.append(node)
+            continue
+        name = w.name
+        if attrs.get("transB", 0):  # a transposed copy; the original goes if nothing else reads it
+            name = f"{w.name}.T"
+            if name not in weights:
+                weights[name] = numpy_helper.from_array(numpy_helper.to_array(w).T.copy(), name)
+                model.graph.initializer.append(weights[name])
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        product = f"{node.output[0]}.matmul" if bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], name], [product], name=f"{node.name}.matmul"))
+        if bias:
+            nodes.append(
+                helper.make_node("Add", [product, bias], list(node.output), name=f"{node.name}.bias")
+            )
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    transposed = {
+        n.input[1].removesuffix(".T") for n in nodes if n.op_type == "MatMul" and n.input[1].endswith(".T")
     }
-    if make_default:
-        manifest["default_variant"] = variant
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return graphs
+    used = {o.name for o in model.graph.output} | set(_inputs_read(model.graph))
+    kept = [t for t in model.graph.initializer if t.name not in transposed or t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+
+
+def _inputs_read(graph):
+    """Every tensor name the nodes of ``graph`` read, subgraphs (If/Loop bodies) included."""
+    from onnx import AttributeProto
+
+    for node in graph.node:
+        yield from node.input
+        for attr in node.attribute:
+            if attr.type == AttributeProto.GRAPH:
+                yield from _inputs_read(attr.g)
+            elif attr.type == AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _inputs_read(g)

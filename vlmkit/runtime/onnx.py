@@ -10,7 +10,7 @@ No torch, no transformers, no plugin: everything model-specific is in the folder
                           [B, P+T], position_ids [B, T], past key/values -> last-position logits
                           [B, 1, V] and present key/values
     embed_tokens.npy      the LM's token-embedding table [V, D]
-    *.int8.onnx           the same graphs with int8 weights (``--quantize int8``)
+    *.int8.onnx, *.int4.onnx   the same graphs with int8 or int4 weights (``--quantize``)
     tokenizer.json        for decoding the generated ids
 
 Generation mirrors ``PrefixConditioningVLM.generate``: the prompt is ``before + [image prefix] +
@@ -42,7 +42,7 @@ from vlmkit.core.paths import read_json_manifest
 MANIFEST = "vlmkit-onnx.json"
 FORMAT = "vlmkit-onnx"
 FORMAT_VERSION = 1
-VARIANTS = ("fp32", "int8")
+VARIANTS = ("fp32", "int8", "int4")
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -238,8 +238,8 @@ def _cores() -> int:
 class OnnxCaptioner:
     """Greedy captions from an ONNX export, with a key/value cache.
 
-    ``variant`` is ``fp32`` or ``int8`` (default: the manifest's ``default_variant``, ``int8``
-    when the export was quantized). ``threads`` defaults to the number of usable cores.
+    ``variant`` is ``fp32``, ``int8`` or ``int4`` (default: the manifest's ``default_variant``, the
+    quantized one when the export was quantized). ``threads`` defaults to the number of usable cores.
     """
 
     def __init__(
@@ -260,7 +260,7 @@ class OnnxCaptioner:
         if self.variant not in variants:
             raise ConfigError(
                 f"{self.folder} has no {self.variant!r} variant; it has {', '.join(variants)}"
-                + ("" if self.variant != "int8" else " (export with --quantize int8)")
+                + (f" (export with --quantize {self.variant})" if self.variant in VARIANTS[1:] else "")
             )
         files = variants[self.variant]
         for name in (
