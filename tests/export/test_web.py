@@ -3,7 +3,7 @@ real headless Chromium (Selenium with Debian's chromium and chromium-driver).
 
 Two tiny random pairs of real architectures: the default pair's (timm encoder, Pillow bicubic
 resize + centre crop; Llama decoder) and SigLIP (torchvision's antialiased resize) + Qwen2. Set
-``VLMKIT_WEB_MODEL=runs/demo/model`` to run the trained demo model too (minutes: it exports
+``VLMKIT_WEB_MODEL=runs/demo`` to run the trained demo model too (minutes: it exports
 SmolLM2-135M), ``VLMKIT_WEB_SCREENSHOT=docs/browser.png`` to keep a screenshot of the last page
 and ``VLMKIT_WEB_REPORT=file.json`` to keep the figures (payload, ms per caption).
 
@@ -30,7 +30,7 @@ from vlmkit.runtime.onnx import OnnxCaptioner, preprocess_images
 pytestmark = [pytest.mark.browser, pytest.mark.usefixtures("one_torch_thread")]
 
 INSTALL = (
-    "apt-get install -y chromium chromium-driver && pip install -e '.[web]' "
+    "apt-get install -y chromium chromium-driver && pip install -e '.[dev]' "
     "(or set VLMKIT_SKIP_BROWSER=1 to skip the browser tests)"
 )
 #: name -> (encoder, image size, decoder plugin, tiny architecture, web variant)
@@ -175,7 +175,7 @@ def _console(browser) -> list[str]:
 def test_browser_captions_equal_the_python_runtime(name, browser, site, images, tmp_path_factory):
     from PIL import Image
 
-    from vlmkit.export.web import write_web_export
+    from vlmkit.export import export_model
 
     root, base = site
     work = tmp_path_factory.mktemp(name)
@@ -184,8 +184,10 @@ def test_browser_captions_equal_the_python_runtime(name, browser, site, images, 
     else:
         encoder, size, decoder, arch, variant = PAIRS[name]
         model = _tiny_model(work, encoder, size, decoder, arch)
-    result = write_web_export(model, root / name, variant=variant)
+    result = export_model(model, root / name, format="web", quantize=variant)
     assert (root / name / "index.html").is_file() and result.payload_bytes > 0
+    assert list(OnnxCaptioner(root / name, threads=1).manifest["variants"]) == [variant]
+    assert not any(f.startswith(".") for f in result.files), "the staging ONNX export is left"
 
     # what the browser must reproduce: the Python ONNX runtime over the same folder
     python = OnnxCaptioner(root / name)

@@ -11,12 +11,19 @@ import typer
 
 class ExportFormat(StrEnum):
     onnx = "onnx"
+    web = "web"
     hf = "hf"
 
 
 class Quantization(StrEnum):
+    int4 = "int4"
     int8 = "int8"
-    int8_dynamic = "int8-dynamic"
+    none = "none"
+
+
+class Embeddings(StrEnum):
+    float16 = "float16"
+    float32 = "float32"
 
 
 def export(
@@ -29,6 +36,8 @@ def export(
         "--format",
         "-f",
         help="onnx: graphs + manifest for the torch-free ONNX Runtime captioner; "
+        "web: a static folder that captions in the browser (onnxruntime-web, vendored; serve it with "
+        "'python -m http.server -d OUT'); "
         "hf: the decoder with LoRA merged, loadable with plain transformers.",
     ),
     opset: int = typer.Option(
@@ -37,17 +46,22 @@ def export(
     quantize: Quantization = typer.Option(
         None,
         "--quantize",
-        help="Also write int8 graphs (*.int8.onnx). int8: int8 weights and activations in blocks of 128 "
-        "(MatMulNBits), captions as fp32's; int8-dynamic: quantize_dynamic, one activation scale per "
-        "tensor: fastest, but decoder LMs' outlier channels change captions.",
+        help="Weight-only quantization by ONNX Runtime's MatMulNBitsQuantizer. onnx: also write "
+        "*.int4.onnx or *.int8.onnx next to the fp32 graphs and caption with them by default (default: "
+        "none). web: the graphs the page runs (default: int4, the smallest download; none: fp32).",
+    ),
+    embeddings: Embeddings = typer.Option(
+        None,
+        "--embeddings",
+        help="web only: store the token-embedding table as float16 (default, half the bytes) or float32.",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it is an earlier export."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Export a trained model: ONNX graphs with a KV cache (optionally int8), or merged HF weights.
+    """Export a trained model: ONNX graphs with a KV cache, a browser captioner, or merged HF weights.
 
     The folder is written under a temporary name and renamed when complete. Caption with the
-    ONNX export, without torch: 'vlmkit caption --onnx OUT IMAGE...'.
+    ONNX export (or the web one), without torch: 'vlmkit caption --onnx OUT IMAGE...'.
     """
     from rich.console import Console
 
@@ -55,7 +69,9 @@ def export(
     from vlmkit.export import check_options, export_model
 
     read_manifest(model)  # one-line errors for bad input before anything heavy is imported
-    check_options(format.value, opset, quantize.value if quantize else None, out, overwrite)
+    quantization = quantize.value if quantize else None
+    embedding = embeddings.value if embeddings else None
+    check_options(format.value, opset, quantization, out, overwrite, embedding)
     console = Console(stderr=True)
     with console.status("exporting", spinner="dots") as status:
         result = export_model(
@@ -63,7 +79,8 @@ def export(
             out,
             format=format.value,
             opset=opset,
-            quantize=quantize.value if quantize else None,
+            quantize=quantization,
+            embeddings=embedding,
             overwrite=overwrite,
             on_step=lambda message: status.update(message),
         )
@@ -75,6 +92,8 @@ def export(
             "checks": result.checks,
             "seconds": round(result.seconds, 1),
         }
+        if result.payload_bytes is not None:
+            payload["payload_bytes"] = result.payload_bytes
         typer.echo(json.dumps(payload))
         return
     from rich.table import Table
@@ -87,6 +106,10 @@ def export(
     Console().print(table)
     for name, value in result.checks.items():
         typer.echo(f"check {name}: {value:.2g}")
+    if result.payload_bytes is not None:
+        typer.echo(
+            f"the page downloads {_size(result.payload_bytes)}; serve it: python -m http.server -d {out}"
+        )
 
 
 def _size(n: int) -> str:

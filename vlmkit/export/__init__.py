@@ -1,7 +1,10 @@
-"""The export job: a trained model folder -> ONNX graphs for ONNX Runtime, or merged HF weights.
+"""The export job: a trained model folder -> ONNX graphs for ONNX Runtime, a static folder that
+captions in a web browser, or merged HF weights.
 
 - ``--format onnx`` (``vlmkit.export.onnx``): what ``vlmkit.runtime.onnx.OnnxCaptioner`` runs without
-  torch; ``--quantize int8`` adds int8-weight graphs.
+  torch; ``--quantize int8|int4`` adds graphs with quantized weights (``vlmkit.export.quantize``).
+- ``--format web`` (``vlmkit.export.web``): one variant of the ONNX export (int4 weights unless
+  ``--quantize`` says otherwise) with the browser runtime, ``vlmkit-web.js`` and a demo page.
 - ``--format hf`` (``vlmkit.export.hf``): the decoder with LoRA merged as a plain transformers
   checkpoint, the projection and a manifest; ``vlmkit.load`` reads it back.
 
@@ -28,9 +31,13 @@ from vlmkit.runtime.onnx import MANIFEST as ONNX_MANIFEST
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "hf")
-#: ``--quantize`` choice -> ``quantize_int8`` method (the variant is called ``int8`` either way)
-QUANTIZATIONS = {"int8": "blockwise", "int8-dynamic": "dynamic"}
+FORMATS = ("onnx", "web", "hf")
+#: weight-only quantizations (ONNX Runtime's MatMulNBits); ``none`` keeps float32 graphs
+QUANTIZATIONS = ("int8", "int4", "none")
+#: what ``--format web`` uses when ``--quantize`` is not given (onnx: none)
+WEB_DEFAULT_QUANTIZE = "int4"
+#: how the web export stores the token-embedding table
+EMBEDDINGS = ("float16", "float32")
 DEFAULT_OPSET = 17
 #: scaled_dot_product_attention, which every built-in decoder uses, exports from opset 14 on
 MIN_OPSET = 14
@@ -45,6 +52,8 @@ class ExportResult:
     files: dict[str, int] = field(default_factory=dict)
     checks: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    #: web exports: the bytes a browser downloads to caption (graphs, embeddings, tokenizer, runtime)
+    payload_bytes: int | None = None
 
 
 def max_opset() -> int:
@@ -58,16 +67,27 @@ def max_opset() -> int:
 
 
 def check_options(
-    format: str, opset: int | None, quantize: str | None, out: str | Path, overwrite: bool
+    format: str,
+    opset: int | None,
+    quantize: str | None,
+    out: str | Path,
+    overwrite: bool,
+    embeddings: str | None = None,
 ) -> int | None:
-    """Refuse bad options before anything is loaded; returns the opset to use (ONNX only)."""
+    """Refuse bad options before anything is loaded; returns the opset to use (ONNX and web)."""
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise ConfigError(f"unknown quantization {quantize!r}; supported: {', '.join(QUANTIZATIONS)}")
     if format == "hf" and (quantize is not None or opset is not None):
-        raise ConfigError("--opset and --quantize apply to --format onnx only")
-    if format == "onnx":
+        raise ConfigError("--opset and --quantize apply to --format onnx and web only")
+    if embeddings is not None and (format != "web" or embeddings not in EMBEDDINGS):
+        raise ConfigError(f"--embeddings applies to --format web only, as one of {', '.join(EMBEDDINGS)}")
+    if format == "web":
+        from vlmkit.export.web import vendor_files
+
+        vendor_files()  # an installation without the browser runtime fails before the slow part
+    if format in ("onnx", "web"):
         opset = DEFAULT_OPSET if opset is None else int(opset)
         high = max_opset()
         if not MIN_OPSET <= opset <= high:
@@ -83,6 +103,7 @@ def export_model(
     format: str = "onnx",
     opset: int | None = None,
     quantize: str | None = None,
+    embeddings: str | None = None,
     overwrite: bool = False,
     registry=None,
     on_step: Callable[[str], None] | None = None,
@@ -91,7 +112,7 @@ def export_model(
     from vlmkit.core.artifact import load, read_manifest
 
     manifest = read_manifest(model)  # a one-line ArtifactError unless ``model`` is a vlmkit model
-    check_options(format, opset, quantize, out, overwrite)
+    check_options(format, opset, quantize, out, overwrite, embeddings)
     step(on_step, f"loading {model}")
     vlm = load(model, registry=registry)
     source = {
@@ -105,6 +126,7 @@ def export_model(
         format=format,
         opset=opset,
         quantize=quantize,
+        embeddings=embeddings,
         overwrite=overwrite,
         source=source,
         on_step=on_step,
@@ -118,14 +140,22 @@ def export_vlm(
     format: str = "onnx",
     opset: int | None = None,
     quantize: str | None = None,
+    embeddings: str | None = None,
     overwrite: bool = False,
     source: dict[str, Any] | None = None,
     on_step: Callable[[str], None] | None = None,
 ) -> ExportResult:
-    """Export an in-memory ``PrefixConditioningVLM`` (as ``export_model`` does after loading)."""
+    """Export an in-memory ``PrefixConditioningVLM`` (as ``export_model`` does after loading).
+
+    ``quantize``: ``int8``/``int4`` weights, or ``none``; None means the format's default (onnx:
+    none, web: int4). ``embeddings`` (web only): the token-embedding table's storage, float16
+    (the default) or float32."""
     out = Path(out)
-    opset = check_options(format, opset, quantize, out, overwrite)
-    from vlmkit.export import hf, onnx
+    opset = check_options(format, opset, quantize, out, overwrite, embeddings)
+    if quantize is None and format == "web":
+        quantize = WEB_DEFAULT_QUANTIZE
+    quantize = None if quantize == "none" else quantize
+    from vlmkit.export import hf, onnx, web
 
     if any(p.device.type != "cpu" for p in vlm.parameters()):
         raise ConfigError("export runs on the CPU: move the model there first (vlm.cpu())")
@@ -138,12 +168,23 @@ def export_vlm(
                 checks = onnx.write_onnx(
                     vlm, tmp, opset=opset, quantize=quantize, source=source, on_step=on_step
                 )
+            elif format == "web":
+                checks = web.write_web(
+                    vlm,
+                    tmp,
+                    opset=opset,
+                    quantize=quantize,
+                    embeddings=embeddings or EMBEDDINGS[0],
+                    source=source,
+                    on_step=on_step,
+                )
             else:
                 checks = hf.write_merged(vlm, tmp, source=source, on_step=on_step)
     finally:
         vlm.train(was_training)
     files = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
-    return ExportResult(out, format, files, checks, time.perf_counter() - start)
+    payload = web.read_web_manifest(out)["web"]["payload_bytes"] if format == "web" else None
+    return ExportResult(out, format, files, checks, time.perf_counter() - start, payload)
 
 
 # ------------------------------------------------------------------------------ output folder
@@ -193,7 +234,9 @@ def step(on_step: Callable[[str], None] | None, message: str) -> None:
 
 __all__ = [
     "DEFAULT_OPSET",
+    "EMBEDDINGS",
     "FORMATS",
+    "QUANTIZATIONS",
     "MIN_OPSET",
     "ExportResult",
     "check_options",
