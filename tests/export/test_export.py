@@ -397,3 +397,6 @@ def test_cli_export_prints_json_and_one_line_errors(exported, tmp_path, monkeypa
     assert isinstance(again.exception, ArtifactError) and "\n" not in str(again.exception)
     bad = runner.invoke(app, ["export", "-m", str(model), "-o", str(tmp_path / "x"), "--quantize", "int3"])
     assert bad.exit_code == 2  # a usage error: click lists the choices
+    args = ["export", "-m", str(model), "-o", str(tmp_path / "y"), "--embeddings", "float32"]
+    onnx_only = runner.invoke(app, args)
+    assert isinstance(onnx_only.exception, ConfigError) and "--format web only" in str(onnx_only.exception)
