@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmkit import __version__
-from vlmkit.core.config import ModelConfig, validate_model_config
+from vlmkit.core.config import ModelConfig, NoOptions, validate_model_config, validated
 from vlmkit.core.errors import ArtifactError, PluginError
 from vlmkit.core.paths import read_json_manifest, write_json
 
@@ -33,6 +33,18 @@ ARTIFACT_VERSION = 1
 MERGED_MANIFEST = "vlmkit-hf.json"
 MERGED_FORMAT = "vlmkit-hf"
 MERGED_VERSION = 1
+
+
+def load_encoder(encoder_spec, config: ModelConfig):
+    """The encoder ``config`` names, given ``encoder_options`` validated by the plugin's ``options``
+    model only when there are some (an encoder without options keeps a two-argument ``load``)."""
+    extra = {}
+    if config.encoder_options:
+        model = encoder_spec.options or NoOptions
+        extra["options"] = validated(
+            model, config.encoder_options, f"model.encoder_options ({config.encoder})"
+        )
+    return encoder_spec.load(config.encoder_checkpoint, revision=config.encoder_revision, **extra)
 
 
 def assemble(
@@ -69,7 +81,7 @@ def assemble(
     registry = registry or get_registry()
     encoder_spec = registry.encoder(encoder_name)
     decoder_spec = registry.decoder(decoder_name)
-    encoder = encoder_spec.load(config.encoder_checkpoint, revision=config.encoder_revision)
+    encoder = load_encoder(encoder_spec, config)
     half = dtype not in (None, "float32")
     if half and not config.unfreeze_encoder_layers:  # trained encoder layers keep fp32 weights
         encoder.to(getattr(torch, dtype))

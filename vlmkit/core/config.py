@@ -39,6 +39,7 @@ class ModelConfig(BaseModel):
     encoder: str | None = None
     encoder_checkpoint: str | None = None
     encoder_revision: str | None = None
+    encoder_options: dict[str, Any] = Field(default_factory=dict, description="the encoder plugin's options")
     decoder: str | None = None
     decoder_checkpoint: str | None = None
     decoder_revision: str | None = None
@@ -59,6 +60,12 @@ class ModelConfig(BaseModel):
                     "('vlmkit plugins list'), or start from vlmkit.recipes.embedded_default()"
                 )
         return self.encoder, self.decoder  # type: ignore[return-value]
+
+
+class NoOptions(BaseModel):
+    """The options model of a plugin that takes none: any option is an unknown setting."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 def validate_model_config(config: Any, source: str = "model config") -> ModelConfig:

@@ -119,6 +119,9 @@ class EncoderSpec(PluginSpec):
     """A family of vision encoders (SigLIP, CLIP, timm backbones, ...)."""
 
     kind: ClassVar[str] = "encoder"
+    #: pydantic model of ``model.encoder_options`` (``None``: takes none); ``load`` gets the validated
+    #: ``options=`` only when some are given. Options that change the features change ``fingerprint()``.
+    options: ClassVar[type[BaseModel] | None] = None
 
     @abstractmethod
     def load(self, checkpoint: str | None = None, *, revision: str | None = None) -> VisionEncoder:

@@ -57,7 +57,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 import vlmkit
 from vlmkit.core.contracts import CaptionExample, DatasetSpec
-from vlmkit.core.datasets import (
+from vlmkit.core.errors import DataError
+from vlmkit.sdk.datasets import (
     DEFAULT_FRACTIONS,
     ListDataset,
     SplitFractions,
@@ -66,7 +67,6 @@ from vlmkit.core.datasets import (
     fingerprint,
     parse_options,
 )
-from vlmkit.core.errors import DataError
 
 #: bump when the drawing or the captions change, so cached features of old images are never reused
 GENERATOR_VERSION = 1
