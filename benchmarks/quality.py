@@ -112,7 +112,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--scenes", default="{}", help='JSON of extra scenes options, e.g. \'{"kinds": ["single"]}\''
     )
-    p.add_argument("--threads", type=int, default=2, help="torch threads (1 on a machine shared with other jobs)")
+    p.add_argument(
+        "--threads", type=int, default=2, help="torch threads (1 on a machine shared with other jobs)"
+    )
     p.add_argument("--evals", default="0.25,0.5,0.75,1", help="fractions of the budget at which to score")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], help="override for every recipe: key=json")
