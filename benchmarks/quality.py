@@ -163,7 +163,7 @@ def objects_of(caption: str) -> Counter:
 
 
 def score(rows: list[dict[str, Any]]) -> dict[str, float]:
-    from vlmkit.core.metrics import exact_match, score_captions
+    from vlmkit.evaluate.metrics import exact_match, score_captions
 
     preds = {r["id"]: r["prediction"] for r in rows}
     refs = {r["id"]: r["references"] for r in rows}
@@ -210,9 +210,10 @@ def lr_factor(fraction: float, warmup: float) -> float:
 def run_recipe(name: str, settings: dict[str, Any], args, registry, datasets, log) -> dict[str, Any]:
     import torch
 
-    from vlmkit.core.features import FeatureCache
-    from vlmkit.core.model import ModelConfig, PrefixConditioningVLM
-    from vlmkit.core.train import make_optimizer
+    from vlmkit.core.config import ModelConfig
+    from vlmkit.core.model import PrefixConditioningVLM
+    from vlmkit.train.features import FeatureCache
+    from vlmkit.train.trainer import make_optimizer
 
     model_config = ModelConfig.model_validate(
         {
