@@ -189,6 +189,7 @@ def caption_features(model, feats, data, limit: int, batch: int = 48) -> list[di
     import torch
 
     rows = []
+    limit = min(limit, len(data))
     for start in range(0, limit, batch):
         idx = list(range(start, min(limit, start + batch)))
         x = torch.from_numpy(feats[idx].astype("float32"))
