@@ -7,8 +7,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from vlmkit.core.artifact import load_encoder
-from vlmkit.core.config import ModelConfig
+from vlmkit.core.config import ModelConfig, encoder_options
 from vlmkit.core.errors import ConfigError, PluginError
 from vlmkit.core.registry import Registry
 from vlmkit.plugins.encoders.timm import TimmOptions
@@ -70,12 +69,11 @@ def test_a_stage_the_backbone_lacks_is_refused(registry, checkpoint):
 def test_encoder_options_from_the_model_config_are_validated(registry, checkpoint):
     timm_spec = registry.encoder("timm")
     config = ModelConfig(encoder="timm", encoder_checkpoint=checkpoint, encoder_options={"features": [1, -1]})
-    assert (
-        load_encoder(timm_spec, config).feature_dim
-        > load_encoder(timm_spec, config.model_copy(update={"encoder_options": {}})).feature_dim
-    )
+    assert encoder_options(timm_spec, config.model_copy(update={"encoder_options": {}})) == {}
+    options = encoder_options(timm_spec, config)["options"]
+    assert isinstance(options, TimmOptions) and options.features == [1, -1]
     with pytest.raises(ConfigError, match=r"model.encoder_options \(timm\): layers: unknown setting"):
-        load_encoder(timm_spec, config.model_copy(update={"encoder_options": {"layers": [1]}}))
+        encoder_options(timm_spec, config.model_copy(update={"encoder_options": {"layers": [1]}}))
     siglip = ModelConfig(encoder="siglip", encoder_options={"features": [1]})
     with pytest.raises(ConfigError, match=r"model.encoder_options \(siglip\): features: unknown setting"):
-        load_encoder(registry.encoder("siglip"), siglip)
+        encoder_options(registry.encoder("siglip"), siglip)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmkit import __version__
-from vlmkit.core.config import ModelConfig, NoOptions, validate_model_config, validated
+from vlmkit.core.config import ModelConfig, encoder_options, validate_model_config
 from vlmkit.core.errors import ArtifactError, PluginError
 from vlmkit.core.paths import read_json_manifest, write_json
 
@@ -33,18 +33,6 @@ ARTIFACT_VERSION = 1
 MERGED_MANIFEST = "vlmkit-hf.json"
 MERGED_FORMAT = "vlmkit-hf"
 MERGED_VERSION = 1
-
-
-def load_encoder(encoder_spec, config: ModelConfig):
-    """The encoder ``config`` names, given ``encoder_options`` validated by the plugin's ``options``
-    model only when there are some (an encoder without options keeps a two-argument ``load``)."""
-    extra = {}
-    if config.encoder_options:
-        model = encoder_spec.options or NoOptions
-        extra["options"] = validated(
-            model, config.encoder_options, f"model.encoder_options ({config.encoder})"
-        )
-    return encoder_spec.load(config.encoder_checkpoint, revision=config.encoder_revision, **extra)
 
 
 def assemble(
@@ -81,7 +69,8 @@ def assemble(
     registry = registry or get_registry()
     encoder_spec = registry.encoder(encoder_name)
     decoder_spec = registry.decoder(decoder_name)
-    encoder = load_encoder(encoder_spec, config)
+    extra = encoder_options(encoder_spec, config)  # {} without options: load(checkpoint, revision=)
+    encoder = encoder_spec.load(config.encoder_checkpoint, revision=config.encoder_revision, **extra)
     half = dtype not in (None, "float32")
     if half and not config.unfreeze_encoder_layers:  # trained encoder layers keep fp32 weights
         encoder.to(getattr(torch, dtype))

@@ -119,8 +119,7 @@ class EncoderSpec(PluginSpec):
     """A family of vision encoders (SigLIP, CLIP, timm backbones, ...)."""
 
     kind: ClassVar[str] = "encoder"
-    #: pydantic model of ``model.encoder_options`` (``None``: takes none); ``load`` gets the validated
-    #: ``options=`` only when some are given. Options that change the features change ``fingerprint()``.
+    #: model of ``model.encoder_options`` (``load(options=)`` when set); they must change ``fingerprint()``
     options: ClassVar[type[BaseModel] | None] = None
 
     @abstractmethod
