@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmkit import __version__
-from vlmkit.core.config import ModelConfig, validate_model_config
+from vlmkit.core.config import ModelConfig, encoder_options, validate_model_config
 from vlmkit.core.errors import ArtifactError, PluginError
 from vlmkit.core.paths import read_json_manifest, write_json
 
@@ -69,7 +69,8 @@ def assemble(
     registry = registry or get_registry()
     encoder_spec = registry.encoder(encoder_name)
     decoder_spec = registry.decoder(decoder_name)
-    encoder = encoder_spec.load(config.encoder_checkpoint, revision=config.encoder_revision)
+    extra = encoder_options(encoder_spec, config)  # {} without options: load(checkpoint, revision=)
+    encoder = encoder_spec.load(config.encoder_checkpoint, revision=config.encoder_revision, **extra)
     half = dtype not in (None, "float32")
     if half and not config.unfreeze_encoder_layers:  # trained encoder layers keep fp32 weights
         encoder.to(getattr(torch, dtype))

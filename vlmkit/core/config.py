@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from vlmkit.core.errors import ConfigError
 from vlmkit.core.projection import ProjectionConfig
@@ -39,6 +39,7 @@ class ModelConfig(BaseModel):
     encoder: str | None = None
     encoder_checkpoint: str | None = None
     encoder_revision: str | None = None
+    encoder_options: dict[str, Any] = Field(default_factory=dict)  # the plugin's spec.options validates
     decoder: str | None = None
     decoder_checkpoint: str | None = None
     decoder_revision: str | None = None
@@ -59,6 +60,13 @@ class ModelConfig(BaseModel):
                     "('vlmkit plugins list'), or start from vlmkit.recipes.embedded_default()"
                 )
         return self.encoder, self.decoder  # type: ignore[return-value]
+
+
+def encoder_options(spec, config: ModelConfig) -> dict[str, Any]:
+    """``{"options": <validated by spec.options>}``, or ``{}`` when ``config`` gives none."""
+    model = spec.options or create_model("NoOptions", __config__=ConfigDict(extra="forbid"))
+    opts = config.encoder_options
+    return {"options": validated(model, opts, f"model.encoder_options ({config.encoder})")} if opts else {}
 
 
 def validate_model_config(config: Any, source: str = "model config") -> ModelConfig:

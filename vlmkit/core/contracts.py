@@ -119,6 +119,8 @@ class EncoderSpec(PluginSpec):
     """A family of vision encoders (SigLIP, CLIP, timm backbones, ...)."""
 
     kind: ClassVar[str] = "encoder"
+    #: model of ``model.encoder_options`` (``load(options=)`` when set); they must change ``fingerprint()``
+    options: ClassVar[type[BaseModel] | None] = None
 
     @abstractmethod
     def load(self, checkpoint: str | None = None, *, revision: str | None = None) -> VisionEncoder:

@@ -1,0 +1,79 @@
+"""The timm encoder's ``features`` option: chosen stages, pooled to one grid, concatenated, and a
+part of the fingerprint (the feature cache keys on it); encoder options reach plugins validated."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from vlmkit.core.config import ModelConfig, encoder_options
+from vlmkit.core.errors import ConfigError, PluginError
+from vlmkit.core.registry import Registry
+from vlmkit.plugins.encoders.timm import TimmOptions
+from vlmkit.testing.tiny_encoders import tiny_encoder_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def registry() -> Registry:
+    reg = Registry()
+    reg.load_entry_points(environ={"VLMKIT_PLUGINS": "timm,siglip"})
+    return reg
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    return tiny_encoder_checkpoint("timm", tmp_path_factory.mktemp("timm"), image_size=96)
+
+
+def test_feature_stages_are_pooled_to_the_coarsest_grid_and_concatenated(registry, checkpoint):
+    spec = registry.encoder("timm")
+    default = spec.load(checkpoint)
+    staged = spec.load(checkpoint, options=TimmOptions(features=[1, -1]))
+    info = staged.backbone.feature_info
+    assert staged.grid == default.grid  # the last map is the coarsest
+    assert staged.feature_dim == info[1]["num_chs"] + default.feature_dim
+
+    pixels = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        tokens = staged(pixels)
+        final, (stage1,) = staged.backbone.forward_intermediates(
+            pixels, indices=[1], intermediates_only=False
+        )
+    expected = (
+        torch.cat([F.adaptive_avg_pool2d(stage1, default.grid), final], dim=1).flatten(2).transpose(1, 2)
+    )
+    assert tokens.shape == (2, default.num_tokens, staged.feature_dim)
+    torch.testing.assert_close(tokens, expected)
+    torch.testing.assert_close(tokens[..., info[1]["num_chs"] :], default(pixels))
+
+
+def test_feature_stages_change_the_fingerprint_and_only_they_do(registry, checkpoint):
+    spec = registry.encoder("timm")
+    default = spec.load(checkpoint).fingerprint()
+    assert spec.load(checkpoint, options=TimmOptions(features=[-1])).fingerprint() == default
+    two = spec.load(checkpoint, options=TimmOptions(features=[1, -1])).fingerprint()
+    assert two not in {default, spec.load(checkpoint, options=TimmOptions(features=[2, -1])).fingerprint()}
+    assert spec.load(checkpoint, options=TimmOptions(features=[1, -1])).fingerprint() == two
+
+
+def test_a_stage_the_backbone_lacks_is_refused(registry, checkpoint):
+    with pytest.raises(PluginError, match=r"has feature stages 0\.\.\d"):
+        registry.encoder("timm").load(checkpoint, options=TimmOptions(features=[99]))
+    with pytest.raises(ValueError, match="distinct stage indices"):
+        TimmOptions(features=[2, 2])
+
+
+def test_encoder_options_from_the_model_config_are_validated(registry, checkpoint):
+    timm_spec = registry.encoder("timm")
+    config = ModelConfig(encoder="timm", encoder_checkpoint=checkpoint, encoder_options={"features": [1, -1]})
+    assert encoder_options(timm_spec, config.model_copy(update={"encoder_options": {}})) == {}
+    options = encoder_options(timm_spec, config)["options"]
+    assert isinstance(options, TimmOptions) and options.features == [1, -1]
+    with pytest.raises(ConfigError, match=r"model.encoder_options \(timm\): layers: unknown setting"):
+        encoder_options(timm_spec, config.model_copy(update={"encoder_options": {"layers": [1]}}))
+    siglip = ModelConfig(encoder="siglip", encoder_options={"features": [1]})
+    with pytest.raises(ConfigError, match=r"model.encoder_options \(siglip\): features: unknown setting"):
+        encoder_options(registry.encoder("siglip"), siglip)
