@@ -5,6 +5,7 @@ image files (``vlmkit caption``)."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmkit.core.contracts import CaptionExample
-from vlmkit.core.errors import ConfigError, DataError
+from vlmkit.core.errors import ConfigError, DataError, VlmkitError
 
 
 @dataclass
@@ -31,6 +32,8 @@ def generate_captions(
     batch_size: int = 32,
     limit: int | None = None,
     on_batch: Callable[[int], None] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
     **generate_kwargs,
 ) -> list[dict[str, Any]]:
     """Greedy (or as configured) captions for the first ``limit`` examples of ``data``: one row
@@ -39,12 +42,12 @@ def generate_captions(
 
     ``features`` (rows in ``data``'s order, e.g. the feature cache) stand in for the images.
     Otherwise images are decoded in a background thread while the model generates for the
-    previous batch.
+    previous batch. With ``world_size > 1``, only rank ``rank``'s share: see ``rank_batches``.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     n = min(len(data), limit) if limit else len(data)
-    batches = [list(range(s, min(n, s + batch_size))) for s in range(0, n, batch_size)]
+    batches, count = rank_batches(n, batch_size, rank, world_size)
 
     def load(indices):
         examples = [data[i] for i in indices]
@@ -67,7 +70,68 @@ def generate_captions(
                 rows.append({"id": ex.id, "prediction": text, "references": list(ex.captions)})
             if on_batch:
                 on_batch(len(examples))
-    return rows
+    return rows[:count]
+
+
+def rank_batches(n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> tuple[list[list[int]], int]:
+    """Rank ``rank``'s contiguous share of examples ``0..n-1`` in batches, and the share's size.
+
+    Contiguous, so the shares gathered in rank order are the examples in order and a batch of
+    cached features is one slice of the memmap. Every rank gets the same number of batches: a
+    sharded model (FSDP) needs all ranks in each forward, so a rank short of examples captions
+    one example again (its rows beyond the share's size are dropped).
+    """
+    start, stop = n * rank // world_size, n * (rank + 1) // world_size
+    batches = [list(range(s, min(stop, s + batch_size))) for s in range(start, stop, batch_size)]
+    steps = math.ceil(math.ceil(n / world_size) / batch_size)
+    batches += [[min(start, n - 1)]] * (steps - len(batches))
+    return batches, stop - start
+
+
+def caption_and_score(
+    model, data, *, features=None, batch_size: int = 32, limit: int | None = None, **generate_kwargs
+) -> dict[str, float]:
+    """Training's ``--eval-metrics``: caption and score the first ``limit`` examples of ``data``.
+
+    Under ``torch.distributed`` (every rank calls it) each rank captions its share, the rows are
+    gathered, rank 0 alone scores them (one set of Java scorers) and every rank gets rank 0's
+    metrics, so all of them decide early stopping alike. A scoring failure is raised on every rank:
+    a rank left waiting for metrics would hang.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        rows = generate_captions(
+            model, data, features=features, batch_size=batch_size, limit=limit, **generate_kwargs
+        )
+        return dict(score(rows))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    rows = generate_captions(
+        model,
+        data,
+        features=features,
+        batch_size=batch_size,
+        limit=limit,
+        rank=rank,
+        world_size=world,
+        **generate_kwargs,
+    )
+    shares: list[Any] = [None] * world
+    dist.all_gather_object(shares, rows)
+    outcome: Any = None
+    failure = None
+    if rank == 0:
+        try:
+            outcome = dict(score([row for share in shares for row in share]))
+        except Exception as exc:  # told to the other ranks, then raised here as it is
+            outcome, failure = f"scoring the captions on rank 0 failed: {exc}", exc
+    box = [outcome]
+    dist.broadcast_object_list(box, src=0)
+    if failure is not None:
+        raise failure
+    if isinstance(box[0], str):
+        raise VlmkitError(box[0])
+    return box[0]
 
 
 def score(rows: list[dict[str, Any]]) -> dict[str, float]:

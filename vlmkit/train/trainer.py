@@ -14,7 +14,7 @@ from transformers import Trainer, TrainerCallback
 
 from vlmkit.core.errors import ConfigError
 from vlmkit.core.model import PrefixConditioningVLM
-from vlmkit.evaluate.loop import generate_captions, score
+from vlmkit.evaluate.loop import caption_and_score
 from vlmkit.train.config import TrainConfig
 from vlmkit.train.data import CaptionTrainingSet, LengthGroupedSampler, SamplerEpoch
 from vlmkit.train.distributed import (
@@ -144,16 +144,16 @@ class VLMTrainer(Trainer):
             data, features = self.eval_captions
             model = self.accelerator.unwrap_model(self.model)
             # on the training device (the model moves the cached CPU features) under its autocast;
-            # FSDP2: generate is not forward, so nothing else unshards the root
+            # FSDP2: generate is not forward, so nothing else unshards the root. Each rank
+            # captions its share; rank 0 scores; every rank gets the same metrics (early stopping)
             with self.autocast_smart_context_manager(), unsharded_root(model):
-                rows = generate_captions(
+                scores = caption_and_score(
                     model,
                     data,
                     features=features,
                     batch_size=self.args.per_device_eval_batch_size,
                     limit=self.vlm_config.max_eval_samples,
                 )
-            scores = score(rows)
             output.metrics.update({f"{prefix}_{k}": v for k, v in scores.items()})
         return output
 
