@@ -4,12 +4,16 @@ caption length, and the collator that lays tokens out around the image slots."""
 from __future__ import annotations
 
 import math
+import mmap
 import random
 import weakref
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import TrainerCallback
+
+from vlmkit.core.model import PrefixConditioningVLM
 
 #: length grouping tells captions apart only in steps of this many characters (~4 tokens). Sorting
 #: by exact length made every batch of the shapes demo one caption class (length follows colour
@@ -28,6 +32,19 @@ class CaptionTrainingSet(torch.utils.data.Dataset):
         self.features = features
         self.preprocess = preprocess
         self.length = min(len(data), limit) if limit else len(data)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a memmap pickles as an in-memory copy of the whole file: a spawned DataLoader worker
+        # would get all the cached features. It gets where they are and opens them itself.
+        state = dict(self.__dict__)
+        if _MemmapAt.applies(self.features):
+            state["features"] = _MemmapAt(self.features)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if isinstance(self.features, _MemmapAt):
+            self.features = self.features.open()
 
     def __len__(self) -> int:
         return self.length
@@ -49,6 +66,29 @@ class CaptionTrainingSet(torch.utils.data.Dataset):
         else:
             item["pixel_values"] = self.preprocess([example.load_image()])[0]
         return item
+
+
+class _MemmapAt:
+    """Where a C-contiguous memmap (or a slice of one) lies in its file, to open it again."""
+
+    def __init__(self, array: np.memmap) -> None:
+        # a slice keeps its parent's ``offset``: the true one is counted from the mapping's start
+        # (numpy maps from ``offset`` rounded down to the allocation granularity)
+        mapped = np.frombuffer(array._mmap, dtype=np.uint8).ctypes.data
+        self.offset = array.offset - array.offset % mmap.ALLOCATIONGRANULARITY + array.ctypes.data - mapped
+        self.filename, self.dtype, self.shape = array.filename, array.dtype, array.shape
+
+    @staticmethod
+    def applies(array: Any) -> bool:
+        return (
+            isinstance(array, np.memmap)
+            and bool(array.filename)
+            and getattr(array, "_mmap", None) is not None
+            and array.flags.c_contiguous
+        )
+
+    def open(self) -> np.memmap:
+        return np.memmap(self.filename, self.dtype, "r", self.offset, self.shape)
 
 
 class LengthGroupedSampler(torch.utils.data.Sampler):
@@ -94,15 +134,40 @@ class SamplerEpoch(TrainerCallback):
             sampler.set_epoch(math.floor(state.epoch))
 
 
-class Collator:
-    """Tokenizes captions around the image slots (see ``PrefixConditioningVLM.tokenize``)."""
+class CaptionTokenizer:
+    """What laying captions out around the image slots takes, without the model's weights: the
+    tokenizer, the decoder plugin (its formatting and stop tokens), the settings (prompt, format,
+    max caption tokens), the pad id and the number of image slots.
 
-    def __init__(self, model) -> None:
-        self.model = model
+    DataLoader workers receive the collator pickled (always under spawn, macOS's default): this
+    is a few hundred kilobytes of tokenizer, the model would be all its weights. It runs the
+    model's own ``format`` and ``tokenize``, so there is still one way to lay tokens out.
+    """
+
+    format = PrefixConditioningVLM.format
+    tokenize = PrefixConditioningVLM.tokenize
+    stop_token_ids = PrefixConditioningVLM.stop_token_ids
+    device = torch.device("cpu")  # the collator's batches stay on the CPU: the Trainer moves them
+
+    def __init__(self, model: PrefixConditioningVLM) -> None:
+        self.tokenizer = model.tokenizer
+        self.decoder_spec = model.decoder_spec
+        self.settings = model.settings
+        self.pad_token_id = model.pad_token_id
+        self.num_prefix_tokens = model.num_prefix_tokens
+        self._prompt_cache: dict = {}
+
+
+class Collator:
+    """Tokenizes captions around the image slots (see ``PrefixConditioningVLM.tokenize``); holds
+    a ``CaptionTokenizer``, not the model."""
+
+    def __init__(self, model: PrefixConditioningVLM) -> None:
+        self.layout = CaptionTokenizer(model)
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         # on the CPU (worker processes, pinned memory): the Trainer moves each batch to the device
-        batch = self.model.tokenize([it["caption"] for it in items], device="cpu").to_dict()
+        batch = self.layout.tokenize([it["caption"] for it in items], device="cpu").to_dict()
         key = "features" if "features" in items[0] else "pixel_values"
         batch[key] = torch.stack([it[key] for it in items])
         return batch
