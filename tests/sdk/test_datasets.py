@@ -297,6 +297,37 @@ def test_folder_fingerprint_changes_when_an_image_changes(photo_folder):
     assert FolderDataset().load("train", opts).fingerprint != before.fingerprint
 
 
+def test_folder_check_is_remembered_across_runs_by_path_size_and_mtime(photo_folder, tmp_path, monkeypatch):
+    import os
+
+    from vlmkit.plugins.datasets import folder
+
+    monkeypatch.setenv("VLMKIT_HOME", str(tmp_path / "home"))
+    decoded: list[str] = []
+    verify = folder._verify
+    monkeypatch.setattr(folder, "_verify", lambda path: decoded.append(path.name) or verify(path))
+    folder._CHECKED.clear()  # a new process: only what is on disk is remembered
+    first = FolderDataset().load("train", {"path": photo_folder})
+    assert len(decoded) == 40
+    assert len(list((tmp_path / "home" / "image-checks").glob("*.json"))) == 1
+
+    folder._CHECKED.clear()
+    decoded.clear()
+    write_image(photo_folder / "img03.jpg", (1, 2, 3))  # changed: decoded again, and only it
+    os.utime(photo_folder / "img05.jpg")  # touched: decoded again
+    (photo_folder / "img09.jpg").write_bytes(b"not an image")
+    with pytest.warns(DataWarning, match="1 of 40 images skipped"):
+        again = FolderDataset().load("train", {"path": photo_folder, "on_bad_image": "skip"})
+    assert sorted(decoded) == ["img03.jpg", "img05.jpg", "img09.jpg"]
+    assert again.fingerprint != first.fingerprint  # the new content hashes, not the remembered ones
+
+    folder._CHECKED.clear()
+    decoded.clear()
+    with pytest.warns(DataWarning, match="1 of 40 images skipped"):
+        FolderDataset().load("train", {"path": photo_folder, "on_bad_image": "skip"})
+    assert decoded == ["img09.jpg"]  # a bad image is never remembered: it may be fixed in place
+
+
 def test_folder_refuses_missing_folder_captions_and_empty_splits(tmp_path):
     with pytest.raises(DataError, match="no such folder"):
         FolderDataset().load("train", {"path": tmp_path / "nope"})

@@ -12,7 +12,10 @@ The folder holds images and one captions file, found in this order unless ``capt
 
 Image paths are relative to the captions file. Every image is checked when the dataset loads,
 by decoding it the way training will (``CaptionExample.load_image``; a JPEG at 1/8 scale), so
-training never dies mid-epoch on a bad file. A path that resolves outside the folder (``../``, an
+training never dies mid-epoch on a bad file. Usable images are remembered in
+``$VLMKIT_HOME/image-checks`` by path, size and mtime, so later runs decode only new or changed
+files (a file replaced keeping its size and mtime is not noticed: touch it). Under
+``torch.distributed`` rank 0 checks and the other ranks receive its results. A path that resolves outside the folder (``../``, an
 absolute path, a symlink out) is a bad image, never read, unless ``allow_outside=true``.
 ``on_bad_image="error"`` (the default) refuses the folder naming the bad files; ``"skip"`` leaves
 them out and reports one summary line. Either way ``info["problems"]`` maps every bad image to
@@ -21,13 +24,15 @@ what is wrong with it (``vlmkit train`` writes it to ``bad_images.tsv`` in the r
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
 import os
+import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -37,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 import vlmkit
 from vlmkit.core.contracts import CaptionExample, DatasetSpec, read_image_file
 from vlmkit.core.errors import DataError
+from vlmkit.core.paths import cache_dir, write_json
 from vlmkit.sdk.datasets import (
     DEFAULT_FRACTIONS,
     BadImagesError,
@@ -103,7 +109,7 @@ class FolderDataset(DatasetSpec):
         base = captions_file.parent
         paths = {image_id: _resolve(base, image_id) for image_id in entries}
         inside = None if opts.allow_outside else {root, base.resolve()}
-        checks = _check_images(list(paths.values()), inside)
+        checks = _check_images(list(paths.values()), inside, root)
         bad = {i: checks[paths[i]][0] for i in entries if checks[paths[i]][0] is not None}
         if bad:
             _report_bad(source, bad, len(entries), opts.on_bad_image)
@@ -197,28 +203,77 @@ def _resolve(base: Path, image: str) -> Path:
 # test reads each file once per process, not three times.
 _CHECKED: dict[tuple[str, int, int], tuple[str | None, str]] = {}
 OUTSIDE = "is outside the folder (not read; pass allow_outside=true to use it)"
+#: usable images of a folder (path -> size, mtime_ns, sha256), remembered across runs in
+#: $VLMKIT_HOME/image-checks: a second run on 30,000 images stats them instead of decoding them
+CHECKS_VERSION = 1
 
 
-def _check_images(paths: list[Path], inside: set[Path] | None) -> dict[Path, tuple[str | None, str]]:
+def _check_images(
+    paths: list[Path], inside: set[Path] | None, folder: Path
+) -> dict[Path, tuple[str | None, str]]:
     """For each path: ``(None, sha256)`` when usable, else ``(what is wrong, "")``: ``"missing"``,
-    ``"is outside the folder ..."`` or why it is unreadable. ``inside``: where images must resolve."""
+    ``"is outside the folder ..."`` or why it is unreadable. ``inside``: where images must resolve.
+
+    Under ``torch.distributed`` rank 0 checks and the other ranks receive its results (every rank
+    loads the same splits in the same order, so they meet here alike).
+    """
+    return _from_rank_zero(lambda: _check_remembered(paths, inside, folder))
+
+
+def _check_remembered(paths: list[Path], inside: set[Path] | None, folder: Path):
+    name = f"{hashlib.sha256(str(folder).encode()).hexdigest()[:24]}.json"
+    try:
+        store = cache_dir("image-checks") / name
+        remembered = json.loads(store.read_text())
+        if remembered.get("version") == CHECKS_VERSION:
+            for path, (size, mtime, digest) in remembered["images"].items():
+                _CHECKED.setdefault((path, size, mtime), (None, digest))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        pass  # none yet, or unreadable: check every image again
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-        return dict(zip(paths, pool.map(lambda p: _check_image(p, inside), paths), strict=True))
+        checked = dict(zip(paths, pool.map(lambda p: _check_image(p, inside), paths), strict=True))
+    # only usable images: a missing or unreadable one may be fixed without its mtime changing
+    usable = {str(p): [key[1], key[2], digest] for p, (why, digest, key) in checked.items() if why is None}
+    with contextlib.suppress(OSError):  # no writable cache only costs the next run the decoding
+        store = cache_dir("image-checks") / name
+        write_json(store, {"version": CHECKS_VERSION, "folder": str(folder), "images": usable}, indent=0)
+    return {p: (why, digest) for p, (why, digest, _) in checked.items()}
 
 
-def _check_image(path: Path, inside: set[Path] | None) -> tuple[str | None, str]:
+def _from_rank_zero(compute: Callable[[], Any]) -> Any:
+    """``compute()`` on rank 0, its result on every rank (``compute()`` outside torch.distributed).
+    A failure on rank 0 is raised on every rank: one left waiting for the result would hang."""
+    dist = sys.modules.get("torch.distributed")  # never imports torch: only a job that set it up
+    if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return compute()
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("ok", compute())]
+        except Exception as exc:
+            box = [("error", f"checking the images on rank 0 failed: {exc}")]
+            dist.broadcast_object_list(box, src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise DataError(value)
+    return value
+
+
+def _check_image(path: Path, inside: set[Path] | None) -> tuple[str | None, str, tuple | None]:
     if inside is not None and not any(path.resolve().is_relative_to(f) for f in inside):
-        return OUTSIDE, ""  # resolve() follows symlinks: a link out is outside
+        return OUTSIDE, "", None  # resolve() follows symlinks: a link out is outside
     try:
         stat = path.stat()
     except FileNotFoundError:
-        return "missing", ""
+        return "missing", "", None
     except OSError as exc:
-        return f"cannot be read ({exc.strerror or exc})", ""
+        return f"cannot be read ({exc.strerror or exc})", "", None
     key = (str(path), stat.st_size, stat.st_mtime_ns)
     if key not in _CHECKED:
         _CHECKED[key] = _verify(path)
-    return _CHECKED[key]
+    return (*_CHECKED[key], key)
 
 
 def _verify(path: Path) -> tuple[str | None, str]:
