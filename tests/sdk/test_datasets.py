@@ -328,6 +328,38 @@ def test_folder_check_is_remembered_across_runs_by_path_size_and_mtime(photo_fol
     assert decoded == ["img09.jpg"]  # a bad image is never remembered: it may be fixed in place
 
 
+FOLDER_WORKER = """
+import json, sys
+import torch.distributed as dist
+from vlmkit.plugins.datasets import folder
+
+decoded = []
+verify = folder._verify
+folder._verify = lambda path: decoded.append(path.name) or verify(path)
+dist.init_process_group("gloo")
+splits = [folder.FolderDataset().load(s, {"path": sys.argv[1]}) for s in ("train", "validation")]
+record = {"decoded": decoded, "fingerprints": [d.fingerprint for d in splits]}
+json.dump(record, open(f"{sys.argv[2]}/rank-{dist.get_rank()}.json", "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_under_torch_distributed_rank_zero_alone_checks_the_folder(photo_folder, tmp_path):
+    import os
+
+    (tmp_path / "worker.py").write_text(FOLDER_WORKER)
+    env = {**os.environ, "VLMKIT_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(tmp_path / "worker.py"), str(photo_folder), str(tmp_path),
+    ]  # fmt: skip
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert len(ranks[0]["decoded"]) == 40 and ranks[1]["decoded"] == []  # once, for both splits
+    assert ranks[0]["fingerprints"] == ranks[1]["fingerprints"]
+
+
 def test_folder_refuses_missing_folder_captions_and_empty_splits(tmp_path):
     with pytest.raises(DataError, match="no such folder"):
         FolderDataset().load("train", {"path": tmp_path / "nope"})
