@@ -83,3 +83,22 @@ def test_a_spawned_two_worker_loader_gives_the_batches_of_the_main_process(train
     for a, b in zip(want, got, strict=True):
         assert torch.equal(a["features"], b["features"])
         assert torch.equal(a["labels"], b["labels"])  # one reference caption per shape example
+
+
+def test_loader_workers_by_default_only_where_they_pay(monkeypatch):
+    from vlmkit.train.config import TrainConfig
+    from vlmkit.train.job import loader_workers
+    from vlmkit.train.precision import Placement
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    gpu, cpu = Placement("cuda", "bf16", "test"), Placement("cpu", "fp32", "test")
+
+    def workers(placement, **settings):
+        config = TrainConfig.model_validate({"datasets": [{"name": "shapes"}], **settings})
+        return loader_workers(config, placement)
+
+    assert workers(gpu) == 0  # from the feature cache: a memmap slice per batch
+    assert workers(gpu, model={"unfreeze_encoder_layers": 1}) == 4  # images decoded every batch
+    assert workers(gpu, feature_cache=False) == 4
+    assert workers(cpu, feature_cache=False) == 0  # the CPU's cores train
+    assert workers(cpu, feature_cache=False, num_workers=3) == 3  # as asked

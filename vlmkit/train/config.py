@@ -97,7 +97,12 @@ class TrainConfig(BaseModel):
         True, description="train from cached encoder features when the encoder is frozen"
     )
     cache_dir: Path | None = None
-    num_workers: int = Field(0, ge=0)
+    num_workers: int | None = Field(
+        None,
+        ge=0,
+        description="DataLoader worker processes (default: none from the feature cache or on a CPU; "
+        "min(4, CPUs // 2) when a GPU trains from images)",
+    )
     max_train_samples: int | None = Field(None, gt=0)
 
 

@@ -386,7 +386,8 @@ def _training_arguments(config: TrainConfig, progress: bool, placement: Placemen
         report_to=[],  # TensorBoard is added as a callback, writing to <output>/tensorboard
         seed=config.seed,
         data_seed=config.seed,
-        dataloader_num_workers=config.num_workers,
+        dataloader_num_workers=(workers := loader_workers(config, placement)),
+        dataloader_persistent_workers=workers > 0,  # not restarted every epoch and evaluation
         remove_unused_columns=False,
         prediction_loss_only=True,
         disable_tqdm=not progress,
@@ -402,6 +403,22 @@ def _training_arguments(config: TrainConfig, progress: bool, placement: Placemen
             torch.cuda.device_count(),
         )
     return args
+
+
+def loader_workers(config: TrainConfig, placement: Placement) -> int:
+    """``num_workers`` as set, else where workers pay (``benchmarks/scale.py``, RESULTS.md).
+
+    From the feature cache a batch is a memmap slice and a tokenizer call (about a millisecond):
+    workers cost more to start than they save. From images (an unfrozen encoder, or the cache
+    off) a batch is decoded and preprocessed: workers overlap that with a GPU's step. On a CPU
+    the training step already uses every core, and a worker only takes them from it.
+    """
+    if config.num_workers is not None:
+        return config.num_workers
+    from_cache = config.feature_cache and config.model.unfreeze_encoder_layers == 0
+    if from_cache or placement.device_type == "cpu":
+        return 0
+    return min(4, (os.cpu_count() or 2) // 2)
 
 
 def _tensorboard_callback(folder: Path):
