@@ -306,12 +306,17 @@ def test_folder_check_is_remembered_across_runs_by_path_size_and_mtime(photo_fol
     decoded: list[str] = []
     verify = folder._verify
     monkeypatch.setattr(folder, "_verify", lambda path: decoded.append(path.name) or verify(path))
-    folder._CHECKED.clear()  # a new process: only what is on disk is remembered
+
+    def new_process():  # only what is on disk is remembered
+        folder._CHECKED.clear()
+        folder._READ_STORES.clear()
+
+    new_process()
     first = FolderDataset().load("train", {"path": photo_folder})
     assert len(decoded) == 40
     assert len(list((tmp_path / "home" / "image-checks").glob("*.json"))) == 1
 
-    folder._CHECKED.clear()
+    new_process()
     decoded.clear()
     write_image(photo_folder / "img03.jpg", (1, 2, 3))  # changed: decoded again, and only it
     os.utime(photo_folder / "img05.jpg")  # touched: decoded again
@@ -321,7 +326,7 @@ def test_folder_check_is_remembered_across_runs_by_path_size_and_mtime(photo_fol
     assert sorted(decoded) == ["img03.jpg", "img05.jpg", "img09.jpg"]
     assert again.fingerprint != first.fingerprint  # the new content hashes, not the remembered ones
 
-    folder._CHECKED.clear()
+    new_process()
     decoded.clear()
     with pytest.warns(DataWarning, match="1 of 40 images skipped"):
         FolderDataset().load("train", {"path": photo_folder, "on_bad_image": "skip"})

@@ -206,6 +206,7 @@ OUTSIDE = "is outside the folder (not read; pass allow_outside=true to use it)"
 #: usable images of a folder (path -> size, mtime_ns, sha256), remembered across runs in
 #: $VLMKIT_HOME/image-checks: a second run on 30,000 images stats them instead of decoding them
 CHECKS_VERSION = 1
+_READ_STORES: set[str] = set()
 
 
 def _check_images(
@@ -222,21 +223,27 @@ def _check_images(
 
 def _check_remembered(paths: list[Path], inside: set[Path] | None, folder: Path):
     name = f"{hashlib.sha256(str(folder).encode()).hexdigest()[:24]}.json"
-    try:
-        store = cache_dir("image-checks") / name
-        remembered = json.loads(store.read_text())
-        if remembered.get("version") == CHECKS_VERSION:
-            for path, (size, mtime, digest) in remembered["images"].items():
-                _CHECKED.setdefault((path, size, mtime), (None, digest))
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        pass  # none yet, or unreadable: check every image again
+    if name not in _READ_STORES:  # once per process: train, validation and test share it
+        _READ_STORES.add(name)
+        try:
+            remembered = json.loads((cache_dir("image-checks") / name).read_text())
+            if remembered.get("version") == CHECKS_VERSION:
+                for path, (size, mtime, digest) in remembered["images"].items():
+                    _CHECKED.setdefault((path, size, mtime), (None, digest))
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            pass  # none yet, or unreadable: check every image again
+    # known images are only stat'ed, here; threads decode the others (30,000 futures cost seconds)
+    checked = {p: _check_image(p, inside, decode=False) for p in paths}
+    new = [p for p, result in checked.items() if result is None]
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-        checked = dict(zip(paths, pool.map(lambda p: _check_image(p, inside), paths), strict=True))
-    # only usable images: a missing or unreadable one may be fixed without its mtime changing
-    usable = {str(p): [key[1], key[2], digest] for p, (why, digest, key) in checked.items() if why is None}
-    with contextlib.suppress(OSError):  # no writable cache only costs the next run the decoding
-        store = cache_dir("image-checks") / name
-        write_json(store, {"version": CHECKS_VERSION, "folder": str(folder), "images": usable}, indent=0)
+        checked.update(zip(new, pool.map(lambda p: _check_image(p, inside), new), strict=True))
+    if new:  # only usable images: a bad one may be fixed without its mtime changing
+        usable = {
+            str(p): [key[1], key[2], digest] for p, (why, digest, key) in checked.items() if why is None
+        }
+        with contextlib.suppress(OSError):  # no writable cache only costs the next run the decoding
+            data = {"version": CHECKS_VERSION, "folder": str(folder), "images": usable}
+            write_json(cache_dir("image-checks") / name, data, indent=0)
     return {p: (why, digest) for p, (why, digest, _) in checked.items()}
 
 
@@ -261,7 +268,11 @@ def _from_rank_zero(compute: Callable[[], Any]) -> Any:
     return value
 
 
-def _check_image(path: Path, inside: set[Path] | None) -> tuple[str | None, str, tuple | None]:
+def _check_image(
+    path: Path, inside: set[Path] | None, decode: bool = True
+) -> tuple[str | None, str, tuple | None] | None:
+    """``(problem or None, sha256, (path, size, mtime_ns) or None)``; ``None`` when ``decode`` is
+    off and the image would need decoding."""
     if inside is not None and not any(path.resolve().is_relative_to(f) for f in inside):
         return OUTSIDE, "", None  # resolve() follows symlinks: a link out is outside
     try:
@@ -272,6 +283,8 @@ def _check_image(path: Path, inside: set[Path] | None) -> tuple[str | None, str,
         return f"cannot be read ({exc.strerror or exc})", "", None
     key = (str(path), stat.st_size, stat.st_mtime_ns)
     if key not in _CHECKED:
+        if not decode:
+            return None
         _CHECKED[key] = _verify(path)
     return (*_CHECKED[key], key)
 
