@@ -34,8 +34,8 @@ ROOT = Path(tempfile.gettempdir()) / "vlmkit-scale"
 def cpu_model() -> str:
     out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    name = fields.get("Model name", "?").strip()
-    return f"{name}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+    name, family, model = (fields.get(k, "?").strip() for k in ("Model name", "CPU family", "Model"))
+    return f"{name} (family {family}, model {model}), {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
 
 
 # --------------------------------------------------------------------------------------- cache
