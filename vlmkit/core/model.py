@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -38,11 +39,7 @@ class Batch:
     labels: Any | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        out = {
-            "input_ids": self.input_ids,
-            "attention_mask": self.attention_mask,
-            "image_mask": self.image_mask,
-        }
+        out = dict(input_ids=self.input_ids, attention_mask=self.attention_mask, image_mask=self.image_mask)
         return out if self.labels is None else {**out, "labels": self.labels}
 
 
@@ -216,17 +213,16 @@ class PrefixConditioningVLM(nn.Module):
 
     def encode(self, pixel_values):
         """Encoder features [B, N, Dv]; no autograd through a frozen encoder."""
-        if self.encoder_frozen:
-            with torch.no_grad():
-                return self.encoder(pixel_values)
-        return self.encoder(pixel_values)
+        with torch.no_grad() if self.encoder_frozen else nullcontext():
+            return self.encoder(pixel_values)
 
     def embed(self, input_ids, image_mask, prefix):
         """LM input embeddings with the image prefix written into the image slots."""
         embeds = self.lm.get_input_embeddings()(input_ids)
-        prefix = prefix.to(embeds.dtype)
-        embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), prefix.reshape(-1, prefix.shape[-1]))
-        return embeds
+        prefix = prefix.to(embeds.dtype).reshape(-1, prefix.shape[-1])
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), prefix)
+
+    accepts_loss_kwargs = True  # Trainer passes num_items_in_batch: loss = sum / the step's target count
 
     def forward(
         self,
@@ -237,6 +233,7 @@ class PrefixConditioningVLM(nn.Module):
         pixel_values=None,
         features=None,
         return_logits: bool = False,
+        num_items_in_batch=None,
     ) -> dict[str, Any]:
         """Loss (when ``labels`` are given) from either ``pixel_values`` or cached ``features``.
 
@@ -250,8 +247,7 @@ class PrefixConditioningVLM(nn.Module):
             if pixel_values is None:
                 raise ValueError("forward needs pixel_values or features")
             features = self.encode(pixel_values)
-        prefix = self.projection(features)
-        embeds = self.embed(input_ids, image_mask, prefix)
+        embeds = self.embed(input_ids, image_mask, self.projection(features))
         full = return_logits or labels is None
         targets = None if labels is None else labels[:, 1:]
         keep = 0 if full else nn.functional.pad(targets != IGNORE_INDEX, (0, 1))  # 0: all positions
@@ -264,7 +260,9 @@ class PrefixConditioningVLM(nn.Module):
         if labels is not None:
             picked = targets if full else targets[:, keep] if keep.ndim == 1 else targets[keep[:, :-1]]
             logits = (out.logits[:, :-1] if full else out.logits).flatten(0, -2).float()
-            result["loss"] = nn.functional.cross_entropy(logits, picked.flatten(), ignore_index=IGNORE_INDEX)
+            loss = nn.functional.cross_entropy(logits, picked.flatten(), reduction="sum")  # skips -100
+            count = (picked != IGNORE_INDEX).sum() if num_items_in_batch is None else num_items_in_batch
+            result["loss"] = loss / count
         return result
 
     # ------------------------------------------------------------------ generation

@@ -16,6 +16,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from vlmkit.core.errors import ConfigError
+
 
 class ProjectionConfig(BaseModel):
     """How encoder features become the LM prefix."""
@@ -48,8 +50,6 @@ class ProjectionConfig(BaseModel):
         if self.reduction == "avgpool":
             side = math.isqrt(self.tokens)  # type: ignore[arg-type]
             if side > rows or side > cols:
-                from vlmkit.core.errors import ConfigError
-
                 raise ConfigError(
                     f"projection.tokens {self.tokens} ({side}x{side}) is more than the encoder's {rows}x{cols} "
                     f"grid gives; avgpool only reduces: use at most {min(rows, cols) ** 2} or reduction 'none'"
@@ -60,13 +60,33 @@ class ProjectionConfig(BaseModel):
 
 def _require_grid(config: ProjectionConfig, grid: tuple[int, int] | None) -> tuple[int, int]:
     if grid is None:
-        from vlmkit.core.errors import ConfigError
-
         raise ConfigError(
             f"projection.reduction {config.reduction!r} needs an encoder whose tokens form a grid; "
             "this encoder has none: use reduction 'none'"
         )
     return grid
+
+
+def reduce_tokens(features, config: ProjectionConfig, grid: tuple[int, int] | None):
+    """[B, N, Dv] -> [B, K, Dv] (avgpool), [B, K, f*f*Dv] (pixel_shuffle); no parameters: cacheable."""
+    from torch import nn
+
+    (b, n, d), (rows, cols) = features.shape, _require_grid(config, grid)
+    if n != rows * cols:
+        raise ValueError(f"features have {n} tokens but the encoder grid is {rows}x{cols}")
+    x = features.reshape(b, rows, cols, d)
+    if config.reduction == "avgpool":
+        side = math.isqrt(config.tokens)  # type: ignore[arg-type]
+        x = nn.functional.adaptive_avg_pool2d(x.permute(0, 3, 1, 2), (side, side))
+        return x.flatten(2).transpose(1, 2)
+    f = config.factor
+    pad_r, pad_c = (-rows) % f, (-cols) % f
+    if pad_r or pad_c:  # replicate edges so every fold is full
+        x = nn.functional.pad(x.permute(0, 3, 1, 2), (0, pad_c, 0, pad_r), mode="replicate")
+        x = x.permute(0, 2, 3, 1)
+        rows, cols = rows + pad_r, cols + pad_c
+    x = x.reshape(b, rows // f, f, cols // f, f, d).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (rows // f) * (cols // f), f * f * d)
 
 
 def build_projection(config: ProjectionConfig, feature_dim: int, lm_dim: int, grid: tuple[int, int] | None):
@@ -77,12 +97,13 @@ def build_projection(config: ProjectionConfig, feature_dim: int, lm_dim: int, gr
     class Projection(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.config = config
-            self.grid = grid
+            self.config, self.grid = config, grid
             in_dim = feature_dim * (config.factor**2 if config.reduction == "pixel_shuffle" else 1)
-            if config.reduction != "none":
-                rows, cols = _require_grid(config, grid)
-                config.output_tokens(rows * cols, grid)  # refuses what the grid cannot give
+            reduces = config.reduction != "none"  # output_tokens refuses a grid that cannot give K
+            self.reduced_shape = reduces and (
+                config.output_tokens(0, grid),
+                in_dim,
+            )  # (K, width) once reduced
             self.norm = nn.LayerNorm(in_dim) if config.layernorm else nn.Identity()
             if config.type == "linear":
                 self.proj = nn.Linear(in_dim, lm_dim)
@@ -91,26 +112,9 @@ def build_projection(config: ProjectionConfig, feature_dim: int, lm_dim: int, gr
                 self.proj = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, lm_dim))
 
         def reduce(self, features: torch.Tensor) -> torch.Tensor:
-            if config.reduction == "none":
+            if not self.reduced_shape or tuple(features.shape[1:]) == self.reduced_shape:  # cached: reduced
                 return features
-            b, n, d = features.shape
-            rows, cols = self.grid
-            if n != rows * cols:
-                raise ValueError(f"features have {n} tokens but the encoder grid is {rows}x{cols}")
-            x = features.reshape(b, rows, cols, d)
-            if config.reduction == "avgpool":
-                side = math.isqrt(config.tokens)
-                x = x.permute(0, 3, 1, 2)  # [B, D, rows, cols]
-                x = nn.functional.adaptive_avg_pool2d(x, (side, side))
-                return x.flatten(2).transpose(1, 2)
-            f = config.factor
-            pad_r, pad_c = (-rows) % f, (-cols) % f
-            if pad_r or pad_c:  # replicate edges so every fold is full
-                x = nn.functional.pad(x.permute(0, 3, 1, 2), (0, pad_c, 0, pad_r), mode="replicate")
-                x = x.permute(0, 2, 3, 1)
-                rows, cols = rows + pad_r, cols + pad_c
-            x = x.reshape(b, rows // f, f, cols // f, f, d).permute(0, 1, 3, 2, 4, 5)
-            return x.reshape(b, (rows // f) * (cols // f), f * f * d)
+            return reduce_tokens(features, config, self.grid)
 
         def forward(self, features: torch.Tensor) -> torch.Tensor:
             weight = next(self.proj.parameters())  # features follow the projection's device and dtype

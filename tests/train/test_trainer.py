@@ -1,0 +1,88 @@
+"""``VLMTrainer`` (``vlmkit.train.trainer``): the loss of an accumulated step weighs every caption
+token the same, and the collator pads as the device likes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import TrainerCallback, TrainingArguments
+
+from vlmkit.core.model import PrefixConditioningVLM
+from vlmkit.testing import tiny_decoder_checkpoint, tiny_encoder_checkpoint
+from vlmkit.train.config import TrainConfig
+from vlmkit.train.data import Collator
+from vlmkit.train.trainer import VLMTrainer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+#: very different lengths: averaged per micro-batch, the short caption's tokens weigh 6x more
+CAPTIONS = ["A dog.", "Two small red circles and one large blue square on the far left of a grey field."]
+
+
+@pytest.fixture(scope="module")
+def model_config(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        "encoder": "siglip",
+        "encoder_checkpoint": tiny_encoder_checkpoint("siglip", root / "siglip", image_size=32),
+        "decoder": "smollm",
+        "decoder_checkpoint": tiny_decoder_checkpoint("llama", root / "llama"),
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "max_caption_tokens": 32,
+    }
+
+
+class Gradients(TrainerCallback):
+    """Keeps the gradients of the first optimizer step (clipping is off)."""
+
+    def __init__(self) -> None:
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if not self.grads:
+            self.grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def first_step_gradients(model_config, tmp_path, batch_size: int, grad_accum: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)  # build's seed covers the projection; LoRA's init draws from the global RNG
+    model = PrefixConditioningVLM.build(model_config, seed=0)
+    with torch.no_grad():  # LoRA starts as a no-op (B = 0): give it weight so its gradients matter
+        for name, p in model.lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+    features = torch.randn(
+        2, model.encoder.num_tokens, model.encoder.feature_dim, generator=torch.Generator().manual_seed(1)
+    )
+    data = [{"caption": c, "features": f} for c, f in zip(CAPTIONS, features, strict=True)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path / f"b{batch_size}"),
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum,
+        max_steps=1,
+        max_grad_norm=0,
+        use_cpu=True,
+        report_to=[],
+        remove_unused_columns=False,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    grads = Gradients()
+    config = TrainConfig(model=model_config, datasets=[{"name": "shapes"}])
+    trainer = VLMTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        data_collator=Collator(model),
+        callbacks=[grads],
+        vlm_config=config,
+    )
+    trainer.train()
+    return grads.grads
+
+
+def test_accumulated_micro_batches_give_the_gradients_of_one_batch(model_config, tmp_path):
+    whole = first_step_gradients(model_config, tmp_path, batch_size=2, grad_accum=1)
+    accumulated = first_step_gradients(model_config, tmp_path, batch_size=1, grad_accum=2)
+    assert whole.keys() == accumulated.keys() and any("lora" in n for n in whole)
+    for name, grad in whole.items():
+        torch.testing.assert_close(accumulated[name], grad, rtol=1e-4, atol=1e-6, msg=name)
