@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from vlmkit.core.errors import DataError
+from vlmkit.core.projection import ProjectionConfig
 from vlmkit.plugins.datasets.folder import FolderDataset
 from vlmkit.plugins.datasets.shapes import ShapesDataset
 from vlmkit.sdk.datasets import ListDataset
@@ -101,6 +102,17 @@ def test_every_key_component_invalidates(tmp_path):
         "dataset": cache.key(FakeEncoder(), shapes_data(size=48)),
         "dtype": cache.key(FakeEncoder(), data, dtype="float32"),
         "encoder dtype": cache.key(FakeEncoder().to(torch.bfloat16), data),
+        "autocast": cache.key(FakeEncoder(), data, autocast="bfloat16"),
+        "avgpool": cache.key(FakeEncoder(), data, projection=ProjectionConfig(reduction="avgpool", tokens=4)),
+        "avgpool tokens": cache.key(
+            FakeEncoder(), data, projection=ProjectionConfig(reduction="avgpool", tokens=9)
+        ),
+        "pixel shuffle": cache.key(
+            FakeEncoder(), data, projection=ProjectionConfig(reduction="pixel_shuffle")
+        ),
+        "factor": cache.key(
+            FakeEncoder(), data, projection=ProjectionConfig(reduction="pixel_shuffle", factor=4)
+        ),
     }
     for what, key in keys.items():
         assert key.digest != base, what
@@ -177,7 +189,7 @@ def test_interrupted_run_leaves_no_complete_looking_cache_and_resumes(tmp_path):
     key = cache.key(interrupted, data)
     assert not cache.path(key).exists()
     assert cache.load(interrupted, data) is None
-    progress = json.loads((tmp_path / f"{key.digest}.partial" / "progress.json").read_text())
+    progress = json.loads((tmp_path / f"{key.digest}.partial" / "rows-0-64" / "progress.json").read_text())
     assert progress["done"] == 16  # two batches made it to disk before the third failed
 
     resumed = FakeEncoder()
@@ -236,24 +248,31 @@ def _rank(rank: int, root: str, results) -> None:
         encoder = FakeEncoder()
         FeatureCache(f"{root}/lock").features_for(encoder, shapes_data(), batch_size=8, progress=False)
         out["lock"] = encoder.calls
-        # 2. with a process group, rank 0 computes while the others wait for it on the lock
+        # 2. with a process group, each rank computes its half of the rows
         dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=2)
         encoder = FakeEncoder(seed=1)
         feats = FeatureCache(f"{root}/dist").features_for(
             encoder, shapes_data(), batch_size=8, progress=False
         )
-        out["dist"], out["sum"] = encoder.calls, float(feats.astype("float64").sum())
+        out["dist"], out["features"] = encoder.calls, np.array(feats)
         # 3. every rank has it: nobody computes or waits
         encoder = FakeEncoder(seed=1)
         FeatureCache(f"{root}/dist").features_for(encoder, shapes_data(), batch_size=8, progress=False)
         out["again"] = encoder.calls
+        # 4. a rank that cannot see the folder the other writes: a one-line error on both, no wait
+        try:
+            FeatureCache(f"{root}/node-{rank}").features_for(
+                FakeEncoder(seed=2), shapes_data(), progress=False
+            )
+        except DataError as exc:
+            out["unshared"] = str(exc)
         dist.destroy_process_group()
     except BaseException as exc:  # noqa: BLE001 - reported to the test
         out["error"] = repr(exc)
     results.put(out)
 
 
-def test_ranks_compute_the_cache_once(tmp_path):
+def test_ranks_split_the_rows_and_build_the_cache_one_process_builds(tmp_path):
     ctx = multiprocessing.get_context("fork")
     results = ctx.Queue()
     procs = [ctx.Process(target=_rank, args=(rank, str(tmp_path), results)) for rank in (0, 1)]
@@ -272,6 +291,63 @@ def test_ranks_compute_the_cache_once(tmp_path):
     assert all("error" not in r for r in by_rank.values()), by_rank
     r0, r1 = by_rank[0], by_rank[1]
     assert sorted([r0["lock"], r1["lock"]]) == [0, 5]  # 40 images, batches of 8, computed once
-    assert [r0["dist"], r1["dist"]] == [5, 0]  # by rank 0
+    assert [r0["dist"], r1["dist"]] == [3, 3]  # 20 rows each: batches of 8, 8 and 4
     assert [r0["again"], r1["again"]] == [0, 0]
-    assert r0["sum"] == r1["sum"]
+    one_process = FeatureCache(tmp_path / "single").features_for(
+        FakeEncoder(seed=1), shapes_data(), batch_size=8, progress=False
+    )
+    np.testing.assert_array_equal(r0["features"], one_process)
+    np.testing.assert_array_equal(r1["features"], one_process)
+    assert entries(tmp_path / "dist") == entries(tmp_path / "single")  # the same key, one entry
+    for r in (r0, r1):
+        assert "cannot see the files rank" in r["unshared"] and "share the cache folder" in r["unshared"]
+        assert "\n" not in r["unshared"]
+
+
+def test_a_pooled_run_stores_k_tokens_and_trains_as_from_pixels(tmp_path):
+    """The cache stores the avgpool output (4 of 16 tokens); the projection takes it as it is, and
+    three AdamW steps from the cache give the losses of three steps from the images."""
+    from vlmkit.core.model import PrefixConditioningVLM
+    from vlmkit.testing import tiny_decoder_checkpoint, tiny_encoder_checkpoint
+
+    config = {
+        "encoder": "siglip",
+        "encoder_checkpoint": tiny_encoder_checkpoint("siglip", tmp_path / "siglip", image_size=32),
+        "decoder": "smollm",
+        "decoder_checkpoint": tiny_decoder_checkpoint("llama", tmp_path / "llama"),
+        "projection": {"type": "mlp", "reduction": "avgpool", "tokens": 4},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+    }
+    data = ListDataset(shapes_data(size=24).examples[:8], "eight shapes")
+    captions = [ex.captions[0] for ex in data]
+
+    def model():
+        torch.manual_seed(0)
+        return PrefixConditioningVLM.build(config, seed=0)
+
+    vlm = model()
+    assert vlm.encoder.num_tokens == 16
+    cache = FeatureCache(tmp_path / "cache")
+    projection = vlm.settings.projection
+    feats = cache.features_for(vlm.encoder, data, dtype="float32", projection=projection, progress=False)
+    assert feats.shape == (8, 4, vlm.encoder.feature_dim)
+    meta = json.loads((tmp_path / "cache" / entries(tmp_path / "cache")[0] / "meta.json").read_text())
+    assert meta["reduction"] == "avgpool:4" and meta["num_tokens"] == 4
+    pixels = vlm.preprocess([ex.load_image() for ex in data])
+
+    def losses(vlm, **inputs) -> list[float]:
+        batch = vlm.tokenize(captions).to_dict()
+        optimizer = torch.optim.AdamW([p for p in vlm.parameters() if p.requires_grad], lr=1e-3)
+        out = []
+        for _ in range(3):
+            loss = vlm(**batch, **inputs)["loss"]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            out.append(loss.item())
+        return out
+
+    from_cache = losses(vlm, features=torch.from_numpy(np.array(feats)))
+    from_pixels = losses(model(), pixel_values=pixels)
+    np.testing.assert_allclose(from_cache, from_pixels, rtol=1e-5)
+    assert from_cache[-1] < from_cache[0]

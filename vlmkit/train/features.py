@@ -1,28 +1,45 @@
 """The encoder-feature cache: a frozen encoder's features, computed once per image, memory-mapped.
 
 The encoder is frozen, so its output for an image never changes while nothing that feeds it
-changes. ``FeatureCache.features_for(encoder, dataset)`` returns an array
-``[len(dataset), encoder.num_tokens, encoder.feature_dim]`` (float16 by default), computing it the
-first time and opening it memory-mapped (``np.load(mmap_mode="r")``) ever after.
+changes. ``FeatureCache.features_for(encoder, dataset, projection=...)`` returns an array
+``[len(dataset), K, D]`` (float16 by default), computing it the first time and opening it
+memory-mapped (``np.load(mmap_mode="r")``) ever after.
+
+What is stored is what training uses: the projection's token reduction (``avgpool``,
+``pixel_shuffle``) has no parameters and runs before anything trains, so it runs here, before
+storing. A SigLIP-base run pooled to 16 tokens stores 16 x 768 per image, not 196 x 768 (12x less
+disk, page cache and host-to-device traffic); the projection sees features with K tokens and does
+not reduce them again.
+
+Features are computed on ``device`` (the training device) in batches, under autocast in
+``autocast`` (bfloat16/float16) when given, with a progress bar.
 
 The key is a sha256 of everything that changes the features: ``encoder.fingerprint()`` (plugin,
-checkpoint, revision, weights, preprocessing, image size), the dtype the encoder computes in,
-``dataset.fingerprint`` (which images, in which order), the stored dtype, the feature shape and
-``FORMAT_VERSION``. Change any of them and the key changes: a stale cache is never reused, it is
-simply not found.
+checkpoint, revision, weights, preprocessing, image size), the dtype the encoder computes in and
+the autocast dtype, the reduction (kind, tokens, factor), ``dataset.fingerprint`` (which images,
+in which order), the stored dtype, the stored shape and ``FORMAT_VERSION``. Change any of them and
+the key changes: a stale cache is never reused, it is simply not found.
 
 Layout under the root (``cache_dir("features")`` unless given)::
 
-    <key>/features.npy    the features, rows in dataset order
-    <key>/meta.json       key components, shape, dtype, count and "complete": true
-    <key>.partial/        a run in progress: resumed by the next run, renamed to <key>/ when done
-    <key>.lock            held while computing, so concurrent processes compute a key once
+    <key>/features.npy               the features, rows in dataset order
+    <key>/meta.json                  key components, shape, dtype, count and "complete": true
+    <key>.partial/rows-<lo>-<hi>/    a run in progress: the rows lo..hi-1 (features.npy and
+                                     progress.json), resumed by the next run
+    <key>.lock                       held while one process computes (see below)
 
 A run that is interrupted leaves only ``<key>.partial/``, never a ``<key>/`` that looks complete.
 A ``<key>/`` whose files disagree with its ``meta.json`` (a truncated copy, say) is recomputed
-with a warning. Under ``torch.distributed`` rank 0 computes while the other ranks wait for it on
-the lock; ranks started without a process group (env ``RANK``/``WORLD_SIZE`` only) meet at the
-lock too, and whichever gets there first computes.
+with a warning.
+
+Under ``torch.distributed`` (torchrun, accelerate) the rows are split across ranks: each rank
+computes its share on its own device into ``rows-<lo>-<hi>/`` of the shared cache folder; once
+every rank reports (an ``all_gather``, not a file lock: ``flock`` is node-local or missing on
+cluster file systems) rank 0 assembles the entry and the ranks open it. The cache folder must be
+shared by all ranks: each rank writes a marker with a random token first, and a rank that does not
+see another's marker stops every rank with a one-line error instead of waiting for a timeout.
+Processes without a process group (two runs on one machine, or ``RANK``/``WORLD_SIZE`` only)
+meet at the ``flock`` and whichever gets there first computes.
 """
 
 from __future__ import annotations
@@ -32,9 +49,11 @@ import json
 import logging
 import os
 import queue
+import secrets
 import shutil
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +64,7 @@ from typing import TYPE_CHECKING, Any
 from vlmkit.core.contracts import CaptionDataset, VisionEncoder
 from vlmkit.core.errors import DataError, VlmkitWarning
 from vlmkit.core.paths import cache_dir, write_json
+from vlmkit.core.projection import ProjectionConfig
 from vlmkit.sdk.datasets import fingerprint
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -52,12 +72,14 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 log = logging.getLogger(__name__)
 
-#: bump when the file layout or the way features are computed changes
-FORMAT_VERSION = 1
+#: bump when the file layout or the way features are computed changes (2: reduced before storing)
+FORMAT_VERSION = 2
 #: numpy has no bfloat16: float16 halves the disk and page-cache footprint of float32
 DTYPES = ("float16", "float32")
 #: flush and record progress every this many batches (what an interrupted run can resume from)
 CHECKPOINT_EVERY = 16
+#: how long a rank looks for the markers of the others (network file systems list new files late)
+SHARED_FOLDER_WAIT_S = 5.0
 
 
 class CacheWarning(VlmkitWarning):
@@ -72,10 +94,15 @@ class CacheKey:
     dataset: str
     dtype: str
     count: int
+    #: the stored shape per image: after the token reduction
     num_tokens: int
     feature_dim: int
     #: the dtype the encoder computes in (bfloat16 and float32 weights give different features)
     encoder_dtype: str = "float32"
+    #: the autocast dtype the encoder ran under ("none": no autocast)
+    autocast: str = "none"
+    #: the parameter-free token reduction applied before storing: none, avgpool:<tokens>, pixel_shuffle:<factor>
+    reduction: str = "none"
     format: int = FORMAT_VERSION
 
     @property
@@ -87,11 +114,26 @@ class CacheKey:
         return (self.count, self.num_tokens, self.feature_dim)
 
 
+@dataclass
+class _Run:
+    """One computation: what to compute and how."""
+
+    key: CacheKey
+    encoder: Any
+    dataset: Any
+    projection: ProjectionConfig | None
+    batch_size: int
+    num_workers: int
+    progress: bool | None
+    device: Any
+    autocast: str | None
+
+
 class FeatureCache:
-    """Frozen-encoder features on disk, keyed by encoder, dataset and dtype.
+    """Frozen-encoder features on disk, keyed by encoder, dataset, reduction and dtype.
 
     ``cache = FeatureCache()``; ``feats = cache.features_for(encoder, dataset)``; ``feats[i]`` is
-    the ``[num_tokens, feature_dim]`` features of ``dataset[i]``.
+    the ``[K, D]`` features of ``dataset[i]``.
     """
 
     def __init__(self, root: str | Path | None = None) -> None:
@@ -100,27 +142,50 @@ class FeatureCache:
 
     # ----------------------------------------------------------------------------- public
 
-    def key(self, encoder: VisionEncoder, dataset: CaptionDataset, dtype: str = "float16") -> CacheKey:
+    def key(
+        self,
+        encoder: VisionEncoder,
+        dataset: CaptionDataset,
+        dtype: str = "float16",
+        *,
+        projection: ProjectionConfig | None = None,
+        autocast: str | None = None,
+    ) -> CacheKey:
         if dtype not in DTYPES:
             raise ValueError(f"feature cache dtype must be one of {DTYPES}, got {dtype!r}")
+        tokens, dim, reduction = int(encoder.num_tokens), int(encoder.feature_dim), "none"
+        if projection is not None and projection.reduction != "none":
+            tokens = projection.output_tokens(tokens, encoder.grid)
+            if projection.reduction == "avgpool":
+                reduction = f"avgpool:{projection.tokens}"
+            else:
+                reduction, dim = f"pixel_shuffle:{projection.factor}", dim * projection.factor**2
         return CacheKey(
             encoder=str(encoder.fingerprint()),
             dataset=str(dataset.fingerprint),
             dtype=dtype,
             count=len(dataset),
-            num_tokens=int(encoder.num_tokens),
-            feature_dim=int(encoder.feature_dim),
+            num_tokens=tokens,
+            feature_dim=dim,
             encoder_dtype=_encoder_dtype(encoder),
+            autocast=str(autocast or "none"),
+            reduction=reduction,
         )
 
     def path(self, key: CacheKey) -> Path:
         return self.root / key.digest
 
     def load(
-        self, encoder: VisionEncoder, dataset: CaptionDataset, dtype: str = "float16"
+        self,
+        encoder: VisionEncoder,
+        dataset: CaptionDataset,
+        dtype: str = "float16",
+        *,
+        projection: ProjectionConfig | None = None,
+        autocast: str | None = None,
     ) -> np.ndarray | None:
         """The cached features when a complete, intact entry exists; else ``None`` (no computing)."""
-        return self._open(self.key(encoder, dataset, dtype))
+        return self._open(self.key(encoder, dataset, dtype, projection=projection, autocast=autocast))
 
     def features_for(
         self,
@@ -128,40 +193,33 @@ class FeatureCache:
         dataset: CaptionDataset,
         *,
         dtype: str = "float16",
+        projection: ProjectionConfig | None = None,
+        device: Any = None,
+        autocast: str | None = None,
         batch_size: int = 32,
         num_workers: int = 4,
         progress: bool | None = None,
     ) -> np.ndarray:
         """Features of every example of ``dataset``, read-only and memory-mapped.
 
-        Computes what is missing (resuming an interrupted run) under ``torch.inference_mode``,
-        decoding and preprocessing images in background threads (``num_workers``) while the
-        encoder runs. ``progress``: show a progress bar (default: when stderr is a terminal).
+        Computes what is missing (resuming an interrupted run) under ``torch.inference_mode`` on
+        ``device`` (default: where the encoder is; it is moved there and back), under autocast in
+        ``autocast`` ("bfloat16"/"float16") when given, decoding and preprocessing images in
+        background threads (``num_workers``) while the encoder runs. ``projection``: store the
+        features after its token reduction. ``progress``: show a progress bar (default: when
+        stderr is a terminal; on rank 0 only).
         """
-        key = self.key(encoder, dataset, dtype)
+        key = self.key(encoder, dataset, dtype, projection=projection, autocast=autocast)
         if key.count == 0:
             raise DataError("feature cache: the dataset is empty")
-        args = (key, encoder, dataset, batch_size, num_workers, progress)
+        run = _Run(key, encoder, dataset, projection, batch_size, num_workers, progress, device, autocast)
         features = self._open(key)
         rank, world, initialized = distributed_info()
         if not (initialized and world > 1):
-            return features if features is not None else self._compute_locked(*args)
-        import torch.distributed as dist
-
-        # Rank 0 takes the lock before the others, who then queue behind it on the lock rather
-        # than in a collective: caching can outlast a barrier's timeout, a flock has none. Where
-        # ranks do not share the filesystem, the first rank of each machine computes its own.
-        if _all_ranks(features is not None):  # every rank has it already: no lock, no waiting
+            return features if features is not None else self._compute_locked(run)
+        if _all_ranks(features is not None):  # every rank has it already: nobody computes
             return features
-        lock = _FileLock(self._lock_path(key))
-        if rank == 0:
-            with lock:
-                dist.barrier()
-                features = self._compute_locked(*args, locked=True)
-        else:
-            dist.barrier()
-            features = self._compute_locked(*args)
-        return features
+        return self._compute_distributed(run, rank, world)
 
     def clear(self) -> int:
         """Remove every entry (complete or partial); returns how many were removed."""
@@ -179,17 +237,55 @@ class FeatureCache:
     def _lock_path(self, key: CacheKey) -> Path:
         return self.root / f"{key.digest}.lock"
 
-    def _compute_locked(
-        self, key, encoder, dataset, batch_size, num_workers, progress, locked: bool = False
-    ) -> np.ndarray:
+    def _partial(self, key: CacheKey) -> Path:
+        return self.root / f"{key.digest}.partial"
+
+    def _compute_locked(self, run: _Run) -> np.ndarray:
         """Open the entry, computing it first when missing, under the key's lock."""
-        with contextlib.nullcontext() if locked else _FileLock(self._lock_path(key)):
-            features = self._open(key, quiet=True)  # another process may have finished meanwhile
+        with _FileLock(self._lock_path(run.key)):
+            features = self._open(run.key, quiet=True)  # another process may have finished meanwhile
             if features is None:
-                self._compute(key, encoder, dataset, batch_size, num_workers, progress)
-                features = self._open(key)
-        if features is None:  # pragma: no cover - _compute raises on failure
-            raise DataError(f"feature cache: {self.path(key)} is unusable right after writing it")
+                shard = self._compute_rows(run, 0, run.key.count)
+                self._assemble(run.key, [shard])
+                features = self._open(run.key)
+        if features is None:  # pragma: no cover - _assemble raises on failure
+            raise DataError(f"feature cache: {self.path(run.key)} is unusable right after writing it")
+        return features
+
+    def _compute_distributed(self, run: _Run, rank: int, world: int) -> np.ndarray:
+        """Each rank computes its share of the rows; rank 0 assembles once all are done."""
+        import torch.distributed as dist
+
+        check_shared_folder(self.root, rank, world)
+        n = run.key.count
+        bounds = [(r * n // world, (r + 1) * n // world) for r in range(world)]
+        lo, hi = bounds[rank]
+        failure = None
+        try:
+            if hi > lo:
+                self._compute_rows(run, lo, hi, progress=run.progress if rank == 0 else False)
+        except Exception as exc:  # noqa: BLE001 - every rank must reach the gather below, then raise
+            failure = exc
+        outcomes: list[Any] = [None] * world
+        dist.all_gather_object(outcomes, None if failure is None else f"rank {rank}: {failure}")
+        if failure is not None:
+            raise failure
+        if failed := [o for o in outcomes if o]:
+            raise DataError(f"feature cache: {failed[0]}")
+        problem = None
+        if rank == 0:
+            try:
+                shards = [self._partial(run.key) / f"rows-{a}-{b}" for a, b in bounds if b > a]
+                self._assemble(run.key, shards)
+            except Exception as exc:  # noqa: BLE001 - told to every rank
+                problem = str(exc)
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            raise DataError(f"feature cache: rank 0 could not assemble {self.path(run.key)}: {box[0]}")
+        features = self._open(run.key)
+        if features is None:
+            raise DataError(f"feature cache: rank {rank} cannot open {self.path(run.key)} that rank 0 wrote")
         return features
 
     def _open(self, key: CacheKey, quiet: bool = False) -> np.ndarray | None:
@@ -211,68 +307,141 @@ class FeatureCache:
             )
         return None
 
-    def _compute(self, key, encoder, dataset, batch_size, num_workers, progress) -> None:
+    def _compute_rows(self, run: _Run, lo: int, hi: int, progress: bool | None = None) -> Path:
+        """Compute rows ``lo..hi-1`` into ``<key>.partial/rows-<lo>-<hi>/`` (resuming); its folder."""
         import numpy as np
         import torch
 
-        final = self.path(key)
-        partial = final.with_name(final.name + ".partial")
-        features, start = _open_partial(partial, key)
+        key = run.key
+        shard = self._partial(key) / f"rows-{lo}-{hi}"
+        features, start = _open_partial(shard, key, hi - lo)
+        if start == hi - lo:
+            return shard
         if start:
-            log.info("feature cache: resuming %s at %d of %d images", final.name, start, key.count)
+            log.info("feature cache: resuming %s at %d of %d images", shard, lo + start, hi)
         else:
-            log.info("feature cache: computing %d images into %s", key.count, final)
-
+            log.info("feature cache: computing images %d..%d into %s", lo, hi - 1, shard)
+        encoder = run.encoder
         param = next(iter(encoder.parameters()), None) if hasattr(encoder, "parameters") else None
+        home = param.device if param is not None else torch.device("cpu")
+        device = torch.device(run.device) if run.device is not None else home
+        if device != home:
+            encoder.to(device)
         was_training = getattr(encoder, "training", False)
         if hasattr(encoder, "eval"):
             encoder.eval()
+        expected = (encoder.num_tokens, encoder.feature_dim)
+        autocast = torch.autocast(
+            device.type, dtype=getattr(torch, run.autocast or "float32"), enabled=bool(run.autocast)
+        )
         done = start
         try:
             with (
                 torch.inference_mode(),
-                _prefetch(dataset, encoder.preprocess, start, batch_size, num_workers) as batches,
-                _progress_bar(key.count, start, progress) as advance,
+                autocast,
+                _prefetch(
+                    run.dataset, encoder.preprocess, lo + start, hi, run.batch_size, run.num_workers
+                ) as batches,
+                _progress_bar(hi - lo, start, run.progress if progress is None else progress) as advance,
             ):
-                for n_batch, (lo, pixel_values) in enumerate(batches, start=1):
-                    if param is not None:
-                        pixel_values = pixel_values.to(device=param.device, dtype=param.dtype)
-                    out = encoder(pixel_values)
-                    hi = lo + pixel_values.shape[0]
-                    if tuple(out.shape) != (hi - lo, key.num_tokens, key.feature_dim):
+                for n_batch, (first, pixel_values) in enumerate(batches, start=1):
+                    dtype = param.dtype if param is not None else pixel_values.dtype
+                    out = encoder(pixel_values.to(device=device, dtype=dtype))
+                    b = pixel_values.shape[0]
+                    if tuple(out.shape) != (b, *expected):
                         raise DataError(
                             f"feature cache: encoder returned features of shape {tuple(out.shape)}, expected "
-                            f"{(hi - lo, key.num_tokens, key.feature_dim)} (its num_tokens x feature_dim)"
+                            f"{(b, *expected)} (its num_tokens x feature_dim)"
                         )
+                    out = out.float()
+                    if run.projection is not None and run.projection.reduction != "none":
+                        from vlmkit.core.projection import reduce_tokens
+
+                        out = reduce_tokens(out, run.projection, encoder.grid)
                     with np.errstate(over="ignore"):  # overflow is reported just below, in words
-                        chunk = out.float().cpu().numpy().astype(key.dtype)
+                        chunk = out.cpu().numpy().astype(key.dtype)
                     if not np.isfinite(chunk).all():
                         raise DataError(
-                            f"feature cache: non-finite features for images {lo}..{hi - 1} "
+                            f"feature cache: non-finite features for images {first}..{first + b - 1} "
                             f"(in {key.dtype}{'; try dtype float32' if key.dtype == 'float16' else ''})"
                         )
-                    features[lo:hi] = chunk
-                    done = hi
-                    advance(hi - lo)
+                    features[first - lo : first - lo + b] = chunk
+                    done = first - lo + b
+                    advance(b)
                     if n_batch % CHECKPOINT_EVERY == 0:
-                        _checkpoint(features, partial, key, done)
+                        _checkpoint(features, shard, key, done)
         except BaseException:
             with contextlib.suppress(Exception):  # keep the original error, whatever happens here
-                _checkpoint(features, partial, key, done)  # an interrupted run resumes from here
+                _checkpoint(features, shard, key, done)  # an interrupted run resumes from here
             raise
         finally:
             if was_training and hasattr(encoder, "train"):
                 encoder.train(True)
-        features.flush()
+            if device != home:
+                encoder.to(home)
+        _checkpoint(features, shard, key, done)
         del features
+        return shard
+
+    def _assemble(self, key: CacheKey, shards: list[Path]) -> None:
+        """The complete entry from the row shards, in row order: moved when there is one, copied
+        into one file when there are several; then published with an atomic rename."""
+        import numpy as np
+
+        final, partial = self.path(key), self._partial(key)
+        target = partial / "features.npy"
+        if len(shards) == 1:
+            os.replace(shards[0] / "features.npy", target)
+        else:
+            out = np.lib.format.open_memmap(target, mode="w+", dtype=key.dtype, shape=key.shape)
+            row = 0
+            for shard in shards:
+                part = np.load(shard / "features.npy", mmap_mode="r")
+                for i in range(0, len(part), 4096):  # bounded memory, whatever the shard's size
+                    out[row + i : row + i + len(part[i : i + 4096])] = part[i : i + 4096]
+                row += len(part)
+            if row != key.count:
+                raise DataError(f"feature cache: the shards hold {row} rows, expected {key.count}")
+            out.flush()
+            del out
+        for child in partial.iterdir():  # this run's shards and any left by another world size
+            if child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
         meta = {**asdict(key), "digest": key.digest, "shape": list(key.shape), "complete": True}
         write_json(partial / "meta.json", meta, indent=1)  # the marker of a complete entry, written last
-        (partial / "progress.json").unlink(missing_ok=True)
         if final.exists():  # an unusable entry found by _open: move it aside, then replace it
             stale = final.with_name(f"{final.name}.stale-{os.getpid()}")
             os.replace(final, stale)
             shutil.rmtree(stale, ignore_errors=True)
         os.replace(partial, final)  # atomic: readers see no entry or a complete one
+
+
+def check_shared_folder(root: Path, rank: int, world: int) -> None:
+    """Raise ``DataError`` on every rank unless every rank sees the files every other rank writes
+    in ``root``: each writes a marker named by a random token, the tokens are gathered, and each
+    rank looks for all of them (for up to ``SHARED_FOLDER_WAIT_S``: network file systems list new
+    files late)."""
+    import torch.distributed as dist
+
+    token = secrets.token_hex(8)
+    marker = root / f".rank-check-{token}"
+    marker.write_text(str(rank))
+    tokens: list[Any] = [None] * world
+    dist.all_gather_object(tokens, token)  # every marker is written before any rank gets here
+    deadline = time.monotonic() + SHARED_FOLDER_WAIT_S
+    while missing := [r for r, t in enumerate(tokens) if not (root / f".rank-check-{t}").is_file()]:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    reports: list[Any] = [None] * world
+    dist.all_gather_object(reports, missing)
+    marker.unlink(missing_ok=True)
+    for r, unseen in enumerate(reports):
+        if unseen:
+            raise DataError(
+                f"feature cache: rank {r} cannot see the files rank {unseen[0]} wrote in {root}; under "
+                "torchrun every rank must share the cache folder (set cache_dir to a shared file system)"
+            )
 
 
 # --------------------------------------------------------------------------------------- helpers
@@ -315,30 +484,22 @@ def _check_entry(entry: Path, key: CacheKey) -> str | None:
     return None
 
 
-def _open_partial(partial: Path, key: CacheKey) -> tuple[np.ndarray, int]:
-    """The memmap to write into and the first row still missing (0 unless resuming)."""
+def _open_partial(shard: Path, key: CacheKey, rows: int) -> tuple[np.ndarray, int]:
+    """The memmap of ``rows`` rows to write into and the first row still missing (0 unless resuming)."""
     import numpy as np
 
-    path = partial / "features.npy"
+    path = shard / "features.npy"
+    shape = (rows, key.num_tokens, key.feature_dim)
     try:
-        progress = json.loads((partial / "progress.json").read_text())
-        if progress.get("key") == key.digest and _check_entry_file(path, key):
-            return np.load(path, mmap_mode="r+"), int(progress["done"])
+        progress = json.loads((shard / "progress.json").read_text())
+        arr = np.load(path, mmap_mode="r+")
+        if progress.get("key") == key.digest and arr.shape == shape and arr.dtype == np.dtype(key.dtype):
+            return arr, min(int(progress["done"]), rows)
     except (OSError, ValueError, KeyError):
         pass
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    return np.lib.format.open_memmap(path, mode="w+", dtype=key.dtype, shape=key.shape), 0
-
-
-def _check_entry_file(path: Path, key: CacheKey) -> bool:
-    import numpy as np
-
-    try:
-        arr = np.load(path, mmap_mode="r")
-    except (OSError, ValueError):
-        return False
-    return arr.shape == key.shape and arr.dtype == np.dtype(key.dtype)
+    shutil.rmtree(shard, ignore_errors=True)
+    shard.mkdir(parents=True)
+    return np.lib.format.open_memmap(path, mode="w+", dtype=key.dtype, shape=shape), 0
 
 
 def _checkpoint(features: np.ndarray, partial: Path, key: CacheKey, done: int) -> None:
@@ -347,8 +508,11 @@ def _checkpoint(features: np.ndarray, partial: Path, key: CacheKey, done: int) -
 
 
 @contextlib.contextmanager
-def _prefetch(dataset, preprocess, start: int, batch_size: int, num_workers: int) -> Iterator[Iterator]:
-    """Yield ``(first index, pixel_values)`` batches, decoding ahead in background threads.
+def _prefetch(
+    dataset, preprocess, start: int, stop: int, batch_size: int, num_workers: int
+) -> Iterator[Iterator]:
+    """Yield ``(first index, pixel_values)`` batches of ``start..stop-1``, decoding ahead in
+    background threads.
 
     Image decoding (PIL releases the GIL) and preprocessing overlap with the encoder's forward;
     at most two batches wait in memory.
@@ -368,8 +532,8 @@ def _prefetch(dataset, preprocess, start: int, batch_size: int, num_workers: int
 
     def produce() -> None:
         try:
-            for lo in range(start, len(dataset), batch_size):
-                hi = min(lo + batch_size, len(dataset))
+            for lo in range(start, stop, batch_size):
+                hi = min(lo + batch_size, stop)
                 images = list(pool.map(lambda i: dataset[i].load_image(), range(lo, hi)))
                 if not put((lo, preprocess(images))):
                     return

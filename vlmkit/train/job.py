@@ -5,7 +5,8 @@ logging, and distributed training (``torchrun``/``accelerate launch``: DDP, FSDP
 with no code of ours. What is ours:
 
 - Features from a frozen encoder come from the on-disk cache (``vlmkit.train.features``), computed once
-  (on rank 0 under torchrun) and read every epoch: the encoder never runs in the training loop.
+  on the training device (rows split across ranks under torchrun), after the projection's
+  parameter-free token reduction, and read every epoch: the encoder never runs in the training loop.
 - Checkpoints hold only the trainable tensors (projection, LoRA, unfrozen encoder layers), not
   the frozen base weights, so they are megabytes, not gigabytes.
 - The output folder is a model artifact (``vlmkit.json`` ...), with ``checkpoints/``,
@@ -213,9 +214,13 @@ def train(
     use_cache = config.feature_cache and model.encoder_frozen
     train_features = eval_features = None
     if use_cache:
+        # on the training device (each rank its share of the rows), reduced as the projection reduces
         cache = FeatureCache(config.cache_dir)
-        train_features = cache.features_for(model.encoder, train_data, progress=progress)
-        eval_features = cache.features_for(model.encoder, eval_data, progress=progress)
+        half = placement.precision in ("bf16", "fp16")
+        options = dict(projection=config.model.projection, device=args.device, progress=progress)
+        options["autocast"] = placement.dtype if half else None
+        train_features = cache.features_for(model.encoder, train_data, **options)
+        eval_features = cache.features_for(model.encoder, eval_data, **options)
     preprocess = None if use_cache else model.preprocess
     train_set = CaptionTrainingSet(train_data, train_features, preprocess, config.max_train_samples)
     eval_set = CaptionTrainingSet(eval_data, eval_features, preprocess, config.max_eval_samples)
