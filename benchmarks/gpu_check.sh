@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 13, on a machine with a CUDA GPU: the `gpu` tests (train bf16/fp16/tf32/auto
-# with --eval-metrics, gradient checkpointing, load -> cuda, caption/eval on cuda, torchrun 1-proc NCCL).
-# Run from the repository root:  bash benchmarks/gpu_check.sh   (about 2-4 minutes on one GPU)
-# Not run yet: written on a CPU-only machine. The throughput table of issue 13 is not part of it yet.
+# The GPU checks of issue 13, on a machine with a CUDA GPU (about 8 minutes on one H100-class card):
+# 1. the `gpu` tests (train bf16/fp16/tf32/auto with --eval-metrics, gradient checkpointing,
+#    load -> cuda, caption/eval on cuda, torchrun 1-proc NCCL), about 2-4 minutes;
+# 2. the throughput table (benchmarks/gpu_throughput.py): samples/s, MFU against the bf16 matmul peak
+#    measured in the same run, peak memory, for SmolLM2-135M- and Qwen2.5-0.5B-sized decoders on
+#    SigLIP-base-sized cached features, next to the two upstream architectures; it stops starting
+#    runs after GPU_THROUGHPUT_BUDGET_S seconds (default 300).
+# Run from the repository root:  bash benchmarks/gpu_check.sh      (figures: benchmarks/gpu-throughput.json)
+# Not run yet: written on a CPU-only machine (the throughput script was checked with --cpu-smoke).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}"
@@ -12,4 +17,8 @@ assert torch.cuda.is_available(), "gpu_check.sh needs a CUDA GPU"
 p = torch.cuda.get_device_properties(0)
 print(f"GPU: {p.name}, {p.total_memory / 2**30:.0f} GiB, compute capability {p.major}.{p.minor}; torch {torch.__version__}")
 PY
-VLMKIT_HOME="$(mktemp -d)" "$PYTHON" -m pytest -m gpu -q -rs tests/gpu
+status=0
+VLMKIT_HOME="$(mktemp -d)" "$PYTHON" -m pytest -m gpu -q -rs tests/gpu || status=$?
+VLMKIT_HOME="$(mktemp -d)" "$PYTHON" benchmarks/gpu_throughput.py \
+  --budget-s "${GPU_THROUGHPUT_BUDGET_S:-300}" --json benchmarks/gpu-throughput.json || status=$?
+exit $status

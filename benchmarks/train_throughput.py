@@ -124,6 +124,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+#: where the runs train; benchmarks/gpu_throughput.py sets it to the GPU
+DEVICE = torch.device("cpu")
+
 # ----------------------------------------------------------------------------------------- machine
 
 
@@ -184,7 +187,7 @@ def timed(fn: Callable[[], None]) -> tuple[float, float]:
 
 
 def autocast(precision: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    return torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 # ----------------------------------------------------------------------------------------- FLOPs
@@ -352,10 +355,10 @@ def build_ved(args, siglip_dir: Path, precision: str) -> Run:
     same_attention_rule(precision, encoder, decoder)  # before wrapping: VED keeps the inner configs
     model = VisionEncoderDecoderModel(encoder=encoder, decoder=decoder)
     model.config.decoder_start_token_id = model.config.pad_token_id = decoder.config.eos_token_id
-    model.train()
+    model.to(DEVICE).train()
     b, t = args.batch_size, args.caption_tokens
-    pixel_values = torch.randn(b, 3, 224, 224)
-    labels = torch.randint(0, GPT2_VOCAB - 1, (b, t))
+    pixel_values = torch.randn(b, 3, 224, 224, device=DEVICE)
+    labels = torch.randint(0, GPT2_VOCAB - 1, (b, t), device=DEVICE)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw([{"params": params, "lr": 5e-5}])
 
@@ -421,7 +424,7 @@ class UpstreamPrefixCaptioner(nn.Module):
             features = self.encoder(pixel_values=pixel_values).last_hidden_state
         prefix = self.proj(features)
         embeds = torch.cat([prefix, self.lm.get_input_embeddings()(input_ids)], dim=1)
-        ignore = torch.full(prefix.shape[:2], -100, dtype=labels.dtype)
+        ignore = torch.full(prefix.shape[:2], -100, dtype=labels.dtype, device=labels.device)
         return self.lm(inputs_embeds=embeds, labels=torch.cat([ignore, labels], dim=1)).loss
 
 
@@ -438,10 +441,10 @@ def build_prefix196(args, siglip_dir: Path, lm_dir: str, precision: str) -> Run:
     )
     same_attention_rule(precision, encoder, base)
     model = UpstreamPrefixCaptioner(encoder, get_peft_model(base, lora))
-    model.train()
+    model.to(DEVICE).train()
     b, t = args.batch_size, args.caption_tokens
-    pixel_values = torch.randn(b, 3, 224, 224)
-    labels = torch.randint(3, base.config.vocab_size, (b, t))
+    pixel_values = torch.randn(b, 3, 224, 224, device=DEVICE)
+    labels = torch.randint(3, base.config.vocab_size, (b, t), device=DEVICE)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw([{"params": params, "lr": 5e-4}])
 

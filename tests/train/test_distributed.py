@@ -71,11 +71,12 @@ def trained(setup):
 def test_two_process_training_caches_features_once_and_saves_a_loadable_model(setup, trained):
     out, run = trained
 
-    # each split's features were computed once, by one rank: one entry each, one "computing" line
+    # each split's features were computed once, half by each rank: one entry each
     entries = sorted(p for p in (setup["home"] / "features").iterdir() if p.is_dir())
     assert len(entries) == 2, entries  # train, validation
     assert not [p for p in entries if p.name.endswith(".partial")]
-    assert run.stderr.count("feature cache: computing") == 2, run.stderr[-4000:]
+    for half in ("images 0..11 into", "images 12..23 into"):  # 24 images per split
+        assert run.stderr.count(f"feature cache: computing {half}") == 2, run.stderr[-4000:]
     for entry in entries:
         assert json.loads((entry / "meta.json").read_text())["complete"] is True
 

@@ -1,5 +1,6 @@
-"""``VLMTrainer`` (``vlmkit.train.trainer``): the loss of an accumulated step weighs every caption
-token the same, and the collator pads as the device likes."""
+"""``VLMTrainer`` and its set-up (``vlmkit.train.trainer``): the loss of an accumulated step weighs
+every caption token the same, the collator pads to what the device likes, the attention kernel is
+the one asked for."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import pytest
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
+from vlmkit.core.errors import ConfigError
 from vlmkit.core.model import PrefixConditioningVLM
 from vlmkit.testing import tiny_decoder_checkpoint, tiny_encoder_checkpoint
 from vlmkit.train.config import TrainConfig
 from vlmkit.train.data import Collator
-from vlmkit.train.trainer import VLMTrainer
+from vlmkit.train.trainer import VLMTrainer, prepare_model_for_precision
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -86,3 +88,44 @@ def test_accumulated_micro_batches_give_the_gradients_of_one_batch(model_config,
     assert whole.keys() == accumulated.keys() and any("lora" in n for n in whole)
     for name, grad in whole.items():
         torch.testing.assert_close(accumulated[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_collator_pads_to_a_multiple_of_8_and_the_loss_does_not_change(model_config):
+    torch.manual_seed(0)
+    model = PrefixConditioningVLM.build(model_config, seed=0)
+    features = torch.randn(2, model.encoder.num_tokens, model.encoder.feature_dim)
+    items = [{"caption": c, "features": f} for c, f in zip(CAPTIONS, features, strict=True)]
+    plain, padded = Collator(model)(items), Collator(model, pad_to_multiple_of=8)(items)
+    width = plain["input_ids"].shape[1]
+    assert width % 8 and padded["input_ids"].shape[1] == width + (-width % 8)
+    tail = slice(width, None)
+    assert (padded["attention_mask"][:, tail] == 0).all() and (padded["labels"][:, tail] == -100).all()
+    assert not padded["image_mask"][:, tail].any()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**padded)["loss"], model(**plain)["loss"])
+
+
+@pytest.mark.parametrize(
+    ("asked", "precision", "expected"),
+    [
+        ("auto", "fp32", "sdpa"),
+        ("auto", "bf16", "eager"),
+        ("sdpa", "bf16", "sdpa"),
+        ("eager", "fp32", "eager"),
+    ],
+)
+def test_attn_implementation_is_used_as_asked_and_auto_keeps_the_cpu_rule(
+    model_config, asked, precision, expected
+):
+    model = PrefixConditioningVLM.build(model_config, seed=0)
+    prepare_model_for_precision(model, precision, "cpu", asked)
+    assert model.language_model.config._attn_implementation == expected
+
+
+def test_flash_attention_without_its_package_or_gpu_is_a_one_line_error(model_config):
+    model = PrefixConditioningVLM.build(model_config, seed=0)
+    with pytest.raises(
+        ConfigError, match="flash_attention_2 (needs the flash-attn package|runs on a CUDA GPU)"
+    ) as exc:
+        prepare_model_for_precision(model, "bf16", "cpu", "flash_attention_2")
+    assert "\n" not in str(exc.value)

@@ -137,6 +137,12 @@ def train(
         help="Recompute decoder activations in backward: less memory, more compute.",
         rich_help_panel=_PANEL_OPT,
     ),
+    attn_implementation: str = typer.Option(
+        None,
+        help="Decoder attention kernel: auto (default: sdpa; eager under bf16 on a CPU), sdpa, eager, "
+        "flash_attention_2 (needs flash-attn and a CUDA GPU).",
+        rich_help_panel=_PANEL_OPT,
+    ),
     eval_every: int = typer.Option(
         None, help="Evaluate every N steps (default: each epoch).", rich_help_panel=_PANEL_RUN
     ),
@@ -217,6 +223,7 @@ def train(
         "device": device,
         "precision": precision,
         "gradient_checkpointing": gradient_checkpointing,
+        "attn_implementation": attn_implementation,
         "eval_every": eval_every,
         "eval_metrics": eval_metrics,
         "early_stopping_patience": early_stopping,

@@ -82,6 +82,11 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = Field(
         False, description="recompute the decoder's activations in backward: less memory, more compute"
     )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto",
+        description="the decoder's attention kernel; auto: sdpa, eager under bf16 on a CPU. Speed only: "
+        "a run setting, not part of the saved model (flash_attention_2 needs flash-attn and a CUDA GPU)",
+    )
 
     eval_every: int | None = Field(None, gt=0, description="evaluate every N steps (default: once per epoch)")
     eval_metrics: bool = Field(False, description="caption the validation split and compute BLEU/CIDEr/...")

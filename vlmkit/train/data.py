@@ -159,15 +159,26 @@ class CaptionTokenizer:
 
 
 class Collator:
-    """Tokenizes captions around the image slots (see ``PrefixConditioningVLM.tokenize``); holds
-    a ``CaptionTokenizer``, not the model."""
+    """Tokenizes captions around the image slots (see ``PrefixConditioningVLM.tokenize``), rows
+    padded on the right to a multiple of ``pad_to_multiple_of`` when given (8 on CUDA); holds a
+    ``CaptionTokenizer``, not the model."""
 
-    def __init__(self, model: PrefixConditioningVLM) -> None:
+    def __init__(self, model: PrefixConditioningVLM, pad_to_multiple_of: int | None = None) -> None:
         self.layout = CaptionTokenizer(model)
+        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         # on the CPU (worker processes, pinned memory): the Trainer moves each batch to the device
         batch = self.layout.tokenize([it["caption"] for it in items], device="cpu").to_dict()
+        extra = -batch["input_ids"].shape[1] % (self.pad_to_multiple_of or 1)
+        if extra:  # masked like any padding: attention 0, no label, not an image slot
+            fills = {
+                "input_ids": self.layout.pad_token_id,
+                "attention_mask": 0,
+                "image_mask": False,
+                "labels": -100,
+            }
+            batch = {k: torch.nn.functional.pad(v, (0, extra), value=fills[k]) for k, v in batch.items()}
         key = "features" if "features" in items[0] else "pixel_values"
         batch[key] = torch.stack([it[key] for it in items])
         return batch

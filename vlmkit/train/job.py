@@ -208,7 +208,7 @@ def train(
             ", ".join(sorted(lora.target_modules)),
             config.model.decoder,
         )
-    prepare_model_for_precision(model, placement.precision, placement.device_type)
+    prepare_model_for_precision(model, placement.precision, placement.device_type, config.attn_implementation)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     use_cache = config.feature_cache and model.encoder_frozen
@@ -240,7 +240,8 @@ def train(
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=Collator(model),
+        # tensor cores work on multiples of 8: padded rows cost a few masked positions
+        data_collator=Collator(model, pad_to_multiple_of=8 if placement.device_type == "cuda" else None),
         callbacks=cbs,
         vlm_config=config,
         eval_captions=(eval_data, eval_features) if config.eval_metrics else None,

@@ -54,17 +54,38 @@ def make_optimizer(param_groups: list[dict[str, Any]], **kwargs: Any) -> torch.o
     return torch.optim.AdamW(param_groups, **fused, **kwargs)
 
 
-def prepare_model_for_precision(model: PrefixConditioningVLM, precision: str, device_type: str) -> None:
-    """Set-up that depends on the training precision and device.
+def prepare_model_for_precision(
+    model: PrefixConditioningVLM, precision: str, device_type: str, attn_implementation: str = "auto"
+) -> None:
+    """Set-up that depends on the training precision and device, and the attention kernel.
 
-    bf16 autocast on CPU: the decoder's attention runs ``eager`` (matmul + fp32 softmax) instead
-    of SDPA. PyTorch's CPU flash-attention kernel is about 4x slower than eager in bf16 for the
+    ``attn_implementation`` other than ``auto`` is used as given (``sdpa``, ``eager``,
+    ``flash_attention_2``; the last needs the flash-attn package, a CUDA device and bf16/fp16).
+    It changes speed, not results, so it is a run setting and not saved with the model.
+
+    ``auto`` is SDPA, except under bf16 autocast on a CPU: there the decoder's attention runs
+    ``eager`` (matmul + fp32 softmax). PyTorch's CPU flash-attention kernel is about 4x slower than eager in bf16 for the
     short sequences of captioning (60 tokens: 15 vs 4 ms per layer, forward + backward, batch 8,
     measured on an AVX512-BF16 CPU; ``benchmarks/train_throughput.py --variants``), about 10% of
     a training step. In fp32 the two are even, and on GPUs SDPA is the right choice. Keyed on the
     device the run trains on (``device_type``: cpu, cuda, mps), not on what the machine has.
     """
-    if precision == "bf16" and device_type == "cpu":
+    if attn_implementation == "flash_attention_2":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError(
+                "attn_implementation flash_attention_2 needs the flash-attn package (pip install flash-attn); "
+                "use sdpa or auto"
+            )
+        if device_type != "cuda" or precision not in ("bf16", "fp16"):
+            raise ConfigError(
+                f"attn_implementation flash_attention_2 runs on a CUDA GPU in bf16 or fp16, not on "
+                f"{device_type} in {precision}; use sdpa or auto"
+            )
+    if attn_implementation != "auto":
+        model.language_model.set_attn_implementation(attn_implementation)
+    elif precision == "bf16" and device_type == "cpu":
         model.language_model.set_attn_implementation("eager")
 
 
