@@ -137,3 +137,30 @@ def test_a_folder_that_is_not_a_model_is_an_error(images, tmp_path):
     result = caption(images[0], "--model", str(tmp_path))
     assert result.exit_code == 1
     assert "is not a vlmkit model" in str(result.exception)
+
+
+def test_onnx_provider_cuda_without_the_gpu_runtime_is_a_one_line_error(images, tmp_path, monkeypatch):
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    result = caption(images[0], "--onnx", str(tmp_path), "--provider", "cuda")
+    assert result.exit_code == 1
+    message = str(result.exception)
+    assert "no CUDAExecutionProvider" in message and "onnxruntime-gpu" in message and "\n" not in message
+
+
+def test_onnx_provider_cuda_asks_onnx_runtime_for_cuda_first(monkeypatch):
+    import onnxruntime
+
+    from vlmkit.runtime.onnx import execution_providers
+
+    monkeypatch.setattr(
+        onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    assert execution_providers("cuda") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert execution_providers("cpu") == ["CPUExecutionProvider"]
+
+
+def test_provider_is_refused_with_a_torch_model(images, tmp_path):
+    result = caption(images[0], "--model", str(tmp_path), "--provider", "cuda")
+    assert result.exit_code == 2 and "--provider is for --onnx" in result.output

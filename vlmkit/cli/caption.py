@@ -31,6 +31,11 @@ def caption(
         None, "--prompt", help="Prompt text (default: the one the model was trained with)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines: {path, caption, error}."),
+    provider: str = typer.Option(
+        None,
+        "--provider",
+        help="cpu (default) or cuda: ONNX Runtime's execution provider (--onnx only; cuda needs onnxruntime-gpu).",
+    ),
     device: str = device_option(note=" (--model only)"),
     precision: str = precision_option(),
 ) -> None:
@@ -48,10 +53,14 @@ def caption(
     from vlmkit.evaluate.loop import caption_files
     from vlmkit.sdk.datasets import tsv_field
 
+    if provider is not None and onnx is None:
+        raise typer.BadParameter(
+            "--provider is for --onnx; with --model use --device", param_hint="--provider"
+        )
     if onnx is not None:
-        from vlmkit.runtime.onnx import OnnxCaptioner
+        from vlmkit.runtime.onnx import OnnxCaptioner, execution_providers
 
-        vlm = OnnxCaptioner(onnx)
+        vlm = OnnxCaptioner(onnx, providers=execution_providers(provider or "cpu"))
     else:
         import vlmkit
         from vlmkit.train.precision import resolve

@@ -228,6 +228,27 @@ def session_options(threads: int | None = None):
     return options
 
 
+#: ``--provider`` names -> ONNX Runtime execution providers, in the order tried (CPU last: ORT places
+#: there what the GPU provider does not run)
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+def execution_providers(provider: str = "cpu") -> list[str]:
+    """The ONNX Runtime providers for ``provider`` (``cpu`` or ``cuda``); ``ConfigError`` in one
+    line when this ONNX Runtime lacks it (the CUDA provider comes with ``onnxruntime-gpu``)."""
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise ConfigError(f"unknown provider {provider!r}; use {' or '.join(PROVIDERS)}")
+    available = ort.get_available_providers()
+    if PROVIDERS[provider][0] not in available:
+        raise ConfigError(
+            f"provider {provider}: this ONNX Runtime has no {PROVIDERS[provider][0]} (it has "
+            f"{', '.join(available)}); install onnxruntime-gpu with a matching CUDA, or use --provider cpu"
+        )
+    return PROVIDERS[provider]
+
+
 def _cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
