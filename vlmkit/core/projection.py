@@ -99,11 +99,8 @@ def build_projection(config: ProjectionConfig, feature_dim: int, lm_dim: int, gr
             super().__init__()
             self.config, self.grid = config, grid
             in_dim = feature_dim * (config.factor**2 if config.reduction == "pixel_shuffle" else 1)
-            reduces = config.reduction != "none"  # output_tokens refuses a grid that cannot give K
-            self.reduced_shape = reduces and (
-                config.output_tokens(0, grid),
-                in_dim,
-            )  # (K, width) once reduced
+            reduces = config.reduction != "none"  # (K, width) once reduced; refuses a grid too small
+            self.reduced_shape = reduces and (config.output_tokens(0, grid), in_dim)
             self.norm = nn.LayerNorm(in_dim) if config.layernorm else nn.Identity()
             if config.type == "linear":
                 self.proj = nn.Linear(in_dim, lm_dim)
