@@ -15,37 +15,16 @@ difference is one layer's. Everything else is arithmetic on the configs. The res
 estimate, labelled as computed wherever it is shown; ``benchmarks/gpu_throughput.py`` reports the
 measured peak on a real card.
 
-    python -m vlmkit.train.memory        # README's table (a few seconds of CPU per decoder)
+    python benchmarks/memory_table.py    # README's table (a few seconds of CPU per decoder)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 GIB = 2**30
 #: CUDA context (~0.3-0.5 GiB), cuBLAS workspaces and allocator fragmentation
 OVERHEAD_GIB = 1.0
-#: README's decoders: transformers config class and the sizes of the published config
-DECODERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "SmolLM2-135M": (
-        "LlamaConfig",
-        dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-             num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
-    ),
-    "Qwen2.5-0.5B": (
-        "Qwen2Config",
-        dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-             num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    ),
-    "Qwen2.5-1.5B": (
-        "Qwen2Config",
-        dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-             num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    ),
-}  # fmt: skip
-#: SiglipVisionModel(SiglipVisionConfig()): frozen, but on the GPU with the rest of the model
-SIGLIP_BASE_PARAMS = 92_884_224
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -62,14 +41,6 @@ class Estimate:
     @property
     def total(self) -> float:
         return self.weights + self.trained + self.activations + self.head + self.overhead
-
-
-def decoder_config(name: str, **changes: Any):
-    """The transformers config of README decoder ``name`` (``changes`` override its sizes)."""
-    import transformers
-
-    class_name, sizes = DECODERS[name]
-    return getattr(transformers, class_name)(**{**sizes, **changes})
 
 
 def _lora_model(config, precision: str = "fp32", device: str = "cpu"):
@@ -131,12 +102,13 @@ def estimate(
     caption_tokens: int = 30,
     precision: str = "bf16",
     gradient_checkpointing: bool = False,
-    encoder_params: int = SIGLIP_BASE_PARAMS,
+    encoder_params: int = 0,
     feature_dim: int = 768,
     per_token: float | None = None,
 ) -> Estimate:
-    """Training memory of a decoder of ``config`` with LoRA r16 on q,k,v,o and an MLP projection
-    from ``feature_dim`` features, at ``batch`` rows of ``tokens`` positions (prefix + prompt +
+    """Training memory of a decoder of ``config`` with LoRA r16 on q,k,v,o, a frozen encoder of
+    ``encoder_params`` parameters (on the GPU with the model) and an MLP projection from
+    ``feature_dim`` features, at ``batch`` rows of ``tokens`` positions (prefix + prompt +
     caption). ``per_token``: A when known (else measured)."""
     import torch
 
@@ -159,44 +131,3 @@ def estimate(
         activations=activations,
         head=batch * caption_tokens * config.vocab_size * ((2 if half else 4) + 4),  # logits + fp32 loss
     )
-
-
-#: (card, memory in GiB) of README's table
-CARDS = (
-    ("16 GiB (T4, V100-16)", 16),
-    ("24 GiB (RTX 4090, A10)", 24),
-    ("48 GiB (L40S)", 48),
-    ("80 GiB (A100, H100)", 80),
-)
-
-
-def readme_table(batches=(8, 16, 32, 64, 128, 256), tokens: int = 16 + 30 + 2) -> str:
-    """Markdown: the largest batch of ``batches`` that fits each card in bf16, without / with
-    gradient checkpointing; a 16-token prefix and 30-token captions."""
-    lines = [
-        "| decoder (+ SigLIP-base, LoRA r16), bf16 | A: bytes/token/layer (measured) | "
-        + " | ".join(card for card, _ in CARDS)
-        + " |",
-        "|---|---:|" + "---:|" * len(CARDS),
-    ]
-    for name in DECODERS:
-        config = decoder_config(name)
-        a = activation_bytes_per_token(config, "bf16")
-        cells = []
-        for _, gib in CARDS:
-            fits = []
-            for gc in (False, True):
-                ok = [
-                    b
-                    for b in batches
-                    if estimate(config, batch=b, tokens=tokens, gradient_checkpointing=gc, per_token=a).total
-                    <= gib * GIB
-                ]
-                fits.append(str(max(ok)) if ok else "-")
-            cells.append(f"{fits[0]} / {fits[1]}")
-        lines.append(f"| {name} | {a:,.0f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    print(readme_table())
