@@ -145,7 +145,7 @@ def test_caption_json_reports_hostile_images_in_place(model, images):
 class FakeOnnxCaptioner:
     """Stands in for ``OnnxCaptioner``: ``--onnx`` reads images through the same loader."""
 
-    def __init__(self, folder) -> None:
+    def __init__(self, folder, providers=None) -> None:
         self.folder = folder
 
     def generate(self, images, **kwargs):
