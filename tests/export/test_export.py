@@ -97,6 +97,7 @@ def exported(tmp_path_factory, registry):
                 "prompt": "Describe the image.",
                 "max_caption_tokens": MAX_NEW_TOKENS,
             }
+            torch.manual_seed(0)  # LoRA's A matrices come from the global generator: the same model every run
             vlm = PrefixConditioningVLM.build(config, registry=registry)
             # LoRA starts as a no-op: give it weight so that merging it matters. 0.5 rather than
             # a gentle 0.05, so that the tiny random LMs produce varied tokens, not one repeated.
@@ -135,23 +136,28 @@ def test_onnx_captions_match_pytorch_token_for_token(name, exported, images):
 
 
 def test_rows_stop_independently_like_pytorch(exported, images, tmp_path, monkeypatch):
-    """A row that emits a stop token ends there while the others go on (and the batch ends when
-    every row has stopped), exactly as in PyTorch."""
+    """A row that emits a stop token ends there while the others go on, as in PyTorch.
+
+    Compared up to the step where the first row stops: after it, that row is fed padding, and a
+    tiny random LM's near-tied logits for the other rows may flip with the batch's numerics (seen
+    in about one run in seven, between two PyTorch runs)."""
     vlm, _, onnx = exported("siglip-llama")
     full = vlm.generate(images, return_ids=True)
     # a token row 0 emits but row 1 does not, made the only stop token on both sides
     stop = next((t for t in full[0] if t not in full[1]), full[0][-1])
+    cut = full[0].index(stop)
     monkeypatch.setattr(PrefixConditioningVLM, "stop_token_ids", property(lambda self: [stop]))
     want = vlm.generate(images, return_ids=True)
-    assert want == [row[: row.index(stop)] if stop in row else row for row in full]
-    assert len(want[0]) < len(want[1]) == MAX_NEW_TOKENS
+    assert want[0] == full[0][:cut] and want[1][: cut + 1] == full[1][: cut + 1]
 
     copy = tmp_path / "onnx"
     shutil.copytree(onnx, copy)
     manifest = json.loads((copy / "vlmkit-onnx.json").read_text())
     manifest["tokens"]["stop_ids"] = [stop]
     (copy / "vlmkit-onnx.json").write_text(json.dumps(manifest))
-    assert OnnxCaptioner(copy, variant="fp32", threads=1).generate(images, return_ids=True) == want
+    got = OnnxCaptioner(copy, variant="fp32", threads=1).generate(images, return_ids=True)
+    assert got[0] == want[0] and got[1][: cut + 1] == want[1][: cut + 1]
+    assert len(got[1]) > len(got[0])  # row 1 went on after row 0 stopped
 
 
 @pytest.mark.parametrize(
