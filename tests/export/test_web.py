@@ -129,6 +129,7 @@ def _tiny_model(root: Path, encoder, size, decoder, arch) -> Path:
         "prompt": "Describe the image.",
         "max_caption_tokens": 12,
     }
+    torch.manual_seed(0)  # LoRA's A matrices come from the global generator: one model every run
     vlm = PrefixConditioningVLM.build(config)
     # a LoRA of weight so that tiny random LMs say varied tokens, not one repeated
     generator = torch.Generator().manual_seed(0)
