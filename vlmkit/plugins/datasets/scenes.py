@@ -58,6 +58,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 import vlmkit
 from vlmkit.core.contracts import CaptionExample, DatasetSpec
 from vlmkit.core.errors import DataError
+from vlmkit.plugins.datasets.shapes import COLORS, SHAPES
 from vlmkit.sdk.datasets import (
     DEFAULT_FRACTIONS,
     ListDataset,
@@ -71,18 +72,7 @@ from vlmkit.sdk.datasets import (
 #: bump when the drawing or the captions change, so cached features of old images are never reused
 GENERATOR_VERSION = 1
 
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 35, 35),
-    "green": (30, 160, 60),
-    "blue": (35, 75, 220),
-    "yellow": (235, 205, 30),
-    "purple": (135, 50, 175),
-    "orange": (245, 130, 20),
-    "pink": (240, 110, 180),
-    "brown": (120, 75, 35),
-    "black": (20, 20, 20),
-}
-SHAPES = ("circle", "square", "triangle", "diamond")
+# the same palette and shapes as the shapes dataset: one table of what "red" looks like
 #: size -> radius as a fraction of the image side (a grid cell is a third of it)
 SIZES: dict[str, float] = {"small": 0.08, "large": 0.13}
 #: the most a centre moves off its cell's centre, as a fraction of the image side: with the largest
