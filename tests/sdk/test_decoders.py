@@ -453,6 +453,17 @@ def test_a_changed_gguf_is_converted_again(fake_gguf, capsys):
     assert "removed stale conversion" in capsys.readouterr().err
 
 
+def test_the_same_gguf_in_two_environments_shares_one_conversion(fake_gguf, tmp_path):
+    src, calls = fake_gguf
+    first = convert_gguf_checkpoint(src, "tiny")
+    other = tmp_path / "other-venv" / "model.gguf"  # the same package installed in a second venv
+    other.parent.mkdir()
+    other.write_bytes(src.read_bytes())
+    os.utime(src, ns=(0, 10**18))  # a reinstall touches the file: same content, no new conversion
+    assert convert_gguf_checkpoint(other, "tiny") == first
+    assert convert_gguf_checkpoint(src, "tiny") == first and len(calls) == 1
+
+
 def test_an_interrupted_conversion_leaves_nothing(fake_gguf, monkeypatch):
     import vlmkit.sdk.checkpoints as decoders
 

@@ -33,9 +33,11 @@ def convert_gguf_checkpoint(
     """A local safetensors checkpoint folder made from a GGUF file, converted once and cached.
 
     transformers dequantizes the GGUF weights to float32 (tens of seconds); the result is saved
-    under ``cache_dir("checkpoints")`` as ``<name>-<key>``, where the key changes with the GGUF
-    file's size and modification time, so a changed file is converted again (and the stale folder
-    removed). The conversion is written to a temporary folder and renamed into place, so an
+    under ``cache_dir("checkpoints")`` as ``<name>-<key>``, where the key is a digest of the GGUF
+    file's size and content (its first and last 4 MiB: the header, the tensor index and the last
+    tensors), so a changed file is converted again and the same file installed in two
+    environments (another venv, a CI clone) shares one conversion. A conversion made from the same
+    path before the file changed is removed. The conversion is written to a temporary folder and renamed into place, so an
     interrupted one never leaves a half-written checkpoint. ``report`` gets one line before and
     one after (what, from where, to where, how long).
     """
@@ -44,7 +46,7 @@ def convert_gguf_checkpoint(
         stat = src.stat()
     except FileNotFoundError:
         raise PluginError(f"GGUF file {src} for checkpoint {name!r} does not exist") from None
-    key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = _content_key(src, stat.st_size)
     root = cache_dir("checkpoints")
     final = root / f"{name}-{key}"
     if (final / CONVERSION_MARKER).is_file():
@@ -85,11 +87,28 @@ def convert_gguf_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in root.glob(f"{name}-*"):
-        if old != final and (old / CONVERSION_MARKER).is_file():
+        if old != final and _converted_from(old) == str(src):
             shutil.rmtree(old, ignore_errors=True)
             report(f"vlmkit: removed stale conversion {old}")
     report(f"vlmkit: converted {name} in {time.perf_counter() - start:.1f} s -> {final}")
     return final
+
+
+def _content_key(src: Path, size: int, chunk: int = 4 << 20) -> str:
+    digest = hashlib.sha256(str(size).encode())
+    with open(src, "rb") as f:
+        digest.update(f.read(chunk))
+        if size > 2 * chunk:
+            f.seek(size - chunk)
+        digest.update(f.read())
+    return digest.hexdigest()[:12]
+
+
+def _converted_from(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / CONVERSION_MARKER).read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _load_gguf(src: Path, name: str) -> tuple[Any, Any]:
