@@ -16,7 +16,8 @@ import contextlib
 import difflib
 import hashlib
 import json
-from collections.abc import Iterator, Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -286,3 +287,22 @@ def captions_of(value: Any) -> list[str]:
         if isinstance(item, str) and item.strip() and item.strip() not in out:
             out.append(item.strip())
     return out
+
+
+@contextlib.contextmanager
+def progress_bar(label: str, total: int, enabled: bool | None = None) -> Iterator[Callable[[int], None]]:
+    """``advance(n)`` of a progress bar on stderr (rich, transient) for a loader's long step:
+    reading shards, downloading images. ``enabled=None``: when stderr is a terminal and there
+    is more than one step."""
+    if enabled is None:
+        enabled = sys.stderr.isatty() and total > 1
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)

@@ -16,19 +16,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.client
 import io
-import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from vlmkit.sdk.datasets import progress_bar
 
 #: a COCO image is ~160 KB; a body this large is not one
 MAX_DOWNLOAD_BYTES = 32 * 2**20
@@ -79,7 +79,10 @@ def download_images(
             todo[identity] = url
     failed: dict[str, str] = {}
     if todo:
-        with _progress_bar(len(todo), progress) as advance, ThreadPoolExecutor(policy.workers) as pool:
+        with (
+            progress_bar("downloading images", len(todo), progress) as advance,
+            ThreadPoolExecutor(policy.workers) as pool,
+        ):
             futures = {
                 pool.submit(_fetch, url, folder / file_name(url), policy): i for i, url in todo.items()
             }
@@ -158,19 +161,3 @@ def _check_image(path: Path) -> None:
 def _reason(exc: BaseException) -> str:
     text = str(getattr(exc, "reason", "") or exc) or type(exc).__name__
     return " ".join(text.split())[:160]
-
-
-@contextlib.contextmanager
-def _progress_bar(total: int, enabled: bool | None) -> Iterator[Callable[[int], None]]:
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
-        yield lambda n: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (TextColumn("downloading images"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("download", total=total)
-        yield lambda n: bar.advance(task, n)
