@@ -16,7 +16,7 @@ from vlmkit.core.errors import ConfigError, DataError
 from vlmkit.core.registry import Registry
 from vlmkit.plugins.datasets.folder import FolderDataset
 from vlmkit.plugins.datasets.shapes import ShapesDataset, caption_for
-from vlmkit.sdk.datasets import DataWarning, ListDataset, assign_split, mix, stratified_splits
+from vlmkit.sdk.datasets import DataWarning, ListDataset, assign_split, data_sources, mix, stratified_splits
 
 
 def load_all(spec, options=None, seed=0):
@@ -398,6 +398,18 @@ def test_mix_concatenates_prefixes_ids_and_combines_fingerprints():
         mixed[len(mixed)]
     named = mix([ListDataset([], "a"), shapes], names=["flickr30k", "coco"])
     assert named[0].id.startswith("coco/")
+
+
+def test_data_sources_name_each_dataset_and_the_revision_its_loader_read():
+    hub = ListDataset(
+        [], "a", name="coco", info={"source": "org/data", "revision": "abc123", "splits_from": None}
+    )
+    local = ListDataset([], "b", name="folder", info={"split": "train", "problems": {}})
+    assert data_sources(hub) == [{"name": "coco", "source": "org/data", "revision": "abc123"}]
+    assert data_sources(mix([hub, local])) == [
+        {"name": "coco", "source": "org/data", "revision": "abc123"},
+        {"name": "folder"},
+    ]
 
 
 def test_no_warnings_for_clean_loads(photo_folder):

@@ -163,6 +163,7 @@ def test_cli_train_writes_a_loadable_artifact_with_logs_and_run_file(trained, ba
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["training"]["global_step"] == 4
     assert manifest["training"]["used_feature_cache"] is True
+    assert [d["name"] for d in manifest["training"]["data"]] == ["shapes"]  # and a hub one's revision
     assert "from the feature cache" in " ".join(trained["result"].output.split())  # rich wraps lines
 
     model = vlmkit.load(out)

@@ -269,6 +269,24 @@ def load_split(datasets: Sequence[Any], split: str, *, seed: int = 0, registry=N
     return mix([data for _, data in parts], names=[name for name, _ in parts])
 
 
+#: what a loader's ``info`` may say about where its rows came from; runs record it in their manifest
+PROVENANCE_KEYS = ("source", "revision", "splits_from")
+
+
+def data_sources(data: CaptionDataset) -> list[dict[str, Any]]:
+    """Per dataset of ``data`` (a mix or one dataset): its name and the ``PROVENANCE_KEYS`` its
+    loader reported (a hub dataset's id, the revision read, where its split came from), so a
+    run's manifest says which data it trained on."""
+    names = getattr(data, "names", None) or [getattr(data, "name", "dataset")]
+    parts = getattr(data, "datasets", None) or [data]
+    out = []
+    for name, part in zip(names, parts, strict=True):
+        info = getattr(part, "info", None)
+        info = info if isinstance(info, dict) else {}
+        out.append({"name": name, **{k: info[k] for k in PROVENANCE_KEYS if info.get(k) is not None}})
+    return out
+
+
 def captions_of(value: Any) -> list[str]:
     """Reference captions from what a dataset file holds for one image: a string, a JSON list in
     a string (CSV cells), a list of strings, or of dicts with ``raw``/``caption``/``text`` (the

@@ -32,7 +32,7 @@ from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 
 from vlmkit.core.errors import ConfigError, DataError, VlmkitWarning
 from vlmkit.core.model import PrefixConditioningVLM
-from vlmkit.sdk.datasets import BadImagesError, load_split, tsv_field
+from vlmkit.sdk.datasets import BadImagesError, data_sources, load_split, tsv_field
 from vlmkit.train.config import TrainConfig
 from vlmkit.train.data import CaptionTrainingSet, Collator
 from vlmkit.train.distributed import save_model
@@ -270,6 +270,7 @@ def train(
             "train_loss": train_loss,
             "eval": eval_metrics,
             "used_feature_cache": use_cache,
+            "data": data_sources(train_data),  # hub ids and the revisions read
         },
         registry=registry,
     )
