@@ -72,8 +72,10 @@ class CocoDataset(HubCaptionDataset):
     options: ClassVar[type[HubOptions]] = CocoOptions
     default_checkpoint: ClassVar[str | None] = ORIGINAL.dataset_id
     checkpoints: ClassVar[dict[str, str]] = {
-        "original": f"{ORIGINAL.dataset_id}: 5 human captions per image; images from image_root= or URLs",
-        "alt-text": f"{ALT_TEXT.dataset_id}: GPT-4o alt text per COCO image, on Karpathy's split by image id",
+        "original": f"{ORIGINAL.dataset_id} (revision {ORIGINAL.revision}): 5 human captions per image; "
+        "images from image_root= or downloaded from their URLs",
+        "alt-text": f"{ALT_TEXT.dataset_id} (revision {ALT_TEXT.revision}): GPT-4o alt text per COCO image, "
+        "on Karpathy's split by image id",
     }
     sources: ClassVar[dict[str, HubSource]] = {"original": ORIGINAL, "alt-text": ALT_TEXT}
     hash_splits_refused: ClassVar[str | None] = (

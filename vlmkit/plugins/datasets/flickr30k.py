@@ -50,7 +50,7 @@ class Flickr30kDataset(HubCaptionDataset):
     default_checkpoint: ClassVar[str | None] = ORIGINAL.dataset_id
     checkpoints: ClassVar[dict[str, str]] = {
         "original": f"{ORIGINAL.dataset_id} (revision {ORIGINAL.revision}): 5 human captions per image",
-        "alt-text": f"{ALT_TEXT.dataset_id} (revision {ALT_TEXT.revision[:7]}): one GPT-4o alt-text rewrite per image",
+        "alt-text": f"{ALT_TEXT.dataset_id} (revision {ALT_TEXT.revision}): one GPT-4o alt-text rewrite per image",
     }
     sources: ClassVar[dict[str, HubSource]] = {"original": ORIGINAL, "alt-text": ALT_TEXT}
 
