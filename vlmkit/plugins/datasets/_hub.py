@@ -40,6 +40,7 @@ from vlmkit.sdk.datasets import (
     captions_of,
     check_split,
     fingerprint,
+    from_rank_zero,
     parse_options,
     unit_hash,
 )
@@ -432,7 +433,10 @@ def _download_all(
     urls = {r.id: str(r.cells[column]) for r in records}
     folder = Path(getattr(opts, "download_dir", None) or cache_dir("images", dataset_id.replace("/", "--")))
     policy = DownloadPolicy(workers=getattr(opts, "download_workers", DownloadPolicy.workers))
-    done, failed = download_images(urls, folder.expanduser(), policy)
+    # rank 0 alone downloads (ranks sharing a folder would write the same files at once)
+    done, failed = from_rank_zero(
+        lambda: download_images(urls, folder.expanduser(), policy), "downloading images"
+    )
     problems = {i: f"{urls[i]}: {why}" for i, why in failed.items()}
     if failed:
         first = min(failed, key=lambda i: urls[i])
