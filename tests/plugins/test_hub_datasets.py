@@ -121,6 +121,11 @@ def test_coco_alt_text_takes_karpathy_split_by_image_id_so_no_mix_leaks(layouts)
         assert not mixed["train"] & (mixed["test"] | mixed["validation"])
         assert mixed["test"] == {"13", "14", "15"}
 
+    with pytest.raises(
+        DataError, match=r"none of its 19 image ids \(coco_url: .*pass id_column= the COCO image id"
+    ):
+        CocoDataset().load("train", {**alt_opts, "id_column": "coco_url"})  # ids that cannot be matched
+
     # rows whose alt_text is a string and rows whose alt_text is a list both give their caption
     examples = {ex.id: ex for s in SPLITS for ex in CocoDataset().load(s, alt_opts)}
     assert examples["0"].captions == ["alt 0"] and examples["1"].captions == ["alt 1"]
@@ -167,12 +172,33 @@ def test_revisions_are_pinned_and_the_offline_hint_works_as_written(monkeypatch)
         assert len(source.revision) == 40 and int(source.revision, 16) >= 0  # commit shas
 
 
-def test_the_revision_is_recorded_with_the_data(layouts):
-    data = CocoDataset().load(
-        "test", {"captions": "alt-text", "path": str(layouts.gpt4o), "karpathy_path": str(layouts.karpathy)}
-    )
+def test_the_revision_is_recorded_with_the_data(layouts, monkeypatch):
+    opts = {"captions": "alt-text", "path": str(layouts.gpt4o), "karpathy_path": str(layouts.karpathy)}
+    data = CocoDataset().load("test", opts)
     assert data.info["source"] == str(layouts.gpt4o) and data.info["revision"] is None  # a local copy
-    assert data.info["splits_from"].startswith("yerevann/coco-karpathy@b6cdca8a4fe0")
+    assert data.info["splits_from"] == f"{layouts.karpathy} by image id"
+    # from the hub: the pinned revisions (the snapshot stands in for the download here)
+    snapshots = {"Mozilla/coco-gpt4o": layouts.gpt4o, "yerevann/coco-karpathy": layouts.karpathy}
+    asked = []
+
+    def snapshot(dataset_id, revision, where, hint):
+        asked.append((dataset_id, revision))
+        return snapshots[dataset_id]
+
+    monkeypatch.setattr(_hub, "_snapshot", snapshot)
+    hub = CocoDataset().load("test", {"captions": "alt-text"})
+    assert hub.info["revision"] == "70f916d6fe4b20ef8a20d3b44bc39290387e3a73"
+    assert (
+        hub.info["splits_from"]
+        == "yerevann/coco-karpathy@b6cdca8a4fe0f67b7bdcb03d6ed2def420f5a9dd by image id"
+    )
+    assert asked == [
+        ("Mozilla/coco-gpt4o", "70f916d6fe4b20ef8a20d3b44bc39290387e3a73"),
+        ("yerevann/coco-karpathy", "b6cdca8a4fe0f67b7bdcb03d6ed2def420f5a9dd"),
+    ]
+    _hub._load_raw.cache_clear()
+    CocoDataset().load("test", {"captions": "alt-text", "revision": "v2"})  # the override
+    assert asked[-2] == ("Mozilla/coco-gpt4o", "v2")
 
 
 # --------------------------------------------------------------------------------------- downloads

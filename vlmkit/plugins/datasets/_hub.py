@@ -165,6 +165,11 @@ def load_hub_split(name: str, source: HubSource, opts: HubOptions, split: str, s
         )
 
     membership = _membership(source.splits_from, opts, name) if source.splits_from else None
+    if membership is not None and not any(i in membership for i in records):
+        raise DataError(
+            f"{where}: none of its {len(records)} image ids ({columns.id}: {next(iter(records))!r}, ...) is in "
+            f"the split source's ids ({next(iter(membership))!r}, ...); pass id_column= the COCO image id"
+        )
     labels = {SPLIT_NAMES.get(r.label.lower()) for r in records.values()}
     use_upstream = membership is None and opts.splits == "auto" and set(SPLITS) <= labels
 
@@ -187,7 +192,8 @@ def load_hub_split(name: str, source: HubSource, opts: HubOptions, split: str, s
     ]
 
     splits_by = (
-        f"{source.splits_from.dataset_id}@{source.splits_from.revision} by image id"
+        f"{getattr(opts, 'karpathy_path', None) or f'{source.splits_from.dataset_id}@{source.splits_from.revision}'}"
+        " by image id"
         if source.splits_from
         else "upstream"
         if use_upstream
