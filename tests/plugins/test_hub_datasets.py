@@ -151,7 +151,7 @@ def test_a_bad_shard_or_a_shard_without_a_column_is_one_line_naming_it(layouts, 
 # --------------------------------------------------------------------------------------- revisions
 
 
-def test_revisions_are_pinned_and_the_offline_hint_works_as_written(monkeypatch):
+def test_revisions_are_pinned_and_the_offline_hint_works_as_written(layouts, monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
@@ -166,6 +166,12 @@ def test_revisions_are_pinned_and_the_offline_hint_works_as_written(monkeypatch)
     assert "load_dataset" not in msg  # a script repository, and CastError on Mozilla/coco-gpt4o
     with pytest.raises(DataError, match="revision='70f916d6fe4b20ef8a20d3b44bc39290387e3a73'"):
         CocoDataset().load("test", {"captions": "alt-text"})
+    with pytest.raises(
+        DataError, match=r"'yerevann/coco-karpathy'.*local_dir=DIR\)\) and pass karpathy_path=DIR$"
+    ):
+        CocoDataset().load(
+            "test", {"captions": "alt-text", "path": str(layouts.gpt4o)}
+        )  # Karpathy's split next
     with pytest.raises(DataError, match="cannot download revision my-branch .*revision='my-branch'"):
         CocoDataset().load("test", {"revision": "my-branch"})
     for source in (*CocoDataset.sources.values(), Flickr30kDataset.sources["alt-text"]):

@@ -77,13 +77,13 @@ class HubSource:
     image_column: str | None = None
     splits_from: HubSource | None = None
 
-    def download_hint(self, revision: str | None) -> str:
+    def download_hint(self, revision: str | None, option: str = "path") -> str:
         """How to make a local copy where the hub is reachable (works as written: ``load_dataset``
         fails on some of these, and on a script repository without the parquet revision)."""
         rev = f", revision={revision!r}" if revision else ""
         return (
             f"download it where the hub is reachable (huggingface_hub.snapshot_download({self.dataset_id!r}, "
-            f"repo_type='dataset'{rev}, local_dir=DIR)) and pass path=DIR"
+            f"repo_type='dataset'{rev}, local_dir=DIR)) and pass {option}=DIR"
         )
 
 
@@ -294,10 +294,8 @@ def _membership(source: HubSource, opts: HubOptions, name: str) -> dict[str, str
     three splits, or a test image could be taken for a training one."""
     path = getattr(opts, "karpathy_path", None)
     where = f"dataset {name!r}: the split source ({path or source.dataset_id})"
-    hint = source.download_hint(source.revision) + " as karpathy_path="
-    parts = _load_raw(
-        source.dataset_id, source.revision, path, _stamp(path), where, hint.replace(" and pass path=DIR", "")
-    )
+    hint = source.download_hint(source.revision, "karpathy_path")
+    parts = _load_raw(source.dataset_id, source.revision, path, _stamp(path), where, hint)
     columns = _Columns.pick(parts[0], source, HubOptions(), where)
     if columns.id is None:
         raise DataError(
