@@ -14,12 +14,9 @@ from PIL import Image
 from vlmkit.core.contracts import SPLITS
 from vlmkit.core.errors import ConfigError, DataError
 from vlmkit.core.registry import Registry
-from vlmkit.plugins.datasets import _hub
-from vlmkit.plugins.datasets.coco import CocoDataset
-from vlmkit.plugins.datasets.flickr30k import Flickr30kDataset
 from vlmkit.plugins.datasets.folder import FolderDataset
 from vlmkit.plugins.datasets.shapes import ShapesDataset, caption_for
-from vlmkit.sdk.datasets import DataWarning, ListDataset, assign_split, mix, stratified_splits
+from vlmkit.sdk.datasets import DataWarning, ListDataset, assign_split, data_sources, mix, stratified_splits
 
 
 def load_all(spec, options=None, seed=0):
@@ -383,175 +380,6 @@ def test_folder_refuses_missing_folder_captions_and_empty_splits(tmp_path):
         FolderDataset().load("train", {})
 
 
-# --------------------------------------------------------------------------------------- hub
-
-
-@pytest.fixture
-def hf_cache(tmp_path, monkeypatch):
-    import datasets
-
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
-    _hub._load_raw.cache_clear()
-    yield
-    _hub._load_raw.cache_clear()
-
-
-def tiny_flickr(tmp_path, captions="original", n=30):
-    """A local copy with the columns of nlphuji/flickr30k (or Mozilla's alt-text version)."""
-    import datasets
-
-    rows = {"image": [], "sentids": [], "split": [], "img_id": [], "filename": []}
-    rows["caption" if captions == "original" else "alt_text"] = []
-    for i in range(n):
-        rows["image"].append(Image.new("RGB", (16, 16), (i * 8, 0, 0)))
-        rows["split"].append(["train", "train", "train", "val", "test"][i % 5])
-        rows["img_id"].append(str(i))
-        rows["filename"].append(f"{1000 + i}.jpg")
-        rows["sentids"].append([str(5 * i + k) for k in range(5)])
-        if captions == "original":
-            rows["caption"].append([f"photo {i} caption {k}" for k in range(5)])
-        else:
-            rows["alt_text"].append(f"alt text of photo {i}")
-    features = datasets.Features(
-        {
-            "image": datasets.Image(),
-            "sentids": datasets.List(datasets.Value("string")),
-            "split": datasets.Value("string"),
-            "img_id": datasets.Value("string"),
-            "filename": datasets.Value("string"),
-            **(
-                {"caption": datasets.List(datasets.Value("string"))}
-                if captions == "original"
-                else {"alt_text": datasets.Value("string")}
-            ),
-        }
-    )
-    path = tmp_path / f"flickr-{captions}"
-    datasets.DatasetDict({"test": datasets.Dataset.from_dict(rows, features=features)}).save_to_disk(
-        str(path)
-    )
-    return path
-
-
-def test_flickr30k_local_copy_uses_the_karpathy_split_column(tmp_path, hf_cache):
-    path = tiny_flickr(tmp_path)
-    spec = Flickr30kDataset()
-    splits = load_all(spec, {"path": str(path)})
-    assert_disjoint(splits)
-    assert [len(splits[s]) for s in SPLITS] == [18, 6, 6]
-    assert ids_of(splits) == ids_of(load_all(spec, {"path": str(path)}, seed=5))  # upstream split: no seed
-    ex = splits["test"][0]
-    assert ex.id == "14" and ex.captions == [f"photo 14 caption {k}" for k in range(5)]
-    assert ex.load_image().getpixel((0, 0)) == (14 * 8, 0, 0)
-    hashed = load_all(spec, {"path": str(path), "splits": "hash", "split_fractions": [0.6, 0.2, 0.2]})
-    assert_disjoint(hashed)
-    assert ids_of(hashed) != ids_of(load_all(spec, {"path": str(path), "splits": "hash"}, seed=1))
-
-
-def test_flickr30k_alt_text_splits_the_same_images_the_same_way(tmp_path, hf_cache):
-    original = load_all(Flickr30kDataset(), {"path": str(tiny_flickr(tmp_path))})
-    alt = load_all(
-        Flickr30kDataset(), {"captions": "alt-text", "path": str(tiny_flickr(tmp_path, "alt-text"))}
-    )
-    assert ids_of(original) == ids_of(alt)
-    assert alt["train"][0].captions == [f"alt text of photo {alt['train'][0].id}"]
-    assert alt["train"].fingerprint != original["train"].fingerprint
-    assert Flickr30kDataset.sources["alt-text"].dataset_id == "Mozilla/flickr30k-transformed-captions-gpt4o"
-
-
-def test_coco_karpathy_rows_read_images_from_image_root(tmp_path, hf_cache):
-    """The columns of yerevann/coco-karpathy, as parquet files that load_dataset reads."""
-    import datasets
-
-    image_root = tmp_path / "coco"
-    parts = {}
-    for split, ids in {
-        "train": range(0, 8),
-        "restval": range(8, 10),
-        "validation": range(10, 13),
-        "test": range(13, 16),
-    }.items():
-        rows = {"filepath": [], "filename": [], "sentences": [], "cocoid": [], "split": [], "url": []}
-        for i in ids:
-            folder = "train2014" if split == "train" else "val2014"
-            name = f"COCO_{folder}_{i:012d}.jpg"
-            write_image(image_root / folder / name, (0, i * 10, 0), size=(20, 16))
-            rows["filepath"].append(folder)
-            rows["filename"].append(name)
-            rows["sentences"].append([f"coco {i} a", f"coco {i} b"])
-            rows["cocoid"].append(i)
-            rows["split"].append(split)
-            rows["url"].append(f"http://images.cocodataset.org/{folder}/{name}")
-        parts[split] = datasets.Dataset.from_dict(rows)
-    data = tmp_path / "coco-karpathy" / "data"
-    data.mkdir(parents=True)
-    for split, ds in parts.items():
-        ds.to_parquet(str(data / f"{split}-00000-of-00001.parquet"))
-    opts = {"path": str(tmp_path / "coco-karpathy"), "image_root": str(image_root)}
-    splits = load_all(CocoDataset(), opts)
-    assert_disjoint(splits)
-    assert [len(splits[s]) for s in SPLITS] == [10, 3, 3]  # restval joins train
-    ex = splits["validation"][0]
-    assert ex.id == "10" and ex.captions == ["coco 10 a", "coco 10 b"]
-    assert ex.load_image().size == (20, 16)
-    # without image_root the images come from their URLs (not fetched here)
-    no_root = CocoDataset().load("test", {"path": str(tmp_path / "coco-karpathy")})
-    assert type(no_root[0].image).__name__ == "UrlImage"
-    assert no_root[0].image.url.startswith("http://images.cocodataset.org/val2014/")
-
-
-def test_hub_rows_per_caption_are_grouped_and_split_by_hash_when_no_test_split(tmp_path, hf_cache):
-    """Mozilla/coco-gpt4o-like: train/validation hub splits only, one row per caption."""
-    import datasets
-
-    def part(ids):
-        rows = {"image": [], "alt_text": [], "image_id": []}
-        for i in ids:
-            for k in range(2):
-                rows["image"].append(Image.new("RGB", (8, 8), (i, k, 0)))
-                rows["alt_text"].append(f"image {i} text {k}")
-                rows["image_id"].append(i)
-        return datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
-
-    path = tmp_path / "coco-alt"
-    datasets.DatasetDict({"train": part(range(40)), "validation": part(range(40, 50))}).save_to_disk(
-        str(path)
-    )
-    spec = CocoDataset()
-    opts = {"captions": "alt-text", "path": str(path)}
-    splits = load_all(spec, opts)
-    assert_disjoint(splits)
-    assert sum(len(d) for d in splits.values()) == 50
-    assert all(
-        ex.captions == [f"image {ex.id} text 0", f"image {ex.id} text 1"] for d in splits.values() for ex in d
-    )
-    assert ids_of(splits) != ids_of(load_all(spec, opts, seed=3))
-    assert len(spec.load("train", {**opts, "limit": 5})) == 5
-
-
-def test_hub_loader_offline_is_one_line_naming_the_id_and_the_local_fix(monkeypatch, hf_cache):
-    import datasets
-
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # the real offline error path
-    with pytest.raises(DataError) as info:
-        Flickr30kDataset().load("train")
-    msg = str(info.value)
-    assert "\n" not in msg
-    assert "'nlphuji/flickr30k'" in msg and "ConnectionError" in msg and "pass path=" in msg
-    with pytest.raises(DataError, match="Mozilla/coco-gpt4o"):
-        CocoDataset().load("test", {"captions": "alt-text"})
-    with pytest.raises(DataError, match="local copy .* does not exist"):
-        CocoDataset().load("test", {"path": "/nonexistent/coco"})
-    with pytest.raises(ConfigError, match="option 'captions'"):
-        CocoDataset().load("test", {"captions": "gpt"})
-
-
-def test_hub_loader_names_a_missing_column(tmp_path, hf_cache):
-    path = tiny_flickr(tmp_path)
-    with pytest.raises(DataError, match="no column 'sentences' \\(captions\\); columns: image, sentids"):
-        Flickr30kDataset().load("train", {"path": str(path), "captions_column": "sentences"})
-
-
 # --------------------------------------------------------------------------------------- mixing
 
 
@@ -572,6 +400,18 @@ def test_mix_concatenates_prefixes_ids_and_combines_fingerprints():
     assert named[0].id.startswith("coco/")
 
 
+def test_data_sources_name_each_dataset_and_the_revision_its_loader_read():
+    hub = ListDataset(
+        [], "a", name="coco", info={"source": "org/data", "revision": "abc123", "splits_from": None}
+    )
+    local = ListDataset([], "b", name="folder", info={"split": "train", "problems": {}})
+    assert data_sources(hub) == [{"name": "coco", "source": "org/data", "revision": "abc123"}]
+    assert data_sources(mix([hub, local])) == [
+        {"name": "coco", "source": "org/data", "revision": "abc123"},
+        {"name": "folder"},
+    ]
+
+
 def test_no_warnings_for_clean_loads(photo_folder):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -582,14 +422,12 @@ def test_no_warnings_for_clean_loads(photo_folder):
 # --------------------------------------------------------------------------------------- contract
 
 
-def test_builtin_datasets_pass_the_plugin_contract_suite(photo_folder, tmp_path, hf_cache):
+def test_builtin_datasets_pass_the_plugin_contract_suite(photo_folder):
     from vlmkit.testing.contract import check_dataset
 
     assert check_dataset(ShapesDataset(), {"size": 240}) == {"train": 192, "validation": 24, "test": 24}
     check_dataset(FolderDataset(), {"path": str(photo_folder), "split_fractions": [0.5, 0.25, 0.25]})
-    flickr = str(tiny_flickr(tmp_path))
-    check_dataset(Flickr30kDataset(), {"path": flickr})
-    check_dataset(Flickr30kDataset(), {"path": flickr, "splits": "hash"}, seed=2)
+    # flickr30k and coco: tests/plugins/test_hub_datasets.py, on copies in their real layouts
 
 
 def test_an_unreadable_image_error_names_its_id_and_file_once(tmp_path):

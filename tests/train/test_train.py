@@ -163,6 +163,7 @@ def test_cli_train_writes_a_loadable_artifact_with_logs_and_run_file(trained, ba
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["training"]["global_step"] == 4
     assert manifest["training"]["used_feature_cache"] is True
+    assert [d["name"] for d in manifest["training"]["data"]] == ["shapes"]  # and a hub one's revision
     assert "from the feature cache" in " ".join(trained["result"].output.split())  # rich wraps lines
 
     model = vlmkit.load(out)
@@ -369,25 +370,27 @@ def test_resume_without_a_run_is_refused(trained, base_args, tmp_path):
 
 def test_resume_after_a_kill_in_the_final_save_or_in_a_checkpoint_write(base_args, tmp_path):
     out = tmp_path / "run"
-    args = base_args(out, "--set", "save_every=3", steps=6)  # 6 steps: one epoch, exactly
+    args = base_args(out, "--set", "save_every=2", steps=4)  # 4 of an epoch's 6 steps: ends mid-epoch
     cli_ok(*args)
     logged = [r["loss"] for r in read_logs(out) if "loss" in r]
 
-    # killed during the final save (the manifest goes first): nothing is left to train
+    # killed during the final save (the manifest goes first): nothing is left to train, and no
+    # step 5 either (transformers, resumed at max_steps mid-epoch, would step once more)
     (out / MANIFEST).unlink()
     result = cli_ok(*args, "--resume")
     manifest = json.loads((out / MANIFEST).read_text())
-    assert manifest["training"]["global_step"] == 6
+    assert manifest["training"]["global_step"] == 4
     assert manifest["training"]["train_loss"] == pytest.approx(sum(logged) / len(logged))
     assert "final train loss" in result.stderr and "nan" not in result.stderr
+    assert [r["step"] for r in read_logs(out) if "loss" in r] == [1, 2, 3, 4]
 
-    # killed while writing checkpoint-6: resume passes over it, says so, and trains steps 4-6 again
-    (out / "checkpoints" / "checkpoint-6" / "trainer_state.json").unlink()
-    with pytest.warns(VlmkitWarning, match=r"checkpoint-6 is incomplete \(trainer_state.json missing"):
+    # killed while writing checkpoint-4: resume passes over it, says so, and trains steps 3-4 again
+    (out / "checkpoints" / "checkpoint-4" / "trainer_state.json").unlink()
+    with pytest.warns(VlmkitWarning, match=r"checkpoint-4 is incomplete \(trainer_state.json missing"):
         cli_ok(*args, "--resume")
-    state = json.loads((out / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
-    assert state["global_step"] == 6
-    assert [r["step"] for r in read_logs(out) if "loss" in r] == [1, 2, 3, 4, 5, 6, 4, 5, 6]
+    state = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert [r["step"] for r in read_logs(out) if "loss" in r] == [1, 2, 3, 4, 3, 4]
 
 
 # ------------------------------------------------------------------------------- output folders

@@ -16,7 +16,8 @@ import contextlib
 import difflib
 import hashlib
 import json
-from collections.abc import Iterator, Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -268,6 +269,46 @@ def load_split(datasets: Sequence[Any], split: str, *, seed: int = 0, registry=N
     return mix([data for _, data in parts], names=[name for name, _ in parts])
 
 
+def from_rank_zero(compute: Callable[[], Any], what: str) -> Any:
+    """``compute()`` on rank 0, its result on every rank (``compute()`` outside torch.distributed):
+    a loader's one-off work (checking or downloading images) is done once, and every rank gets
+    the same examples. A failure on rank 0 is raised on every rank: one left waiting would hang."""
+    dist = sys.modules.get("torch.distributed")  # never imports torch: only a job that set it up
+    if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return compute()
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("ok", compute())]
+        except Exception as exc:
+            box = [("error", f"{what} on rank 0 failed: {exc}")]
+            dist.broadcast_object_list(box, src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise DataError(value)
+    return value
+
+
+#: what a loader's ``info`` may say about where its rows came from; runs record it in their manifest
+PROVENANCE_KEYS = ("source", "revision", "splits_from")
+
+
+def data_sources(data: CaptionDataset) -> list[dict[str, Any]]:
+    """Per dataset of ``data`` (a mix or one dataset): its name and the ``PROVENANCE_KEYS`` its
+    loader reported (a hub dataset's id, the revision read, where its split came from), so a
+    run's manifest says which data it trained on."""
+    names = getattr(data, "names", None) or [getattr(data, "name", "dataset")]
+    parts = getattr(data, "datasets", None) or [data]
+    out = []
+    for name, part in zip(names, parts, strict=True):
+        info = getattr(part, "info", None)
+        info = info if isinstance(info, dict) else {}
+        out.append({"name": name, **{k: info[k] for k in PROVENANCE_KEYS if info.get(k) is not None}})
+    return out
+
+
 def captions_of(value: Any) -> list[str]:
     """Reference captions from what a dataset file holds for one image: a string, a JSON list in
     a string (CSV cells), a list of strings, or of dicts with ``raw``/``caption``/``text`` (the
@@ -286,3 +327,22 @@ def captions_of(value: Any) -> list[str]:
         if isinstance(item, str) and item.strip() and item.strip() not in out:
             out.append(item.strip())
     return out
+
+
+@contextlib.contextmanager
+def progress_bar(label: str, total: int, enabled: bool | None = None) -> Iterator[Callable[[int], None]]:
+    """``advance(n)`` of a progress bar on stderr (rich, transient) for a loader's long step:
+    reading shards, downloading images. ``enabled=None``: when stderr is a terminal and there
+    is more than one step."""
+    if enabled is None:
+        enabled = sys.stderr.isatty() and total > 1
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)

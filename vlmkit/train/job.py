@@ -28,11 +28,12 @@ from typing import Any
 
 import torch
 import yaml
-from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+from transformers import EarlyStoppingCallback, Trainer, TrainerState, TrainingArguments
+from transformers.trainer_utils import TrainOutput
 
 from vlmkit.core.errors import ConfigError, DataError, VlmkitWarning
 from vlmkit.core.model import PrefixConditioningVLM
-from vlmkit.sdk.datasets import BadImagesError, load_split, tsv_field
+from vlmkit.sdk.datasets import BadImagesError, data_sources, load_split, tsv_field
 from vlmkit.train.config import TrainConfig
 from vlmkit.train.data import CaptionTrainingSet, Collator
 from vlmkit.train.distributed import save_model
@@ -157,6 +158,17 @@ def _start_step(checkpoint: str | Path) -> int | None:
         return None
 
 
+def _finished(trainer: VLMTrainer, checkpoint: str) -> TrainOutput:
+    """A run whose last checkpoint is at ``max_steps`` (killed during the final save): its weights
+    and state, without ``Trainer.train``, which would step once more when that checkpoint is not
+    at an epoch's end (its loop looks for the end only after a step)."""
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    trainer._load_trainable(checkpoint)
+    if trainer.args.load_best_model_at_end:
+        trainer._load_best_model()
+    return TrainOutput(trainer.state.global_step, 0.0, {})
+
+
 def _train_loss(trainer: Trainer, training_loss: float, start_step: int) -> float | None:
     """Transformers averages the loss over the steps of this call alone: after a resume from the
     final checkpoint (nothing left to train) that is 0.0. Then the mean of the logged losses."""
@@ -255,7 +267,10 @@ def train(
             )
         log.info("resuming from %s", checkpoint)
         start_step = _start_step(checkpoint) or 0
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    if checkpoint is not None and 0 < args.max_steps <= start_step:
+        result = _finished(trainer, checkpoint)
+    else:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
     train_loss = _train_loss(trainer, result.training_loss, start_step)
     eval_metrics = {}
     if config.eval_metrics or config.early_stopping_patience:
@@ -270,6 +285,7 @@ def train(
             "train_loss": train_loss,
             "eval": eval_metrics,
             "used_feature_cache": use_cache,
+            "data": data_sources(train_data),  # hub ids and the revisions read
         },
         registry=registry,
     )

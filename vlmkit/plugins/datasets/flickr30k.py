@@ -10,7 +10,13 @@ Karpathy's train/val/test split in their ``split`` column, which is used as is (
 to choose a seeded split instead). Images are identified by ``img_id`` in both, so the two
 caption variants split their images the same way.
 
-Offline, pass ``path=`` a copy saved with ``datasets.load_dataset(ID).save_to_disk(DIR)``.
+Revisions: ``nlphuji/flickr30k`` is read at the named ref ``refs/convert/parquet`` (the hub's
+parquet export, ``TEST/test/0000.parquet`` ... ``0008.parquet``; the full sha of that branch's
+head was not found, and the export bot adds commits to it); the alt-text dataset is pinned to
+commit 94cd884, the hub's parquet export of its main branch at e5c7768 (the same three shards).
+Override either with ``revision=``. Offline, pass ``path=`` a copy made with
+``huggingface_hub.snapshot_download(ID, repo_type='dataset', revision=REV, local_dir=DIR)``
+(the error message spells it out); the files are read shard by shard.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ ORIGINAL = HubSource(
 )
 ALT_TEXT = HubSource(
     "Mozilla/flickr30k-transformed-captions-gpt4o",
+    revision="94cd884e427ea8326201e32514e8459e8bf751a9",
     captions_column="alt_text",
     id_column="img_id",
     split_column="split",
@@ -43,7 +50,7 @@ class Flickr30kDataset(HubCaptionDataset):
     default_checkpoint: ClassVar[str | None] = ORIGINAL.dataset_id
     checkpoints: ClassVar[dict[str, str]] = {
         "original": f"{ORIGINAL.dataset_id} (revision {ORIGINAL.revision}): 5 human captions per image",
-        "alt-text": f"{ALT_TEXT.dataset_id}: one GPT-4o alt-text rewrite per image",
+        "alt-text": f"{ALT_TEXT.dataset_id} (revision {ALT_TEXT.revision}): one GPT-4o alt-text rewrite per image",
     }
     sources: ClassVar[dict[str, HubSource]] = {"original": ORIGINAL, "alt-text": ALT_TEXT}
 

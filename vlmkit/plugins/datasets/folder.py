@@ -30,9 +30,8 @@ import hashlib
 import io
 import json
 import os
-import sys
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -53,6 +52,7 @@ from vlmkit.sdk.datasets import (
     captions_of,
     check_split,
     fingerprint,
+    from_rank_zero,
     parse_options,
 )
 
@@ -218,7 +218,7 @@ def _check_images(
     Under ``torch.distributed`` rank 0 checks and the other ranks receive its results (every rank
     loads the same splits in the same order, so they meet here alike).
     """
-    return _from_rank_zero(lambda: _check_remembered(paths, inside, folder))
+    return from_rank_zero(lambda: _check_remembered(paths, inside, folder), "checking the images")
 
 
 def _check_remembered(paths: list[Path], inside: set[Path] | None, folder: Path):
@@ -245,27 +245,6 @@ def _check_remembered(paths: list[Path], inside: set[Path] | None, folder: Path)
             data = {"version": CHECKS_VERSION, "folder": str(folder), "images": usable}
             write_json(cache_dir("image-checks") / name, data, indent=0)
     return {p: (why, digest) for p, (why, digest, _) in checked.items()}
-
-
-def _from_rank_zero(compute: Callable[[], Any]) -> Any:
-    """``compute()`` on rank 0, its result on every rank (``compute()`` outside torch.distributed).
-    A failure on rank 0 is raised on every rank: one left waiting for the result would hang."""
-    dist = sys.modules.get("torch.distributed")  # never imports torch: only a job that set it up
-    if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
-        return compute()
-    box: list[Any] = [None]
-    if dist.get_rank() == 0:
-        try:
-            box = [("ok", compute())]
-        except Exception as exc:
-            box = [("error", f"checking the images on rank 0 failed: {exc}")]
-            dist.broadcast_object_list(box, src=0)
-            raise
-    dist.broadcast_object_list(box, src=0)
-    status, value = box[0]
-    if status == "error":
-        raise DataError(value)
-    return value
 
 
 def _check_image(
