@@ -9,7 +9,8 @@ This namespace is the public API, and all a plugin author imports besides ``vlmk
   ``VisionEncoderModule`` and ``encoders`` (encoder backbones; both import torch), the dataset
   helpers (``parse_options``, ``assign_split``, ``check_split``, ``fingerprint``, ``ListDataset``,
   ``SplitFractions``, ``DEFAULT_FRACTIONS``) and ``cache_dir``;
-- the errors (``VlmkitError`` and its kinds) and ``load`` (a saved model).
+- the errors (``VlmkitError`` and its kinds), ``load`` (a saved model) and ``explain(model,
+  caption)``: what the LM is fed for one example (ids, pieces, image slots, labels; ``vlmkit inspect``).
 
 Kept light on purpose: importing vlmkit (and ``vlmkit --help``) imports no torch; the toolkit
 names load on first use.
@@ -60,6 +61,7 @@ _LAZY = {
     "captions_of": "vlmkit.sdk.datasets",
     "parse_options": "vlmkit.sdk.datasets",
     "stratified_splits": "vlmkit.sdk.datasets",
+    "explain": "vlmkit.evaluate.explain",
 }
 
 __all__ = [
