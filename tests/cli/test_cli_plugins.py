@@ -169,10 +169,14 @@ def test_broken_plugins_are_listed_with_their_error_and_one_warning_line(acme):
     assert "Traceback" not in table.stderr
     (warning,) = warning_lines(table)
     assert table.stderr.strip() == warning
-    assert "acme-gpu from acme-extras (import failed: RuntimeError: acme-gpu needs CUDA)" in warning
+    where = acme.path / "acme_extras" / "acme_gpu.py"
+    assert (
+        f"acme-gpu from acme-extras (import failed at {where}:1: RuntimeError: acme-gpu needs CUDA)"
+        in warning
+    )
     assert "acme-data from acme-extras (register_datasets failed: KeyError: 'ACME_DATA_DIR')" in warning
     assert "acme-lm" in table.stdout and "acme-vit" in table.stdout
-    assert "error: import failed: RuntimeError: acme-gpu needs CUDA" in table.stdout
+    assert "RuntimeError: acme-gpu needs CUDA" in table.stdout
     assert "error: register_datasets failed: KeyError: 'ACME_DATA_DIR'" in table.stdout
 
     listed = run_cli("plugins", "list", "--json", site=acme.path, plugins=plugins)
@@ -190,9 +194,38 @@ def test_broken_plugins_are_listed_with_their_error_and_one_warning_line(acme):
     missing = run_cli("plugins", "show", "acme-gpu", site=acme.path, plugins=plugins)
     assert missing.returncode == 1
     assert (
-        "error: plugin 'acme-gpu' from acme-extras is broken: import failed: RuntimeError" in missing.stderr
+        f"error: plugin 'acme-gpu' from acme-extras is broken: import failed at {where}:1: RuntimeError"
+        in missing.stderr
     )
     assert "Traceback" not in missing.stderr
+
+
+@pytest.mark.parametrize("debug", [("--debug",), ("VLMKIT_DEBUG",)], ids=lambda d: d[0])
+def test_debug_shows_the_full_traceback_of_a_broken_plugin_and_of_an_error(acme, debug):
+    acme.add_dist("acme-extras", {"acme-gpu": "import acme_extras.deep\n", "deep": BROKEN_ON_IMPORT})
+    flag = list(debug) if debug[0] == "--debug" else []
+    env = {} if flag else {"VLMKIT_DEBUG": "1"}
+
+    listed = run_cli(*flag, "plugins", "list", "--json", site=acme.path, plugins="acme,acme-gpu", **env)
+    assert listed.returncode == 0, listed.stderr
+    assert len(warning_lines(listed)) == 1
+    # the whole chain, from the plugin module down to the line that raised
+    assert "Traceback (most recent call last)" in listed.stderr
+    assert "acme_gpu.py" in listed.stderr and "deep.py" in listed.stderr
+    assert "RuntimeError: acme-gpu needs CUDA" in listed.stderr
+
+    missing = run_cli(*flag, "plugins", "show", "nothing-here", site=acme.path, plugins="acme", **env)
+    assert missing.returncode == 1
+    assert "Traceback (most recent call last)" in missing.stderr
+    assert missing.stderr.rstrip().splitlines()[-1].startswith("error: no plugin named 'nothing-here'")
+
+
+def test_a_filter_entry_that_matches_nothing_is_one_warning_line(acme):
+    result = run_cli("plugins", "list", "--json", site=acme.path, plugins="acme,acme-lm")
+    assert result.returncode == 0, result.stderr
+    (warning,) = warning_lines(result)
+    assert warning.startswith("warning: VLMKIT_PLUGINS entry 'acme-lm' matches no installed vlmkit plugin")
+    assert sorted(r["name"] for r in json.loads(result.stdout)) == ["acme-lm", "acme-vit"]
 
 
 def test_invalid_specs_are_listed_as_broken_plugins(acme):
