@@ -172,7 +172,36 @@ def write_onnx(vlm, folder: Path, *, opset: int, quantize: str | None, source, o
         "checks": checks,
     }
     (folder / onnx_runtime.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    step(on_step, "teacher-forcing real captions through the runtime against PyTorch")
+    checks["teacher_forced_max_rel_diff"] = check_teacher_forced(vlm, folder)  # in the manifest's dict
+    (folder / onnx_runtime.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return checks
+
+
+#: captions teacher-forced through the export: real ids go through ``embed_tokens.npy`` and the
+#: prompt the runtime assembles, which the random ``inputs_embeds`` of the graph check never do
+TEACHER_FORCED = ("A red circle on the left.", "Two dogs play in the snow near a small wooden house.")
+
+
+def check_teacher_forced(vlm, folder: Path) -> float:
+    """The runtime's logits before each target token (caption + end token), fed the real ids, equal
+    PyTorch's from the model's own forward; ``ExportError`` past ``TOLERANCE``. Catches what a
+    family does to token embeddings (Gemma scales them inside its embedding module) or to long
+    sequences (sliding windows) that the export failed to carry over."""
+    from vlmkit.core.model import IGNORE_INDEX
+
+    runtime = onnx_runtime.OnnxCaptioner(folder, variant="fp32", threads=torch.get_num_threads())
+    pixels = vlm.preprocess(probe_images()[: len(TEACHER_FORCED)]).float()
+    batch = vlm.tokenize(list(TEACHER_FORCED))
+    with torch.no_grad():
+        logits = vlm(**batch.to_dict(), pixel_values=pixels, return_logits=True)["logits"].float()
+    want, targets = [], []
+    for row in range(len(TEACHER_FORCED)):
+        at = (batch.labels[row] != IGNORE_INDEX).nonzero().squeeze(1)
+        targets.append(batch.input_ids[row, at].tolist())
+        want.append(logits[row, at - 1].numpy())  # the position before a token predicts it
+    got = runtime.teacher_forced_logits(pixels.numpy(), targets)
+    return _compare("decoder, teacher-forced on real caption ids through embed_tokens.npy,", want, got)
 
 
 def merged_decoder(vlm):
