@@ -78,7 +78,9 @@ class Explanation:
         if self.caption is None:
             rows.append("(generation: the model writes the caption from here, until a stop id)")
         else:
-            rows.append("(label 'trained': the loss predicts this token from the position before; '-': no loss)")
+            rows.append(
+                "(label 'trained': the loss predicts this token from the position before; '-': no loss)"
+            )
         return "\n".join(rows)
 
 
