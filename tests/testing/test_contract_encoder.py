@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from vlmkit.testing import ToyEncoderSpec, check_encoder
-from vlmkit.testing.contract import awkward_images, check_encoder_runtime
+from vlmkit.testing import ToyEncoderSpec, awkward_images, check_encoder, check_encoder_runtime
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
