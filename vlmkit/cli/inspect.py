@@ -29,8 +29,11 @@ def inspect_command(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON: every position with its part and label."),
 ) -> None:
-    """Show the token ids, pieces and parts the LM sees for one example: where the image prefix
-    goes, and which positions carry labels (the caption and the end token)."""
+    """Show what the LM is fed for one caption: token ids, pieces, image slots, labelled positions.
+
+    The sequence exactly as training builds it (vlmkit.explain): the image prefix between the
+    prompt's parts, labels on the caption and the end token only.
+    """
     if (model is None) == (decoder is None):
         raise typer.BadParameter(
             "give exactly one of --model PATH or --decoder NAME", param_hint="--model/--decoder"
