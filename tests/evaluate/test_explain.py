@@ -8,7 +8,7 @@ import json
 import pytest
 
 import vlmkit
-from vlmkit.core.model import IGNORE_INDEX, PrefixConditioningVLM
+from vlmkit.core.model import IGNORE_INDEX
 from vlmkit.core.registry import get_registry
 from vlmkit.testing import ToyEncoderSpec, make_registry, tiny_decoder_checkpoint, tiny_encoder_checkpoint
 
@@ -23,10 +23,10 @@ def llama(tmp_path_factory):
     return tiny_decoder_checkpoint("llama", tmp_path_factory.mktemp("llama"))
 
 
-def build(checkpoint, style):
+def build(checkpoint, style):  # through the public surface, as a plugin author would
     registry = make_registry(ToyEncoderSpec(), get_registry().decoder("smollm"))
     config = {"encoder": "vlmkit-toy", "decoder": "smollm", "decoder_checkpoint": checkpoint}
-    return PrefixConditioningVLM.build({**config, "format": style, "prompt": PROMPT}, registry=registry)
+    return vlmkit.build({**config, "format": style, "prompt": PROMPT}, registry=registry)
 
 
 @pytest.mark.parametrize("style", ["chat", "plain"])
