@@ -9,7 +9,9 @@ This namespace is the public API, and all a plugin author imports besides ``vlmk
   ``VisionEncoderModule`` and ``encoders`` (encoder backbones; both import torch), the dataset
   helpers (``parse_options``, ``assign_split``, ``check_split``, ``fingerprint``, ``ListDataset``,
   ``SplitFractions``, ``DEFAULT_FRACTIONS``) and ``cache_dir``;
-- the errors (``VlmkitError`` and its kinds) and ``load`` (a saved model).
+- the errors (``VlmkitError`` and its kinds), ``load`` (a saved model), ``build`` (a fresh one)
+  and ``explain(model,
+  caption)``: what the LM is fed for one example (ids, pieces, image slots, labels; ``vlmkit inspect``).
 
 Kept light on purpose: importing vlmkit (and ``vlmkit --help``) imports no torch; the toolkit
 names load on first use.
@@ -60,6 +62,7 @@ _LAZY = {
     "captions_of": "vlmkit.sdk.datasets",
     "parse_options": "vlmkit.sdk.datasets",
     "stratified_splits": "vlmkit.sdk.datasets",
+    "explain": "vlmkit.evaluate.explain",
 }
 
 __all__ = [
@@ -80,6 +83,7 @@ __all__ = [
     "VlmkitWarning",
     "__version__",
     "cache_dir",
+    "build",
     "hookimpl",
     "load",
     *_LAZY,
@@ -98,6 +102,19 @@ def load(path, **kwargs):
 
     device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
     return place(load_artifact, path, device=device, dtype=dtype, **kwargs)
+
+
+def build(config=None, **kwargs):
+    """A fresh model (``PrefixConditioningVLM``): the encoder and decoder through their plugins,
+    new LoRA and projection. ``config`` is a model config as a dict (``encoder``, ``decoder``, their
+    ``*_checkpoint``, ``projection``, ``lora``, ``prompt``, ``format``, ...; ``vlmkit.core.config``).
+
+    ``kwargs``: ``registry`` (default: the installed plugins; ``vlmkit.testing.make_registry(...)``
+    for specs that are not installed), ``seed`` (LoRA and projection init, 0) and ``dtype``.
+    """
+    from vlmkit.core.model import PrefixConditioningVLM
+
+    return PrefixConditioningVLM.build(config, **kwargs)
 
 
 def __getattr__(name: str) -> Any:

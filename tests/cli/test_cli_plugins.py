@@ -169,10 +169,14 @@ def test_broken_plugins_are_listed_with_their_error_and_one_warning_line(acme):
     assert "Traceback" not in table.stderr
     (warning,) = warning_lines(table)
     assert table.stderr.strip() == warning
-    assert "acme-gpu from acme-extras (import failed: RuntimeError: acme-gpu needs CUDA)" in warning
+    where = acme.path / "acme_extras" / "acme_gpu.py"
+    assert (
+        f"acme-gpu from acme-extras (import failed at {where}:1: RuntimeError: acme-gpu needs CUDA)"
+        in warning
+    )
     assert "acme-data from acme-extras (register_datasets failed: KeyError: 'ACME_DATA_DIR')" in warning
     assert "acme-lm" in table.stdout and "acme-vit" in table.stdout
-    assert "error: import failed: RuntimeError: acme-gpu needs CUDA" in table.stdout
+    assert "RuntimeError: acme-gpu needs CUDA" in table.stdout
     assert "error: register_datasets failed: KeyError: 'ACME_DATA_DIR'" in table.stdout
 
     listed = run_cli("plugins", "list", "--json", site=acme.path, plugins=plugins)
@@ -190,9 +194,33 @@ def test_broken_plugins_are_listed_with_their_error_and_one_warning_line(acme):
     missing = run_cli("plugins", "show", "acme-gpu", site=acme.path, plugins=plugins)
     assert missing.returncode == 1
     assert (
-        "error: plugin 'acme-gpu' from acme-extras is broken: import failed: RuntimeError" in missing.stderr
+        f"error: plugin 'acme-gpu' from acme-extras is broken: import failed at {where}:1: RuntimeError"
+        in missing.stderr
     )
     assert "Traceback" not in missing.stderr
+
+
+def test_debug_prints_full_tracebacks_and_an_unmatched_filter_entry_is_one_warning(acme):
+    acme.add_dist("acme-extras", {"acme-gpu": "import acme_extras.deep\n", "deep": BROKEN_ON_IMPORT})
+
+    listed = run_cli("--debug", "plugins", "list", "--json", site=acme.path, plugins="acme,acme-gpu")
+    assert listed.returncode == 0, listed.stderr
+    (warning,) = warning_lines(listed)
+    assert f"import failed at {acme.path / 'acme_extras' / 'deep.py'}:1: RuntimeError" in warning
+    # after the one line, the whole chain: from the plugin module down to the line that raised
+    trace = listed.stderr.split(warning, 1)[1]
+    assert trace.lstrip().startswith("Traceback (most recent call last)")
+    assert "acme_gpu.py" in trace and "deep.py" in trace and "RuntimeError: acme-gpu needs CUDA" in trace
+
+    # VLMKIT_DEBUG=1 does what --debug does, for an error too; a typo in VLMKIT_PLUGINS is one warning
+    missing = run_cli(
+        "plugins", "show", "nothing-here", site=acme.path, plugins="acme,acme-lm", VLMKIT_DEBUG="1"
+    )
+    assert missing.returncode == 1
+    (warning,) = warning_lines(missing)
+    assert warning.startswith("warning: VLMKIT_PLUGINS entry 'acme-lm' matches no installed vlmkit plugin")
+    assert "Traceback (most recent call last)" in missing.stderr
+    assert missing.stderr.rstrip().splitlines()[-1].startswith("error: no plugin named 'nothing-here'")
 
 
 def test_invalid_specs_are_listed_as_broken_plugins(acme):

@@ -175,9 +175,18 @@ def test_clash_between_installed_packages_names_both_packages(fake_site):
     registry = Registry()
     registry.load_entry_points({"VLMKIT_PLUGINS": "acme,other"})
 
-    with pytest.raises(PluginError, match=r"acme-vlm-plugin \(acme_vlm_plugin\.acme\) and other-vlm-plugin"):
+    with pytest.raises(PluginError) as info:
         registry.decoder("qwen2")
+    # the entry-point name is what VLMKIT_DISABLE_PLUGINS takes: the message gives it, ready to use
+    assert str(info.value) == (
+        "decoder name 'qwen2' is registered by both acme-vlm-plugin (entry point 'acme', module "
+        "acme_vlm_plugin.acme) and other-vlm-plugin (entry point 'other', module other_vlm_plugin.other); "
+        "uninstall one, or exclude one with VLMKIT_DISABLE_PLUGINS=acme or VLMKIT_DISABLE_PLUGINS=other"
+    )
     assert registry.decoder("acme-lm").name == "acme-lm"
+    excluded = Registry()
+    excluded.load_entry_points({"VLMKIT_PLUGINS": "acme,other", "VLMKIT_DISABLE_PLUGINS": "other"})
+    assert excluded.registration("decoder", "qwen2").provider.package == "acme-vlm-plugin"
 
 
 def test_same_entry_point_name_in_two_packages_is_a_clash_not_a_silent_skip(fake_site):
@@ -186,8 +195,12 @@ def test_same_entry_point_name_in_two_packages_is_a_clash_not_a_silent_skip(fake
     fake_site.add_dist("other-vlm-plugin", {"vlm": fake_site.specs(decoders=["qwen2"])})
     registry = Registry()
     registry.load_entry_points({"VLMKIT_PLUGINS": "vlm"})
-    with pytest.raises(PluginError, match="acme-vlm-plugin .* and other-vlm-plugin"):
+    # one entry-point name for both: the message offers the package:name form, which picks one
+    with pytest.raises(PluginError, match="acme-vlm-plugin .* and other-vlm-plugin .*") as info:
         registry.decoder("qwen2")
+    assert str(info.value).endswith(
+        "VLMKIT_DISABLE_PLUGINS=acme-vlm-plugin:vlm or VLMKIT_DISABLE_PLUGINS=other-vlm-plugin:vlm"
+    )
 
     # ``package:entry-point`` picks one of the two
     registry = Registry()
@@ -243,13 +256,35 @@ def test_installed_plugins_that_fail_to_import_or_register_are_recorded_with_one
     assert "\n" not in warning
     assert "acme-gpu from acme-vlm-plugin" in warning and "acme-missing" in warning and "acme-hook" in warning
     errors = {b.provider.plugin: b.error for b in registry.broken if b.provider.package == "acme-vlm-plugin"}
-    assert errors == {
-        "acme-gpu": "import failed: RuntimeError: acme-gpu needs CUDA",
-        "acme-missing": "import failed: ModuleNotFoundError: No module named 'acme_private_sdk'",
+    plugin_file = fake_site.path / "acme_vlm_plugin"
+    assert errors == {  # an import failure names the file and line that failed
+        "acme-gpu": f"import failed at {plugin_file / 'acme_gpu.py'}:1: RuntimeError: acme-gpu needs CUDA",
+        "acme-missing": f"import failed at {plugin_file / 'acme_missing.py'}:1: ModuleNotFoundError: "
+        "No module named 'acme_private_sdk'",
         "acme-hook": "register_datasets failed: KeyError: 'ACME_DATA_DIR'",
     }
+    # the full tracebacks travel with the warning, for vlmkit --debug
+    tracebacks = record[0].message.tracebacks
+    assert len(tracebacks) == 3 and all(t.startswith("Traceback (most recent call last)") for t in tracebacks)
+    assert any("acme_private_sdk" in t and "acme_missing.py" in t for t in tracebacks)
     assert registry.decoder("acme-lm").name == "acme-lm"
     assert registry.encoder("acme-vit").name == "acme-vit"
+
+
+def test_import_failure_in_a_module_the_plugin_imports_names_that_file_and_line(fake_site):
+    fake_site.add_dist(
+        "acme-vlm-plugin",
+        {
+            "acme": "import acme_vlm_plugin.helpers\n",
+            "helpers": "X = 1\n\n\ndef broken(:\n    pass\n",  # a syntax error on line 4
+        },
+    )
+    registry = Registry()
+    with pytest.warns(PluginWarning):
+        registry.load_entry_points({"VLMKIT_PLUGINS": "acme"})
+    (broken,) = registry.broken
+    helpers = fake_site.path / "acme_vlm_plugin" / "helpers.py"
+    assert broken.error.startswith(f"import failed at {helpers}:4: SyntaxError: ")
 
 
 class Unnamed(Shapes):
@@ -413,6 +448,37 @@ def test_allow_list_loads_only_the_named_entry_points(three_plugins, environ, lo
     registry.load_entry_points(environ)
     assert _loaded(registry) == loaded
     assert all(r.provider.package == "acme-vlm-plugin" for r in registry.all())
+
+
+@pytest.mark.parametrize(
+    ("environ", "unmatched"),
+    [
+        ({"VLMKIT_PLUGINS": "acme,acme-vison"}, "VLMKIT_PLUGINS entry 'acme-vison'"),
+        ({"VLMKIT_DISABLE_PLUGINS": "acme-dta"}, "VLMKIT_DISABLE_PLUGINS entry 'acme-dta'"),
+        (
+            {"VLMKIT_PLUGINS": "acme,nope", "VLMKIT_DISABLE_PLUGINS": "other-pkg:acme"},
+            "VLMKIT_PLUGINS entry 'nope', VLMKIT_DISABLE_PLUGINS entry 'other-pkg:acme'",
+        ),
+    ],
+)
+def test_an_entry_that_matches_no_installed_plugin_is_one_warning(three_plugins, environ, unmatched):
+    registry = Registry()
+    with pytest.warns(PluginWarning) as record:
+        registry.load_entry_points(environ)
+    (warning,) = [str(w.message) for w in record if "matches no installed" in str(w.message)]
+    assert warning.startswith(f"{unmatched} matches no installed vlmkit plugin (installed: ")
+    assert "acme, acme-data, acme-vision" in warning and "\n" not in warning
+    assert "acme" in _loaded(registry)  # the entries that match still apply
+
+
+def test_entries_that_match_warn_nothing(three_plugins):
+    registry = Registry()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PluginWarning)
+        registry.load_entry_points(
+            {"VLMKIT_PLUGINS": "acme,acme-vlm-plugin:acme-data", "VLMKIT_DISABLE_PLUGINS": "acme-data"}
+        )
+    assert _loaded(registry) == {"acme"}
 
 
 def test_deny_list_skips_the_named_entry_points(three_plugins):

@@ -406,3 +406,59 @@ def test_cli_export_prints_json_and_one_line_errors(exported, tmp_path, monkeypa
     args = ["export", "-m", str(model), "-o", str(tmp_path / "y"), "--embeddings", "float32"]
     onnx_only = runner.invoke(app, args)
     assert isinstance(onnx_only.exception, ConfigError) and "--format web only" in str(onnx_only.exception)
+
+
+# ------------------------------------------------------------------------------ teacher forcing
+
+
+def test_every_export_teacher_forces_real_captions_through_the_runtime(exported):
+    _, _, onnx = exported("siglip-llama")
+    checks = json.loads((onnx / "vlmkit-onnx.json").read_text())["checks"]
+    assert 0 <= checks["teacher_forced_max_rel_diff"] <= 1e-4
+
+
+def test_teacher_forcing_catches_an_embedding_table_written_raw_for_a_scaled_embedding_family(
+    tmp_path, monkeypatch
+):
+    """Gemma-2 multiplies token embeddings by sqrt(hidden) inside its embedding module. An export
+    that writes the raw weight passes the graph checks (random ``inputs_embeds`` never touch the
+    table); the teacher-forced check, fed real ids through the table, refuses it."""
+    from transformers import Gemma2Config
+
+    import vlmkit.export.onnx as onnx_export
+    from vlmkit.core.errors import ExportError
+    from vlmkit.export import export_vlm
+    from vlmkit.sdk.decoders import TransformersDecoderSpec
+    from vlmkit.testing import ToyEncoderSpec, tiny_decoder_checkpoint_from_config
+
+    class Gemma2Decoder(TransformersDecoderSpec):
+        name = "gemma2"
+        model_types = ("gemma2",)
+        lora_targets = ("q_proj", "v_proj")
+        layer_class = "Gemma2DecoderLayer"
+
+    config = Gemma2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+    )  # fmt: skip
+    checkpoint = tiny_decoder_checkpoint_from_config(config, "gemma", tmp_path / "gemma2")
+    registry = make_registry(ToyEncoderSpec(), Gemma2Decoder())
+    vlm = PrefixConditioningVLM.build(
+        {
+            "encoder": "vlmkit-toy",
+            "decoder": "gemma2",
+            "decoder_checkpoint": checkpoint,
+            "prompt": "Describe.",
+        },
+        registry=registry,
+    ).eval()
+    result = export_vlm(vlm, tmp_path / "ok")
+    assert result.checks["teacher_forced_max_rel_diff"] <= 1e-4
+
+    def raw_weight(lm, chunk=8192):  # the bug of the issue: the weight, not the module's output
+        return lm.get_input_embeddings().weight.detach().float().numpy()
+
+    monkeypatch.setattr(onnx_export, "embedding_table", raw_weight)
+    with pytest.raises(ExportError, match=r"exported decoder, teacher-forced on real caption ids .* differs"):
+        export_vlm(vlm, tmp_path / "broken")
+    assert not (tmp_path / "broken").exists()

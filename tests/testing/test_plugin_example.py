@@ -30,7 +30,8 @@ PLUGIN_MODULES = ("vlmkit_plugin_example", "vlmkit_sidecar")
 
 # --------------------------------------------------------------- a plugin written from the guide
 
-# Written by following docs/plugins.md only ("Datasets", "The hooks", "Publishing"): a dataset of
+# Written by following docs/plugins.md only ("Datasets", "The hooks", "Publishing"), importing only
+# the public surface (``vlmkit``), as the guide says: a dataset of
 # images that each have a caption in a text file beside them (photo.png + photo.txt).
 GUIDE_PYPROJECT = """\
 [build-system]
@@ -54,8 +55,9 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 import vlmkit
-from vlmkit.sdk.datasets import (
+from vlmkit import (
     DEFAULT_FRACTIONS,
+    DataError,
     ListDataset,
     SplitFractions,
     assign_split,
@@ -63,7 +65,6 @@ from vlmkit.sdk.datasets import (
     fingerprint,
     parse_options,
 )
-from vlmkit.core.errors import DataError
 
 
 class SidecarOptions(BaseModel):

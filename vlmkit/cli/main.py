@@ -5,7 +5,9 @@ Nothing here imports torch at module level: ``vlmkit --help`` and ``vlmkit plugi
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 import warnings
 
 import typer
@@ -15,6 +17,7 @@ from vlmkit.cli import caption as caption_cmd
 from vlmkit.cli import demo as demo_cmd
 from vlmkit.cli import eval as eval_cmd
 from vlmkit.cli import export as export_cmd
+from vlmkit.cli import inspect as inspect_cmd
 from vlmkit.cli import plugins as plugins_cmd
 from vlmkit.cli import train as train_cmd
 from vlmkit.core.errors import VlmkitError, VlmkitWarning
@@ -36,6 +39,7 @@ app.command("eval")(eval_cmd.eval_command)
 app.command("export")(export_cmd.export)
 app.command("caption")(caption_cmd.caption)
 app.command("demo")(demo_cmd.demo)
+app.command("inspect")(inspect_cmd.inspect_command)
 
 
 def _version(value: bool) -> None:
@@ -49,8 +53,20 @@ def root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the vlmkit version and exit."
     ),
+    debug: bool = typer.Option(
+        False,
+        "--debug",
+        help="Show full tracebacks: of errors, and of plugins that failed to load (or set VLMKIT_DEBUG=1).",
+    ),
 ) -> None:
     """vlmkit: prefix-conditioning image captioners from any encoder and decoder."""
+    if debug:
+        os.environ["VLMKIT_DEBUG"] = "1"  # read where the errors and plugin warnings are printed
+
+
+def debugging() -> bool:
+    """``--debug`` or ``VLMKIT_DEBUG=1``: tracebacks instead of one-line errors alone."""
+    return os.environ.get("VLMKIT_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def main() -> None:
@@ -64,6 +80,8 @@ def main() -> None:
     try:
         app(prog_name="vlmkit")
     except VlmkitError as exc:
+        if debugging():
+            traceback.print_exc()
         typer.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(1)
 
@@ -88,6 +106,8 @@ def _plugin_warnings_on_one_line() -> None:
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, VlmkitWarning):
             typer.secho(f"warning: {message}", fg="yellow", err=True)
+            for trace in getattr(message, "tracebacks", ()) if debugging() else ():
+                typer.echo(trace.rstrip(), err=True)
         elif category.__name__ == "DecompressionBombWarning":
             pass  # Pillow's; the image loader refuses such an image with its own error line
         else:

@@ -105,7 +105,7 @@ class VisionEncoder(Protocol):
     image_processing: Mapping[str, Any] | None
 
     def preprocess(self, images: Sequence[PIL.Image.Image]) -> torch.Tensor:
-        """RGB PIL images -> pixel values ``[B, 3, H, W]`` exactly as the checkpoint expects."""
+        """PIL images (other modes as ``convert("RGB")``) -> ``[B, 3, H, W]`` as the checkpoint expects."""
 
     def fingerprint(self) -> str:
         """A string that changes whenever features could change: weights, revision, preprocessing

@@ -6,7 +6,7 @@ error and skipped; the others keep working. Two plugins registering one name mak
 error that names both providers.
 
 Environment variables (an entry is an entry-point name, or ``package:name`` to pick one of two
-packages that use the same entry-point name):
+packages that use the same entry-point name; an entry that matches none is one warning):
   ``VLMKIT_PLUGINS``          comma-separated entry points: load only these
   ``VLMKIT_DISABLE_PLUGINS``  comma-separated entry points: never load these
 """
@@ -17,6 +17,7 @@ import difflib
 import functools
 import os
 import sys
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -35,7 +36,10 @@ _HOOK_KIND = {"register_encoders": "encoder", "register_decoders": "decoder", "r
 
 
 class PluginWarning(VlmkitWarning):
-    """Plugins failed to load and were skipped; the CLI prints it as one ``warning:`` line."""
+    """Plugins failed to load and were skipped (``tracebacks``: theirs, for ``vlmkit --debug``), or
+    a ``VLMKIT_PLUGINS`` entry matched nothing; the CLI prints it as one ``warning:`` line."""
+
+    tracebacks: tuple[str, ...] = ()
 
 
 @dataclass
@@ -46,8 +50,11 @@ class Provider:
     package: str
     version: str | None = None
     module: str | None = None
+    entry_point: bool = False  # found through an entry point, so VLMKIT_DISABLE_PLUGINS applies
 
     def __str__(self) -> str:
+        if self.entry_point:
+            return f"{self.package} (entry point {self.plugin!r}, module {self.module})"
         return f"{self.package} ({self.module or self.plugin})"
 
 
@@ -65,6 +72,7 @@ class BrokenPlugin:
 
     provider: Provider
     error: str
+    traceback: str = ""
 
 
 @dataclass
@@ -87,6 +95,7 @@ class Registry:
         disabled = _name_set(env.get("VLMKIT_DISABLE_PLUGINS")) or set()
         first_broken = len(self.broken)
         seen: set[tuple[str, str]] = set()
+        known = set()
         for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
             dist = ep.dist
             package = dist.name if dist else "unknown"
@@ -96,20 +105,23 @@ class Registry:
                 continue
             seen.add((package, ep.name))
             ids = {ep.name, f"{package}:{ep.name}"}
+            known |= ids
             if (only is not None and not ids & only) or ids & disabled:
                 continue
-            provider = Provider(
-                plugin=ep.name,
-                package=package,
-                version=dist.version if dist else None,
-                module=ep.value,
-            )
+            version = dist.version if dist else None
+            provider = Provider(ep.name, package, version, module=ep.value, entry_point=True)
             try:
                 plugin = ep.load()
             except Exception as exc:  # noqa: BLE001 - any import failure must be contained
-                self._record_broken(provider, f"import failed: {type(exc).__name__}: {exc}")
+                self._record_broken(provider, f"import failed{_where(exc)}: {type(exc).__name__}: {exc}", exc)
                 continue
             self._add_plugin(plugin, name=f"{package}:{ep.name}", provider=provider)
+        unmatched = [f"VLMKIT_PLUGINS entry {n!r}" for n in sorted((only or set()) - known)]
+        unmatched += [f"VLMKIT_DISABLE_PLUGINS entry {n!r}" for n in sorted(disabled - known)]
+        if unmatched:  # a typo would otherwise load everything (or nothing) without a word
+            installed = ", ".join(sorted(n for n in known if ":" not in n)) or "none"
+            message = f"{', '.join(unmatched)} matches no installed vlmkit plugin (installed: {installed})"
+            warnings.warn(message, PluginWarning, stacklevel=2)
         self._warn_broken(first_broken)
 
     def add_plugin(
@@ -124,12 +136,7 @@ class Registry:
         name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
         if provider is None:
             package = _package_of(plugin)
-            provider = Provider(
-                plugin=name,
-                package=package,
-                version=_version_of(package),
-                module=getattr(plugin, "__name__", None),
-            )
+            provider = Provider(name, package, _version_of(package), module=getattr(plugin, "__name__", None))
         try:
             self._pm.register(plugin, name=name)
         except Exception as exc:  # noqa: BLE001 - e.g. a hook with the wrong arguments
@@ -149,7 +156,7 @@ class Registry:
                 try:
                     impl.function(register=lambda spec, _k=kind: self._register(_k, spec, provider))
                 except Exception as exc:  # noqa: BLE001 - one bad plugin must not take others down
-                    self._record_broken(provider, f"{hook_name} failed: {type(exc).__name__}: {exc}")
+                    self._record_broken(provider, f"{hook_name} failed: {type(exc).__name__}: {exc}", exc)
 
     def _register(self, kind: str, spec: Any, provider: Provider) -> None:
         spec = check_spec(spec, kind)
@@ -162,18 +169,19 @@ class Registry:
         else:
             self.specs[key] = reg
 
-    def _record_broken(self, provider: Provider, error: str) -> None:
+    def _record_broken(self, provider: Provider, error: str, exc: BaseException | None = None) -> None:
         error = " ".join(error.split())  # one line
-        self.broken.append(BrokenPlugin(provider=provider, error=error))
+        trace = "".join(traceback.format_exception(exc)) if exc is not None else ""
+        self.broken.append(BrokenPlugin(provider=provider, error=error, traceback=trace))
 
     def _warn_broken(self, first: int) -> None:
         """One warning for everything that broke in one load, however many plugins that is."""
         new = self.broken[first:]
         if new:
             details = "; ".join(f"{b.provider.plugin} from {b.provider.package} ({b.error})" for b in new)
-            warnings.warn(
-                f"vlmkit plugins skipped: {details}. See 'vlmkit plugins list'.", PluginWarning, stacklevel=3
-            )
+            warning = PluginWarning(f"vlmkit plugins skipped: {details}. See 'vlmkit plugins list'.")
+            warning.tracebacks = tuple(b.traceback for b in new if b.traceback)
+            warnings.warn(warning, stacklevel=3)
 
     # ----------------------------------------------------------------------------- lookup
 
@@ -186,9 +194,12 @@ class Registry:
         key = (kind, name)
         if key in self.clashes:
             who = " and ".join(f"{r.provider}" for r in self.clashes[key])
+            eps = [r.provider for r in self.clashes[key] if r.provider.entry_point]
+            same = len({p.plugin for p in eps}) < len(eps)  # then only package:name picks one
+            how = " or ".join(f"VLMKIT_DISABLE_PLUGINS={f'{p.package}:' * same}{p.plugin}" for p in eps)
             raise PluginError(
                 f"{kind} name {name!r} is registered by both {who}; uninstall one, or exclude one with "
-                "VLMKIT_DISABLE_PLUGINS"
+                f"{how or 'VLMKIT_DISABLE_PLUGINS'}"
             )
         if key in self.specs:
             return self.specs[key]
@@ -224,6 +235,14 @@ def did_you_mean(name: str, names: list[str]) -> str:
     """``"; did you mean 'x'?"`` for the closest of ``names``, or ``"."`` when none is close."""
     close = difflib.get_close_matches(name, names, n=1)
     return f"; did you mean {close[0]!r}?" if close else "."
+
+
+def _where(exc: BaseException) -> str:
+    """`` at file:line`` of an import failure: the syntax error's, else the deepest frame of real code."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f" at {exc.filename}:{exc.lineno}"
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<")]
+    return f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
 
 
 def _name_set(value: str | None) -> set[str] | None:

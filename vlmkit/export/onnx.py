@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from vlmkit import __version__
+from vlmkit.core.contracts import RESAMPLE
 from vlmkit.core.errors import ConfigError, ExportError, VlmkitError
 from vlmkit.export import step
 from vlmkit.runtime import onnx as onnx_runtime
@@ -63,16 +64,7 @@ def write_onnx(vlm, folder: Path, *, opset: int, quantize: str | None, source, o
     step(on_step, "exporting the vision graph (encoder + projection)")
     vision = VisionGraph(vlm.encoder, vlm.projection).eval()
     pixels = vlm.preprocess(probe_images()[:2]).float()
-    _onnx_export(
-        vision,
-        (pixels,),
-        folder / "vision.onnx",
-        opset=opset,
-        input_names=["pixel_values"],
-        output_names=["prefix_embeds"],
-        dynamic_axes={"pixel_values": {0: "batch"}, "prefix_embeds": {0: "batch"}},
-        what="vision graph",
-    )
+    export_vision_graph(vision, pixels, folder / "vision.onnx", opset=opset)
 
     step(on_step, "merging LoRA into a copy of the decoder")
     lm = merged_decoder(vlm)
@@ -112,7 +104,7 @@ def write_onnx(vlm, folder: Path, *, opset: int, quantize: str | None, source, o
     tokenizer.save_pretrained(str(folder))
 
     step(on_step, "checking the graphs against PyTorch")
-    checks["vision_max_rel_diff"] = _check_vision(folder / "vision.onnx", vision, pixels)
+    checks["vision_max_rel_diff"] = check_vision_graph(folder / "vision.onnx", vision, pixels)
     checks["decoder_max_rel_diff"] = _check_decoder(folder / "decoder.onnx", decoder_step, layout)
 
     variants: dict[str, Any] = {"fp32": {"vision": "vision.onnx", "decoder": "decoder.onnx"}}
@@ -172,7 +164,36 @@ def write_onnx(vlm, folder: Path, *, opset: int, quantize: str | None, source, o
         "checks": checks,
     }
     (folder / onnx_runtime.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    step(on_step, "teacher-forcing real captions through the runtime against PyTorch")
+    checks["teacher_forced_max_rel_diff"] = check_teacher_forced(vlm, folder)  # in the manifest's dict
+    (folder / onnx_runtime.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return checks
+
+
+#: captions teacher-forced through the export: real ids go through ``embed_tokens.npy`` and the
+#: prompt the runtime assembles, which the random ``inputs_embeds`` of the graph check never do
+TEACHER_FORCED = ("A red circle on the left.", "Two dogs play in the snow near a small wooden house.")
+
+
+def check_teacher_forced(vlm, folder: Path) -> float:
+    """The runtime's logits before each target token (caption + end token), fed the real ids, equal
+    PyTorch's from the model's own forward; ``ExportError`` past ``TOLERANCE``. Catches what a
+    family does to token embeddings (Gemma scales them inside its embedding module) or to long
+    sequences (sliding windows) that the export failed to carry over."""
+    from vlmkit.core.model import IGNORE_INDEX
+
+    runtime = onnx_runtime.OnnxCaptioner(folder, variant="fp32", threads=torch.get_num_threads())
+    pixels = vlm.preprocess(probe_images()[: len(TEACHER_FORCED)]).float()
+    batch = vlm.tokenize(list(TEACHER_FORCED))
+    with torch.no_grad():
+        logits = vlm(**batch.to_dict(), pixel_values=pixels, return_logits=True)["logits"].float()
+    want, targets = [], []
+    for row in range(len(TEACHER_FORCED)):
+        at = (batch.labels[row] != IGNORE_INDEX).nonzero().squeeze(1)
+        targets.append(batch.input_ids[row, at].tolist())
+        want.append(logits[row, at - 1].numpy())  # the position before a token predicts it
+    got = runtime.teacher_forced_logits(pixels.numpy(), targets)
+    return _compare("decoder, teacher-forced on real caption ids through embed_tokens.npy,", want, got)
 
 
 def merged_decoder(vlm):
@@ -257,6 +278,21 @@ def _pooling_matrix(size: int, out: int):
         lo, hi = (i * size) // out, math.ceil((i + 1) * size / out)
         m[i, lo:hi] = 1.0 / (hi - lo)
     return m
+
+
+def export_vision_graph(vision: nn.Module, pixels, path: Path, *, opset: int) -> None:
+    """Write ``vision`` (pixels -> embeddings, e.g. a ``VisionGraph``) to ``path``, traced on
+    ``pixels``, with a dynamic batch axis; ``check_vision_graph`` compares it with PyTorch."""
+    _onnx_export(
+        vision,
+        (pixels,),
+        path,
+        opset=opset,
+        input_names=["pixel_values"],
+        output_names=["prefix_embeds"],
+        dynamic_axes={"pixel_values": {0: "batch"}, "prefix_embeds": {0: "batch"}},
+        what="vision graph",
+    )
 
 
 class VisionGraph(nn.Module):
@@ -363,12 +399,21 @@ def _session(path: Path):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _check_vision(path: Path, vision, pixels) -> float:
+def check_vision_graph(path: Path, vision, pixels) -> float:
+    """The exported vision graph on ``pixels`` (another batch size than traced) against PyTorch:
+    the largest relative difference; ``ExportError`` past ``TOLERANCE``."""
     session = _session(path)
     x = torch.cat([pixels, pixels.flip(0), pixels[:1]])  # another batch size than traced
     with torch.no_grad():
         want = vision(x).numpy()
-    (got,) = session.run(None, {"pixel_values": x.numpy()})
+    try:
+        (got,) = session.run(None, {"pixel_values": x.numpy()})
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's errors: one line, saying what it means
+        first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise ExportError(
+            f"the exported vision graph fails on a batch of {len(x)} images, another size than traced: the "
+            f"encoder's forward fixes the batch size somewhere (a tensor built per image?): {first[:300]}"
+        ) from exc
     return _compare("vision graph", [want], [got])
 
 
@@ -452,8 +497,39 @@ def describe_preprocessing(encoder) -> dict[str, Any]:
             "reproduce its preprocessing; declare it (see vlmkit.VisionEncoder.image_processing)"
         )
     spec = json.loads(json.dumps(dict(declared)))
+    _check_declared(spec, type(encoder).__name__)
     spec["input_size"] = [int(s) for s in spec["input_size"]]
     return spec
+
+
+#: the keys a declared preprocessing must have (``vlmkit.VisionEncoder.image_processing``), by part
+DECLARED_KEYS = {
+    None: ("input_size", "rescale_factor", "mean", "std"),
+    "resize": ("size", "resample"),
+    "center_crop": ("height", "width"),
+}
+
+
+def _check_declared(spec: dict[str, Any], encoder: str) -> None:
+    """A malformed declaration is one ``ConfigError`` naming the part and key, not a ``KeyError``
+    in the runtime."""
+    for part, keys in DECLARED_KEYS.items():
+        given = spec if part is None else spec.get(part)
+        where = "image_processing" + ("" if part is None else f"[{part!r}]")
+        if given is None and part is not None:
+            continue  # no resize, no crop
+        if not isinstance(given, dict):
+            raise ConfigError(f"encoder {encoder}: {where} must be a dict or None, got {given!r}")
+        missing = [k for k in keys if k not in given]
+        if missing:
+            raise ConfigError(
+                f"encoder {encoder}: {where} lacks {', '.join(missing)} (see vlmkit.VisionEncoder)"
+            )
+    resample = (spec.get("resize") or {}).get("resample", "bicubic")
+    if resample not in RESAMPLE:
+        raise ConfigError(
+            f"encoder {encoder}: unknown resample {resample!r}; use one of {', '.join(RESAMPLE)}"
+        )
 
 
 def probe_images():

@@ -380,43 +380,68 @@ class OnnxCaptioner:
             text = clean_up_tokenization(text)
         return text.strip()
 
-    def _greedy(self, prefix: np.ndarray, max_new_tokens: int) -> list[list[int]]:
-        tokens = self.manifest["tokens"]
-        batch = prefix.shape[0]
-        table = self.embed_tokens
+    def teacher_forced_logits(
+        self, pixel_values: np.ndarray, targets: Sequence[Sequence[int]]
+    ) -> list[np.ndarray]:
+        """Teacher forcing, one image at a time: for each image and its target ids, the logits
+        ``[len(target), V]`` before each target token (from the prompt, then after each given
+        token), through the same embedding table, prompt and decoder steps as ``generate``. The
+        export checks them against PyTorch's logits for the same ids."""
+        out = []
+        for pixels, target in zip(pixel_values, targets, strict=True):
+            embeds, length = self._prompt(self.image_prefix(pixels[None]))
+            past, rows = self._empty_past(1), []
+            for token in [None, *target[:-1]]:  # the prompt predicts target[0], then each token the next
+                if token is not None:
+                    embeds, length = self._embed([token])[:, None], length + 1
+                logits, past = self._step(embeds, length, past)
+                rows.append(logits[0, -1])
+            out.append(np.stack(rows))
+        return out
 
-        def embed(ids) -> np.ndarray:
-            return np.asarray(table[np.asarray(ids, dtype=np.int64)], dtype=self._dtype)
+    def _embed(self, ids) -> np.ndarray:
+        return np.asarray(self.embed_tokens[np.asarray(ids, dtype=np.int64)], dtype=self._dtype)
 
-        before, after = embed(tokens["before"]), embed(tokens["after"])
+    def _prompt(self, prefix: np.ndarray) -> tuple[np.ndarray, int]:
+        """``before + [image prefix] + after`` embedded, for every row; and its length."""
+        tokens, batch = self.manifest["tokens"], prefix.shape[0]
+        before, after = self._embed(tokens["before"]), self._embed(tokens["after"])
         parts = [np.broadcast_to(before, (batch, *before.shape)), prefix.astype(self._dtype)]
         parts.append(np.broadcast_to(after, (batch, *after.shape)))
         embeds = np.ascontiguousarray(np.concatenate(parts, axis=1))
-        length = embeds.shape[1]
-        empty = np.zeros((batch, *self._kv_shape[:1], 0, self._kv_shape[1]), dtype=self._dtype)
-        past = dict.fromkeys(self._past_names, empty)
-        positions = np.arange(length, dtype=np.int64)[None].repeat(batch, 0)
+        return embeds, embeds.shape[1]
 
+    def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        empty = np.zeros((batch, self._kv_shape[0], 0, self._kv_shape[1]), dtype=self._dtype)
+        return dict.fromkeys(self._past_names, empty)
+
+    def _step(self, embeds: np.ndarray, length: int, past: dict) -> tuple[np.ndarray, dict]:
+        """One decoder run over ``embeds`` (the last ``embeds.shape[1]`` of ``length`` positions)."""
+        batch, new = embeds.shape[:2]
+        feed = {
+            "inputs_embeds": embeds,
+            "attention_mask": np.ones((batch, length), dtype=np.int64),
+            "position_ids": np.arange(length - new, length, dtype=np.int64)[None].repeat(batch, 0),
+            **past,
+        }
+        logits, *present = self.decoder.run(None, feed)
+        return logits, dict(zip(self._past_names, present, strict=True))
+
+    def _greedy(self, prefix: np.ndarray, max_new_tokens: int) -> list[list[int]]:
+        batch = prefix.shape[0]
+        embeds, length = self._prompt(prefix)
+        past = self._empty_past(batch)
         generated = np.zeros((batch, 0), dtype=np.int64)
         done = np.zeros(batch, dtype=bool)
         for _ in range(max_new_tokens):
-            feed = {
-                "inputs_embeds": embeds,
-                "attention_mask": np.ones((batch, length), dtype=np.int64),
-                "position_ids": positions,
-                **past,
-            }
-            logits, *present = self.decoder.run(None, feed)
+            logits, past = self._step(embeds, length, past)
             next_ids = logits[:, -1].argmax(-1).astype(np.int64)
             next_ids[done] = self.pad_token_id  # a finished row only waits for the others
             generated = np.concatenate([generated, next_ids[:, None]], axis=1)
             done |= np.isin(next_ids, self._stops)
             if done.all():
                 break
-            past = dict(zip(self._past_names, present, strict=True))
-            embeds = embed(next_ids)[:, None]
-            positions = np.full((batch, 1), length, dtype=np.int64)
-            length += 1
+            embeds, length = self._embed(next_ids)[:, None], length + 1
 
         return cut_at_stop(generated.tolist(), self.stop_token_ids)
 

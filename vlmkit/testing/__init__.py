@@ -17,9 +17,13 @@ plugins. A plugin package's tests typically read::
 The contract suite (``vlmkit.testing.contract``): each ``check_*`` raises ``AssertionError`` saying
 which promise broke, and returns a small report of what it measured.
 
-- ``check_encoder(spec, checkpoint, tmp_path=None)``: loads frozen; features of the declared
-  shape and grid; stable fingerprint; ``layers()``. Given ``tmp_path``, also
-  ``check_encoder_round_trip``.
+- ``check_encoder(spec, checkpoint, tmp_path=None, *, onnx=True)``: loads frozen; features of the
+  declared shape and grid; stable fingerprint; ``layers()``; ``check_encoder_runtime``. Given
+  ``tmp_path``, also ``check_encoder_round_trip``.
+- ``check_encoder_runtime(spec, checkpoint, tmp_path=None, *, onnx=True)``: the preprocessing
+  declared as data (``image_processing``), run by the torch-free runtimes, equals ``preprocess``
+  on ``awkward_images()`` (wide, tall, tiny, greyscale, RGBA, palette); with ``onnx``, the encoder's
+  ONNX graph equals PyTorch at another batch size than traced.
 - ``check_encoder_round_trip(spec, checkpoint, tmp_path, *, unfreeze=2, steps=3)``: trains the
   last ``unfreeze`` blocks a few steps (with ``ToyDecoderSpec``): frozen blocks stay in eval mode
   and unchanged (batch-norm statistics included); after save and load, the encoder state,
@@ -30,7 +34,8 @@ which promise broke, and returns a small report of what it measured.
   label masking per style; one training step; the target-only loss equals the model's own
   full-logits loss at realistic logit magnitudes; with random LoRA and projection: batched
   generation = one by one, save/move/load round trip, and (``onnx``) the ONNX export captions
-  exactly as PyTorch. Uses ``ToyEncoderSpec`` unless ``encoder`` is given.
+  exactly as PyTorch (the export's self-checks include teacher forcing real captions through the
+  runtime). Uses ``ToyEncoderSpec`` unless ``encoder`` is given.
 - ``check_dataset(spec, options=None, *, seed=0, sample=32)``: three non-empty, deterministic,
   disjoint splits of captioned RGB images with stable fingerprints.
 - ``ToyEncoderSpec``: a tiny deterministic encoder (16 tokens of 16 dims) to pair with a decoder.
@@ -39,7 +44,8 @@ which promise broke, and returns a small report of what it measured.
   ``PrefixConditioningVLM`` from specs that are not installed.
 - ``registry_of(plugin_module)``: a fresh ``Registry`` holding what your plugin module registers
   through the hooks (as its entry point would).
-- ``sample_images(n=2)``: ``n`` small distinct RGB PIL images.
+- ``sample_images(n=2)``: ``n`` small distinct RGB PIL images; ``awkward_images()``: named images
+  of awkward sizes and modes.
 
 Tiny checkpoints of real architectures, random weights, built offline in about a second
 (imported on first use; ``vlmkit.testing.tiny_decoders`` and ``.tiny_encoders`` document them):
@@ -65,10 +71,12 @@ from typing import Any
 from vlmkit.testing.contract import (
     ToyDecoderSpec,
     ToyEncoderSpec,
+    awkward_images,
     check_dataset,
     check_decoder,
     check_encoder,
     check_encoder_round_trip,
+    check_encoder_runtime,
     make_registry,
     registry_of,
     sample_images,
@@ -87,10 +95,12 @@ __all__ = [
     "TOKENIZER_STYLES",
     "ToyDecoderSpec",
     "ToyEncoderSpec",
+    "awkward_images",
     "check_dataset",
     "check_decoder",
     "check_encoder",
     "check_encoder_round_trip",
+    "check_encoder_runtime",
     "make_registry",
     "registry_of",
     "sample_images",

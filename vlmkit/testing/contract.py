@@ -140,11 +140,13 @@ def sample_images(n: int = 2):
 
 
 def check_encoder(
-    spec: EncoderSpec, checkpoint: str | None, tmp_path: str | Path | None = None
+    spec: EncoderSpec, checkpoint: str | None, tmp_path: str | Path | None = None, *, onnx: bool = True
 ) -> dict[str, Any]:
     """An encoder plugin loads ``checkpoint`` frozen, preprocesses any RGB image to one shape,
     returns ``[B, num_tokens, feature_dim]`` features whose grid matches, has a stable
-    fingerprint, and names its layers. Given ``tmp_path``, also ``check_encoder_round_trip``."""
+    fingerprint, and names its layers; ``check_encoder_runtime`` (its preprocessing declared as
+    data, and with ``onnx`` its ONNX graph, equal to PyTorch's). Given ``tmp_path``, also
+    ``check_encoder_round_trip``."""
     import torch
 
     encoder = spec.load(checkpoint)
@@ -171,8 +173,104 @@ def check_encoder(
     assert spec.load(checkpoint).fingerprint() == fp, "fingerprint must be stable across loads"
     assert len(list(encoder.layers())) > 0, "layers() must list the encoder blocks"
     report = {"num_tokens": encoder.num_tokens, "feature_dim": encoder.feature_dim, "fingerprint": fp}
+    report["runtime"] = check_encoder_runtime(spec, checkpoint, tmp_path, onnx=onnx, encoder=encoder)
     if tmp_path is not None:
         report["round_trip"] = check_encoder_round_trip(spec, checkpoint, tmp_path)
+    return report
+
+
+def awkward_images() -> dict[str, Any]:
+    """Images a runtime must preprocess exactly as the encoder does, by name: wide, tall, tiny
+    (smaller than any crop), greyscale, RGBA (alpha to drop) and palette, of deterministic noise."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+
+    def noise(h: int, w: int, channels: int = 3):
+        return rng.integers(0, 256, (h, w, channels), dtype=np.uint8)
+
+    return {
+        "wide": Image.fromarray(noise(37, 121)),
+        "tall": Image.fromarray(noise(150, 41)),
+        "tiny": Image.fromarray(noise(3, 5)),
+        "greyscale": Image.fromarray(noise(64, 48, 1)[..., 0], "L"),
+        "rgba": Image.fromarray(noise(45, 45, 4), "RGBA"),
+        "palette": Image.fromarray(noise(30, 70)).convert("P"),
+    }
+
+
+#: how far the runtimes' preprocessing may be from the encoder's (pixel values), as at export
+PREPROCESSING_TOLERANCE = 1e-4
+
+
+def check_encoder_runtime(
+    spec: EncoderSpec,
+    checkpoint: str | None,
+    tmp_path: str | Path | None = None,
+    *,
+    onnx: bool = True,
+    encoder: VisionEncoder | None = None,
+) -> dict[str, Any]:
+    """The encoder's preprocessing declared as data (``VisionEncoder.image_processing``) is what
+    it does: the torch-free runtimes' numpy preprocessing (ONNX, and the browser's port of it)
+    run from the declaration gives the pixels ``preprocess`` gives, on ``awkward_images`` passed
+    as they are (a user's ``vlm.generate(images)`` does not convert them either). With ``onnx``,
+    the encoder exported as an ONNX graph computes PyTorch's features on those pixels."""
+    from vlmkit.core.errors import VlmkitError
+
+    try:
+        return _check_encoder_runtime(spec, checkpoint, tmp_path, onnx, encoder)
+    except VlmkitError as exc:
+        raise AssertionError(f"encoder {spec.name!r}: {type(exc).__name__}: {exc}") from exc
+
+
+def _check_encoder_runtime(spec, checkpoint, tmp_path, onnx, encoder) -> dict[str, Any]:
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    from vlmkit.export.onnx import describe_preprocessing
+    from vlmkit.runtime.onnx import preprocess_images
+
+    encoder = encoder if encoder is not None else spec.load(checkpoint)
+    assert getattr(encoder, "image_processing", None) is not None, (
+        f"{spec.name}: the encoder declares no image_processing, so the ONNX and browser runtimes "
+        "cannot preprocess for it; declare it (see vlmkit.VisionEncoder.image_processing)"
+    )
+    declared = describe_preprocessing(encoder)
+    worst, pixels = 0.0, []
+    for name, image in awkward_images().items():
+        want = encoder.preprocess([image]).float()
+        got = preprocess_images([image], declared)
+        what = f"{spec.name}: on the {name} image ({image.width}x{image.height}, {image.mode})"
+        assert got.shape == tuple(want.shape), (
+            f"{what} the declared image_processing makes {got.shape[1:]} pixels, preprocess "
+            f"{tuple(want.shape[1:])}"
+        )
+        diff = float(np.abs(got - want.numpy()).max())
+        assert diff <= PREPROCESSING_TOLERANCE, (
+            f"{what} the declared image_processing gives pixels up to {diff:.3g} away from preprocess's: "
+            "the ONNX and browser runtimes would see another image; make it describe preprocess exactly"
+        )
+        worst = max(worst, diff)
+        pixels.append(want)
+    report: dict[str, Any] = {"preprocessing_max_abs_diff": worst}
+    if onnx:
+        try:
+            import onnxruntime  # noqa: F401
+
+            from vlmkit.export import DEFAULT_OPSET
+            from vlmkit.export.onnx import VisionGraph, check_vision_graph, export_vision_graph
+        except ImportError as exc:
+            raise AssertionError(f"the ONNX check needs vlmkit[onnx] ({exc}); or pass onnx=False") from exc
+        vision = VisionGraph(encoder, torch.nn.Identity()).eval()
+        batch = torch.cat(pixels)
+        with tempfile.TemporaryDirectory(dir=tmp_path) as folder:
+            path = Path(folder) / f"{spec.name}-encoder.onnx"
+            export_vision_graph(vision, batch[:2], path, opset=DEFAULT_OPSET)
+            report["onnx_max_rel_diff"] = check_vision_graph(path, vision, batch)
     return report
 
 

@@ -144,7 +144,8 @@ def _naflex_tokens(model, pixel_values, *, patch_size: int):
         .reshape(b, rows * cols, patch_size * patch_size * c)
     )
     mask = torch.ones(b, rows * cols, dtype=torch.int32, device=pixel_values.device)
-    shapes = torch.tensor([[rows, cols]] * b, dtype=torch.long, device=pixel_values.device)
+    # expanded from the batch size, not built for it: an ONNX trace would fix the batch otherwise
+    shapes = torch.tensor([[rows, cols]], dtype=torch.long, device=pixel_values.device).expand(b, 2)
     return model(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=shapes).last_hidden_state
 
 

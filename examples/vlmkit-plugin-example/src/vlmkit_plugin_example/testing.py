@@ -55,32 +55,19 @@ def tiny_mistral_tokenizer(*, chat: bool = True):
     return tokenizer
 
 
-def tiny_mistral_checkpoint(path: str | Path | None = None, *, chat: bool = True, seed: int = 0) -> str:
+def tiny_mistral_checkpoint(path: str | Path | None = None, *, chat: bool = True) -> str:
     """Save a tiny random ``MistralForCausalLM`` (2 layers, width 64) with ``tiny_mistral_tokenizer``
     to ``path`` (default: a new temporary folder) and return the folder, ready for
     ``MistralDecoder().load(folder)``.
 
-    When a family's tokenizer follows one of ``vlmkit.testing.TOKENIZER_STYLES`` as it is, this is
-    one call: ``tiny_decoder_checkpoint_from_config(MistralConfig(...), style, path)``. Mistral's EOS
-    and template differ from every style, so the tokenizer is made first and the model sized to it.
+    ``vlmkit.testing.tiny_decoder_checkpoint_from_config`` takes a style name or, as here, a
+    tokenizer you built: it sizes the model's vocabulary and special ids to it and seeds the
+    weights without touching torch's global generator. The pad id stays unset, as in the real
+    checkpoints (vlmkit's loader sets pad = EOS).
     """
-    import torch
-    from transformers import GenerationConfig, MistralConfig, MistralForCausalLM
+    from transformers import MistralConfig
+    from vlmkit.testing import tiny_decoder_checkpoint_from_config
 
     path = Path(path) if path is not None else Path(tempfile.mkdtemp(prefix="tiny-mistral-"))
-    path.mkdir(parents=True, exist_ok=True)
     tokenizer = tiny_mistral_tokenizer(chat=chat)
-    tokenizer.save_pretrained(str(path))
-    config = MistralConfig(
-        **TINY_CONFIG,
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=None,  # as the real checkpoints: vlmkit's loader sets pad = EOS
-    )
-    with torch.random.fork_rng(devices=[]):  # seeded weights, the caller's RNG left alone
-        torch.manual_seed(seed)
-        model = MistralForCausalLM(config)
-    model.generation_config = GenerationConfig.from_model_config(config)
-    model.save_pretrained(str(path))
-    return str(path)
+    return tiny_decoder_checkpoint_from_config(MistralConfig(**TINY_CONFIG), tokenizer, path)
