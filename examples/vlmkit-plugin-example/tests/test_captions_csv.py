@@ -108,3 +108,19 @@ def test_malformed_csv_files_are_refused_naming_the_line(tmp_path, content, mess
 def test_a_misspelt_option_is_named_with_a_suggestion(csv_file):
     with pytest.raises(ConfigError, match=r"unknown option 'paht' \(did you mean 'path'\?\)"):
         SPEC.load("train", {"paht": str(csv_file)})
+
+
+def test_a_download_over_the_size_limit_is_refused_and_nothing_is_kept(tmp_path, monkeypatch):
+    import vlmkit_plugin_example.captions_csv as module
+
+    (path, caption), *_ = write_images(tmp_path, 1)
+    url = (tmp_path / path).as_uri()
+    csv = write_csv(tmp_path / "captions.csv", [{"url": url, "caption": caption}])
+    downloads = tmp_path / "dl"
+    monkeypatch.setattr(module, "MAX_DOWNLOAD_BYTES", 10)  # the 32x32 PNG is larger than this
+    options = {"path": str(csv), "download_dir": str(downloads), "split_fractions": [1, 0, 0]}
+
+    (example,) = SPEC.load("train", options)
+    with pytest.raises(DataError, match=r"is over 10 bytes, too large for an image"):
+        example.load_image()
+    assert not any(downloads.iterdir())  # no partial file left behind

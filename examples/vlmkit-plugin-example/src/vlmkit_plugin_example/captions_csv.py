@@ -72,6 +72,10 @@ class CaptionsCsvOptions(BaseModel):
     )
 
 
+#: a download larger than this is refused (an image is a few MB; a bigger answer is not one)
+MAX_DOWNLOAD_BYTES = 32 * 2**20
+
+
 @dataclass(frozen=True)
 class UrlImage:
     """An image downloaded on first use and kept on disk.
@@ -106,13 +110,18 @@ class UrlImage:
         file.parent.mkdir(parents=True, exist_ok=True)
         try:
             with urllib.request.urlopen(self.url, timeout=self.timeout) as response:  # noqa: S310
-                data = response.read()
+                data = response.read(MAX_DOWNLOAD_BYTES + 1)  # never the whole of a runaway response
         except (OSError, ValueError) as exc:  # URLError, timeouts and refused connections are OSErrors
             reason = getattr(exc, "reason", None) or exc
             raise DataError(
                 f"captions-csv: cannot download {self.url} ({reason}). Offline? Download the images and "
                 "list them in a 'path' column instead"
             ) from exc
+        if len(data) > MAX_DOWNLOAD_BYTES:
+            raise DataError(
+                f"captions-csv: {self.url} is over {MAX_DOWNLOAD_BYTES:,} bytes, too large for an image; "
+                "download it yourself and list it in a 'path' column"
+            )
         # write then rename: an interrupted download never leaves a truncated image behind
         fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=".download-")
         with os.fdopen(fd, "wb") as out:
