@@ -164,6 +164,7 @@ def objects_of(caption: str) -> Counter:
 
 def score(rows: list[dict[str, Any]]) -> dict[str, float]:
     from vlmkit.evaluate.metrics import exact_match, score_captions
+    from vlmkit.plugins.datasets.scenes import colour_swap
 
     preds = {r["id"]: r["prediction"] for r in rows}
     refs = {r["id"]: r["references"] for r in rows}
@@ -177,9 +178,7 @@ def score(rows: list[dict[str, Any]]) -> dict[str, float]:
         pred, ref = objects_of(r["prediction"]), objects_of(r["references"][0])
         hit = sum((pred & ref).values())
         f1s.append(2 * hit / (sum(pred.values()) + sum(ref.values())) if pred or ref else 1.0)
-        no_colour = Counter((s, sh) for s, _, sh in pred.elements())
-        if pred != ref and no_colour == Counter((s, sh) for s, _, sh in ref.elements()):
-            swaps += 1
+        swaps += colour_swap(r["prediction"], r["references"][0])
     out["object_f1"] = sum(f1s) / len(f1s)
     out["colour_swap"] = swaps / len(rows)
     return out

