@@ -59,6 +59,64 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+class Torchrun:
+    """``torch.distributed.run --standalone`` with 2 gloo CPU processes, as a user launches it.
+
+    ``torchrun(*args, env=..., timeout=...)`` runs ``args`` (a script and its arguments, or
+    ``-m module ...``) and returns the finished process; a run past ``timeout`` (a rank waiting for
+    ever, most likely) fails the test with the end of its stderr. ``start`` launches it in its own
+    process group, for tests that kill it.
+    """
+
+    def command(self, *args: str, nproc: int = 2) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(nproc),
+            *args,
+        ]
+
+    def env(self, **extra: str) -> dict[str, str]:
+        import os
+
+        return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
+
+    def __call__(self, *args: str, env: dict[str, str] | None = None, timeout: float = 120):
+        import subprocess
+
+        try:
+            return subprocess.run(
+                self.command(*map(str, args)),
+                env=self.env(**(env or {})),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired as exc:
+            pytest.fail(f"torchrun did not finish in {timeout} s; stderr:\n{(exc.stderr or b'')[-4000:]!r}")
+
+    def start(self, *args: str, env: dict[str, str] | None = None, stderr=None):
+        import subprocess
+
+        return subprocess.Popen(
+            self.command(*map(str, args)),
+            env=self.env(**(env or {})),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            text=True,
+            start_new_session=True,  # its own process group: os.killpg reaches torchrun and every rank
+        )
+
+
+@pytest.fixture(scope="session")
+def torchrun():
+    """A ``Torchrun``: 2 gloo CPU processes (``tests/train/test_distributed.py`` and others)."""
+    return Torchrun()
+
+
 @pytest.fixture(scope="module")
 def vlmkit_home(tmp_path_factory):
     """A temporary ``VLMKIT_HOME`` for a module: feature caches and converted checkpoints land

@@ -346,16 +346,10 @@ dist.destroy_process_group()
 """
 
 
-def test_under_torch_distributed_rank_zero_alone_checks_the_folder(photo_folder, tmp_path):
-    import os
-
+def test_under_torch_distributed_rank_zero_alone_checks_the_folder(torchrun, photo_folder, tmp_path):
     (tmp_path / "worker.py").write_text(FOLDER_WORKER)
-    env = {**os.environ, "VLMKIT_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(tmp_path / "worker.py"), str(photo_folder), str(tmp_path),
-    ]  # fmt: skip
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    home = {"VLMKIT_HOME": str(tmp_path / "home")}
+    run = torchrun(tmp_path / "worker.py", photo_folder, tmp_path, env=home)
     assert run.returncode == 0, run.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert len(ranks[0]["decoded"]) == 40 and ranks[1]["decoded"] == []  # once, for both splits

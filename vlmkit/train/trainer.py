@@ -18,7 +18,9 @@ from vlmkit.evaluate.loop import caption_and_score
 from vlmkit.train.config import TrainConfig
 from vlmkit.train.data import CaptionTrainingSet, LengthGroupedSampler, SamplerEpoch
 from vlmkit.train.distributed import (
+    TRAINABLE_FILE,
     check_fsdp_applies,
+    fsdp1_root,
     is_sharded,
     load_trainable,
     trainable_state_dict,
@@ -26,8 +28,6 @@ from vlmkit.train.distributed import (
 )
 
 log = logging.getLogger(__name__)
-
-TRAINABLE_FILE = "trainable.safetensors"
 
 
 def optimizer_param_groups(model: PrefixConditioningVLM, config: TrainConfig) -> list[dict[str, Any]]:
@@ -147,7 +147,10 @@ class VLMTrainer(Trainer):
             raise ConfigError(
                 f"checkpoint {checkpoint} has no {TRAINABLE_FILE}; it was not written by vlmkit train"
             )
-        model = self.accelerator.unwrap_model(self.model)
+        # FSDP1: the wrapped model, whose root unit gathers the full parameters to load into
+        model = (
+            self.model if fsdp1_root(self.model) is not None else self.accelerator.unwrap_model(self.model)
+        )
         load_trainable(model, load_file(str(file)), source=f"checkpoint {checkpoint}")
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
