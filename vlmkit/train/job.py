@@ -33,7 +33,7 @@ from transformers.trainer_utils import TrainOutput
 
 from vlmkit.core.errors import ConfigError, DataError, VlmkitWarning
 from vlmkit.core.model import PrefixConditioningVLM
-from vlmkit.sdk.datasets import BadImagesError, data_sources, load_split, tsv_field
+from vlmkit.sdk.datasets import BadImagesError, data_sources, dataset_cache_root, load_split, tsv_field
 from vlmkit.train.config import TrainConfig
 from vlmkit.train.data import CaptionTrainingSet, Collator
 from vlmkit.train.distributed import save_model
@@ -207,7 +207,8 @@ def train(
         log.info("training on %s", placement.describe())
 
     # the data first: a bad file fails the run in seconds, not after minutes of loading weights
-    train_data, eval_data = _load_data(config, registry, write_list=args.process_index == 0)
+    with dataset_cache_root(config.cache_dir):  # remembered image checks beside the features
+        train_data, eval_data = _load_data(config, registry, write_list=args.process_index == 0)
     set_seed(config.seed)  # after the data: a loader drawing random numbers does not change the model
     model = PrefixConditioningVLM.build(
         config.model, registry=registry, seed=config.seed, dtype=placement.dtype
