@@ -6,7 +6,8 @@ state of the unfrozen encoder blocks (their buffers too), and the optimizer's st
 (``FullyShardedDataParallel(use_orig_params=True)``) they are flat-parameter views, empty on the
 ranks that do not own them. ``trainable_state_dict`` gathers full tensors (a collective: every rank
 calls it) and ``load_trainable`` puts full tensors back into the shards; pass them the model as
-wrapped (the FSDP1 root, not its ``.module``). Under ``Trainer`` with FSDP or DeepSpeed, ``Trainer``
+wrapped under FSDP1 (the root, not its ``.module``), and the module (not the engine) under DeepSpeed
+ZeRO-3, whose partitioned parameters are gathered with ``deepspeed.zero.GatheredParameters``. Under ``Trainer`` with FSDP or DeepSpeed, ``Trainer``
 gathers the state dict itself and hands it to ``_save``.
 """
 
@@ -60,12 +61,19 @@ def vlm_of(model):
     return model
 
 
+def zero3_parameters(model) -> list[torch.nn.Parameter]:
+    """Parameters DeepSpeed ZeRO-3 partitions (empty on every rank outside a gather)."""
+    return [p for p in model.parameters() if hasattr(p, "ds_id")]
+
+
 def is_sharded(model) -> bool:
-    """True when some parameter is a ``DTensor`` (FSDP2 ``fully_shard``, tensor parallelism) or
-    the model holds FSDP1 units."""
+    """True when some parameter is a ``DTensor`` (FSDP2 ``fully_shard``, tensor parallelism), a
+    DeepSpeed ZeRO-3 partition, or the model holds FSDP1 units."""
     dtensor = _dtensor_type()
-    return (bool(dtensor) and any(isinstance(p, dtensor) for p in model.parameters())) or (
-        fsdp1_root(model) is not None
+    return (
+        (bool(dtensor) and any(isinstance(p, dtensor) for p in model.parameters()))
+        or fsdp1_root(model) is not None
+        or bool(zero3_parameters(model))
     )
 
 
@@ -93,14 +101,28 @@ def trainable_state_dict(model, state_dict: Mapping[str, Any] | None = None) -> 
     then every rank must call it.
     """
     names = checkpoint_names(model)
-    root = fsdp1_root(model) if state_dict is None else None
-    if root is not None:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        with FullyShardedDataParallel.summon_full_params(root, writeback=False):
+    if state_dict is None and (gather := _gathered(model, modifier_rank=None)) is not None:
+        with gather:
             # copies: the gathered parameters are views of storage freed when the context ends
             return {k: v.clone() for k, v in _take(model, names, None).items()}
     return _take(model, names, state_dict)
+
+
+def _gathered(model, modifier_rank):
+    """A context holding full parameters on every rank, under FSDP1 (the root unit's
+    ``summon_full_params``) or ZeRO-3 (``GatheredParameters``; changes made on ``modifier_rank``
+    are partitioned again on exit); ``None`` for other models. A collective."""
+    root = fsdp1_root(model)
+    if root is not None:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel.summon_full_params(root, writeback=modifier_rank is not None)
+    partitioned = zero3_parameters(model)
+    if partitioned:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank)
+    return None
 
 
 def _take(model, names: list[str], state_dict: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
@@ -126,17 +148,15 @@ def _take(model, names: list[str], state_dict: Mapping[str, Any] | None) -> dict
 
 def load_trainable(model, tensors: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> None:
     """Copy full ``tensors`` (from ``trainable_state_dict``) into ``model``, distributing them into
-    FSDP2 ``DTensor`` shards or, under FSDP1, into the full parameters the root unit gathers and
-    shards again (every rank calls it, with the same tensors)."""
+    FSDP2 ``DTensor`` shards or, under FSDP1 and ZeRO-3, into full parameters gathered for it and
+    sharded again (every rank calls it, with the same tensors)."""
     own = _own_tensors(model)
     unknown = sorted(set(tensors) - set(own))
     if unknown:
         raise ConfigError(f"{source} does not fit this model (e.g. {unknown[0]})")
-    root = fsdp1_root(model)
-    if root is not None:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        with FullyShardedDataParallel.summon_full_params(root, writeback=True):
+    gather = _gathered(model, modifier_rank=0)
+    if gather is not None:
+        with gather:
             _copy_into(_own_tensors(model), tensors)
         return
     _copy_into(own, tensors)

@@ -1,0 +1,163 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 with 2 gloo CPU processes (``DS_ACCELERATOR=cpu``): train through
+the DeepSpeed engine, take the trainable tensors from the state dict DeepSpeed gathers (what
+``Trainer`` hands ``VLMTrainer._save``), resume into a fresh ZeRO-3 engine's partitions, and write
+the final artifact from every rank (gathered, written by rank 0). The artifact loads in one process
+and computes what the same training without DeepSpeed computes.
+
+DeepSpeed is not a dependency of vlmkit: without it installed, these tests are skipped (reason
+shown). Through ``Trainer`` (``accelerate launch`` with a DeepSpeed config) on GPUs: not tested here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vlmkit
+from vlmkit.core.model import PrefixConditioningVLM
+from vlmkit.testing import sample_images, tiny_decoder_checkpoint, tiny_encoder_checkpoint
+from vlmkit.train.distributed import checkpoint_names, trainable_state_dict
+
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("deepspeed") is None,
+        reason="DeepSpeed is not installed (pip install deepspeed)",
+    ),
+]
+
+TIMEOUT_S = 240  # the first DeepSpeed run on a machine builds its CPU communication op
+STEPS = 3
+CAPTIONS = ["A red circle on the left.", "A blue square on the right."]
+
+
+def train_plain(vlm, pixels):
+    """The DeepSpeed runs' training in one process: SGD with momentum on one batch."""
+    batch = vlm.tokenize(CAPTIONS)
+    optimizer = torch.optim.SGD([p for p in vlm.parameters() if p.requires_grad], lr=0.3, momentum=0.9)
+    for _ in range(STEPS):
+        vlm.train()
+        loss = vlm(**batch.to_dict(), pixel_values=pixels)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    vlm.eval()
+
+
+WORKER = f"""
+import json, sys, warnings
+import torch, torch.distributed as dist
+import deepspeed
+from safetensors.torch import save_file
+from vlmkit.core.model import PrefixConditioningVLM
+from vlmkit.testing import sample_images
+from vlmkit.train.distributed import is_sharded, load_trainable, save_model, trainable_state_dict
+
+warnings.simplefilter("ignore")
+config, root = json.loads(sys.argv[1]), sys.argv[2]
+CAPTIONS, STEPS = {CAPTIONS!r}, {STEPS}
+deepspeed.init_distributed(dist_backend="gloo")
+rank = dist.get_rank()
+torch.set_num_threads(1)
+
+
+def engine_for(vlm, stage):
+    ds_config = {{
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {{
+            "stage": stage,
+            "stage3_param_persistence_threshold": 0,  # partition even the tiny model's parameters
+            "stage3_gather_16bit_weights_on_model_save": True,
+        }},
+        "optimizer": {{"type": "SGD", "params": {{"lr": 0.3, "momentum": 0.9}}}},
+        "zero_allow_untested_optimizer": True,
+    }}
+    trainable = [p for p in vlm.parameters() if p.requires_grad]
+    return deepspeed.initialize(model=vlm, model_parameters=trainable, config=ds_config)[0]
+
+
+for stage in (2, 3):
+    out = f"{{root}}/zero{{stage}}"
+    torch.manual_seed(0)  # build(seed=) seeds the projection; LoRA draws from the global RNG
+    vlm = PrefixConditioningVLM.build(config, seed=0)
+    pixels = vlm.preprocess(sample_images(2))
+    batch = vlm.tokenize(CAPTIONS).to_dict()
+    engine = engine_for(vlm, stage)
+    assert is_sharded(vlm) == (stage == 3)
+    for _ in range(STEPS):
+        loss = engine(**batch, pixel_values=pixels)["loss"]
+        engine.backward(loss)
+        engine.step()
+    engine.eval()
+    # what Trainer passes VLMTrainer._save under DeepSpeed: the state dict DeepSpeed gathers
+    gathered = engine._zero3_consolidated_16bit_state_dict() if stage == 3 else vlm.state_dict()
+    if rank == 0:
+        save_file(trainable_state_dict(vlm, gathered), out + "-trainable.safetensors")
+    tensors = trainable_state_dict(vlm)  # gathered by vlmkit itself (every rank)
+    if stage == 3:  # resume: another initialisation, partitioned, then the tensors loaded into it
+        torch.manual_seed(1)
+        vlm = PrefixConditioningVLM.build(config, seed=1)
+        engine_for(vlm, stage)
+        load_trainable(vlm, tensors)
+    save_model(vlm, out)  # every rank: gathered, written by rank 0
+    dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deepspeed")
+    return {
+        "encoder": "siglip",
+        "encoder_checkpoint": tiny_encoder_checkpoint("siglip", root / "siglip", image_size=32),
+        "decoder": "smollm",
+        "decoder_checkpoint": tiny_decoder_checkpoint("llama", root / "llama"),
+        "projection": {"type": "mlp", "reduction": "avgpool", "tokens": 4},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "unfreeze_encoder_layers": 1,
+        "max_caption_tokens": 8,
+    }
+
+
+@pytest.fixture(scope="module")
+def trained(torchrun, config, tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero")
+    (out / "worker.py").write_text(WORKER)
+    run = torchrun(
+        out / "worker.py", json.dumps(config), out, env={"DS_ACCELERATOR": "cpu"}, timeout=TIMEOUT_S
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    return out
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_checkpoint_resume_and_artifact_match_one_process(config, trained, stage):
+    torch.manual_seed(0)  # as in the workers
+    reference = PrefixConditioningVLM.build(config, seed=0)
+    pixels = reference.preprocess(sample_images(2))
+    train_plain(reference, pixels)
+    want = trainable_state_dict(reference)
+
+    saved = load_file(str(trained / f"zero{stage}-trainable.safetensors"))
+    assert sorted(saved) == sorted(checkpoint_names(reference))  # trainable tensors only, full
+    for name, value in want.items():
+        assert value.shape == saved[name].shape, name
+        assert torch.allclose(value, saved[name], atol=1e-5), name
+
+    loaded = vlmkit.load(trained / f"zero{stage}")
+    for name, value in trainable_state_dict(loaded).items():
+        assert torch.allclose(value, want[name], atol=1e-5), name
+    batch = reference.tokenize(CAPTIONS).to_dict()
+    with torch.no_grad():
+        logits = reference(**batch, pixel_values=pixels, return_logits=True)["logits"]
+        assert torch.allclose(
+            loaded(**batch, pixel_values=pixels, return_logits=True)["logits"], logits, atol=1e-4
+        )
+    ids = reference.generate(pixel_values=pixels, return_ids=True, max_new_tokens=8)
+    assert loaded.generate(pixel_values=pixels, return_ids=True, max_new_tokens=8) == ids
