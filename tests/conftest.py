@@ -64,8 +64,9 @@ class Torchrun:
 
     ``torchrun(*args, env=..., timeout=...)`` runs ``args`` (a script and its arguments, or
     ``-m module ...``) and returns the finished process; a run past ``timeout`` (a rank waiting for
-    ever, most likely) fails the test with the end of its stderr. ``start`` launches it in its own
-    process group, for tests that kill it.
+    ever, most likely) fails the test with the end of its stderr. ``fork``/``join``: ranks forked
+    from the test process instead, for tests of vlmkit's pieces that would spend most of their time
+    importing torch and transformers in fresh processes (tests/train/test_fsdp.py, test_features.py).
     """
 
     def command(self, *args: str, nproc: int = 2) -> list[str]:
@@ -98,17 +99,33 @@ class Torchrun:
         except subprocess.TimeoutExpired as exc:
             pytest.fail(f"torchrun did not finish in {timeout} s; stderr:\n{(exc.stderr or b'')[-4000:]!r}")
 
-    def start(self, *args: str, env: dict[str, str] | None = None, stderr=None):
-        import subprocess
+    def fork(self, target, *args, world: int = 2) -> list:
+        """``target(rank, world, *args)`` in ``world`` processes forked from this one (torch and
+        transformers already imported: no start-up cost), started. ``target`` joins the process
+        group itself (``init_process_group("gloo", init_method="file://...", ...)``)."""
+        import multiprocessing
 
-        return subprocess.Popen(
-            self.command(*map(str, args)),
-            env=self.env(**(env or {})),
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            text=True,
-            start_new_session=True,  # its own process group: os.killpg reaches torchrun and every rank
-        )
+        ctx = multiprocessing.get_context("fork")
+        procs = [ctx.Process(target=target, args=(rank, world, *args)) for rank in range(world)]
+        for proc in procs:
+            proc.start()
+        return procs
+
+    def join(self, procs: list, timeout: float = 120) -> list[int]:
+        """Wait for forked ranks; a rank past ``timeout`` (waiting for ever, most likely) is killed
+        and fails the test. Returns the exit codes."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        stuck = [proc for proc in procs if proc.is_alive()]
+        for proc in stuck:
+            proc.kill()
+            proc.join()
+        if stuck:
+            pytest.fail(f"{len(stuck)} of {len(procs)} ranks did not finish in {timeout} s")
+        return [proc.exitcode for proc in procs]
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """FSDP with 2 gloo CPU processes, FSDP2 (``fully_shard``) and FSDP1 (``use_orig_params=True``):
 train, checkpoint the gathered trainable tensors and the optimizer's state, get killed (SIGKILL to
-the launcher's process group) after the checkpoint, resume into a freshly built and sharded model,
+both ranks, forked from this process) after the checkpoint, resume into a freshly built and sharded model,
 finish training, caption and score under sharding, save the artifact. The artifact loads in one
 process and captions like the same training without sharding; the metrics are one process's.
 
@@ -10,11 +10,11 @@ sharded run must match the unsharded one up to float rounding.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +23,17 @@ from safetensors.torch import load_file
 import vlmkit
 from vlmkit.core.model import PrefixConditioningVLM
 from vlmkit.testing import sample_images, tiny_decoder_checkpoint, tiny_encoder_checkpoint
-from vlmkit.train.distributed import checkpoint_names, load_trainable, trainable_state_dict
+from vlmkit.train.distributed import (
+    checkpoint_names,
+    is_sharded,
+    load_checkpoint,
+    load_trainable,
+    save_checkpoint,
+    save_model,
+    shard_model,
+    trainable_state_dict,
+    unsharded_root,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -59,22 +69,6 @@ def eval_data():
     return load_split([DatasetConfig(name="shapes", options=SHAPES)], "validation")
 
 
-WORKER = "\n".join(
-    [
-        "import json, os, shutil, sys, time, warnings",
-        "import torch, torch.distributed as dist",
-        "from vlmkit.core.model import PrefixConditioningVLM",
-        "from vlmkit.evaluate.loop import caption_and_score",
-        "from vlmkit.testing import sample_images",
-        "from vlmkit.train.distributed import (",
-        "    is_sharded, load_checkpoint, save_checkpoint, save_model, shard_model, unsharded_root,",
-        ")",
-        "config, root, phase = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]",
-        f"CAPTIONS, STEPS, CHECKPOINT_AT, EVAL, SHAPES = {CAPTIONS!r}, {STEPS}, {CHECKPOINT_AT}, {EVAL}, {SHAPES!r}",
-        inspect.getsource(optimizer_for),
-        inspect.getsource(train),
-        inspect.getsource(eval_data),
-        """
 def wrap(vlm, kind):
     if kind == "fsdp2":
         return shard_model(vlm)
@@ -84,51 +78,62 @@ def wrap(vlm, kind):
 
     blocks = {type(m) for m in vlm.modules() if type(m).__name__ in vlm._no_split_modules}
     return FullyShardedDataParallel(
-        vlm, auto_wrap_policy=ModuleWrapPolicy(blocks), use_orig_params=True, device_id=torch.device("cpu")
+        vlm, auto_wrap_policy=ModuleWrapPolicy({*blocks}), use_orig_params=True, device_id=torch.device("cpu")
     )
 
 
-which = shutil.which  # no Java scorers: the pure-Python tokenizer, no METEOR (as in one process)
-shutil.which = lambda name, *a, **k: None if name == "java" else which(name, *a, **k)
-warnings.simplefilter("ignore")
-dist.init_process_group("gloo")
-rank = dist.get_rank()
-torch.set_num_threads(1)
-KINDS = ("fsdp2", "fsdp1")  # one launch for both: starting the processes is most of the time
-if phase == "first":
+def rank_main(rank: int, world: int, config: dict, root: str, phase: str) -> None:
+    """One rank, forked: FSDP2 then FSDP1 in one process group (starting processes is most of
+    the time). ``first``: train, checkpoint, one step more, then wait to be killed. ``resume``:
+    a fresh model resumed from the checkpoint, trained to the end, captioned, scored, saved."""
+    import shutil
+    import sys
+    import warnings
+
+    import torch.distributed as dist
+
+    from vlmkit.evaluate.loop import caption_and_score
+
+    torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork
+    which = shutil.which  # no Java scorers: the pure-Python tokenizer, no METEOR (as in one process)
+    shutil.which = lambda name, *a, **k: None if name == "java" else which(name, *a, **k)
+    warnings.simplefilter("ignore")
+    sys.stderr = open(f"{root}/{phase}-{rank}.log", "w")  # noqa: SIM115 - the process's own stderr
+    dist.init_process_group("gloo", init_method=f"file://{root}/store-{phase}", rank=rank, world_size=world)
+    if phase == "first":
+        for kind in KINDS:
+            torch.manual_seed(0)  # build(seed=) seeds the projection; LoRA draws from the global RNG
+            vlm = wrap(PrefixConditioningVLM.build(config, seed=0), kind)
+            assert is_sharded(vlm)
+            pixels = vlm.preprocess(sample_images(2))
+            optimizer = optimizer_for(vlm)
+            train(vlm, optimizer, pixels, range(CHECKPOINT_AT))
+            save_checkpoint(vlm, optimizer, f"{root}/{kind}/checkpoint")
+            train(vlm, optimizer, pixels, range(1))  # past the checkpoint ...
+        Path(f"{root}/past-checkpoint-{rank}").touch()
+        time.sleep(600)  # ... and killed here by the test
+        raise SystemExit("not killed")
+
     for kind in KINDS:
-        torch.manual_seed(0)  # build(seed=) seeds the projection; LoRA draws from the global RNG
-        vlm = wrap(PrefixConditioningVLM.build(config, seed=0), kind)
-        assert is_sharded(vlm)
+        out = f"{root}/{kind}"
+        # resumed: another initialisation, sharded, then the checkpoint loaded into its shards
+        torch.manual_seed(1)
+        vlm = wrap(PrefixConditioningVLM.build(config, seed=1), kind)
         pixels = vlm.preprocess(sample_images(2))
         optimizer = optimizer_for(vlm)
-        train(vlm, optimizer, pixels, range(CHECKPOINT_AT))
-        save_checkpoint(vlm, optimizer, f"{root}/{kind}/checkpoint")
-        train(vlm, optimizer, pixels, range(1))  # past the checkpoint ...
-    open(f"{root}/past-checkpoint-{rank}", "w").close()
-    time.sleep(600)  # ... and killed here by the test
-    sys.exit("not killed")
+        load_checkpoint(vlm, optimizer, out + "/checkpoint")
+        train(vlm, optimizer, pixels, range(CHECKPOINT_AT, STEPS))
+        mine = pixels[rank : rank + 1]  # each rank captions its own image: they may stop at different steps
+        with unsharded_root(vlm):
+            ids = vlm.generate(pixel_values=mine, return_ids=True, max_new_tokens=8)
+            metrics = caption_and_score(vlm, eval_data(), batch_size=2, limit=EVAL)
+        save_model(vlm, out + "/model")  # every rank: gathered, written by rank 0
+        dist.barrier()
+        Path(f"{out}/rank-{rank}.json").write_text(json.dumps({"ids": ids, "metrics": metrics}))
+    dist.destroy_process_group()
 
-for kind in KINDS:
-    out = f"{root}/{kind}"
-    # resumed: another initialisation, sharded, then the checkpoint loaded into its shards
-    torch.manual_seed(1)
-    vlm = wrap(PrefixConditioningVLM.build(config, seed=1), kind)
-    pixels = vlm.preprocess(sample_images(2))
-    optimizer = optimizer_for(vlm)
-    load_checkpoint(vlm, optimizer, out + "/checkpoint")
-    train(vlm, optimizer, pixels, range(CHECKPOINT_AT, STEPS))
-    mine = pixels[rank : rank + 1]  # each rank captions its own image: they may stop at different steps
-    with unsharded_root(vlm):
-        ids = vlm.generate(pixel_values=mine, return_ids=True, max_new_tokens=8)
-        metrics = caption_and_score(vlm, eval_data(), batch_size=2, limit=EVAL)
-    save_model(vlm, out + "/model")  # every rank: gathered, written by rank 0
-    dist.barrier()
-    json.dump({"ids": ids, "metrics": metrics}, open(f"{out}/rank-{rank}.json", "w"))
-dist.destroy_process_group()
-""",
-    ]
-)
+
+KINDS = ("fsdp2", "fsdp1")
 
 
 @pytest.fixture(scope="module")
@@ -166,35 +171,34 @@ def test_a_misspelt_layer_class_fails_at_build_time(config):
     assert "\n" not in str(exc.value)
 
 
-def kill_after_checkpoint(torchrun, worker, config, out):
-    """The first run, SIGKILLed (launcher and ranks) once both ranks are past their checkpoints."""
-    log = open(out / "first.log", "w")  # noqa: SIM115 - closed below
-    run = torchrun.start(worker, json.dumps(config), out, "first", stderr=log)
+def logs(out, phase: str) -> str:
+    return "\n".join(f.read_text()[-3000:] for f in sorted(out.glob(f"{phase}-*.log")))
+
+
+def kill_after_checkpoint(torchrun, config, out):
+    """The first run's ranks, SIGKILLed once both are past their checkpoints."""
+    procs = torchrun.fork(rank_main, config, str(out), "first")
     try:
         deadline = time.monotonic() + TIMEOUT_S
         while not all((out / f"past-checkpoint-{rank}").exists() for rank in (0, 1)):
-            if run.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(
-                    f"the first run ended or stalled before its checkpoint:\n{(out / 'first.log').read_text()[-4000:]}"
-                )
+            if any(not p.is_alive() for p in procs) or time.monotonic() > deadline:
+                pytest.fail(f"the first run ended or stalled before its checkpoint:\n{logs(out, 'first')}")
             time.sleep(0.2)
     finally:
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
-        run.wait(timeout=30)
-        log.close()
-    assert run.returncode == -signal.SIGKILL
+        for proc in procs:
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.join(timeout=30)
+    assert [proc.exitcode for proc in procs] == [-signal.SIGKILL] * 2
 
 
 @pytest.fixture(scope="module")
 def resumed(torchrun, config, tmp_path_factory):
     """FSDP2 and FSDP1 runs killed after a checkpoint, then resumed: ``<folder>/<kind>/``."""
     out = tmp_path_factory.mktemp("killed-and-resumed")
-    worker = out / "worker.py"
-    worker.write_text(WORKER)
-    kill_after_checkpoint(torchrun, worker, config, out)
-    run = torchrun(worker, json.dumps(config), out, "resume", timeout=TIMEOUT_S)
-    assert run.returncode == 0, run.stderr[-4000:]
+    kill_after_checkpoint(torchrun, config, out)
+    codes = torchrun.join(torchrun.fork(rank_main, config, str(out), "resume"), timeout=TIMEOUT_S)
+    assert codes == [0, 0], logs(out, "resume")
     return out
 
 
