@@ -4,8 +4,12 @@ the DeepSpeed engine, take the trainable tensors from the state dict DeepSpeed g
 the final artifact from every rank (gathered, written by rank 0). The artifact loads in one process
 and computes what the same training without DeepSpeed computes.
 
+And ``vlmkit train`` itself under ZeRO-3, configured as ``accelerate launch`` configures it
+(``ACCELERATE_USE_DEEPSPEED`` and friends) and launched with torchrun: its checkpoints leave the
+frozen base out, and a run stopped at step 4 and resumed to 6 ends where an uninterrupted run does.
+
 DeepSpeed is not a dependency of vlmkit: without it installed, these tests are skipped (reason
-shown). Through ``Trainer`` (``accelerate launch`` with a DeepSpeed config) on GPUs: not tested here.
+shown). On GPUs (NCCL, bf16): not tested here.
 """
 
 from __future__ import annotations
@@ -161,3 +165,57 @@ def test_zero_checkpoint_resume_and_artifact_match_one_process(config, trained, 
         )
     ids = reference.generate(pixel_values=pixels, return_ids=True, max_new_tokens=8)
     assert loaded.generate(pixel_values=pixels, return_ids=True, max_new_tokens=8) == ids
+
+
+# ------------------------------------------------------------------------ vlmkit train under ZeRO-3
+
+
+def zero3_train(torchrun, config, root, out, steps: int, *extra: str):
+    """``vlmkit train`` under DeepSpeed ZeRO-3 as ``accelerate launch`` configures it (its
+    environment variables), 2 gloo CPU processes; a constant learning rate, so that 4 steps then
+    2 more follow the schedule of 6."""
+    env = {
+        "DS_ACCELERATOR": "cpu",
+        "ACCELERATE_USE_DEEPSPEED": "true",
+        "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+        "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true",
+        "VLMKIT_HOME": str(root / "home"),
+    }
+    args = [
+        "-m", "vlmkit.cli.main", "train",
+        "--encoder", "siglip", "--encoder-checkpoint", config["encoder_checkpoint"],
+        "--decoder", "smollm", "--decoder-checkpoint", config["decoder_checkpoint"],
+        "--dataset", "shapes:size=72,image_size=32", "--batch-size", "4", "--max-steps", str(steps),
+        "--set", "save_every=2", "--set", "scheduler=constant_with_warmup", "--set", "warmup_ratio=0",
+        "--output", str(out), "--quiet", *extra,
+    ]  # fmt: skip
+    run = torchrun(*args, env=env, timeout=TIMEOUT_S)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return run
+
+
+def test_vlmkit_train_under_zero3_checkpoints_without_the_base_and_resumes_like_one_run(
+    torchrun, config, tmp_path
+):
+    zero3_train(torchrun, config, tmp_path, tmp_path / "whole", 6)
+    zero3_train(torchrun, config, tmp_path, tmp_path / "part", 4)  # stopped at step 4 ...
+    zero3_train(torchrun, config, tmp_path, tmp_path / "part", 6, "--resume")  # ... and resumed
+
+    # DeepSpeed's own checkpoint holds the optimizer's partitions, not the frozen base
+    base = PrefixConditioningVLM.build(
+        {k: config[k] for k in ("encoder", "encoder_checkpoint", "decoder", "decoder_checkpoint")}
+    )
+    frozen_bytes = sum(p.numel() * p.element_size() for p in base.parameters() if not p.requires_grad)
+    states = list((tmp_path / "part" / "checkpoints" / "checkpoint-4").glob("global_step4/*model_states.pt"))
+    assert len(states) == 2
+    assert sum(f.stat().st_size for f in states) < frozen_bytes / 4
+
+    whole, resumed = vlmkit.load(tmp_path / "whole"), vlmkit.load(tmp_path / "part")
+    assert json.loads((tmp_path / "part" / "vlmkit.json").read_text())["training"]["global_step"] == 6
+    want = trainable_state_dict(whole)
+    assert sorted(want) == sorted(checkpoint_names(whole))
+    for name, value in trainable_state_dict(resumed).items():
+        assert torch.allclose(value, want[name], atol=1e-5), name
+    at_4 = load_file(str(tmp_path / "part" / "checkpoints" / "checkpoint-4" / "trainable.safetensors"))
+    assert sorted(at_4) == sorted(want)  # the checkpoint: trainable tensors, gathered by Trainer
+    assert any(not torch.allclose(at_4[name], want[name]) for name in want)  # the 2 resumed steps trained

@@ -101,14 +101,14 @@ def trainable_state_dict(model, state_dict: Mapping[str, Any] | None = None) -> 
     then every rank must call it.
     """
     names = checkpoint_names(model)
-    if state_dict is None and (gather := _gathered(model, modifier_rank=None)) is not None:
+    if state_dict is None and (gather := gathered(model, modifier_rank=None)) is not None:
         with gather:
             # copies: the gathered parameters are views of storage freed when the context ends
             return {k: v.clone() for k, v in _take(model, names, None).items()}
     return _take(model, names, state_dict)
 
 
-def _gathered(model, modifier_rank):
+def gathered(model, modifier_rank: int | None = None):
     """A context holding full parameters on every rank, under FSDP1 (the root unit's
     ``summon_full_params``) or ZeRO-3 (``GatheredParameters``; changes made on ``modifier_rank``
     are partitioned again on exit); ``None`` for other models. A collective."""
@@ -154,7 +154,7 @@ def load_trainable(model, tensors: Mapping[str, torch.Tensor], *, source: str = 
     unknown = sorted(set(tensors) - set(own))
     if unknown:
         raise ConfigError(f"{source} does not fit this model (e.g. {unknown[0]})")
-    gather = _gathered(model, modifier_rank=0)
+    gather = gathered(model, modifier_rank=0)
     if gather is not None:
         with gather:
             _copy_into(_own_tensors(model), tensors)
@@ -289,9 +289,50 @@ def save_model(model, path, *, training: dict | None = None, registry=None) -> N
     if _rank() == 0:
         from vlmkit.core.artifact import assemble
 
-        plain = assemble(vlm_of(model).settings, registry=registry, seed=None)
+        with _without_zero3_init():
+            plain = assemble(vlm_of(model).settings, registry=registry, seed=None)
         load_trainable(plain, tensors, source="the gathered trainable tensors")
         plain.save(path, training=training)
+
+
+@contextlib.contextmanager
+def _without_zero3_init() -> Iterator[None]:
+    """While a DeepSpeed ZeRO-3 config is registered (``Trainer`` under DeepSpeed), transformers
+    builds every model partitioned (``deepspeed.zero.Init``, a collective): rank 0 alone building
+    the plain copy would wait for ever. Unregistered for that build."""
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        yield
+        return
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = ref
+
+
+def checkpoints_without_frozen_weights(engine) -> None:
+    """DeepSpeed ``engine``'s checkpoints without the frozen weights, and loaded back without them.
+
+    ``Trainer`` leaves them out only for a ``PeftModel``; here they are the referenced base (never
+    trained: gigabytes per checkpoint), and resuming rebuilds them from it, so the module state is
+    loaded non-strictly. The trainable tensors are in ``trainable.safetensors`` and the optimizer's
+    partitions.
+    """
+    if getattr(engine, "_vlmkit_without_frozen", False):
+        return
+    save, load = engine.save_checkpoint, engine.load_checkpoint
+
+    def save_trained(*args, **kwargs):
+        return save(*args, **{**kwargs, "exclude_frozen_parameters": True})
+
+    def load_trained(*args, **kwargs):
+        return load(*args, **{**kwargs, "load_module_strict": False})
+
+    engine.save_checkpoint, engine.load_checkpoint = save_trained, load_trained
+    engine._vlmkit_without_frozen = True
 
 
 def check_fsdp_applies(trainer) -> None:
