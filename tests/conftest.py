@@ -59,6 +59,81 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+class Torchrun:
+    """``torch.distributed.run --standalone`` with 2 gloo CPU processes, as a user launches it.
+
+    ``torchrun(*args, env=..., timeout=...)`` runs ``args`` (a script and its arguments, or
+    ``-m module ...``) and returns the finished process; a run past ``timeout`` (a rank waiting for
+    ever, most likely) fails the test with the end of its stderr. ``fork``/``join``: ranks forked
+    from the test process instead, for tests of vlmkit's pieces that would spend most of their time
+    importing torch and transformers in fresh processes (tests/train/test_fsdp.py, test_features.py).
+    """
+
+    def command(self, *args: str, nproc: int = 2) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(nproc),
+            *args,
+        ]
+
+    def env(self, **extra: str) -> dict[str, str]:
+        import os
+
+        return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
+
+    def __call__(self, *args: str, env: dict[str, str] | None = None, timeout: float = 120):
+        import subprocess
+
+        try:
+            return subprocess.run(
+                self.command(*map(str, args)),
+                env=self.env(**(env or {})),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired as exc:
+            pytest.fail(f"torchrun did not finish in {timeout} s; stderr:\n{(exc.stderr or b'')[-4000:]!r}")
+
+    def fork(self, target, *args, world: int = 2) -> list:
+        """``target(rank, world, *args)`` in ``world`` processes forked from this one (torch and
+        transformers already imported: no start-up cost), started. ``target`` joins the process
+        group itself (``init_process_group("gloo", init_method="file://...", ...)``)."""
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("fork")
+        procs = [ctx.Process(target=target, args=(rank, world, *args)) for rank in range(world)]
+        for proc in procs:
+            proc.start()
+        return procs
+
+    def join(self, procs: list, timeout: float = 120) -> list[int]:
+        """Wait for forked ranks; a rank past ``timeout`` (waiting for ever, most likely) is killed
+        and fails the test. Returns the exit codes."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        stuck = [proc for proc in procs if proc.is_alive()]
+        for proc in stuck:
+            proc.kill()
+            proc.join()
+        if stuck:
+            pytest.fail(f"{len(stuck)} of {len(procs)} ranks did not finish in {timeout} s")
+        return [proc.exitcode for proc in procs]
+
+
+@pytest.fixture(scope="session")
+def torchrun():
+    """A ``Torchrun``: 2 gloo CPU processes (``tests/train/test_distributed.py`` and others)."""
+    return Torchrun()
+
+
 @pytest.fixture(scope="module")
 def vlmkit_home(tmp_path_factory):
     """A temporary ``VLMKIT_HOME`` for a module: feature caches and converted checkpoints land

@@ -9,9 +9,6 @@ captions and who scores.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -90,7 +87,9 @@ def test_rank_batches_split_contiguously_with_as_many_batches_on_every_rank():
     assert rank_batches(5, 2) == ([[0, 1], [2, 3], [4]], 5)  # one process: everything
 
 
-def test_two_ranks_caption_their_shares_score_once_and_agree_with_one_process(config, tmp_path, monkeypatch):
+def test_two_ranks_caption_their_shares_score_once_and_agree_with_one_process(
+    torchrun, config, tmp_path, monkeypatch
+):
     import shutil
 
     from vlmkit.sdk.datasets import load_split
@@ -111,15 +110,7 @@ def test_two_ranks_caption_their_shares_score_once_and_agree_with_one_process(co
 
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(worker), json.dumps(config), str(tmp_path), str(LIMIT), str(BATCH),
-    ]  # fmt: skip
-    try:
-        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired as exc:  # a rank waiting for ever, most likely
-        pytest.fail(f"distributed eval did not finish in {TIMEOUT_S} s:\n{(exc.stderr or b'')[-4000:]!r}")
+    run = torchrun(worker, json.dumps(config), tmp_path, LIMIT, BATCH, timeout=TIMEOUT_S)
     assert run.returncode == 0, run.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
 

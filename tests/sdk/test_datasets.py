@@ -330,6 +330,38 @@ def test_folder_check_is_remembered_across_runs_by_path_size_and_mtime(photo_fol
     assert decoded == ["img09.jpg"]  # a bad image is never remembered: it may be fixed in place
 
 
+def test_remembered_checks_follow_the_runs_cache_folder(photo_folder, tmp_path, monkeypatch):
+    """``vlmkit train --cache-dir`` keeps them beside the features (``dataset_cache_root``), not in
+    ``$VLMKIT_HOME``; a feature cache cleared there leaves them."""
+    from vlmkit.plugins.datasets import folder
+    from vlmkit.sdk.datasets import dataset_cache_root
+    from vlmkit.train.features import FeatureCache
+
+    monkeypatch.setenv("VLMKIT_HOME", str(tmp_path / "home"))
+    decoded: list[str] = []
+    verify = folder._verify
+    monkeypatch.setattr(folder, "_verify", lambda path: decoded.append(path.name) or verify(path))
+    folder._CHECKED.clear()
+    folder._READ_STORES.clear()
+    with dataset_cache_root(tmp_path / "cache"):
+        FolderDataset().load("train", {"path": photo_folder})
+    assert len(decoded) == 40
+    assert len(list((tmp_path / "cache" / "image-checks").glob("*.json"))) == 1
+    assert not (tmp_path / "home" / "image-checks").exists()
+
+    assert FeatureCache(tmp_path / "cache").clear() == 0  # no feature entry, and the checks stay
+    folder._CHECKED.clear()  # a new process, the same cache folder: nothing decoded again
+    folder._READ_STORES.clear()
+    decoded.clear()
+    with dataset_cache_root(tmp_path / "cache"):
+        FolderDataset().load("train", {"path": photo_folder})
+    assert decoded == []
+    folder._CHECKED.clear()  # another cache folder remembers nothing
+    folder._READ_STORES.clear()
+    FolderDataset().load("train", {"path": photo_folder})
+    assert len(decoded) == 40
+
+
 FOLDER_WORKER = """
 import json, sys
 import torch.distributed as dist
@@ -346,16 +378,10 @@ dist.destroy_process_group()
 """
 
 
-def test_under_torch_distributed_rank_zero_alone_checks_the_folder(photo_folder, tmp_path):
-    import os
-
+def test_under_torch_distributed_rank_zero_alone_checks_the_folder(torchrun, photo_folder, tmp_path):
     (tmp_path / "worker.py").write_text(FOLDER_WORKER)
-    env = {**os.environ, "VLMKIT_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(tmp_path / "worker.py"), str(photo_folder), str(tmp_path),
-    ]  # fmt: skip
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    home = {"VLMKIT_HOME": str(tmp_path / "home")}
+    run = torchrun(tmp_path / "worker.py", photo_folder, tmp_path, env=home)
     assert run.returncode == 0, run.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert len(ranks[0]["decoded"]) == 40 and ranks[1]["decoded"] == []  # once, for both splits

@@ -7,9 +7,6 @@ lock, then both train from it; only rank 0 writes logs and the artifact.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -31,21 +28,10 @@ def setup(tmp_path_factory):
     }
 
 
-def torchrun(setup, *args: str) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "VLMKIT_HOME": str(setup["home"]),
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "vlmkit.cli.main", *args,
-    ]  # fmt: skip
-    try:
-        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired as exc:  # a rank waiting for ever, most likely
-        pytest.fail(f"torchrun did not finish in {TIMEOUT_S} s; stderr:\n{(exc.stderr or b'')[-4000:]!r}")
+def run_torchrun(torchrun, setup, *args: str):
+    return torchrun(
+        "-m", "vlmkit.cli.main", *args, env={"VLMKIT_HOME": str(setup["home"])}, timeout=TIMEOUT_S
+    )
 
 
 def train_args(setup, out, *extra: str) -> list[str]:
@@ -61,9 +47,9 @@ def train_args(setup, out, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def trained(setup):
+def trained(torchrun, setup):
     out = setup["root"] / "run"
-    run = torchrun(setup, *train_args(setup, out))
+    run = run_torchrun(torchrun, setup, *train_args(setup, out))
     assert run.returncode == 0, run.stderr[-4000:]
     return out, run
 
@@ -93,11 +79,11 @@ def test_two_process_training_caches_features_once_and_saves_a_loadable_model(se
     assert model.num_prefix_tokens == 16
 
 
-def test_every_rank_refuses_a_folder_holding_another_run(setup, trained):
+def test_every_rank_refuses_a_folder_holding_another_run(torchrun, setup, trained):
     # rank 0 checks the folder and tells the others: none is left waiting at a barrier for a
     # rank that has gone (torchrun would kill it; other launchers might leave it hanging)
     out, _ = trained
-    again = torchrun(setup, *train_args(setup, out))
+    again = run_torchrun(torchrun, setup, *train_args(setup, out))
     assert again.returncode != 0
     refusals = [line for line in again.stderr.splitlines() if line.startswith("error: ")]
     assert len(refusals) == 2 and all("already holds a run" in line for line in refusals), again.stderr[

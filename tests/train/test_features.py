@@ -236,7 +236,7 @@ def test_progress_bar_runs(tmp_path, capsys):
     FeatureCache(tmp_path).features_for(FakeEncoder(), shapes_data(size=24), progress=True)
 
 
-def _rank(rank: int, root: str, results) -> None:
+def _rank(rank: int, world: int, root: str, results) -> None:
     """One of two ranks, in a forked process (torch is already imported: no start-up cost)."""
     import torch.distributed as dist
 
@@ -272,22 +272,16 @@ def _rank(rank: int, root: str, results) -> None:
     results.put(out)
 
 
-def test_ranks_split_the_rows_and_build_the_cache_one_process_builds(tmp_path):
-    ctx = multiprocessing.get_context("fork")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(rank, str(tmp_path), results)) for rank in (0, 1)]
-    for proc in procs:
-        proc.start()
+def test_ranks_split_the_rows_and_build_the_cache_one_process_builds(torchrun, tmp_path):
+    results = multiprocessing.get_context("fork").Queue()
+    procs = torchrun.fork(_rank, str(tmp_path), results)
     by_rank = {}
     try:
         for _ in procs:
             out = results.get(timeout=60)
             by_rank[out["rank"]] = out
     finally:
-        for proc in procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
+        torchrun.join(procs, timeout=10)
     assert all("error" not in r for r in by_rank.values()), by_rank
     r0, r1 = by_rank[0], by_rank[1]
     assert sorted([r0["lock"], r1["lock"]]) == [0, 5]  # 40 images, batches of 8, computed once

@@ -1,6 +1,8 @@
-"""FSDP2 (``fully_shard``) with 2 gloo CPU processes: train, checkpoint the gathered trainable
-tensors, resume into a freshly sharded model, generate under sharding, save the artifact; the
-artifact loads in one process and captions like the same training without sharding.
+"""FSDP with 2 gloo CPU processes, FSDP2 (``fully_shard``) and FSDP1 (``use_orig_params=True``):
+train, checkpoint the gathered trainable tensors and the optimizer's state, get killed (SIGKILL to
+both ranks, forked from this process) after the checkpoint, resume into a freshly built and sharded model,
+finish training, caption and score under sharding, save the artifact. The artifact loads in one
+process and captions like the same training without sharding; the metrics are one process's.
 
 Both ranks see the same batch, so the averaged gradient is the one-process gradient and the
 sharded run must match the unsharded one up to float rounding.
@@ -8,12 +10,11 @@ sharded run must match the unsharded one up to float rounding.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
-import subprocess
-import sys
-import textwrap
+import signal
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,21 +23,37 @@ from safetensors.torch import load_file
 import vlmkit
 from vlmkit.core.model import PrefixConditioningVLM
 from vlmkit.testing import sample_images, tiny_decoder_checkpoint, tiny_encoder_checkpoint
-from vlmkit.train.distributed import checkpoint_names, load_trainable, trainable_state_dict
+from vlmkit.train.distributed import (
+    checkpoint_names,
+    is_sharded,
+    load_checkpoint,
+    load_trainable,
+    save_checkpoint,
+    save_model,
+    shard_model,
+    trainable_state_dict,
+    unsharded_root,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TIMEOUT_S = 180
-STEPS = 3
+TIMEOUT_S = 120
+STEPS, CHECKPOINT_AT = 4, 2
 CAPTIONS = ["A red circle on the left.", "A blue square on the right."]
+EVAL = 5  # odd: the ranks' shares differ in size
+SHAPES = {"size": 72, "image_size": 32}
 
 
-def train(vlm, pixels):
-    """A few SGD steps on one batch: the same in the sharded workers and in this process."""
+def optimizer_for(vlm):
+    # SGD with momentum: the resumed run needs the optimizer's state, and Adam would blow float
+    # noise on ~0 gradients up to lr
+    return torch.optim.SGD([p for p in vlm.parameters() if p.requires_grad], lr=0.3, momentum=0.9)
+
+
+def train(vlm, optimizer, pixels, steps):
+    """SGD steps on one batch: the same in the sharded workers and in this process."""
     batch = vlm.tokenize(CAPTIONS)
-    params = [p for p in vlm.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=0.5)  # Adam would blow float noise on ~0 gradients up to lr
-    for _ in range(STEPS):
+    for _ in steps:
         vlm.train()
         loss = vlm(**batch.to_dict(), pixel_values=pixels)["loss"]
         optimizer.zero_grad()
@@ -45,50 +62,78 @@ def train(vlm, pixels):
     vlm.eval()
 
 
-WORKER = (
-    textwrap.dedent(
-        """
-    import json, sys
-    import torch, torch.distributed as dist
-    from safetensors.torch import load_file, save_file
-    from vlmkit.core.model import PrefixConditioningVLM
-    from vlmkit.testing import sample_images
-    from vlmkit.train.distributed import (
-        is_sharded, load_trainable, save_model, shard_model, trainable_state_dict, unsharded_root,
+def eval_data():
+    from vlmkit.sdk.datasets import load_split
+    from vlmkit.train.config import DatasetConfig
+
+    return load_split([DatasetConfig(name="shapes", options=SHAPES)], "validation")
+
+
+def wrap(vlm, kind):
+    if kind == "fsdp2":
+        return shard_model(vlm)
+    # FSDP1 as accelerate wraps it: one unit per decoder block (_no_split_modules), then the root
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    blocks = {type(m) for m in vlm.modules() if type(m).__name__ in vlm._no_split_modules}
+    return FullyShardedDataParallel(
+        vlm, auto_wrap_policy=ModuleWrapPolicy({*blocks}), use_orig_params=True, device_id=torch.device("cpu")
     )
 
-    config, out = json.loads(sys.argv[1]), sys.argv[2]
-    CAPTIONS, STEPS = json.loads(sys.argv[3]), int(sys.argv[4])
-    """
-    )
-    + inspect.getsource(train)
-    + textwrap.dedent(
-        """
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    torch.manual_seed(0)  # build(seed=) seeds the projection; LoRA draws from the global RNG
-    vlm = shard_model(PrefixConditioningVLM.build(config, seed=0))
-    assert is_sharded(vlm)
-    pixels = vlm.preprocess(sample_images(2))
-    train(vlm, pixels)
-    tensors = trainable_state_dict(vlm)  # gathered on every rank
-    if rank == 0:
-        save_file(tensors, out + "/trainable.safetensors")
-    dist.barrier()
 
-    # resume: another initialisation, sharded, then the checkpoint distributed into its shards
-    resumed = shard_model(PrefixConditioningVLM.build(config, seed=1))
-    load_trainable(resumed, load_file(out + "/trainable.safetensors"))
-    mine = pixels[rank : rank + 1]  # each rank captions its own image: they may stop at different steps
-    with unsharded_root(resumed):
-        ids = resumed.generate(pixel_values=mine, return_ids=True, max_new_tokens=8)
-    save_model(resumed, out + "/model")  # every rank: gathered, written by rank 0
-    dist.barrier()
-    json.dump(ids, open(f"{out}/ids-{rank}.json", "w"))
+def rank_main(rank: int, world: int, config: dict, root: str, phase: str) -> None:
+    """One rank, forked: FSDP2 then FSDP1 in one process group (starting processes is most of
+    the time). ``first``: train, checkpoint, one step more, then wait to be killed. ``resume``:
+    a fresh model resumed from the checkpoint, trained to the end, captioned, scored, saved."""
+    import shutil
+    import sys
+    import warnings
+
+    import torch.distributed as dist
+
+    from vlmkit.evaluate.loop import caption_and_score
+
+    torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork
+    which = shutil.which  # no Java scorers: the pure-Python tokenizer, no METEOR (as in one process)
+    shutil.which = lambda name, *a, **k: None if name == "java" else which(name, *a, **k)
+    warnings.simplefilter("ignore")
+    sys.stderr = open(f"{root}/{phase}-{rank}.log", "w")  # noqa: SIM115 - the process's own stderr
+    dist.init_process_group("gloo", init_method=f"file://{root}/store-{phase}", rank=rank, world_size=world)
+    if phase == "first":
+        for kind in KINDS:
+            torch.manual_seed(0)  # build(seed=) seeds the projection; LoRA draws from the global RNG
+            vlm = wrap(PrefixConditioningVLM.build(config, seed=0), kind)
+            assert is_sharded(vlm)
+            pixels = vlm.preprocess(sample_images(2))
+            optimizer = optimizer_for(vlm)
+            train(vlm, optimizer, pixels, range(CHECKPOINT_AT))
+            save_checkpoint(vlm, optimizer, f"{root}/{kind}/checkpoint")
+            train(vlm, optimizer, pixels, range(1))  # past the checkpoint ...
+        Path(f"{root}/past-checkpoint-{rank}").touch()
+        time.sleep(600)  # ... and killed here by the test
+        raise SystemExit("not killed")
+
+    for kind in KINDS:
+        out = f"{root}/{kind}"
+        # resumed: another initialisation, sharded, then the checkpoint loaded into its shards
+        torch.manual_seed(1)
+        vlm = wrap(PrefixConditioningVLM.build(config, seed=1), kind)
+        pixels = vlm.preprocess(sample_images(2))
+        optimizer = optimizer_for(vlm)
+        load_checkpoint(vlm, optimizer, out + "/checkpoint")
+        train(vlm, optimizer, pixels, range(CHECKPOINT_AT, STEPS))
+        mine = pixels[rank : rank + 1]  # each rank captions its own image: they may stop at different steps
+        with unsharded_root(vlm):
+            ids = vlm.generate(pixel_values=mine, return_ids=True, max_new_tokens=8)
+            metrics = caption_and_score(vlm, eval_data(), batch_size=2, limit=EVAL)
+        save_model(vlm, out + "/model")  # every rank: gathered, written by rank 0
+        dist.barrier()
+        Path(f"{out}/rank-{rank}.json").write_text(json.dumps({"ids": ids, "metrics": metrics}))
     dist.destroy_process_group()
-    """
-    )
-)
+
+
+KINDS = ("fsdp2", "fsdp1")
 
 
 @pytest.fixture(scope="module")
@@ -126,45 +171,87 @@ def test_a_misspelt_layer_class_fails_at_build_time(config):
     assert "\n" not in str(exc.value)
 
 
-def test_fsdp2_trains_checkpoints_resumes_generates_and_saves_like_one_process(config, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    worker = tmp_path / "worker.py"
-    worker.write_text(WORKER)
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(worker), json.dumps(config), str(tmp_path), json.dumps(CAPTIONS), str(STEPS),
-    ]  # fmt: skip
+def logs(out, phase: str) -> str:
+    return "\n".join(f.read_text()[-3000:] for f in sorted(out.glob(f"{phase}-*.log")))
+
+
+def kill_after_checkpoint(torchrun, config, out):
+    """The first run's ranks, SIGKILLed once both are past their checkpoints."""
+    procs = torchrun.fork(rank_main, config, str(out), "first")
     try:
-        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired as exc:  # a rank waiting for ever, most likely
-        pytest.fail(f"FSDP run did not finish in {TIMEOUT_S} s:\n{(exc.stderr or b'')[-4000:]!r}")
-    assert run.returncode == 0, run.stderr[-4000:]
+        deadline = time.monotonic() + TIMEOUT_S
+        while not all((out / f"past-checkpoint-{rank}").exists() for rank in (0, 1)):
+            if any(not p.is_alive() for p in procs) or time.monotonic() > deadline:
+                pytest.fail(f"the first run ended or stalled before its checkpoint:\n{logs(out, 'first')}")
+            time.sleep(0.2)
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.join(timeout=30)
+    assert [proc.exitcode for proc in procs] == [-signal.SIGKILL] * 2
+
+
+@pytest.fixture(scope="module")
+def resumed(torchrun, config, tmp_path_factory):
+    """FSDP2 and FSDP1 runs killed after a checkpoint, then resumed: ``<folder>/<kind>/``."""
+    out = tmp_path_factory.mktemp("killed-and-resumed")
+    kill_after_checkpoint(torchrun, config, out)
+    codes = torchrun.join(torchrun.fork(rank_main, config, str(out), "resume"), timeout=TIMEOUT_S)
+    assert codes == [0, 0], logs(out, "resume")
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(config):
+    """The same training in one process without sharding: the model and its metrics."""
+    import shutil
+
+    from vlmkit.evaluate.loop import caption_and_score
 
     torch.manual_seed(0)  # as in the workers
-    reference = PrefixConditioningVLM.build(config, seed=0)
-    pixels = reference.preprocess(sample_images(2))
-    train(reference, pixels)
-    want = trainable_state_dict(reference)
-    saved = load_file(str(tmp_path / "trainable.safetensors"))
-    assert sorted(saved) == sorted(checkpoint_names(reference))
+    vlm = PrefixConditioningVLM.build(config, seed=0)
+    pixels = vlm.preprocess(sample_images(2))
+    train(vlm, optimizer := optimizer_for(vlm), pixels, range(STEPS))
+    del optimizer
+    which = shutil.which
+    with pytest.MonkeyPatch.context() as mp, pytest.warns(UserWarning, match="java not found"):
+        mp.setattr(shutil, "which", lambda name, *a, **k: None if name == "java" else which(name, *a, **k))
+        metrics = caption_and_score(vlm, eval_data(), batch_size=2, limit=EVAL)
+    return vlm, pixels, metrics
+
+
+@pytest.mark.parametrize("kind", ["fsdp2", "fsdp1"])
+def test_fsdp_killed_after_a_checkpoint_resumes_and_ends_like_one_process(resumed, reference, kind):
+    tmp_path = resumed / kind
+
+    vlm, pixels, metrics = reference
+    want = trainable_state_dict(vlm)
+    saved = load_file(str(tmp_path / "checkpoint" / "trainable.safetensors"))
+    assert sorted(saved) == sorted(checkpoint_names(vlm))  # full names, without FSDP1's wrappers
     assert any(name.startswith("encoder.") for name in saved)  # the unfrozen encoder block too
     for name, value in want.items():
         assert value.shape == saved[name].shape, name  # full tensors, not shards
-        assert torch.allclose(value, saved[name], atol=1e-5), name
+    optimizer = torch.load(tmp_path / "checkpoint" / "optimizer.pt", weights_only=True)
+    assert len(optimizer["state"]) == sum(p.requires_grad for p in vlm.parameters())  # momentum of each
 
     loaded = vlmkit.load(tmp_path / "model")
-    for name, value in trainable_state_dict(loaded).items():
-        assert torch.allclose(value, want[name], atol=1e-5), name
-    batch = reference.tokenize(CAPTIONS).to_dict()
+    state = loaded.state_dict()  # a loaded model is frozen: what was trained, by name
+    for name, value in want.items():
+        assert torch.allclose(state[name], value, atol=1e-5), name
+    batch = vlm.tokenize(CAPTIONS).to_dict()
     with torch.no_grad():
-        logits = reference(**batch, pixel_values=pixels, return_logits=True)["logits"]
+        logits = vlm(**batch, pixel_values=pixels, return_logits=True)["logits"]
         assert torch.allclose(
             loaded(**batch, pixel_values=pixels, return_logits=True)["logits"], logits, atol=1e-4
         )
-    reference_ids = reference.generate(pixel_values=pixels, return_ids=True, max_new_tokens=8)
+    reference_ids = vlm.generate(pixel_values=pixels, return_ids=True, max_new_tokens=8)
     assert loaded.generate(pixel_values=pixels, return_ids=True, max_new_tokens=8) == reference_ids
+    ranks = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
     for rank in (0, 1):  # generated under sharding, one image per rank
-        assert json.loads((tmp_path / f"ids-{rank}.json").read_text()) == reference_ids[rank : rank + 1]
+        assert ranks[rank]["ids"] == reference_ids[rank : rank + 1]
+    # evaluation under sharding: every rank has the metrics of one process
+    assert ranks[0]["metrics"] == ranks[1]["metrics"] == pytest.approx(metrics)
 
 
 def test_load_trainable_refuses_tensors_of_another_model(config):
@@ -236,11 +323,13 @@ def test_fsdp_requested_where_trainer_would_not_shard_is_refused(monkeypatch):
     from vlmkit.core.errors import ConfigError
     from vlmkit.train.distributed import check_fsdp_applies
 
-    def trainer(fsdp, enabled):
+    def trainer(fsdp, enabled, plugin=None):
         return SimpleNamespace(
             args=SimpleNamespace(fsdp=fsdp),
             is_fsdp_enabled=enabled,
-            accelerator=SimpleNamespace(distributed_type=SimpleNamespace(value="MULTI_CPU")),
+            accelerator=SimpleNamespace(
+                distributed_type=SimpleNamespace(value="MULTI_CPU"), state=SimpleNamespace(fsdp_plugin=plugin)
+            ),
         )
 
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
@@ -252,3 +341,34 @@ def test_fsdp_requested_where_trainer_would_not_shard_is_refused(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # accelerate launch with an FSDP config
     with pytest.raises(ConfigError, match="FSDP was requested"):
         check_fsdp_applies(trainer([], False))
+
+
+def test_fsdp1_without_use_orig_params_is_refused(monkeypatch):
+    """LoRA layers mix a frozen weight and trainable adapters in one FSDP unit: FSDP1 needs
+    use_orig_params=True, which accelerate's plugin leaves False unless told."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from vlmkit.core.errors import ConfigError
+    from vlmkit.train.distributed import check_fsdp_applies
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("FSDP_USE_ORIG_PARAMS", raising=False)
+
+    def trainer(plugin):
+        return SimpleNamespace(
+            args=SimpleNamespace(fsdp=["full_shard"]),
+            is_fsdp_enabled=True,
+            accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)),
+        )
+
+    default = FullyShardedDataParallelPlugin(fsdp_version=1)
+    assert not default.use_orig_params  # accelerate's default: the trap
+    with pytest.raises(
+        ConfigError, match="FSDP1 is configured with use_orig_params=False.*fsdp_use_orig_params: true"
+    ) as exc:
+        check_fsdp_applies(trainer(default))
+    assert "\n" not in str(exc.value)
+    check_fsdp_applies(trainer(FullyShardedDataParallelPlugin(fsdp_version=1, use_orig_params=True)))
+    check_fsdp_applies(trainer(FullyShardedDataParallelPlugin(fsdp_version=2)))  # FSDP2 keeps them anyway

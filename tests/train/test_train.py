@@ -507,10 +507,10 @@ def photo_folder(tmp_path):
 
 
 def test_bad_images_stop_the_run_in_one_line_naming_them_and_skip_trains(
-    base_args, photo_folder, tmp_path, run_main
+    base_args, home, photo_folder, tmp_path, run_main
 ):
-    out = tmp_path / "run"
-    code, err = run_main(*base_args(out, dataset=f"folder:path={photo_folder}"))
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    code, err = run_main(*base_args(out, "--cache-dir", str(cache), dataset=f"folder:path={photo_folder}"))
     assert code == 1
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, err
@@ -519,9 +519,23 @@ def test_bad_images_stop_the_run_in_one_line_naming_them_and_skip_trains(
 
     # the failed start left no run behind: the same command with skip needs no --overwrite
     with pytest.warns(DataWarning, match=r"2 of 32 images skipped \(1 missing: gone.png; 1 unreadable"):
-        cli_ok(*base_args(out, dataset=f"folder:path={photo_folder},on_bad_image=skip", steps=2))
+        cli_ok(
+            *base_args(
+                out,
+                "--cache-dir",
+                str(cache),
+                dataset=f"folder:path={photo_folder},on_bad_image=skip",
+                steps=2,
+            )
+        )
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["training"]["global_step"] == 2
+    # the usable images' checks are remembered in the run's cache folder, not in VLMKIT_HOME
+    stores = [json.loads(f.read_text()) for f in (cache / "image-checks").glob("*.json")]
+    assert [s["folder"] for s in stores] == [str(photo_folder.resolve())]
+    assert len(stores[0]["images"]) == 30
+    in_home = [json.loads(f.read_text())["folder"] for f in (home / "image-checks").glob("*.json")]
+    assert str(photo_folder.resolve()) not in in_home
 
 
 def test_every_bad_image_is_listed_in_the_run_folder_before_any_weights_load(

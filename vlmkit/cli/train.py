@@ -180,7 +180,10 @@ def train(
         rich_help_panel=_PANEL_RUN,
     ),
     cache_dir: Path = typer.Option(
-        None, help="Feature cache folder (default $VLMKIT_HOME/features).", rich_help_panel=_PANEL_RUN
+        None,
+        help="Feature cache folder (default $VLMKIT_HOME/features); the folder dataset remembers its image "
+        "checks in its image-checks/ too.",
+        rich_help_panel=_PANEL_RUN,
     ),
     seed: int = typer.Option(None, help="Random seed (splits, init, order).", rich_help_panel=_PANEL_RUN),
     set_: list[str] = typer.Option(

@@ -18,7 +18,9 @@ import hashlib
 import json
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ValidationError
@@ -157,6 +159,33 @@ def stratified_splits(
 
 
 # --------------------------------------------------------------------------------------- datasets
+
+
+#: the folder of remembered image checks, in a cache root (a feature cache leaves it alone)
+IMAGE_CHECKS = "image-checks"
+#: where datasets keep files derived from the data (``image_checks_dir``); None: $VLMKIT_HOME
+_CACHE_ROOT: ContextVar[Path | None] = ContextVar("vlmkit_dataset_cache_root", default=None)
+
+
+@contextlib.contextmanager
+def dataset_cache_root(path: str | Path | None) -> Iterator[None]:
+    """While active, datasets keep what they derive from the data (the ``folder`` dataset's
+    remembered image checks) under ``path``: ``vlmkit train`` passes its cache folder
+    (``--cache-dir``). ``None``: ``$VLMKIT_HOME``."""
+    token = _CACHE_ROOT.set(Path(path).expanduser() if path is not None else None)
+    try:
+        yield
+    finally:
+        _CACHE_ROOT.reset(token)
+
+
+def image_checks_dir() -> Path:
+    """``image-checks/`` of the active ``dataset_cache_root``, else of ``$VLMKIT_HOME`` (not
+    created here: whoever writes creates it)."""
+    from vlmkit.core.paths import cache_dir
+
+    root = _CACHE_ROOT.get()
+    return (root if root is not None else cache_dir()) / IMAGE_CHECKS
 
 
 def fingerprint(*parts: Any) -> str:

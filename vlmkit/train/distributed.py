@@ -1,10 +1,14 @@
 """Trainable tensors in and out of sharded models, and checks that a requested sharding applies.
 
 Checkpoints hold only what training changes (``checkpoint_names``): trainable parameters, plus the
-state of the unfrozen encoder blocks (their buffers too). Under FSDP2 (``fully_shard``) those
-parameters are ``DTensor`` shards: ``trainable_state_dict`` gathers full tensors (a collective:
-every rank calls it) and ``load_trainable`` scatters full tensors back into the shards. Under
-FSDP1 and DeepSpeed, ``Trainer`` gathers the state dict itself and hands it to ``_save``.
+state of the unfrozen encoder blocks (their buffers too), and the optimizer's state. Under FSDP2
+(``fully_shard``) those parameters are ``DTensor`` shards; under FSDP1
+(``FullyShardedDataParallel(use_orig_params=True)``) they are flat-parameter views, empty on the
+ranks that do not own them. ``trainable_state_dict`` gathers full tensors (a collective: every rank
+calls it) and ``load_trainable`` puts full tensors back into the shards; pass them the model as
+wrapped under FSDP1 (the root, not its ``.module``), and the module (not the engine) under DeepSpeed
+ZeRO-3, whose partitioned parameters are gathered with ``deepspeed.zero.GatheredParameters``. Under ``Trainer`` with FSDP or DeepSpeed, ``Trainer``
+gathers the state dict itself and hands it to ``_save``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ import torch
 
 from vlmkit.core.errors import ConfigError
 
+#: the trainable tensors of a checkpoint (``VLMTrainer`` writes the same file)
+TRAINABLE_FILE = "trainable.safetensors"
+
 
 def _dtensor_type():
     try:
@@ -26,18 +33,63 @@ def _dtensor_type():
     return DTensor
 
 
+#: what wrappers put into parameter names (FSDP1 units, activation checkpointing); state dicts omit it
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def clean_name(name: str) -> str:
+    """``name`` as a state dict has it: without the wrappers' ``_fsdp_wrapped_module.`` parts."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def fsdp1_root(model):
+    """The outermost FSDP1 ``FullyShardedDataParallel`` in ``model`` (``model`` itself when it is
+    one), or ``None`` when there is none."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # torch built without distributed
+        return None
+    return next((m for m in model.modules() if isinstance(m, FullyShardedDataParallel)), None)
+
+
+def vlm_of(model):
+    """The ``PrefixConditioningVLM`` inside a wrapped ``model`` (an FSDP1 root keeps it as ``.module``)."""
+    while hasattr(model, "module") and not hasattr(model, "encoder_weights"):
+        model = model.module
+    return model
+
+
+def zero3_parameters(model) -> list[torch.nn.Parameter]:
+    """Parameters DeepSpeed ZeRO-3 partitions (empty on every rank outside a gather)."""
+    return [p for p in model.parameters() if hasattr(p, "ds_id")]
+
+
 def is_sharded(model) -> bool:
-    """True when some parameter is a ``DTensor`` (FSDP2 ``fully_shard``, tensor parallelism)."""
+    """True when some parameter is a ``DTensor`` (FSDP2 ``fully_shard``, tensor parallelism), a
+    DeepSpeed ZeRO-3 partition, or the model holds FSDP1 units."""
     dtensor = _dtensor_type()
-    return bool(dtensor) and any(isinstance(p, dtensor) for p in model.parameters())
+    return (
+        (bool(dtensor) and any(isinstance(p, dtensor) for p in model.parameters()))
+        or fsdp1_root(model) is not None
+        or bool(zero3_parameters(model))
+    )
+
+
+def _own_tensors(model) -> dict[str, torch.Tensor]:
+    """The model's parameters and buffers by state-dict name, without calling ``state_dict()``
+    (under FSDP1 that is a collective, and ``_save`` runs on the saving rank alone)."""
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return {clean_name(n): t for n, t in named}
 
 
 def checkpoint_names(model) -> list[str]:
     """State-dict names of what a checkpoint holds: trainable parameters and the unfrozen encoder
     blocks' parameters and buffers (``model.encoder_weights()``)."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    names = [clean_name(n) for n, p in model.named_parameters() if p.requires_grad]
     seen = set(names)
-    names += [n for k in model.encoder_weights() if (n := f"encoder.{k}") not in seen]
+    names += [n for k in vlm_of(model).encoder_weights() if (n := f"encoder.{clean_name(k)}") not in seen]
     return names
 
 
@@ -45,10 +97,36 @@ def trainable_state_dict(model, state_dict: Mapping[str, Any] | None = None) -> 
     """Full, contiguous CPU tensors for ``checkpoint_names(model)``.
 
     From ``state_dict`` when given (the gathered one ``Trainer`` passes under FSDP and DeepSpeed);
-    otherwise from the model itself, gathering ``DTensor`` shards: then every rank must call it.
+    otherwise from the model itself, gathering FSDP2 ``DTensor`` shards or FSDP1 flat parameters:
+    then every rank must call it.
     """
     names = checkpoint_names(model)
-    own = model.state_dict(keep_vars=True)
+    if state_dict is None and (gather := gathered(model, modifier_rank=None)) is not None:
+        with gather:
+            # copies: the gathered parameters are views of storage freed when the context ends
+            return {k: v.clone() for k, v in _take(model, names, None).items()}
+    return _take(model, names, state_dict)
+
+
+def gathered(model, modifier_rank: int | None = None):
+    """A context holding full parameters on every rank, under FSDP1 (the root unit's
+    ``summon_full_params``) or ZeRO-3 (``GatheredParameters``; changes made on ``modifier_rank``
+    are partitioned again on exit); ``None`` for other models. A collective."""
+    root = fsdp1_root(model)
+    if root is not None:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel.summon_full_params(root, writeback=modifier_rank is not None)
+    partitioned = zero3_parameters(model)
+    if partitioned:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank)
+    return None
+
+
+def _take(model, names: list[str], state_dict: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
+    own = _own_tensors(model)
     dtensor = _dtensor_type()
     out = {}
     for name in names:
@@ -70,11 +148,21 @@ def trainable_state_dict(model, state_dict: Mapping[str, Any] | None = None) -> 
 
 def load_trainable(model, tensors: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> None:
     """Copy full ``tensors`` (from ``trainable_state_dict``) into ``model``, distributing them into
-    ``DTensor`` shards under FSDP2 (every rank calls it, with the same tensors)."""
-    own = model.state_dict(keep_vars=True)
+    FSDP2 ``DTensor`` shards or, under FSDP1 and ZeRO-3, into full parameters gathered for it and
+    sharded again (every rank calls it, with the same tensors)."""
+    own = _own_tensors(model)
     unknown = sorted(set(tensors) - set(own))
     if unknown:
         raise ConfigError(f"{source} does not fit this model (e.g. {unknown[0]})")
+    gather = gathered(model, modifier_rank=0)
+    if gather is not None:
+        with gather:
+            _copy_into(_own_tensors(model), tensors)
+        return
+    _copy_into(own, tensors)
+
+
+def _copy_into(own: dict[str, torch.Tensor], tensors: Mapping[str, torch.Tensor]) -> None:
     dtensor = _dtensor_type()
     with torch.no_grad():
         for name, value in tensors.items():
@@ -85,6 +173,66 @@ def load_trainable(model, tensors: Mapping[str, torch.Tensor], *, source: str = 
                 value = value.to(device=target.device, dtype=target.dtype)
                 value = distribute_tensor(value, target.device_mesh, target.placements)
             target.copy_(value)
+
+
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+def save_checkpoint(model, optimizer, folder) -> None:
+    """A resumable checkpoint of a sharded (or plain) model outside ``Trainer``: the gathered
+    trainable tensors and the optimizer's full state, written by rank 0, each file atomically and
+    the tensors last (a folder holding them is complete). Every rank calls it (gathering)."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from vlmkit.core.paths import atomic_write
+
+    tensors = trainable_state_dict(model)
+    state = _optimizer_state(model, optimizer)
+    if _rank() == 0:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / OPTIMIZER_FILE, lambda tmp: torch.save(state, tmp))
+        atomic_write(folder / TRAINABLE_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    _barrier()
+
+
+def load_checkpoint(model, optimizer, folder) -> None:
+    """Resume ``model`` (sharded or not, freshly built) and ``optimizer`` from ``save_checkpoint``'s
+    ``folder``. Every rank calls it; every rank must see the folder."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / TRAINABLE_FILE).is_file() or not (folder / OPTIMIZER_FILE).is_file():
+        raise ConfigError(f"{folder} is not a complete checkpoint ({TRAINABLE_FILE} and {OPTIMIZER_FILE})")
+    load_trainable(model, load_file(str(folder / TRAINABLE_FILE)), source=f"checkpoint {folder}")
+    state = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def _optimizer_state(model, optimizer) -> dict:
+    """The optimizer's state keyed by parameter name, full tensors (a collective when sharded)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def shard_model(model, **fully_shard_kwargs: Any):
@@ -110,39 +258,81 @@ def shard_model(model, **fully_shard_kwargs: Any):
 
 @contextlib.contextmanager
 def unsharded_root(model) -> Iterator[None]:
-    """Full parameters of an FSDP2 root for calls other than ``forward`` (``generate``: the
-    encoder, the projection and the embeddings live in the root unit); a no-op otherwise."""
-    from torch.distributed.fsdp import FSDPModule
+    """Full parameters of the root unit for calls other than ``forward`` (``generate``: the
+    encoder, the projection and the embeddings live in the root unit), FSDP2 or FSDP1; a no-op
+    otherwise. The decoder blocks still gather their own parameters in each forward, so every rank
+    must generate as many steps (``synced_gpus``, which ``generate`` turns on under FSDP)."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
-    if not isinstance(model, FSDPModule):
+    if isinstance(model, FSDPModule):
+        model.unshard()
+        try:
+            yield
+        finally:
+            model.reshard()
+    elif isinstance(model, FullyShardedDataParallel):
+        with FullyShardedDataParallel.summon_full_params(model, recurse=False, writeback=False):
+            yield
+    else:
         yield
-        return
-    model.unshard()
-    try:
-        yield
-    finally:
-        model.reshard()
 
 
 def save_model(model, path, *, training: dict | None = None, registry=None) -> None:
-    """``model.save(path)`` from every rank: rank 0 writes. Under FSDP2 the trainable tensors are
+    """``model.save(path)`` from every rank: rank 0 writes. Under FSDP the trainable tensors are
     gathered first (a collective) and rank 0 writes them from an unsharded copy of the model, built
     from the same config: a sharded module's ``state_dict`` holds shards, never full tensors."""
-    import torch.distributed as dist
-
-    distributed = dist.is_available() and dist.is_initialized()
-    rank = dist.get_rank() if distributed else 0
     if not is_sharded(model):
-        if rank == 0:
-            model.save(path, training=training)
+        if _rank() == 0:
+            vlm_of(model).save(path, training=training)
         return
     tensors = trainable_state_dict(model)
-    if rank == 0:
+    if _rank() == 0:
         from vlmkit.core.artifact import assemble
 
-        plain = assemble(model.settings, registry=registry, seed=None)
+        with _without_zero3_init():
+            plain = assemble(vlm_of(model).settings, registry=registry, seed=None)
         load_trainable(plain, tensors, source="the gathered trainable tensors")
         plain.save(path, training=training)
+
+
+@contextlib.contextmanager
+def _without_zero3_init() -> Iterator[None]:
+    """While a DeepSpeed ZeRO-3 config is registered (``Trainer`` under DeepSpeed), transformers
+    builds every model partitioned (``deepspeed.zero.Init``, a collective): rank 0 alone building
+    the plain copy would wait for ever. Unregistered for that build."""
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        yield
+        return
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = ref
+
+
+def checkpoints_without_frozen_weights(engine) -> None:
+    """DeepSpeed ``engine``'s checkpoints without the frozen weights, and loaded back without them.
+
+    ``Trainer`` leaves them out only for a ``PeftModel``; here they are the referenced base (never
+    trained: gigabytes per checkpoint), and resuming rebuilds them from it, so the module state is
+    loaded non-strictly. The trainable tensors are in ``trainable.safetensors`` and the optimizer's
+    partitions.
+    """
+    if getattr(engine, "_vlmkit_without_frozen", False):
+        return
+    save, load = engine.save_checkpoint, engine.load_checkpoint
+
+    def save_trained(*args, **kwargs):
+        return save(*args, **{**kwargs, "exclude_frozen_parameters": True})
+
+    def load_trained(*args, **kwargs):
+        return load(*args, **{**kwargs, "load_module_strict": False})
+
+    engine.save_checkpoint, engine.load_checkpoint = save_trained, load_trained
+    engine._vlmkit_without_frozen = True
 
 
 def check_fsdp_applies(trainer) -> None:
@@ -150,6 +340,9 @@ def check_fsdp_applies(trainer) -> None:
 
     With ``use_cpu=True`` (every CPU run) transformers sets up plain multi-process CPU training
     (``MULTI_CPU``) and never enables FSDP: the user asked for sharding and would get replicas.
+    FSDP1 without ``use_orig_params`` is refused too (LoRA units mix frozen and trainable
+    parameters; torch would stop at wrapping): accelerate's own default
+    (``fsdp_use_orig_params`` unset in ``accelerate config``) is False.
     """
     import os
 
@@ -159,4 +352,11 @@ def check_fsdp_applies(trainer) -> None:
             f"FSDP was requested but this run is {trainer.accelerator.distributed_type.value}, where "
             "transformers' Trainer does not shard (it never does on CPU): drop the FSDP option, or train "
             "on GPUs"
+        )
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None) if trainer.is_fsdp_enabled else None
+    if plugin is not None and getattr(plugin, "fsdp_version", 1) == 1 and not plugin.use_orig_params:
+        raise ConfigError(
+            "FSDP1 is configured with use_orig_params=False, but LoRA mixes frozen and trainable "
+            "parameters in one unit: set fsdp_use_orig_params: true in the accelerate config (or "
+            "fsdp_config use_orig_params), or use FSDP2 (fsdp_version: 2)"
         )

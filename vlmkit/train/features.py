@@ -65,7 +65,7 @@ from vlmkit.core.contracts import CaptionDataset, VisionEncoder
 from vlmkit.core.errors import DataError, VlmkitWarning
 from vlmkit.core.paths import cache_dir, write_json
 from vlmkit.core.projection import ProjectionConfig
-from vlmkit.sdk.datasets import fingerprint
+from vlmkit.sdk.datasets import IMAGE_CHECKS, fingerprint
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import numpy as np
@@ -222,10 +222,11 @@ class FeatureCache:
         return self._compute_distributed(run, rank, world)
 
     def clear(self) -> int:
-        """Remove every entry (complete or partial); returns how many were removed."""
+        """Remove every entry (complete or partial); returns how many were removed. Remembered image
+        checks kept beside the entries (``vlmkit train --cache-dir``) stay."""
         removed = 0
         for child in self.root.iterdir():
-            if child.is_dir():
+            if child.is_dir() and child.name != IMAGE_CHECKS:
                 shutil.rmtree(child, ignore_errors=True)
                 removed += 1
             elif child.suffix == ".lock":

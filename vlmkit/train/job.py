@@ -15,6 +15,7 @@ with no code of ours. What is ours:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -33,10 +34,10 @@ from transformers.trainer_utils import TrainOutput
 
 from vlmkit.core.errors import ConfigError, DataError, VlmkitWarning
 from vlmkit.core.model import PrefixConditioningVLM
-from vlmkit.sdk.datasets import BadImagesError, data_sources, load_split, tsv_field
+from vlmkit.sdk.datasets import BadImagesError, data_sources, dataset_cache_root, load_split, tsv_field
 from vlmkit.train.config import TrainConfig
 from vlmkit.train.data import CaptionTrainingSet, Collator
-from vlmkit.train.distributed import save_model
+from vlmkit.train.distributed import fsdp1_root, gathered, save_model
 from vlmkit.train.features import FeatureCache
 from vlmkit.train.precision import Placement, resolve
 from vlmkit.train.trainer import JsonlLogger, VLMTrainer, prepare_model_for_precision
@@ -207,7 +208,8 @@ def train(
         log.info("training on %s", placement.describe())
 
     # the data first: a bad file fails the run in seconds, not after minutes of loading weights
-    train_data, eval_data = _load_data(config, registry, write_list=args.process_index == 0)
+    with dataset_cache_root(config.cache_dir):  # remembered image checks beside the features
+        train_data, eval_data = _load_data(config, registry, write_list=args.process_index == 0)
     set_seed(config.seed)  # after the data: a loader drawing random numbers does not change the model
     model = PrefixConditioningVLM.build(
         config.model, registry=registry, seed=config.seed, dtype=placement.dtype
@@ -231,8 +233,11 @@ def train(
         half = placement.precision in ("bf16", "fp16")
         options = dict(projection=config.model.projection, device=args.device, progress=progress)
         options["autocast"] = placement.dtype if half else None
-        train_features = cache.features_for(model.encoder, train_data, **options)
-        eval_features = cache.features_for(model.encoder, eval_data, **options)
+        # DeepSpeed ZeRO-3: transformers loaded the encoder partitioned (zero.Init); it runs here,
+        # outside the engine, so its full weights are gathered first
+        with gathered(model.encoder) or contextlib.nullcontext():
+            train_features = cache.features_for(model.encoder, train_data, **options)
+            eval_features = cache.features_for(model.encoder, eval_data, **options)
     preprocess = None if use_cache else model.preprocess
     train_set = CaptionTrainingSet(train_data, train_features, preprocess, config.max_train_samples)
     eval_set = CaptionTrainingSet(eval_data, eval_features, preprocess, config.max_eval_samples)
@@ -276,8 +281,10 @@ def train(
     if config.eval_metrics or config.early_stopping_patience:
         eval_metrics = _final_evaluation(trainer) or trainer.evaluate()
 
-    save_model(  # rank 0 writes; under FSDP2 every rank first takes part in gathering
-        model,
+    # FSDP1: through the root unit Trainer wrapped (the raw model's own units are only its blocks)
+    root = fsdp1_root(trainer.model_wrapped)
+    save_model(  # rank 0 writes; under FSDP and ZeRO-3 every rank first takes part in gathering
+        root if root is not None else model,
         out,
         training={
             "config": json.loads(config.model_dump_json()),

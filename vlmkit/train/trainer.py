@@ -18,7 +18,10 @@ from vlmkit.evaluate.loop import caption_and_score
 from vlmkit.train.config import TrainConfig
 from vlmkit.train.data import CaptionTrainingSet, LengthGroupedSampler, SamplerEpoch
 from vlmkit.train.distributed import (
+    TRAINABLE_FILE,
     check_fsdp_applies,
+    checkpoints_without_frozen_weights,
+    fsdp1_root,
     is_sharded,
     load_trainable,
     trainable_state_dict,
@@ -26,8 +29,6 @@ from vlmkit.train.distributed import (
 )
 
 log = logging.getLogger(__name__)
-
-TRAINABLE_FILE = "trainable.safetensors"
 
 
 def optimizer_param_groups(model: PrefixConditioningVLM, config: TrainConfig) -> list[dict[str, Any]]:
@@ -139,6 +140,17 @@ class VLMTrainer(Trainer):
         output.mkdir(parents=True, exist_ok=True)
         atomic_write(output / TRAINABLE_FILE, lambda tmp: save_file(tensors, str(tmp)))
 
+    @property
+    def deepspeed(self):
+        return self.__dict__.get("_deepspeed_engine")
+
+    @deepspeed.setter
+    def deepspeed(self, engine) -> None:
+        # Trainer keeps the DeepSpeed engine here before it resumes or saves anything
+        if engine is not None:
+            checkpoints_without_frozen_weights(engine)
+        self.__dict__["_deepspeed_engine"] = engine
+
     def _load_trainable(self, checkpoint: str | Path) -> None:
         from safetensors.torch import load_file
 
@@ -147,7 +159,10 @@ class VLMTrainer(Trainer):
             raise ConfigError(
                 f"checkpoint {checkpoint} has no {TRAINABLE_FILE}; it was not written by vlmkit train"
             )
-        model = self.accelerator.unwrap_model(self.model)
+        # FSDP1: the wrapped model, whose root unit gathers the full parameters to load into
+        model = (
+            self.model if fsdp1_root(self.model) is not None else self.accelerator.unwrap_model(self.model)
+        )
         load_trainable(model, load_file(str(file)), source=f"checkpoint {checkpoint}")
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
@@ -163,7 +178,12 @@ class VLMTrainer(Trainer):
         if self.vlm_config.eval_metrics and self.eval_captions is not None:
             prefix = kwargs.get("metric_key_prefix", "eval")
             data, features = self.eval_captions
-            model = self.accelerator.unwrap_model(self.model)
+            # FSDP1: the wrapped model, whose root unit holds the encoder, projection and embeddings
+            model = (
+                self.model
+                if fsdp1_root(self.model) is not None
+                else self.accelerator.unwrap_model(self.model)
+            )
             # on the training device (the model moves the cached CPU features) under its autocast;
             # FSDP2: generate is not forward, so nothing else unshards the root. Each rank
             # captions its share; rank 0 scores; every rank gets the same metrics (early stopping)

@@ -13,8 +13,9 @@ The folder holds images and one captions file, found in this order unless ``capt
 Image paths are relative to the captions file. Every image is checked when the dataset loads,
 by decoding it the way training will (``CaptionExample.load_image``; a JPEG at 1/8 scale), so
 training never dies mid-epoch on a bad file. Usable images are remembered in
-``$VLMKIT_HOME/image-checks`` by path, size and mtime, so later runs decode only new or changed
-files (a file replaced keeping its size and mtime is not noticed: touch it). Under
+``image-checks/`` of the run's cache folder (``vlmkit train --cache-dir``; ``$VLMKIT_HOME``
+otherwise) by path, size and mtime, so later runs decode only new or changed files (a file
+replaced keeping its size and mtime is not noticed: touch it). Under
 ``torch.distributed`` rank 0 checks and the other ranks receive its results. A path that resolves outside the folder (``../``, an
 absolute path, a symlink out) is a bad image, never read, unless ``allow_outside=true``.
 ``on_bad_image="error"`` (the default) refuses the folder naming the bad files; ``"skip"`` leaves
@@ -30,9 +31,11 @@ import hashlib
 import io
 import json
 import os
+import stat as stat_module
 import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -41,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 import vlmkit
 from vlmkit.core.contracts import CaptionExample, DatasetSpec, read_image_file
 from vlmkit.core.errors import DataError
-from vlmkit.core.paths import cache_dir, write_json
+from vlmkit.core.paths import write_json
 from vlmkit.sdk.datasets import (
     DEFAULT_FRACTIONS,
     BadImagesError,
@@ -53,6 +56,7 @@ from vlmkit.sdk.datasets import (
     check_split,
     fingerprint,
     from_rank_zero,
+    image_checks_dir,
     parse_options,
 )
 
@@ -102,25 +106,22 @@ class FolderDataset(DatasetSpec):
         if not root.is_dir():
             raise DataError(f"{source}: no such folder")
         captions_file = _find_captions_file(root, opts.captions, source)
-        entries = _read_captions(captions_file, source)
+        parsed = _read_captions(captions_file, source)
+        entries, paths = parsed.entries, parsed.paths
         if not entries:
             raise DataError(f"{source}: {captions_file.name} lists no images")
 
-        base = captions_file.parent
-        paths = {image_id: _resolve(base, image_id) for image_id in entries}
-        inside = None if opts.allow_outside else {root, base.resolve()}
+        inside = None if opts.allow_outside else {str(root), str(captions_file.parent.resolve())}
         checks = _check_images(list(paths.values()), inside, root)
         bad = {i: checks[paths[i]][0] for i in entries if checks[paths[i]][0] is not None}
         if bad:
             _report_bad(source, bad, len(entries), opts.on_bad_image)
 
         examples, digests = [], []
-        for image_id in sorted(entries):
-            if image_id in bad or assign_split(image_id, seed, opts.split_fractions) != split:
+        for image_id in parsed.ids_in(split, seed, opts.split_fractions):
+            if image_id in bad:
                 continue
-            examples.append(
-                CaptionExample(id=image_id, captions=entries[image_id], image=str(paths[image_id]))
-            )
+            examples.append(CaptionExample(id=image_id, captions=entries[image_id], image=paths[image_id]))
             digests.append([image_id, checks[paths[image_id]][1]])
         if not examples:
             usable = len(entries) - len(bad)
@@ -153,8 +154,48 @@ def _find_captions_file(root: Path, name: str | None, source: str) -> Path:
     )
 
 
-def _read_captions(path: Path, source: str) -> dict[str, list[str]]:
-    """``image path (as written) -> captions``, merging repeated images, in file order."""
+@dataclass
+class _Parsed:
+    """A captions file read: ``entries`` (image path as written -> captions, in file order) and
+    ``paths`` (-> the file's path, a plain string: on 30,000 images pathlib costs seconds)."""
+
+    entries: dict[str, list[str]]
+    paths: dict[str, str]
+    _splits: dict[tuple, dict[str, list[str]]] = field(default_factory=dict)
+
+    def ids_in(self, split: str, seed: int, fractions) -> list[str]:
+        """The sorted ids of ``split`` (of every image, usable or not), assigned once per seed."""
+        key = (seed, tuple(fractions))
+        if key not in self._splits:
+            by_split: dict[str, list[str]] = {"train": [], "validation": [], "test": []}
+            for image_id in sorted(self.entries):
+                by_split[assign_split(image_id, seed, fractions)].append(image_id)
+            self._splits[key] = by_split
+        return self._splits[key][split]
+
+
+#: (captions file, size, mtime_ns) -> what it holds: train, validation and test parse it once
+_PARSED: dict[tuple[str, int, int], _Parsed] = {}
+
+
+def _read_captions(path: Path, source: str) -> _Parsed:
+    """The images and captions of ``path``, merging repeated images; parsed once per process
+    while the file keeps its size and mtime."""
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise DataError(f"{source}: cannot read {path.name}: {exc}") from exc
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _PARSED:
+        if len(_PARSED) >= 4:  # a few files (a mix of folders), not every file a process ever read
+            _PARSED.clear()
+        entries = _parse_captions(path, source)
+        base = str(path.parent)
+        _PARSED[key] = _Parsed(entries, {image_id: _resolve(base, image_id) for image_id in entries})
+    return _PARSED[key]
+
+
+def _parse_captions(path: Path, source: str) -> dict[str, list[str]]:
     rows: list[tuple[int, dict[str, Any]]] = []
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -187,14 +228,23 @@ def _read_captions(path: Path, source: str) -> dict[str, list[str]]:
             raise DataError(
                 f"{where} has no caption for {image} (use one of the keys {', '.join(CAPTION_KEYS)})"
             )
-        merged = entries.setdefault(Path(image).as_posix(), [])
+        merged = entries.setdefault(_as_posix(image), [])
         merged.extend(c for c in captions if c not in merged)
     return entries
 
 
-def _resolve(base: Path, image: str) -> Path:
-    path = Path(image).expanduser()
-    return path if path.is_absolute() else base / path
+def _as_posix(image: str) -> str:
+    """``Path(image).as_posix()`` (``./a.jpg`` -> ``a.jpg``, ``a//b`` -> ``a/b``), without building
+    a Path for the names that need no change (nearly all of them)."""
+    if "//" in image or "/." in image or image.startswith("./") or image.endswith("/") or image == ".":
+        return Path(image).as_posix()
+    return image
+
+
+def _resolve(base: str, image: str) -> str:
+    """The image's path as ``str(Path(base) / Path(image).expanduser())`` gives it (ids are already
+    normalised by ``_as_posix``)."""
+    return os.path.join(base, os.path.expanduser(image) if image.startswith("~") else image)
 
 
 # --------------------------------------------------------------------------------------- images
@@ -204,16 +254,17 @@ def _resolve(base: Path, image: str) -> Path:
 _CHECKED: dict[tuple[str, int, int], tuple[str | None, str]] = {}
 OUTSIDE = "is outside the folder (not read; pass allow_outside=true to use it)"
 #: usable images of a folder (path -> size, mtime_ns, sha256), remembered across runs in
-#: $VLMKIT_HOME/image-checks: a second run on 30,000 images stats them instead of decoding them
+#: image_checks_dir(): a second run on 30,000 images stats them instead of decoding them
 CHECKS_VERSION = 1
 _READ_STORES: set[str] = set()
 
 
 def _check_images(
-    paths: list[Path], inside: set[Path] | None, folder: Path
-) -> dict[Path, tuple[str | None, str]]:
+    paths: list[str], inside: set[str] | None, folder: Path
+) -> dict[str, tuple[str | None, str]]:
     """For each path: ``(None, sha256)`` when usable, else ``(what is wrong, "")``: ``"missing"``,
-    ``"is outside the folder ..."`` or why it is unreadable. ``inside``: where images must resolve.
+    ``"is outside the folder ..."`` or why it is unreadable. ``inside``: real folders where images
+    must resolve.
 
     Under ``torch.distributed`` rank 0 checks and the other ranks receive its results (every rank
     loads the same splits in the same order, so they meet here alike).
@@ -221,51 +272,78 @@ def _check_images(
     return from_rank_zero(lambda: _check_remembered(paths, inside, folder), "checking the images")
 
 
-def _check_remembered(paths: list[Path], inside: set[Path] | None, folder: Path):
+def _check_remembered(paths: list[str], inside: set[str] | None, folder: Path):
     name = f"{hashlib.sha256(str(folder).encode()).hexdigest()[:24]}.json"
-    if name not in _READ_STORES:  # once per process: train, validation and test share it
-        _READ_STORES.add(name)
+    try:
+        store: Path | None = image_checks_dir()
+    except OSError:  # no writable $VLMKIT_HOME: every image is checked, nothing remembered
+        store = None
+    if store is not None and str(store / name) not in _READ_STORES:  # once per process and store
+        _READ_STORES.add(str(store / name))
         try:
-            remembered = json.loads((cache_dir("image-checks") / name).read_text())
+            remembered = json.loads((store / name).read_text())
             if remembered.get("version") == CHECKS_VERSION:
                 for path, (size, mtime, digest) in remembered["images"].items():
                     _CHECKED.setdefault((path, size, mtime), (None, digest))
         except (OSError, ValueError, TypeError, KeyError, AttributeError):
             pass  # none yet, or unreadable: check every image again
     # known images are only stat'ed, here; threads decode the others (30,000 futures cost seconds)
-    checked = {p: _check_image(p, inside, decode=False) for p in paths}
+    real_dirs: dict[str, str] = {}
+    checked = {p: _check_image(p, inside, real_dirs, decode=False) for p in paths}
     new = [p for p, result in checked.items() if result is None]
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-        checked.update(zip(new, pool.map(lambda p: _check_image(p, inside), new), strict=True))
-    if new:  # only usable images: a bad one may be fixed without its mtime changing
-        usable = {
-            str(p): [key[1], key[2], digest] for p, (why, digest, key) in checked.items() if why is None
-        }
+        checked.update(zip(new, pool.map(lambda p: _check_image(p, inside, {}), new), strict=True))
+    if new and store is not None:  # only usable images: a bad one may be fixed keeping its mtime
+        usable = {p: [key[1], key[2], digest] for p, (why, digest, key) in checked.items() if why is None}
         with contextlib.suppress(OSError):  # no writable cache only costs the next run the decoding
+            store.mkdir(parents=True, exist_ok=True)
             data = {"version": CHECKS_VERSION, "folder": str(folder), "images": usable}
-            write_json(cache_dir("image-checks") / name, data, indent=0)
+            write_json(store / name, data, indent=0)
     return {p: (why, digest) for p, (why, digest, _) in checked.items()}
 
 
 def _check_image(
-    path: Path, inside: set[Path] | None, decode: bool = True
+    path: str, inside: set[str] | None, real_dirs: dict[str, str], decode: bool = True
 ) -> tuple[str | None, str, tuple | None] | None:
     """``(problem or None, sha256, (path, size, mtime_ns) or None)``; ``None`` when ``decode`` is
-    off and the image would need decoding."""
-    if inside is not None and not any(path.resolve().is_relative_to(f) for f in inside):
-        return OUTSIDE, "", None  # resolve() follows symlinks: a link out is outside
+    off and the image would need decoding. ``real_dirs`` memoises the real path of each folder
+    (one ``lstat`` per image instead of one per path component)."""
     try:
-        stat = path.stat()
+        stat: os.stat_result | None = os.lstat(path)
+    except FileNotFoundError:
+        stat = None
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})", "", None
+    link = stat is not None and stat_module.S_ISLNK(stat.st_mode)
+    if inside is not None and not _is_inside(_real_path(path, link, real_dirs), inside):
+        return OUTSIDE, "", None  # a symlink is followed: a link out is outside
+    try:
+        stat = os.stat(path) if stat is None or link else stat  # a file's lstat is its stat
     except FileNotFoundError:
         return "missing", "", None
     except OSError as exc:
         return f"cannot be read ({exc.strerror or exc})", "", None
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    key = (path, stat.st_size, stat.st_mtime_ns)
     if key not in _CHECKED:
         if not decode:
             return None
-        _CHECKED[key] = _verify(path)
+        _CHECKED[key] = _verify(Path(path))
     return (*_CHECKED[key], key)
+
+
+def _real_path(path: str, link: bool, real_dirs: dict[str, str]) -> str:
+    """``os.path.realpath(path)``, from the memoised real path of its folder unless the file is a
+    symlink (or its name is ``.``/``..``)."""
+    folder, name = os.path.split(path)
+    if link or name in ("", ".", ".."):
+        return os.path.realpath(path)
+    if folder not in real_dirs:
+        real_dirs[folder] = os.path.realpath(folder).rstrip(os.sep) + os.sep
+    return real_dirs[folder] + name
+
+
+def _is_inside(real: str, folders: set[str]) -> bool:
+    return any(real == f or real.startswith(f.rstrip(os.sep) + os.sep) for f in folders)
 
 
 def _verify(path: Path) -> tuple[str | None, str]:
