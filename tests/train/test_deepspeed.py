@@ -8,8 +8,8 @@ And ``vlmkit train`` itself under ZeRO-3, configured as ``accelerate launch`` co
 (``ACCELERATE_USE_DEEPSPEED`` and friends) and launched with torchrun: its checkpoints leave the
 frozen base out, and a run stopped at step 4 and resumed to 6 ends where an uninterrupted run does.
 
-DeepSpeed is not a dependency of vlmkit: without it installed, these tests are skipped (reason
-shown). On GPUs (NCCL, bf16): not tested here.
+DeepSpeed is an optional extra of vlmkit (``.[deepspeed]``, which ``make test`` installs); without it
+installed, these tests are skipped (reason shown). On GPUs (NCCL, bf16): not tested here.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),
     pytest.mark.skipif(
         importlib.util.find_spec("deepspeed") is None,
-        reason="DeepSpeed is not installed (pip install deepspeed)",
+        reason="DeepSpeed is not installed: pip install -e '.[deepspeed]' (make install does)",
     ),
 ]
 
