@@ -1,7 +1,7 @@
 """Captions in Chromium against the Python ONNX runtime, side by side in one run: payload and ms
 per caption for each web-export variant of one trained model; optionally the page's screenshot.
 
-    python benchmarks/web_browser.py MODEL [--variants int8 int4 none] [--shapes 4] [--out DIR]
+    python benchmarks/web_browser.py MODEL [--variants int8 int4 none] [--shapes 3] [--out DIR]
                                      [--screenshot docs/browser.png] [--report results.json]
 
 MODEL is a trained model folder (the demo model: ``vlmkit demo`` writes ``runs/demo``). Each
@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument(
         "--variants", nargs="+", default=["int8", "int4", "none"], choices=["int8", "int4", "none"]
     )
-    parser.add_argument("--shapes", type=int, default=4, help="held-out shapes images (then 3 photos)")
+    parser.add_argument("--shapes", type=int, default=3, help="held-out shapes images (then 3 photos)")
     parser.add_argument("--out", type=Path, default=Path("runs/web-browser"))
     parser.add_argument("--screenshot", type=Path, help="keep the first variant's page as this PNG")
     parser.add_argument("--report", type=Path, help="write the figures as JSON")
@@ -93,7 +93,7 @@ def main() -> None:
     print(f"CPU: {cpu_model()}, {cores} cores; load average {os.getloadavg()[0]:.1f} at the start")
 
     report = {"cpu": cpu_model(), "cores": cores, "threads": threads, "variants": {}}
-    with serve(args.out) as base, chromium(width=960, height=900) as driver:
+    with serve(args.out) as base, chromium(width=960, height=1000) as driver:
         report["browser"] = browser_version(driver)
         print(
             f"browser: {report['browser']} (headless, wasm backend, {threads} threads); images: {len(images)}"

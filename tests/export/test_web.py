@@ -135,18 +135,27 @@ def _same_pixels(browser, url: str, image, manifest) -> None:
     np.testing.assert_array_equal(np.asarray(pixels, dtype=np.float32), expected.ravel())
 
 
+@pytest.fixture(scope="module")
+def tiny_exports(site, tmp_path_factory):
+    """name -> ``ExportResult``: each tiny pair's web export, served under ``/<name>/``."""
+    from vlmkit.export import export_model
+
+    root, _ = site
+    out = {}
+    for name, (encoder, size, decoder, arch, variant) in PAIRS.items():
+        model = _tiny_model(tmp_path_factory.mktemp(name), encoder, size, decoder, arch)
+        out[name] = export_model(model, root / name, format="web", quantize=variant)
+    return out
+
+
 @pytest.mark.parametrize("name", list(PAIRS))
-def test_browser_captions_equal_the_python_runtime(name, browser, site, images, tmp_path_factory):
+def test_browser_captions_equal_the_python_runtime(name, browser, site, images, tiny_exports, tmp_path):
     from PIL import Image
 
-    from vlmkit.export import export_model
     from vlmkit.testing.browser import caption_in_page, python_captions
 
     root, base = site
-    work = tmp_path_factory.mktemp(name)
-    encoder, size, decoder, arch, variant = PAIRS[name]
-    model = _tiny_model(work, encoder, size, decoder, arch)
-    result = export_model(model, root / name, format="web", quantize=variant)
+    variant, result = PAIRS[name][-1], tiny_exports[name]
     assert (root / name / "index.html").is_file() and result.payload_bytes > 0
     assert list(OnnxCaptioner(root / name, threads=1).manifest["variants"]) == [variant]
     assert not any(f.startswith(".") for f in result.files), "the staging ONNX export is left"
@@ -170,10 +179,42 @@ def test_browser_captions_equal_the_python_runtime(name, browser, site, images, 
     assert text == python["text"][0]
     _same_pixels(browser, urls[1], pil_images[1], python["captioner"].manifest)
 
-    shot = work / "page.png"
+    shot = tmp_path / "page.png"
     browser.save_screenshot(str(shot))
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     _report(name, _figures(variant, result.payload_bytes, got, python))
+
+
+def test_webgpu_backend_runs_where_the_browser_has_an_adapter(site, images, tiny_exports):
+    """``backend: "auto"`` picks WebGPU when the browser has an adapter. Here the adapter is
+    SwiftShader (Chromium's software Vulkan: WebGPU's code path, not a GPU's speed or numerics):
+    the page loads on WebGPU, its vision graph gives the Python runtime's image prefix to float
+    tolerance, and it captions an image. Token ids are not compared: WebGPU's kernels sum in
+    another order, and this tiny random LM's near-tied tokens then flip (they do here)."""
+    from PIL import Image
+
+    from vlmkit.testing.browser import BrowserMissing, caption_in_page, chromium
+
+    root, base = site
+    name = "siglip-qwen2"  # int4 MatMulNBits in both graphs
+    python = OnnxCaptioner(root / name, threads=1)
+    image = Image.open(images[1]).convert("RGB")
+    want = python.image_prefix(python.preprocess([image]))[0]
+    urls = [f"{base}/images/{p.name}" for p in images]
+    try:
+        with chromium(webgpu=True) as driver:
+            page = caption_in_page(driver, f"{base}/{name}/index.html", urls[:1])  # SwiftShader is slow
+            prefix = driver.execute_async_script(
+                "const done = arguments[1]; window.vlmkitPage.prefixUrl(arguments[0]).then(done);", urls[1]
+            )
+    except BrowserMissing as exc:
+        if os.environ.get("VLMKIT_SKIP_BROWSER"):
+            pytest.skip(f"{exc} (VLMKIT_SKIP_BROWSER is set)")
+        raise
+    assert "; webgpu;" in page["status"], page["status"]
+    np.testing.assert_allclose(np.asarray(prefix, dtype=np.float32), want.ravel(), rtol=1e-3, atol=1e-4)
+    limit = python.manifest["generation"]["max_new_tokens"]
+    assert all(0 < len(g["ids"]) <= limit and g["text"] for g in page["captions"]), page["captions"]
 
 
 #: the demo model's test images: three of the photos it was trained on (a tall, a wide, a square one)

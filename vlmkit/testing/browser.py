@@ -24,6 +24,14 @@ from pathlib import Path
 from typing import Any
 
 INSTALL = "apt-get install -y chromium chromium-driver && pip install selenium"
+#: WebGPU without a GPU: Chromium's SwiftShader Vulkan (Debian's chromium ships libvk_swiftshader.so)
+WEBGPU_FLAGS = (
+    "--enable-unsafe-webgpu",
+    "--enable-features=Vulkan",
+    "--use-vulkan=swiftshader",
+    "--use-webgpu-adapter=swiftshader",
+    "--use-angle=swiftshader",
+)
 
 
 class BrowserMissing(RuntimeError):
@@ -31,11 +39,15 @@ class BrowserMissing(RuntimeError):
 
 
 @contextlib.contextmanager
-def chromium(*, width: int = 960, height: int = 640, timeout: float = 900) -> Iterator[Any]:
+def chromium(
+    *, width: int = 960, height: int = 640, timeout: float = 900, webgpu: bool = False
+) -> Iterator[Any]:
     """A headless Chromium (``VLMKIT_CHROMIUM`` or the first of chromium, chromium-browser,
-    google-chrome on PATH) driven by Selenium through the system's chromedriver; GPU off, so the
-    page runs onnxruntime-web's wasm backend. ``timeout``: seconds a script in the page may take
-    (a real model's first caption on a busy machine takes minutes)."""
+    google-chrome on PATH) driven by Selenium through the system's chromedriver. GPU off, so the
+    page runs onnxruntime-web's wasm backend; with ``webgpu``, WebGPU on SwiftShader (Chromium's
+    software Vulkan, on the CPU: it exercises the WebGPU code path, not a GPU's speed).
+    ``timeout``: seconds a script in the page may take (a real model's first caption on a busy
+    machine takes minutes)."""
     binary = os.environ.get("VLMKIT_CHROMIUM") or next(
         filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None
     )
@@ -50,10 +62,11 @@ def chromium(*, width: int = 960, height: int = 640, timeout: float = 900) -> It
         raise BrowserMissing(f"the browser runtime's checks need {missing}: {INSTALL}")
     options = webdriver.ChromeOptions()
     options.binary_location = binary
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu"):
+    for arg in ("--headless=new", "--no-sandbox", *(WEBGPU_FLAGS if webgpu else ("--disable-gpu",))):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service(driver_path))
+    driver.vlmkit_binary = binary  # for browser_version
     try:
         driver.set_window_size(width, height)
         driver.set_script_timeout(timeout)
@@ -64,9 +77,11 @@ def chromium(*, width: int = 960, height: int = 640, timeout: float = 900) -> It
 
 
 def browser_version(driver) -> str:
-    """``"Chromium 150.0..."``: the browser's name and version as the driver reports them."""
-    caps = driver.capabilities
-    return f"{caps.get('browserName', 'chrome').capitalize()} {caps.get('browserVersion', '?')}"
+    """``"chromium 150.0..."``: the browser's binary and version (the driver calls Chromium "chrome")."""
+    binary = Path(
+        getattr(driver, "vlmkit_binary", "") or driver.capabilities.get("browserName", "chrome")
+    ).name
+    return f"{binary} {driver.capabilities.get('browserVersion', '?')}"
 
 
 class _Handler(SimpleHTTPRequestHandler):
