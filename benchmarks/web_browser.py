@@ -59,6 +59,16 @@ def demo_images(shapes: int):
     return out
 
 
+def crop_blank_bottom(png: Path, margin: int = 24) -> None:
+    """Cut the page's empty white area below the last caption."""
+    from PIL import Image, ImageOps
+
+    image = Image.open(png).convert("RGB")
+    box = ImageOps.invert(image.convert("L")).getbbox()
+    if box and box[3] + margin < image.height:
+        image.crop((0, 0, image.width, box[3] + margin)).save(png)
+
+
 def summary(ms: list[float]) -> str:
     return f"median {statistics.median(ms):,.0f} (range {min(ms):,.0f}-{max(ms):,.0f})"
 
@@ -140,6 +150,7 @@ def main() -> None:
             if i == 0 and args.screenshot:
                 driver.execute_script("window.scrollTo(0, 0)")
                 driver.save_screenshot(str(args.screenshot))
+                crop_blank_bottom(args.screenshot)
                 print(f"screenshot: {args.screenshot}")
     if args.report:
         args.report.write_text(json.dumps(report, indent=2) + "\n")

@@ -275,6 +275,7 @@ def real_weights_model(tmp_path_factory):
     Returns a dict: ``path`` (the saved model), ``names`` and ``images`` (PIL) of the photos, ``captions`` (references),
     ``got`` (the torch model's greedy captions), ``steps``, ``loss``, ``checks`` ([(step, exact)])
     and ``seconds`` (build, train)."""
+    import os
     import time
 
     pytest.importorskip("gguf")
@@ -298,6 +299,8 @@ def real_weights_model(tmp_path_factory):
     images = [Image.fromarray(getattr(data, name)()).convert("RGB") for name in REAL_PHOTOS]
     captions = list(REAL_PHOTOS.values())
     config = {**embedded_default({"model": DEMO_SETTINGS["model"]})["model"], "max_caption_tokens": 24}
+    threads = torch.get_num_threads()  # a module may have set one thread (one_torch_thread)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     start = time.perf_counter()
     torch.manual_seed(0)
     vlm = PrefixConditioningVLM.build(config)
@@ -325,6 +328,7 @@ def real_weights_model(tmp_path_factory):
                 break
     trained = time.perf_counter()
     path = vlm.eval().save(tmp_path_factory.mktemp("real-weights") / "model")
+    torch.set_num_threads(threads)
     return {
         "path": path,
         "names": list(REAL_PHOTOS),
