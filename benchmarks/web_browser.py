@@ -1,7 +1,7 @@
 """Captions in Chromium against the Python ONNX runtime, side by side in one run: payload and ms
 per caption for each web-export variant of one trained model; optionally the page's screenshot.
 
-    python benchmarks/web_browser.py MODEL [--variants int8 int4 none] [--shapes 3] [--out DIR]
+    python benchmarks/web_browser.py MODEL [--variants int8 int4 none] [--test-images 3] [--out DIR]
                                      [--screenshot docs/browser.png] [--report results.json]
 
 MODEL is a trained model folder (the demo model: ``vlmkit demo`` writes ``runs/demo``). Each
@@ -9,8 +9,8 @@ variant is exported with ``vlmkit export --format web --quantize V`` into ``DIR/
 reused when it is there), served on 127.0.0.1 with cross-origin isolation (so onnxruntime-web runs
 its wasm threads) and opened in a headless Chromium (Debian's ``chromium`` + ``chromium-driver``,
 through ``vlmkit.testing.browser``; GPU off, so the wasm backend). The page captions scikit-image's
-photos of the demo, then ``--shapes`` held-out ``shapes`` test images, one at a time; the Python
-ONNX runtime captions the same PNGs over the same folder (one warm-up caption first, as many
+photos of the demo, then ``--test-images`` held-out test images of the dataset the model was
+trained on (its manifest says which), one at a time; the Python ONNX runtime captions the same PNGs over the same folder (one warm-up caption first, as many
 threads as the wasm backend's). Printed per variant: payload, load time, ms per caption in each,
 and whether the token ids agree.
 
@@ -40,22 +40,31 @@ def cpu_model() -> str:
         return platform.processor() or "unknown CPU"
 
 
-def demo_images(shapes: int):
-    """``[(name, PIL image)]``: scikit-image's photos of the demo, then held-out ``shapes`` test images."""
+def sample_images(model: Path, n: int):
+    """``[(name, PIL image)]``: scikit-image's photos of the demo, then ``n`` held-out test images
+    of the datasets ``model`` was trained on (its manifest's training config)."""
     import numpy as np
     from PIL import Image
     from skimage import data
 
-    from vlmkit.recipes.demo import SKIMAGE_PHOTOS, demo_config
+    from vlmkit.recipes.demo import SKIMAGE_PHOTOS
     from vlmkit.sdk.datasets import load_split
+    from vlmkit.train.config import TrainConfig
 
-    config = demo_config("runs/demo")
-    test = load_split(config.datasets, "test", seed=config.seed)
-    # photos first: the page shows the last caption first, so the shapes (what the model knows) lead
+    config = None
+    if n:
+        training = json.loads((model / "vlmkit.json").read_text()).get("training") or {}
+        if not training.get("config"):
+            raise SystemExit(f"{model} has no training config in its manifest; pass --test-images 0")
+        config = TrainConfig.model_validate(training["config"])
+    # photos first: the page shows the last caption first, so the images the model knows lead
     out = [
         (name, Image.fromarray(np.asarray(getattr(data, name)())).convert("RGB")) for name in SKIMAGE_PHOTOS
     ]
-    out += [(f"shapes-{i}", test[i].load_image().convert("RGB")) for i in range(min(shapes, len(test)))]
+    if config:
+        test = load_split(config.datasets, "test", seed=config.seed)
+        name = config.datasets[0].name
+        out += [(f"{name}-{i}", test[i].load_image().convert("RGB")) for i in range(min(n, len(test)))]
     return out
 
 
@@ -83,14 +92,14 @@ def main() -> None:
     parser.add_argument(
         "--variants", nargs="+", default=["int8", "int4", "none"], choices=["int8", "int4", "none"]
     )
-    parser.add_argument("--shapes", type=int, default=3, help="held-out shapes images (then 3 photos)")
+    parser.add_argument("--test-images", type=int, default=3, help="held-out images of the model's dataset")
     parser.add_argument("--out", type=Path, default=Path("runs/web-browser"))
     parser.add_argument("--screenshot", type=Path, help="keep the first variant's page as this PNG")
     parser.add_argument("--report", type=Path, help="write the figures as JSON")
     args = parser.parse_args()
 
     args.out.mkdir(parents=True, exist_ok=True)
-    pictures = demo_images(args.shapes)
+    pictures = sample_images(args.model, args.test_images)
     (args.out / "images").mkdir(exist_ok=True)
     for name, image in pictures:
         image.save(args.out / "images" / f"{name}.png")
