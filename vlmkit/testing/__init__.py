@@ -60,6 +60,11 @@ Tiny checkpoints of real architectures, random weights, built offline in about a
 - ``tiny_encoder_checkpoint(arch, path, *, image_size=32, ...)``: a tiny vision encoder
   (``siglip``, ``siglip2``, ``clip``, ``timm``) saved as the real ones are published.
 
+``vlmkit.testing.browser`` drives a ``vlmkit export --format web`` folder in a headless Chromium
+(Selenium with Debian's chromium and chromium-driver): ``chromium()``, ``serve(folder)``,
+``caption_in_page(...)`` and ``python_captions(...)``, the Python ONNX runtime's captions that the
+page must equal token for token. vlmkit's browser test and ``benchmarks/web_browser.py`` use it.
+
 Importing ``vlmkit.testing`` does not import torch; the checks and factories import it when run.
 """
 

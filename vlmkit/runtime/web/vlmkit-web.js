@@ -86,14 +86,30 @@ export class Captioner {
     return preprocess(await rgbPixels(image), this.manifest.preprocessing);
   }
 
+  /** The image prefix of `image` (the vision graph's output): { data: Float32Array, dims }. */
+  prefix(image) {
+    const run = this.queue.then(async () => {
+      const prefix = await this.#prefixOf(await this.preprocess(image));
+      const out = { data: Float32Array.from(prefix.data), dims: prefix.dims };
+      prefix.dispose?.();
+      return out;
+    });
+    this.queue = run.catch(() => {});
+    return run;
+  }
+
+  async #prefixOf(pixels) {
+    const [h, w] = this.manifest.preprocessing.input_size;
+    const vis = this.manifest.vision;
+    const out = await this.vision.run({ [vis.input]: new this.ort.Tensor("float32", pixels, [1, 3, h, w]) });
+    return out[vis.output];
+  }
+
   async #captionNow(image) {
     const t0 = performance.now();
     const pixels = await this.preprocess(image);
     const t1 = performance.now();
-    const [h, w] = this.manifest.preprocessing.input_size;
-    const vis = this.manifest.vision;
-    const out = await this.vision.run({ [vis.input]: new this.ort.Tensor("float32", pixels, [1, 3, h, w]) });
-    const prefix = out[vis.output];
+    const prefix = await this.#prefixOf(pixels);
     const t2 = performance.now();
     const ids = await this.#greedy(prefix.data, prefix.dims[1]);
     prefix.dispose?.();
