@@ -34,7 +34,7 @@ lint: install
 	$(BIN)/ruff format --check vlmkit tests benchmarks examples
 
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 format: install
 	$(BIN)/ruff format vlmkit tests benchmarks examples
