@@ -96,6 +96,10 @@ RECIPES: dict[str, tuple[dict[str, Any], str]] = {
         {"model": {"encoder_options": {"features": [2]}}},
         "encoder stage 2 only (40 ch, stride 8) pooled to 4x4 = 16 tokens",
     ),
+    "stage4": (
+        {"model": {"encoder_options": {"features": [4]}}},
+        "encoder stage 4 (320 ch, before the 1x1 head conv) 7x7 -> avgpool 16 tokens",
+    ),
     "lr_high": ({"lr_projection": 4e-3, "lr_lora": 1e-3}, "learning rates x2"),
 }
 QUICK = ("default", "linear", "stages24", "stages24_linear")
