@@ -20,10 +20,11 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_sharded import tiny_sharded_config
 
 import vlmkit
 from vlmkit.core.model import PrefixConditioningVLM
-from vlmkit.testing import sample_images, tiny_decoder_checkpoint, tiny_encoder_checkpoint
+from vlmkit.testing import sample_images
 from vlmkit.train.distributed import checkpoint_names, trainable_state_dict
 
 pytestmark = [
@@ -117,16 +118,7 @@ dist.destroy_process_group()
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
     root = tmp_path_factory.mktemp("deepspeed")
-    return {
-        "encoder": "siglip",
-        "encoder_checkpoint": tiny_encoder_checkpoint("siglip", root / "siglip", image_size=32),
-        "decoder": "smollm",
-        "decoder_checkpoint": tiny_decoder_checkpoint("llama", root / "llama"),
-        "projection": {"type": "mlp", "reduction": "avgpool", "tokens": 4},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "unfreeze_encoder_layers": 1,
-        "max_caption_tokens": 8,
-    }
+    return tiny_sharded_config(root)
 
 
 @pytest.fixture(scope="module")
