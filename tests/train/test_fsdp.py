@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_sharded import tiny_sharded_config
+from tiny_sharded import assert_artifact_matches, tiny_sharded_config
 
-import vlmkit
 from vlmkit.core.model import PrefixConditioningVLM
 from vlmkit.testing import sample_images
 from vlmkit.train.distributed import (
@@ -227,18 +226,7 @@ def test_fsdp_killed_after_a_checkpoint_resumes_and_ends_like_one_process(resume
     optimizer = torch.load(tmp_path / "checkpoint" / "optimizer.pt", weights_only=True)
     assert len(optimizer["state"]) == sum(p.requires_grad for p in vlm.parameters())  # momentum of each
 
-    loaded = vlmkit.load(tmp_path / "model")
-    state = loaded.state_dict()  # a loaded model is frozen: what was trained, by name
-    for name, value in want.items():
-        assert torch.allclose(state[name], value, atol=1e-5), name
-    batch = vlm.tokenize(CAPTIONS).to_dict()
-    with torch.no_grad():
-        logits = vlm(**batch, pixel_values=pixels, return_logits=True)["logits"]
-        assert torch.allclose(
-            loaded(**batch, pixel_values=pixels, return_logits=True)["logits"], logits, atol=1e-4
-        )
-    reference_ids = vlm.generate(pixel_values=pixels, return_ids=True, max_new_tokens=8)
-    assert loaded.generate(pixel_values=pixels, return_ids=True, max_new_tokens=8) == reference_ids
+    reference_ids = assert_artifact_matches(tmp_path / "model", vlm, want, pixels, CAPTIONS)
     ranks = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
     for rank in (0, 1):  # generated under sharding, one image per rank
         assert ranks[rank]["ids"] == reference_ids[rank : rank + 1]

@@ -21,3 +21,26 @@ def tiny_sharded_config(root: Path) -> dict[str, Any]:
         "unfreeze_encoder_layers": 1,
         "max_caption_tokens": 8,
     }
+
+
+def assert_artifact_matches(path, reference, want: dict, pixels, captions: list[str]) -> list:
+    """The artifact at ``path`` loads in one process with the trained tensors ``want`` (by name),
+    and the logits and generated ids of ``reference``, the same training without sharding.
+    Returns those ids."""
+    import torch
+
+    import vlmkit
+
+    loaded = vlmkit.load(path)
+    state = loaded.state_dict()  # a loaded model is frozen: what was trained, by name
+    for name, value in want.items():
+        assert torch.allclose(state[name], value, atol=1e-5), name
+    batch = reference.tokenize(captions).to_dict()
+    with torch.no_grad():
+        logits = reference(**batch, pixel_values=pixels, return_logits=True)["logits"]
+        assert torch.allclose(
+            loaded(**batch, pixel_values=pixels, return_logits=True)["logits"], logits, atol=1e-4
+        )
+    ids = reference.generate(pixel_values=pixels, return_ids=True, max_new_tokens=8)
+    assert loaded.generate(pixel_values=pixels, return_ids=True, max_new_tokens=8) == ids
+    return ids
