@@ -58,7 +58,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 import vlmkit
 from vlmkit.core.contracts import CaptionExample, DatasetSpec
 from vlmkit.core.errors import DataError
-from vlmkit.plugins.datasets.shapes import COLORS, SHAPES
+from vlmkit.plugins.datasets.shapes import COLORS, SHAPES, canvas, draw_shape, jittered
 from vlmkit.sdk.datasets import (
     DEFAULT_FRACTIONS,
     ListDataset,
@@ -261,35 +261,21 @@ class SceneImage:
     image_size: int
 
     def __call__(self):
-        from PIL import Image, ImageDraw
+        from PIL import ImageDraw
 
         # a string seed is hashed with sha512 by ``random``: the same image on every machine
         rng = random.Random(f"vlmkit-scenes-draw:{GENERATOR_VERSION}:{self.key}")
         s = self.image_size
-        shade = rng.randint(200, 235)
-        background = tuple(min(255, max(0, shade + rng.randint(-6, 6))) for _ in range(3))
-        img = Image.new("RGB", (s, s), background)
+        img = canvas(rng, s)
         draw = ImageDraw.Draw(img)
         cell = s / 3
         for o in self.scene.objects:
             cx = (o.col + 0.5) * cell + rng.uniform(-JITTER, JITTER) * s
             cy = (o.row + 0.5) * cell + rng.uniform(-JITTER, JITTER) * s
             r = SIZES[o.size] * s * rng.uniform(0.95, 1.05)
-            fill = tuple(min(255, max(0, c + rng.randint(-12, 12))) for c in COLORS[o.color])
-            _draw_shape(draw, o.shape, cx, cy, r, fill)
+            # scenes draw squares and triangles slimmer than shapes does
+            draw_shape(draw, o.shape, cx, cy, r, jittered(rng, o.color), square=0.85, triangle=0.8)
         return img
-
-
-def _draw_shape(draw, shape: str, cx: float, cy: float, r: float, fill) -> None:
-    if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif shape == "square":
-        h = r * 0.85
-        draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
-    elif shape == "triangle":
-        draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
-    else:  # diamond
-        draw.polygon([(cx, cy - r), (cx + r * 0.8, cy), (cx, cy + r), (cx - r * 0.8, cy)], fill=fill)
 
 
 # ------------------------------------------------------------------------------ scene sampling

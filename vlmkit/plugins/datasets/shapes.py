@@ -103,29 +103,46 @@ class ShapeImage:
     image_size: int
 
     def __call__(self):
-        from PIL import Image, ImageDraw
+        from PIL import ImageDraw
 
         # a string seed is hashed with sha512 by ``random``: the same image on every machine
         rng = random.Random(f"vlmkit-shapes:{GENERATOR_VERSION}:{self.index}")
         s = self.image_size
-        shade = rng.randint(200, 235)
-        background = tuple(min(255, max(0, shade + rng.randint(-6, 6))) for _ in range(3))
-        img = Image.new("RGB", (s, s), background)
+        img = canvas(rng, s)
         _, xs, ys = POSITIONS[self.position]
         cx, cy = rng.uniform(*xs) * s, rng.uniform(*ys) * s
         r = rng.uniform(0.13, 0.19) * s
-        fill = tuple(min(255, max(0, c + rng.randint(-12, 12))) for c in COLORS[self.color])
-        draw = ImageDraw.Draw(img)
-        if self.shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        elif self.shape == "square":
-            h = r * 0.9
-            draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
-        elif self.shape == "triangle":
-            draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.85), (cx + r, cy + r * 0.85)], fill=fill)
-        else:  # diamond
-            draw.polygon([(cx, cy - r), (cx + r * 0.8, cy), (cx, cy + r), (cx - r * 0.8, cy)], fill=fill)
+        draw_shape(ImageDraw.Draw(img), self.shape, cx, cy, r, jittered(rng, self.color))
         return img
+
+
+def canvas(rng: random.Random, size: int):
+    """A square image of a light grey, slightly tinted background (two draws from ``rng``'s stream
+    per channel and one for the shade: the order the drawings' seeds were made with)."""
+    from PIL import Image
+
+    shade = rng.randint(200, 235)
+    background = tuple(min(255, max(0, shade + rng.randint(-6, 6))) for _ in range(3))
+    return Image.new("RGB", (size, size), background)
+
+
+def jittered(rng: random.Random, color: str) -> tuple[int, ...]:
+    """``COLORS[color]`` with each channel moved by up to 12."""
+    return tuple(min(255, max(0, c + rng.randint(-12, 12))) for c in COLORS[color])
+
+
+def draw_shape(draw, shape: str, cx: float, cy: float, r: float, fill, *, square=0.9, triangle=0.85) -> None:
+    """``shape`` of radius ``r`` centred at ``(cx, cy)``; ``square`` and ``triangle`` are the half
+    side and the base's offset below the centre, as fractions of ``r``."""
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        h = r * square
+        draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r * triangle), (cx + r, cy + r * triangle)], fill=fill)
+    else:  # diamond
+        draw.polygon([(cx, cy - r), (cx + r * 0.8, cy), (cx, cy + r), (cx - r * 0.8, cy)], fill=fill)
 
 
 class ShapesDataset(DatasetSpec):
