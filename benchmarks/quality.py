@@ -101,6 +101,10 @@ RECIPES: dict[str, tuple[dict[str, Any], str]] = {
         "encoder stage 4 (320 ch, before the 1x1 head conv) 7x7 -> avgpool 16 tokens",
     ),
     "lr_high": ({"lr_projection": 4e-3, "lr_lora": 1e-3}, "learning rates x2"),
+    "xattn": (
+        {"conditioning": "cross_attention"},
+        "the default's 16 tokens through cross-attention in every decoder layer, no prefix",
+    ),
 }
 QUICK = ("default", "linear", "stages24", "stages24_linear")
 
@@ -232,6 +236,10 @@ def run_recipe(name: str, settings: dict[str, Any], args, registry, datasets, lo
     cache = FeatureCache()
     feats = {k: cache.features_for(model.encoder, d, progress=False) for k, d in datasets.items()}
     groups = model.trainable_parameter_groups()
+    if settings.get("conditioning") == "cross_attention":  # new layers: the projection's rate
+        from benchmarks.cross_attention import attach
+
+        groups["projection"] += attach(model)
     lrs = {"projection": settings["lr_projection"], "lora": settings["lr_lora"]}
     param_groups = [{"params": groups[k], "lr": lrs[k], "weight_decay": 0.0} for k in lrs if groups[k]]
     optimizer = make_optimizer(param_groups)
