@@ -45,7 +45,9 @@ def test_at_step_zero_the_model_is_the_lm_on_prompt_and_caption(build):
     assert not batch["image_mask"].any()  # no image slots in the sequence
     logits = model(**batch, features=features, return_logits=True)["logits"]
     with torch.no_grad():
-        alone = model.language_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        alone = model.language_model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
     torch.testing.assert_close(logits, alone)
 
 
