@@ -77,3 +77,28 @@ def test_encoder_options_from_the_model_config_are_validated(registry, checkpoin
     siglip = ModelConfig(encoder="siglip", encoder_options={"features": [1]})
     with pytest.raises(ConfigError, match=r"model.encoder_options \(siglip\): features: unknown setting"):
         encoder_options(registry.encoder("siglip"), siglip)
+
+
+@pytest.fixture(scope="module")
+def tf_lite0(tmp_path_factory) -> str:
+    """The embedded default's architecture (TF "same" padding: sizes computed in the graph), random."""
+    folder = tmp_path_factory.mktemp("lite0")
+    return tiny_encoder_checkpoint("timm", folder, image_size=96, timm_model="tf_efficientnet_lite0")
+
+
+@pytest.mark.parametrize("stages", [[4], [2, 4], [1, -1]], ids=["stage4", "stages2+4", "stage1+last"])
+def test_feature_stages_export_to_onnx_equal_to_pytorch(registry, tf_lite0, stages, tmp_path):
+    """The embedded default feeds the prefix from one stage (``[4]``): its vision graph must export
+    (ONNX has no adaptive pooling over sizes it cannot see) and match PyTorch at another batch size."""
+    pytest.importorskip("onnxruntime")
+    from vlmkit.core.projection import ProjectionConfig, build_projection
+    from vlmkit.export.onnx import VisionGraph, check_vision_graph, export_vision_graph
+
+    encoder = registry.encoder("timm").load(tf_lite0, options=TimmOptions(features=stages))
+    projection = build_projection(
+        ProjectionConfig(type="mlp", reduction="avgpool", tokens=4), encoder.feature_dim, 32, encoder.grid
+    )
+    vision = VisionGraph(encoder, projection).eval()
+    pixels = torch.randn(2, 3, 96, 96)
+    export_vision_graph(vision, pixels, tmp_path / "vision.onnx", opset=17)
+    assert check_vision_graph(tmp_path / "vision.onnx", vision, pixels) < 1e-4

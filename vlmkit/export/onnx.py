@@ -248,18 +248,20 @@ def _quiet_export() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _export_friendly_adaptive_pooling() -> Iterator[None]:
-    """ONNX has no adaptive average pooling; torch exports it only when the output size divides the
-    input size (a 7x7 grid pooled to 4x4 does not). While exporting, such pooling is computed as
-    the same averages written as two small matrix products (pooling is separable)."""
+    """ONNX has no adaptive average pooling; torch exports it only when the output size divides an
+    input size it can see (a 7x7 grid pooled to 4x4 does not; nor does a map whose size the graph
+    computes, as after TF "same" padding). While exporting, such pooling is an average pool of a
+    fixed kernel where the sizes divide, and otherwise the same averages written as two small
+    matrix products (pooling is separable)."""
 
     original = torch.nn.functional.adaptive_avg_pool2d
 
     def pool(x, output_size):
-        rows, cols = x.shape[-2:]
+        rows, cols = (int(n) for n in x.shape[-2:])
         out_r, out_c = (output_size, output_size) if isinstance(output_size, int) else output_size
         out_r, out_c = out_r or rows, out_c or cols
         if rows % out_r == 0 and cols % out_c == 0:
-            return original(x, output_size)
+            return torch.nn.functional.avg_pool2d(x, (rows // out_r, cols // out_c))
         pr = _pooling_matrix(int(rows), int(out_r)).to(x.dtype)
         pc = _pooling_matrix(int(cols), int(out_c)).to(x.dtype)
         return torch.einsum("...rc,ir,jc->...ij", x, pr, pc)

