@@ -32,12 +32,13 @@ class CrossAttention(nn.Module):
     """Multi-head attention of ``hidden`` [B, T, D] over ``memory`` [B, M, D]; no mask (every
     position sees the whole image)."""
 
-    def __init__(self, width: int, heads: int) -> None:
+    def __init__(self, width: int, heads: int, gated: bool = True) -> None:
         super().__init__()
         self.heads = heads
         self.norm = nn.LayerNorm(width)
         self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
-        self.gate = nn.Parameter(torch.zeros(()))  # tanh(0) = 0: the pretrained LM at step 0
+        # tanh(0) = 0: the pretrained LM at step 0; ungated (VisionEncoderDecoder): a fixed 1
+        self.gate = nn.Parameter(torch.zeros(()), requires_grad=gated) if gated else None
 
     def forward(self, hidden: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         b, t, d = hidden.shape
@@ -49,7 +50,8 @@ class CrossAttention(nn.Module):
         out = nn.functional.scaled_dot_product_attention(
             split(self.q(hidden)), split(self.k(memory)), split(self.v(memory))
         )
-        return self.gate.tanh() * self.o(out.transpose(1, 2).reshape(b, t, d))
+        out = self.o(out.transpose(1, 2).reshape(b, t, d))
+        return out if self.gate is None else self.gate.tanh() * out
 
 
 def decoder_attentions(lm: nn.Module) -> list[nn.Module]:
@@ -60,13 +62,14 @@ def decoder_attentions(lm: nn.Module) -> list[nn.Module]:
     return found
 
 
-def attach(model) -> list[nn.Parameter]:
+def attach(model, gated: bool = True) -> list[nn.Parameter]:
     """Make ``model`` condition by cross-attention instead of a prefix; returns the new parameters
-    (train them with the projection's learning rate). The modules live on ``model.cross_attention``."""
+    (train them with the projection's learning rate). The modules live on ``model.cross_attention``.
+    ``gated=False`` adds them as VisionEncoderDecoder does: no gate, the LM perturbed from step 0."""
     config = model.language_model.config
     width, heads = config.hidden_size, config.num_attention_heads
     attentions = decoder_attentions(model.lm)
-    model.cross_attention = nn.ModuleList(CrossAttention(width, heads) for _ in attentions)
+    model.cross_attention = nn.ModuleList(CrossAttention(width, heads, gated) for _ in attentions)
     model.cross_attention.to(device=model.device)
     model.num_prefix_tokens = 0  # tokenize makes no image slots: the LM sees prompt + caption only
     state: dict[str, torch.Tensor] = {}

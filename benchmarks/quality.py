@@ -108,6 +108,10 @@ RECIPES: dict[str, tuple[dict[str, Any], str]] = {
         {"conditioning": "cross_attention"},
         "the default's 16 tokens through cross-attention in every decoder layer, no prefix",
     ),
+    "xattn_ungated": (
+        {"conditioning": "cross_attention_ungated"},
+        "as xattn, without the gates (VisionEncoderDecoder's way: the LM perturbed from step 0)",
+    ),
 }
 QUICK = ("default", "lastmap", "xattn", "linear")
 
@@ -116,23 +120,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="the main levers on a small budget (<= 10 min)")
     p.add_argument("--only", help=f"comma list of recipes: {', '.join(RECIPES)}")
-    p.add_argument("--budget", type=float, help="CPU seconds of training per recipe (default 240; quick 50)")
+    p.add_argument("--budget", type=float, help="CPU seconds of training per recipe (default 240; quick 120)")
     p.add_argument("--steps", type=int, help="train every recipe this many steps instead of a time budget")
     p.add_argument("--eval-samples", type=int, help="images per test set (default 100; quick 48)")
-    p.add_argument("--train-size", type=int, default=3000, help="scenes in the seen stream")
+    p.add_argument("--train-size", type=int, help="scenes in the seen stream (default 3000; quick 1000)")
     p.add_argument(
         "--scenes", default="{}", help='JSON of extra scenes options, e.g. \'{"kinds": ["single"]}\''
     )
     p.add_argument(
         "--threads", type=int, default=2, help="torch threads (1 on a machine shared with other jobs)"
     )
-    p.add_argument("--evals", default="0.25,0.5,0.75,1", help="fractions of the budget at which to score")
+    p.add_argument(
+        "--evals", help="fractions of the budget at which to score (default 0.25,0.5,0.75,1; quick 0.5,1)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], help="override for every recipe: key=json")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the JSON results")
     args = p.parse_args(argv)
     args.budget = args.budget or (120 if args.quick else 240)
     args.eval_samples = args.eval_samples or (48 if args.quick else 100)
+    args.train_size = args.train_size or (1000 if args.quick else 3000)
+    args.evals = args.evals or ("0.5,1" if args.quick else "0.25,0.5,0.75,1")
     names = args.only.split(",") if args.only else list(QUICK if args.quick else RECIPES)
     unknown = [n for n in names if n not in RECIPES]
     if unknown:
@@ -239,10 +247,10 @@ def run_recipe(name: str, settings: dict[str, Any], args, registry, datasets, lo
     cache = FeatureCache()
     feats = {k: cache.features_for(model.encoder, d, progress=False) for k, d in datasets.items()}
     groups = model.trainable_parameter_groups()
-    if settings.get("conditioning") == "cross_attention":  # new layers: the projection's rate
-        from benchmarks.cross_attention import attach
+    if settings.get("conditioning") in ("cross_attention", "cross_attention_ungated"):
+        from benchmarks.cross_attention import attach  # new layers: the projection's rate
 
-        groups["projection"] += attach(model)
+        groups["projection"] += attach(model, gated=settings["conditioning"] == "cross_attention")
     lrs = {"projection": settings["lr_projection"], "lora": settings["lr_lora"]}
     param_groups = [{"params": groups[k], "lr": lrs[k], "weight_decay": 0.0} for k in lrs if groups[k]]
     optimizer = make_optimizer(param_groups)
