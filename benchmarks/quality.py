@@ -126,9 +126,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="train every recipe this many steps instead of a time budget")
     p.add_argument("--eval-samples", type=int, help="images per test set (default 100; quick 40)")
     p.add_argument("--train-size", type=int, help="scenes in the seen stream (default 3000; quick 1000)")
-    p.add_argument(
-        "--scenes", help='JSON of extra scenes options (quick: \'{"kinds": ["single"]}\')'
-    )
+    p.add_argument("--scenes", help='JSON of extra scenes options (quick: \'{"kinds": ["single"]}\')')
     p.add_argument(
         "--threads", type=int, default=2, help="torch threads (1 on a machine shared with other jobs)"
     )
