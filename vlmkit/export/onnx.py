@@ -262,8 +262,8 @@ def _export_friendly_adaptive_pooling() -> Iterator[None]:
         out_r, out_c = out_r or rows, out_c or cols
         if rows % out_r == 0 and cols % out_c == 0:
             return torch.nn.functional.avg_pool2d(x, (rows // out_r, cols // out_c))
-        pr = _pooling_matrix(int(rows), int(out_r)).to(x.dtype)
-        pc = _pooling_matrix(int(cols), int(out_c)).to(x.dtype)
+        pr = _pooling_matrix(rows, int(out_r)).to(x.dtype)
+        pc = _pooling_matrix(cols, int(out_c)).to(x.dtype)
         return torch.einsum("...rc,ir,jc->...ij", x, pr, pc)
 
     torch.nn.functional.adaptive_avg_pool2d = pool

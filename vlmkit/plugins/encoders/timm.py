@@ -277,10 +277,7 @@ def _stage_tokens(model, pixel_values, *, stages: tuple[int, ...], grid: tuple[i
     import torch
     from torch.nn import functional as F
 
-    maps = [  # a stage already on the grid is used as it is (no pooling op in an exported graph)
-        m if tuple(m.shape[-2:]) == tuple(grid) else F.adaptive_avg_pool2d(m, grid)
-        for m in _stage_maps(model, pixel_values, stages)
-    ]
+    maps = [F.adaptive_avg_pool2d(m, grid) for m in _stage_maps(model, pixel_values, stages)]
     return torch.cat(maps, dim=1).flatten(2).transpose(1, 2)  # [B, sum C, H, W] -> [B, H*W, sum C]
 
 
