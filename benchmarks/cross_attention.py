@@ -38,7 +38,7 @@ class CrossAttention(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
         # tanh(0) = 0: the pretrained LM at step 0; ungated (VisionEncoderDecoder): a fixed 1
-        self.gate = nn.Parameter(torch.zeros(()), requires_grad=gated) if gated else None
+        self.gate = nn.Parameter(torch.zeros(())) if gated else None
 
     def forward(self, hidden: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         b, t, d = hidden.shape

@@ -117,8 +117,8 @@ class ShapeImage:
 
 
 def canvas(rng: random.Random, size: int):
-    """A square image of a light grey, slightly tinted background (two draws from ``rng``'s stream
-    per channel and one for the shade: the order the drawings' seeds were made with)."""
+    """A square image of a light grey, slightly tinted background (one draw from ``rng`` for the
+    shade, then one per channel: the order the drawings' seeds were made with)."""
     from PIL import Image
 
     shade = rng.randint(200, 235)
