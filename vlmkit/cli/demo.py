@@ -75,6 +75,7 @@ def demo(
         console.print(photos)
     console.print(
         f"trained {result.steps} steps in {result.train_seconds:.0f} s "
-        f"({result.samples_per_second or 0:.1f} samples/s); whole demo {result.total_seconds:.0f} s. "
+        f"({result.samples_per_second or 0:.1f} samples/s); whole demo {result.total_seconds:.0f} s "
+        f"({', '.join(f'{name} {s:.0f} s' for name, s in result.phases.items())}). "
         f"Model: {output}  (vlmkit caption --model {output} IMAGE)"
     )

@@ -113,7 +113,8 @@ class PrefixConditioningVLM(nn.Module):
                     f"{len(layers)} layers"
                 )
             for layer in layers[-unfreeze_last:]:
-                layer.requires_grad_(True)
+                # trained in the default memory format (not channels-last): sharding views it flat
+                layer.requires_grad_(True).to(memory_format=torch.contiguous_format)
 
     @property
     def encoder_frozen(self) -> bool:

@@ -67,6 +67,7 @@ class DemoResult:
     seen_size: int
     wrong: int  # held-out captions not exactly right
     colour_swaps: int  # of those, the right objects with a wrong colour
+    phases: dict[str, float] = field(default_factory=dict)  # seconds each of the four steps took
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -101,17 +102,28 @@ def run_demo(
     n_test = min(len(test), test_samples) if test_samples else len(test)
     n_seen = min(len(seen), test_samples) if test_samples else len(seen)
 
+    phases: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        phases[name] = now - clock
+        clock = now
+
     log(f"[1/4] scoring the untrained model (step 0) on {n_test} held-out compositions")
     placement = training_placement(config)  # the demo captions where it trains
     untrained = PrefixConditioningVLM.build(config.model, seed=config.seed, dtype=placement.dtype)
     untrained.to(placement.device)
     before = evaluate(untrained, test, limit=n_test, max_new_tokens=16).metrics
     del untrained
+    lap("step 0")
 
     log(
         f"[2/4] training: {config.max_steps} steps of {config.batch_size} ({config.model.encoder} -> {config.model.decoder})"
     )
     result = train(config, overwrite=True, progress=progress)
+    lap("training")
 
     log(f"[3/4] scoring the trained model on the same images and on {n_seen} in-distribution scenes")
     model = place(
@@ -139,6 +151,7 @@ def run_demo(
             }
         )
 
+    lap("scoring")
     log("[4/4] captioning real photos from scikit-image")
     photos = []
     try:
@@ -152,6 +165,7 @@ def run_demo(
             photos.append({"photo": f"skimage.data.{name} ({shows})", "caption": caption})
     except ImportError:
         log("scikit-image is not installed; skipping the photos (pip install scikit-image)")
+    lap("photos")
 
     return DemoResult(
         before=before,
@@ -167,6 +181,7 @@ def run_demo(
         seen_size=n_seen,
         wrong=len(wrong),
         colour_swaps=swaps,
+        phases=phases,
     )
 
 
