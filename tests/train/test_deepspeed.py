@@ -31,7 +31,7 @@ pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),
     pytest.mark.skipif(
         importlib.util.find_spec("deepspeed") is None,
-        reason="DeepSpeed is not installed: pip install -e '.[deepspeed]' (make install does)",
+        reason="DeepSpeed is not installed: pip install -e '.[deepspeed]' (make test does)",
     ),
 ]
 

