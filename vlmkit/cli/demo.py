@@ -15,7 +15,10 @@ def demo(
     ),
     steps: int = typer.Option(None, "--steps", min=1, help="Training steps (default: the demo recipe's)."),
     test_samples: int = typer.Option(
-        None, "--test-samples", min=1, help="Score only this many images of each test set."
+        None,
+        "--test-samples",
+        min=1,
+        help="Score this many images of each test set (default: all 100 held-out, 50 in-distribution).",
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     device: str = device_option(None, note="; training device, default auto"),
