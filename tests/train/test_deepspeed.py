@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 
 import pytest
 import torch
@@ -180,8 +181,15 @@ def test_vlmkit_train_under_zero3_checkpoints_without_the_base_and_resumes_like_
     torchrun, config, tmp_path
 ):
     zero3_train(torchrun, config, tmp_path, tmp_path / "whole", 6)
-    zero3_train(torchrun, config, tmp_path, tmp_path / "part", 4)  # stopped at step 4 ...
-    zero3_train(torchrun, config, tmp_path, tmp_path / "part", 6, "--resume")  # ... and resumed
+    # the run as it stood at step 4 (the learning rate is constant: steps 1-4 of a 6-step run are a
+    # 4-step run): its checkpoints up to step 4, no later one and no model yet ...
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "whole", part)
+    shutil.rmtree(part / "checkpoints" / "checkpoint-6")
+    for written_at_the_end in ("vlmkit.json", "projection.safetensors", "adapter"):
+        target = part / written_at_the_end
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    zero3_train(torchrun, config, tmp_path, part, 6, "--resume")  # ... resumed
 
     # DeepSpeed's own checkpoint holds the optimizer's partitions, not the frozen base
     base = PrefixConditioningVLM.build(
