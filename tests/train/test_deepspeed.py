@@ -188,7 +188,10 @@ def test_vlmkit_train_under_zero3_checkpoints_without_the_base_and_resumes_like_
     shutil.rmtree(part / "checkpoints" / "checkpoint-6")
     for written_at_the_end in ("vlmkit.json", "projection.safetensors", "adapter"):
         target = part / written_at_the_end
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
     zero3_train(torchrun, config, tmp_path, part, 6, "--resume")  # ... resumed
 
     # DeepSpeed's own checkpoint holds the optimizer's partitions, not the frozen base
