@@ -36,15 +36,32 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(autouse=True)
-def fp32_wins_the_cpu_probe(monkeypatch):
-    """``precision: auto`` on a CPU measures fp32 against bf16: a timing. Tests see fp32 win, so
-    their results do not depend on the machine (nor is a made-up figure cached in the user's
-    VLMKIT_HOME); tests of the decision and of the cache mock the measurement themselves."""
-    from vlmkit.train import precision as device
+@pytest.fixture(autouse=True, scope="session")
+def fp32_on_every_cpu():
+    """``precision: auto`` on a CPU is a measured choice: fp32 on our AMD EPYCs, bf16 on a Xeon with
+    AMX. Tests that are not about precision must give the same results on both, so for the whole
+    session (module fixtures and child processes included) ``auto`` on a CPU is fp32, through the
+    environment variable users have for the same purpose. Tests about precision pin bf16 explicitly
+    (``pin_cpu_precision``), and tests of the probe unset the variable."""
+    import os
 
-    figures = {"cpu": "test CPU", "fp32_gflops": 100.0, "bf16_gflops": 50.0, "cached": True}
-    monkeypatch.setattr(device, "cpu_matmul_probe", lambda *a, **k: figures)
+    from vlmkit.train.precision import CPU_PRECISION_ENV
+
+    before = os.environ.get(CPU_PRECISION_ENV)
+    os.environ[CPU_PRECISION_ENV] = "fp32"
+    yield
+    if before is None:
+        os.environ.pop(CPU_PRECISION_ENV, None)
+    else:
+        os.environ[CPU_PRECISION_ENV] = before
+
+
+@pytest.fixture
+def pin_cpu_precision(monkeypatch):
+    """``pin_cpu_precision("bf16")``: ``auto`` on a CPU resolves to that precision in this test."""
+    from vlmkit.train.precision import CPU_PRECISION_ENV
+
+    return lambda precision: monkeypatch.setenv(CPU_PRECISION_ENV, precision)
 
 
 @pytest.fixture(scope="module")

@@ -275,6 +275,7 @@ def test_auto_precision_on_a_cpu_is_the_probes_choice(tmp_path, monkeypatch):
     from vlmkit.train import precision as device
     from vlmkit.train.job import training_placement
 
+    monkeypatch.delenv(device.CPU_PRECISION_ENV)  # conftest pins auto to fp32 for other tests
     config = TrainConfig(datasets=[{"name": "shapes"}], device="auto", precision="auto")
     for fp32, bf16, chosen in ((149.0, 58.5, "fp32"), (100.0, 210.0, "bf16")):
         figures = {"cpu": "test CPU", "fp32_gflops": fp32, "bf16_gflops": bf16, "cached": False}

@@ -102,7 +102,6 @@ def test_every_key_component_invalidates(tmp_path):
         "dataset": cache.key(FakeEncoder(), shapes_data(size=48)),
         "dtype": cache.key(FakeEncoder(), data, dtype="float32"),
         "encoder dtype": cache.key(FakeEncoder().to(torch.bfloat16), data),
-        "autocast": cache.key(FakeEncoder(), data, autocast="bfloat16"),
         "avgpool": cache.key(FakeEncoder(), data, projection=ProjectionConfig(reduction="avgpool", tokens=4)),
         "avgpool tokens": cache.key(
             FakeEncoder(), data, projection=ProjectionConfig(reduction="avgpool", tokens=9)

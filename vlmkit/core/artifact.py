@@ -46,6 +46,7 @@ def assemble(
     trainable: bool = True,
     seed: int | None = 0,
     dtype: str | None = None,
+    encoder_dtype: str | None = None,
 ):
     """Build a ``PrefixConditioningVLM`` through the registry.
 
@@ -56,6 +57,8 @@ def assemble(
     ``projection`` and ``encoder_weights`` are safetensors files to load into the projection and
     the encoder (the trained encoder layers). ``dtype`` (default float32): the frozen base weights'
     (decoder, wholly frozen encoder); LoRA and the projection stay float32 (peft's adapters too).
+    ``encoder_dtype`` (default ``dtype``): the frozen encoder's alone; training keeps it float32 so
+    that the features it caches do not depend on the run's precision.
     """
     import torch
     from safetensors.torch import load_file
@@ -72,8 +75,9 @@ def assemble(
     extra = encoder_options(encoder_spec, config)  # {} without options: load(checkpoint, revision=)
     encoder = encoder_spec.load(config.encoder_checkpoint, revision=config.encoder_revision, **extra)
     half = dtype not in (None, "float32")
-    if half and not config.unfreeze_encoder_layers:  # trained encoder layers keep fp32 weights
-        encoder.to(getattr(torch, dtype))
+    encoder_dtype = encoder_dtype or dtype
+    if encoder_dtype not in (None, "float32") and not config.unfreeze_encoder_layers:
+        encoder.to(getattr(torch, encoder_dtype))  # trained encoder layers keep fp32 weights
     load_dtype = {"dtype": dtype} if half else {}  # third-party specs without a dtype still work in fp32
     base, tokenizer = decoder_spec.load(
         config.decoder_checkpoint, revision=config.decoder_revision, **load_dtype

@@ -66,12 +66,15 @@ class PrefixConditioningVLM(nn.Module):
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def build(cls, config=None, *, registry=None, seed: int | None = 0, dtype=None) -> PrefixConditioningVLM:
+    def build(
+        cls, config=None, *, registry=None, seed: int | None = 0, dtype=None, encoder_dtype=None
+    ) -> PrefixConditioningVLM:
         """A fresh model: encoder and decoder through their plugins, new LoRA and projection
-        (``vlmkit.core.artifact.assemble``); ``dtype`` is that of the frozen base weights."""
+        (``vlmkit.core.artifact.assemble``); ``dtype`` is that of the frozen base weights,
+        ``encoder_dtype`` (default ``dtype``) the frozen encoder's."""
         from vlmkit.core.artifact import assemble
 
-        return assemble(config, registry=registry, seed=seed, dtype=dtype)
+        return assemble(config, registry=registry, seed=seed, dtype=dtype, encoder_dtype=encoder_dtype)
 
     @classmethod
     def load(cls, path, *, registry=None, trainable: bool = False, dtype=None) -> PrefixConditioningVLM:

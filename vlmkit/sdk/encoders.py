@@ -128,24 +128,43 @@ class VisionEncoderModule(nn.Module):
     def fingerprint(self) -> str:
         """sha256 of the weights digest, the revision and ``identity`` (preprocessing included).
 
-        The weights digest is cached and recomputed only when a tensor is replaced (``.to()``) or
-        changed in place (an optimiser step on unfrozen layers), tracked by tensor version
-        counters. Writes through ``param.data`` bypass those counters: use ``torch.no_grad()``.
+        The weights digest is that of the weights as loaded, whatever dtype or device they were
+        moved to since (``.to(torch.bfloat16)``, ``.cuda()``): a model trained with its encoder in
+        bf16 has the encoder it would have in fp32. It is cached and recomputed only when a tensor
+        is changed in place (an optimiser step on unfrozen layers, ``load_state_dict``), tracked
+        by tensor version counters. Writes through ``param.data`` bypass those counters: use
+        ``torch.no_grad()``.
         """
         payload = {"identity": self._identity, "revision": self.revision, "weights": self._weights_digest()}
         return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
 
     def _weights_digest(self) -> str:
-        state = self.backbone.state_dict(keep_vars=True)
-        try:
-            key = tuple((n, t.data_ptr(), t._version, t.dtype, t.device, t.shape) for n, t in state.items())
-        except RuntimeError:  # inference-mode tensors have no version counter: do not cache
-            key = None
+        key = self._state_key()
         if key is not None and self._digest_cache is not None and self._digest_cache[0] == key:
             return self._digest_cache[1]
-        digest = weights_digest(state)
+        digest = weights_digest(self.backbone.state_dict())
         self._digest_cache = (key, digest) if key is not None else None
         return digest
+
+    def _state_key(self) -> tuple | None:
+        """What identifies the current tensors; ``None`` for inference-mode tensors (no version)."""
+        try:
+            return tuple(
+                (n, t.data_ptr(), t._version, t.dtype, t.device, t.shape)
+                for n, t in self.backbone.state_dict(keep_vars=True).items()
+            )
+        except RuntimeError:
+            return None
+
+    def _apply(self, fn, recurse=True):
+        # ``.to(dtype)``, ``.half()``, ``.cuda()`` all come here: the moved weights are the same
+        # weights, so they keep the digest taken before the move (hashing after a cast to bf16
+        # would give a bf16-trained model another encoder than its fp32 self)
+        digest = self._weights_digest()
+        out = super()._apply(fn, recurse)
+        key = self._state_key()
+        self._digest_cache = (key, digest) if key is not None else None
+        return out
 
     def extra_repr(self) -> str:
         return (

@@ -23,6 +23,9 @@ from vlmkit.core.errors import ConfigError
 
 #: the trainable tensors of a checkpoint (``VLMTrainer`` writes the same file)
 TRAINABLE_FILE = "trainable.safetensors"
+#: the device class and precision a run resolved, in the run folder and in each checkpoint: a
+#: resumed run continues in them (``auto`` on another machine could pick another precision)
+PLACEMENT_FILE = "placement.json"
 
 
 def _dtensor_type():

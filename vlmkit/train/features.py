@@ -11,14 +11,17 @@ storing. A SigLIP-base run pooled to 16 tokens stores 16 x 768 per image, not 19
 disk, page cache and host-to-device traffic); the projection sees features with K tokens and does
 not reduce them again.
 
-Features are computed on ``device`` (the training device) in batches, under autocast in
-``autocast`` (bfloat16/float16) when given, with a progress bar.
+Features are computed on ``device`` (the training device) in batches, with a progress bar, in
+the dtype of the encoder's weights, with no autocast and no TF32: ``vlmkit train`` keeps the
+frozen encoder in float32 whatever the run's precision, so one entry serves fp32, bf16 and fp16
+runs alike (the precision of a run is not part of what it trains on). They are stored in float16
+(``dtype``), which keeps more of each value than a bf16 computation would.
 
 The key is a sha256 of everything that changes the features: ``encoder.fingerprint()`` (plugin,
-checkpoint, revision, weights, preprocessing, image size), the dtype the encoder computes in and
-the autocast dtype, the reduction (kind, tokens, factor), ``dataset.fingerprint`` (which images,
-in which order), the stored dtype, the stored shape and ``FORMAT_VERSION``. Change any of them and
-the key changes: a stale cache is never reused, it is simply not found.
+checkpoint, revision, weights, preprocessing, image size; not the dtype the weights were cast to),
+the dtype the encoder computes in, the reduction (kind, tokens, factor), ``dataset.fingerprint``
+(which images, in which order), the stored dtype, the stored shape and ``FORMAT_VERSION``. Change
+any of them and the key changes: a stale cache is never reused, it is simply not found.
 
 Layout under the root (``cache_dir("features")`` unless given)::
 
@@ -72,8 +75,9 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 log = logging.getLogger(__name__)
 
-#: bump when the file layout or the way features are computed changes (2: reduced before storing)
-FORMAT_VERSION = 2
+#: bump when the file layout or the way features are computed changes (2: reduced before storing;
+#: 3: never under autocast or TF32)
+FORMAT_VERSION = 3
 #: numpy has no bfloat16: float16 halves the disk and page-cache footprint of float32
 DTYPES = ("float16", "float32")
 #: flush and record progress every this many batches (what an interrupted run can resume from)
@@ -99,8 +103,6 @@ class CacheKey:
     feature_dim: int
     #: the dtype the encoder computes in (bfloat16 and float32 weights give different features)
     encoder_dtype: str = "float32"
-    #: the autocast dtype the encoder ran under ("none": no autocast)
-    autocast: str = "none"
     #: the parameter-free token reduction applied before storing: none, avgpool:<tokens>, pixel_shuffle:<factor>
     reduction: str = "none"
     format: int = FORMAT_VERSION
@@ -126,7 +128,6 @@ class _Run:
     num_workers: int
     progress: bool | None
     device: Any
-    autocast: str | None
 
 
 class FeatureCache:
@@ -149,7 +150,6 @@ class FeatureCache:
         dtype: str = "float16",
         *,
         projection: ProjectionConfig | None = None,
-        autocast: str | None = None,
     ) -> CacheKey:
         if dtype not in DTYPES:
             raise ValueError(f"feature cache dtype must be one of {DTYPES}, got {dtype!r}")
@@ -168,7 +168,6 @@ class FeatureCache:
             num_tokens=tokens,
             feature_dim=dim,
             encoder_dtype=_encoder_dtype(encoder),
-            autocast=str(autocast or "none"),
             reduction=reduction,
         )
 
@@ -182,10 +181,9 @@ class FeatureCache:
         dtype: str = "float16",
         *,
         projection: ProjectionConfig | None = None,
-        autocast: str | None = None,
     ) -> np.ndarray | None:
         """The cached features when a complete, intact entry exists; else ``None`` (no computing)."""
-        return self._open(self.key(encoder, dataset, dtype, projection=projection, autocast=autocast))
+        return self._open(self.key(encoder, dataset, dtype, projection=projection))
 
     def features_for(
         self,
@@ -195,7 +193,6 @@ class FeatureCache:
         dtype: str = "float16",
         projection: ProjectionConfig | None = None,
         device: Any = None,
-        autocast: str | None = None,
         batch_size: int = 32,
         num_workers: int = 4,
         progress: bool | None = None,
@@ -203,16 +200,16 @@ class FeatureCache:
         """Features of every example of ``dataset``, read-only and memory-mapped.
 
         Computes what is missing (resuming an interrupted run) under ``torch.inference_mode`` on
-        ``device`` (default: where the encoder is; it is moved there and back), under autocast in
-        ``autocast`` ("bfloat16"/"float16") when given, decoding and preprocessing images in
+        ``device`` (default: where the encoder is; it is moved there and back), in the dtype of the
+        encoder's weights (no autocast, no TF32), decoding and preprocessing images in
         background threads (``num_workers``) while the encoder runs. ``projection``: store the
         features after its token reduction. ``progress``: show a progress bar (default: when
         stderr is a terminal; on rank 0 only).
         """
-        key = self.key(encoder, dataset, dtype, projection=projection, autocast=autocast)
+        key = self.key(encoder, dataset, dtype, projection=projection)
         if key.count == 0:
             raise DataError("feature cache: the dataset is empty")
-        run = _Run(key, encoder, dataset, projection, batch_size, num_workers, progress, device, autocast)
+        run = _Run(key, encoder, dataset, projection, batch_size, num_workers, progress, device)
         features = self._open(key)
         rank, world, initialized = distributed_info()
         if not (initialized and world > 1):
@@ -332,14 +329,14 @@ class FeatureCache:
         if hasattr(encoder, "eval"):
             encoder.eval()
         expected = (encoder.num_tokens, encoder.feature_dim)
-        autocast = torch.autocast(
-            device.type, dtype=getattr(torch, run.autocast or "float32"), enabled=bool(run.autocast)
-        )
         done = start
         try:
             with (
                 torch.inference_mode(),
-                autocast,
+                # a run's autocast (bf16 training) and TF32 must not reach the features: the key
+                # does not hold the run's precision, so the features must not depend on it
+                torch.autocast(device.type, enabled=False),
+                _no_tf32(),
                 _prefetch(
                     run.dataset, encoder.preprocess, lo + start, hi, run.batch_size, run.num_workers
                 ) as batches,
@@ -446,6 +443,18 @@ def check_shared_folder(root: Path, rank: int, world: int) -> None:
 
 
 # --------------------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def _no_tf32() -> Iterator[None]:
+    import torch
+
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 def _encoder_dtype(encoder: Any) -> str:

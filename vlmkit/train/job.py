@@ -34,10 +34,11 @@ from transformers.trainer_utils import TrainOutput
 
 from vlmkit.core.errors import ConfigError, DataError, VlmkitWarning
 from vlmkit.core.model import PrefixConditioningVLM
+from vlmkit.core.paths import write_json
 from vlmkit.sdk.datasets import BadImagesError, data_sources, dataset_cache_root, load_split, tsv_field
 from vlmkit.train.config import TrainConfig
 from vlmkit.train.data import CaptionTrainingSet, Collator
-from vlmkit.train.distributed import fsdp1_root, gathered, save_model
+from vlmkit.train.distributed import PLACEMENT_FILE, fsdp1_root, gathered, save_model
 from vlmkit.train.features import FeatureCache
 from vlmkit.train.precision import Placement, resolve
 from vlmkit.train.trainer import JsonlLogger, VLMTrainer, prepare_model_for_precision
@@ -193,7 +194,7 @@ def train(
 
     started = time.perf_counter()
     out = config.output_dir
-    placement = training_placement(config)
+    placement = training_placement(config, recorded_placement(out) if resume else None)
     args = _training_arguments(config, progress, placement)  # sets up torch.distributed under torchrun
     refusal = None
     if args.process_index == 0:
@@ -211,8 +212,14 @@ def train(
     with dataset_cache_root(config.cache_dir):  # remembered image checks beside the features
         train_data, eval_data = _load_data(config, registry, write_list=args.process_index == 0)
     set_seed(config.seed)  # after the data: a loader drawing random numbers does not change the model
+    # the frozen encoder stays fp32 when it fills the feature cache: the cached features are then
+    # the same whatever precision a run trains in, and every run of the data reuses them
     model = PrefixConditioningVLM.build(
-        config.model, registry=registry, seed=config.seed, dtype=placement.dtype
+        config.model,
+        registry=registry,
+        seed=config.seed,
+        dtype=placement.dtype,
+        encoder_dtype="float32" if config.feature_cache else None,
     )
     if args.process_index == 0:  # resolved against the loaded model: what LoRA really adapts
         lora = model.lm.peft_config["default"]
@@ -230,9 +237,7 @@ def train(
     if use_cache:
         # on the training device (each rank its share of the rows), reduced as the projection reduces
         cache = FeatureCache(config.cache_dir)
-        half = placement.precision in ("bf16", "fp16")
         options = dict(projection=config.model.projection, device=args.device, progress=progress)
-        options["autocast"] = placement.dtype if half else None
         # DeepSpeed ZeRO-3: transformers loaded the encoder partitioned (zero.Init); it runs here,
         # outside the engine, so its full weights are gathered first
         with gathered(model.encoder) or contextlib.nullcontext():
@@ -246,6 +251,7 @@ def train(
         # a wrong checkpoint) leaves no run.yaml, so the corrected command needs no --overwrite
         out.mkdir(parents=True, exist_ok=True)
         (out / RUN_FILE).write_text(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
+        write_json(out / PLACEMENT_FILE, placement_record(placement))
 
     cbs = [JsonlLogger(out / "logs.jsonl"), *(callbacks or [])]
     if args.process_index == 0 and (tensorboard := _tensorboard_callback(out / "tensorboard")):
@@ -262,6 +268,7 @@ def train(
         callbacks=cbs,
         vlm_config=config,
         eval_captions=(eval_data, eval_features) if config.eval_metrics else None,
+        placement=placement_record(placement),
     )
     checkpoint, start_step = None, 0
     if resume:
@@ -292,6 +299,7 @@ def train(
             "train_loss": train_loss,
             "eval": eval_metrics,
             "used_feature_cache": use_cache,
+            "placement": placement_record(placement),  # how it ran, not what it is
             "data": data_sources(train_data),  # hub ids and the revisions read
         },
         registry=registry,
@@ -358,8 +366,28 @@ def _final_evaluation(trainer: Trainer) -> dict[str, float] | None:
     return None
 
 
-def training_placement(config: TrainConfig) -> Placement:
-    """The device and precision ``config`` asks for, ``auto`` resolved (``vlmkit.train.precision``).
+def placement_record(placement: Placement) -> dict[str, str]:
+    """What ``PLACEMENT_FILE`` holds: the device class and the precision (not the device index)."""
+    return {"device_type": placement.device_type, "precision": placement.precision}
+
+
+def recorded_placement(out: Path) -> dict[str, str] | None:
+    """The placement a run in ``out`` recorded: its last checkpoint's, else the run's; ``None``
+    for a run from before vlmkit recorded it (or none at all)."""
+    checkpoint = last_checkpoint(out) if (out / "checkpoints").is_dir() else None
+    for file in [*([Path(checkpoint) / PLACEMENT_FILE] if checkpoint else []), out / PLACEMENT_FILE]:
+        try:
+            record = json.loads(file.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and isinstance(record.get("precision"), str):
+            return record
+    return None
+
+
+def training_placement(config: TrainConfig, recorded: dict[str, str] | None = None) -> Placement:
+    """The device and precision ``config`` asks for, ``auto`` resolved (``vlmkit.train.precision``);
+    on ``--resume`` (``recorded``: what the run recorded) the run's own precision, kept.
 
     Under torchrun each rank takes the GPU of its local rank, so only ``auto`` or ``cuda`` fit.
     Outside it, ``Trainer`` always trains on the first visible GPU: another one is chosen with
@@ -372,9 +400,34 @@ def training_placement(config: TrainConfig) -> Placement:
             f"CUDA_VISIBLE_DEVICES={config.device.split(':')[1]} and --device cuda"
             + (" (under torchrun each rank takes its local rank's GPU)" if distributed else "")
         )
-    placement = resolve(config.device, config.precision, cache_dir=config.cache_dir)
+    precision = config.precision
+    if recorded is not None:
+        was = recorded["precision"]
+        if precision not in ("auto", was):
+            raise ConfigError(
+                f"--resume: {config.output_dir} was trained in {was}; resume it in {was} (--precision "
+                f"{was} or auto), or --overwrite to train it again in {precision}"
+            )
+        precision = was
+    placement = resolve(config.device, precision, cache_dir=config.cache_dir)
     if placement.precision == "fp16" and placement.device_type == "cpu":
-        raise ConfigError("precision fp16 needs a GPU; on a CPU use bf16 or fp32")
+        raise ConfigError(
+            "precision fp16 needs a GPU; on a CPU use bf16 or fp32"
+            + (f" (--resume: {config.output_dir} was trained in fp16 on a GPU)" if recorded else "")
+        )
+    if recorded is not None:
+        placement = Placement(
+            placement.device,
+            placement.precision,
+            f"the run's own precision, kept on --resume ({placement.reason})",
+        )
+        if recorded.get("device_type") not in (None, placement.device_type):
+            warnings.warn(
+                f"--resume: {config.output_dir} was trained on {recorded['device_type']} and continues on "
+                f"{placement.device_type}; its results will not equal an uninterrupted run's",
+                VlmkitWarning,
+                stacklevel=2,
+            )
     return placement
 
 

@@ -7,18 +7,24 @@ that dtype).
 
 ``auto`` follows the hardware: on CUDA bf16 where the card has it, else fp16 (with loss scaling in
 training); on MPS fp32; on a CPU a measured choice. bf16 matmuls are ~2x faster than fp32 on a
-Zen 4 core but ~2.5x slower on a Xeon without AMX (and ~100x slower on CPUs without any bf16
-instructions), so a short probe (a few ms of matmuls in each,
-cached per machine under ``VLMKIT_HOME``) decides there.
+Xeon with AMX or a Zen 4 core but ~2.5x slower on a Xeon without AMX (and ~100x slower on CPUs
+without any bf16 instructions), so a short probe decides there: one thread, fp32 and bf16 matmuls
+timed in alternating rounds, the best of several rounds each (a busy moment slows a sample, never
+speeds one up, so one slow sample cannot decide), bf16 chosen only when it wins by
+``CPU_BF16_MARGIN``. The decision is stored under ``VLMKIT_HOME`` with the CPU, the torch version
+and the thread count it was measured for. ``VLMKIT_CPU_PRECISION=fp32`` (or ``bf16``) decides
+``auto`` on a CPU without probing: for machines of mixed CPUs that must train alike, and for tests.
 
 Importing this module does not import torch.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +37,10 @@ DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
 #: bf16 must beat fp32 by this factor on a CPU to be chosen: it costs accuracy, so a tie goes to fp32
 CPU_BF16_MARGIN = 1.2
 PROBE_FILE = "cpu-matmul-probe.json"
+#: decides ``auto`` on a CPU without the probe (fp32 or bf16)
+CPU_PRECISION_ENV = "VLMKIT_CPU_PRECISION"
+#: part of the stored decision's key: a better probe measures again (1: a few ms at full threads)
+PROBE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -122,11 +132,16 @@ def _cuda(device: str, precision: str) -> Placement:
 
 
 def _cpu_auto(cache_dir: Path | None) -> Placement:
+    forced = os.environ.get(CPU_PRECISION_ENV, "").strip().lower()
+    if forced:
+        if forced not in ("fp32", "bf16"):
+            raise ConfigError(f"{CPU_PRECISION_ENV}={forced!r}: use fp32 or bf16 (or unset it to measure)")
+        return Placement("cpu", forced, f"auto on CPU: {forced} as {CPU_PRECISION_ENV} says")
     probe = cpu_matmul_probe(cache_dir)
     fp32, bf16 = probe["fp32_gflops"], probe["bf16_gflops"]
     choice = "bf16" if bf16 >= CPU_BF16_MARGIN * fp32 else "fp32"
     why = (
-        f"auto on CPU {probe['cpu']!r}: matmul bf16 {bf16:.0f} vs fp32 {fp32:.0f} GFLOP/s "
+        f"auto on CPU {probe['cpu']!r}: matmul bf16 {bf16:.0f} vs fp32 {fp32:.0f} GFLOP/s per thread "
         f"({'measured' if not probe.get('cached') else 'measured earlier'}; bf16 needs "
         f"{CPU_BF16_MARGIN}x)"
     )
@@ -156,7 +171,7 @@ def cpu_matmul_probe(cache_dir: Path | None = None) -> dict[str, Any]:
     from vlmkit.core.paths import cache_dir as default_cache_dir
     from vlmkit.core.paths import write_json
 
-    key = f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    key = f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | probe {PROBE_VERSION}"
     file = Path(cache_dir or default_cache_dir()) / PROBE_FILE
     try:
         known = json.loads(file.read_text()) if file.is_file() else {}
@@ -176,28 +191,51 @@ def cpu_matmul_probe(cache_dir: Path | None = None) -> dict[str, Any]:
     return {**measured, "cpu": cpu_name(), "cached": False}
 
 
-def measure_cpu_matmul(size: int = 256, repeats: int = 3, budget_s: float = 0.05) -> dict[str, float]:
-    """GFLOP/s of a ``size``-square matmul in fp32 and bf16 on the CPU: best of ``repeats`` after
-    a warm-up, a few ms in all. A dtype with no fast kernel (bf16 without AVX512-BF16/AMX runs
-    ~100x slower) stops repeating once it has spent ``budget_s``: its speed is plain by then."""
+def measure_cpu_matmul(
+    size: int = 256,
+    rounds: int = 7,
+    budget_s: float = 0.2,
+    *,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, float]:
+    """GFLOP/s of a ``size``-square matmul in fp32 and bf16 on one CPU thread.
+
+    Both are timed in alternating rounds (each a few matmuls, ~1 ms together), so a busy moment of
+    the machine falls on both alike, and each dtype's figure is its best round: load only ever
+    slows a sample down, so one slow sample cannot decide. A dtype with no fast kernel (bf16
+    without AVX512-BF16 or AMX runs ~100x slower) stops being timed once it has spent
+    ``budget_s``: its speed is plain by then. One thread: a second thread descheduled by another
+    process stalls a parallel matmul, and the per-core ratio of the two dtypes is what decides.
+    """
     import torch
 
-    out = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a = torch.randn(size, size).to(dtype)
-        b = torch.randn(size, size).to(dtype)
-        spent = best = float("inf")
-        for i in range(repeats + 1):
-            start = time.perf_counter()
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    operands = {n: (torch.randn(size, size).to(d), torch.randn(size, size).to(d)) for n, d in dtypes.items()}
+    best = dict.fromkeys(dtypes, float("inf"))
+    spent = dict.fromkeys(dtypes, 0.0)
+    repeats = dict.fromkeys(dtypes, 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, (a, b) in operands.items():  # warm-up, and how many matmuls make a ~1 ms sample
+            start = clock()
             torch.mm(a, b)
-            took = time.perf_counter() - start
-            spent = took if i == 0 else spent + took
-            if i > 0 or took > budget_s:  # the first call warms up, unless it was already too slow
-                best = min(best, took)
-            if spent > budget_s and best < float("inf"):
-                break
-        out[f"{name}_gflops"] = round(2 * size**3 / max(best, 1e-9) / 1e9, 3)
-    return out
+            took = max(clock() - start, 1e-9)
+            repeats[name] = max(1, min(16, int(1e-3 / took)))
+            spent[name] += took
+        for _ in range(rounds):
+            for name, (a, b) in operands.items():
+                if spent[name] > budget_s and best[name] < float("inf"):
+                    continue  # plainly slow: more samples would only cost time
+                start = clock()
+                for _ in range(repeats[name]):
+                    torch.mm(a, b)
+                took = max(clock() - start, 1e-9)
+                spent[name] += took
+                best[name] = min(best[name], took / repeats[name])
+    finally:
+        torch.set_num_threads(threads)
+    return {f"{name}_gflops": float(f"{2 * size**3 / best[name] / 1e9:.4g}") for name in dtypes}
 
 
 def place(load, path, *, device: str | None = None, dtype: Any = None, **kwargs) -> Any:

@@ -18,6 +18,7 @@ from vlmkit.evaluate.loop import caption_and_score
 from vlmkit.train.config import TrainConfig
 from vlmkit.train.data import CaptionTrainingSet, LengthGroupedSampler, SamplerEpoch
 from vlmkit.train.distributed import (
+    PLACEMENT_FILE,
     TRAINABLE_FILE,
     check_fsdp_applies,
     checkpoints_without_frozen_weights,
@@ -93,10 +94,13 @@ def prepare_model_for_precision(
 class VLMTrainer(Trainer):
     """``Trainer`` with per-part learning rates and checkpoints of trainable tensors only."""
 
-    def __init__(self, *args, vlm_config: TrainConfig, eval_captions=None, **kwargs) -> None:
+    def __init__(
+        self, *args, vlm_config: TrainConfig, eval_captions=None, placement: dict | None = None, **kwargs
+    ) -> None:
         super().__init__(*args, **kwargs)
         check_fsdp_applies(self)
         self.vlm_config = vlm_config
+        self.placement = placement  # written into each checkpoint: --resume continues in it
         self.eval_captions = eval_captions  # (CaptionDataset, features or None) for --eval-metrics
         self.length_sampler: LengthGroupedSampler | None = None
         self.add_callback(SamplerEpoch(self))
@@ -124,7 +128,7 @@ class VLMTrainer(Trainer):
         DeepSpeed); ``Trainer`` calls this on every rank under those."""
         from safetensors.torch import save_file
 
-        from vlmkit.core.paths import atomic_write
+        from vlmkit.core.paths import atomic_write, write_json
 
         if not self.args.should_save:
             return
@@ -138,6 +142,8 @@ class VLMTrainer(Trainer):
         tensors = trainable_state_dict(model, state_dict)
         output = Path(output_dir or self.args.output_dir)
         output.mkdir(parents=True, exist_ok=True)
+        if self.placement is not None:
+            write_json(output / PLACEMENT_FILE, self.placement)
         atomic_write(output / TRAINABLE_FILE, lambda tmp: save_file(tensors, str(tmp)))
 
     @property
