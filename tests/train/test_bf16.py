@@ -20,7 +20,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_train import KILLED_RUN, EncoderCalls, base_args, checkpoints, home, model_image, snapshot
+from test_train import (
+    KILLED_RUN,
+    EncoderCalls,
+    base_args,
+    checkpoints,
+    home,
+    model_image,
+    resume_config,
+    snapshot,
+)
 
 import vlmkit
 from vlmkit.core.artifact import MANIFEST
@@ -37,23 +46,8 @@ DIFFERS = "differs from the one model"
 
 
 def config(checkpoints, out: Path, **settings) -> dict:
-    return {
-        "model": {
-            "encoder": "siglip",
-            "encoder_checkpoint": checkpoints["encoder"],
-            "decoder": "smollm",
-            "decoder_checkpoint": checkpoints["decoder"],
-            "lora": {"dropout": 0.0},
-        },
-        "datasets": [{"name": "shapes", "options": {"size": 72, "image_size": 32}}],
-        "output_dir": str(out),
-        "max_steps": 4,
-        "save_every": 2,
-        "batch_size": 4,
-        "logging_steps": 1,
-        "max_eval_samples": 4,
-        **settings,
-    }
+    """test_train's resume run (6 steps, a checkpoint every 2, no LoRA dropout), 4 steps by default."""
+    return resume_config(checkpoints, out, **{"max_steps": 4, "max_eval_samples": 4, **settings})
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +132,7 @@ def test_a_killed_bf16_run_resumes_in_bf16_to_the_uninterrupted_weights(checkpoi
     same order, and the CPU's bf16 kernels are deterministic. (bf16 itself does not widen the
     tolerance: its rounding is the same in both runs.)"""
     out = tmp_path / "killed"
-    data = config(checkpoints, out, precision="auto", max_steps=6)
+    data = config(checkpoints, out, precision="auto")
     child = subprocess.run(
         [sys.executable, "-c", KILLED_RUN, json.dumps(data), "3"],
         env={**os.environ, "OMP_NUM_THREADS": "1", CPU_PRECISION_ENV: "bf16"},
@@ -154,16 +148,16 @@ def test_a_killed_bf16_run_resumes_in_bf16_to_the_uninterrupted_weights(checkpoi
     torch.set_num_threads(1)  # as the child: the same kernels, the same sums
     try:
         result = train(validate_config(data), resume=True, progress=False)
-        assert result.global_step == 6
+        assert result.global_step == 4
         manifest = json.loads((out / MANIFEST).read_text())
         assert manifest["training"]["placement"]["precision"] == "bf16"
 
         whole = tmp_path / "whole"
-        train(validate_config(config(checkpoints, whole, precision="bf16", max_steps=6)), progress=False)
+        train(validate_config(config(checkpoints, whole, precision="bf16")), progress=False)
     finally:
         torch.set_num_threads(threads)
-    resumed = load_file(str(out / "checkpoints" / "checkpoint-6" / TRAINABLE_FILE))
-    uninterrupted = load_file(str(whole / "checkpoints" / "checkpoint-6" / TRAINABLE_FILE))
+    resumed = load_file(str(out / "checkpoints" / "checkpoint-4" / TRAINABLE_FILE))
+    uninterrupted = load_file(str(whole / "checkpoints" / "checkpoint-4" / TRAINABLE_FILE))
     assert resumed.keys() == uninterrupted.keys()
     for name, value in resumed.items():
         torch.testing.assert_close(value, uninterrupted[name], rtol=0, atol=0, msg=name)
