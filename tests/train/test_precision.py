@@ -8,6 +8,7 @@ from vlmkit.core.errors import ConfigError
 from vlmkit.train import precision as device
 from vlmkit.train.precision import resolve
 
+
 @pytest.fixture(autouse=True)
 def measure_here(monkeypatch):
     """conftest pins ``auto`` on a CPU to fp32 for the suite; these tests decide it themselves."""
@@ -96,7 +97,9 @@ def test_one_slow_sample_cannot_flip_the_choice(slow):
             "fp32_gflops": pytest.approx(flop / fp32 / 1e9, rel=1e-3),
             "bf16_gflops": pytest.approx(flop / bf16 / 1e9, rel=1e-3),
         }
-        choice = "bf16" if figures["bf16_gflops"] >= device.CPU_BF16_MARGIN * figures["fp32_gflops"] else "fp32"
+        choice = (
+            "bf16" if figures["bf16_gflops"] >= device.CPU_BF16_MARGIN * figures["fp32_gflops"] else "fp32"
+        )
         assert choice == expected
 
 
