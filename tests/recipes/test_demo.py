@@ -1,6 +1,6 @@
 """``vlmkit demo`` end to end, on tiny random models in place of the embedded weights.
 
-The demo's point, that the embedded default learns, is shown by running it (README, "The demo")
+The demo's point, that the embedded default learns, is shown by running it (docs/demo.md)
 and by tests/test_real_weights.py; here the plumbing is tested: the recipe is valid and uses the
 embedded weights, and the command scores before and after, saves the sample images it shows and
 captions the scikit-image photos.

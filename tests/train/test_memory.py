@@ -1,4 +1,4 @@
-"""The memory formula behind README's table (``vlmkit.train.memory``): its activation term, one
+"""The memory formula behind docs/training.md's table (``vlmkit.train.memory``): its activation term, one
 decoder layer's saved bytes measured and scaled by layers, rows and tokens, matches what autograd
 keeps for a whole model, and the other terms count the model's own parameters."""
 

@@ -22,7 +22,7 @@ from vlmkit.train.config import TrainConfig
 
 #: the demo's training recipe: the embedded default on single-object ``scenes``, 150 steps: ~6.5
 #: minutes of training on 2 CPU cores, the least that learns the held-out pairs (100 steps: 17 of
-#: 100; 120: 35; README, "The demo"; benchmarks/QUALITY.md)
+#: 100; 120: 35; docs/demo.md; benchmarks/QUALITY.md)
 DEMO_SETTINGS: dict[str, Any] = {
     # The plain layout (start token, 9 image tokens, caption) is ~22 tokens a row against ~34 in
     # SmolLM2's chat layout. EfficientNet's 7x7 grid (stage 4, the embedded default's encoder

@@ -1,4 +1,4 @@
-"""How much GPU memory a training step needs: the formula behind README's memory table.
+"""How much GPU memory a training step needs: the formula behind docs/training.md's table.
 
     total = frozen weights  (LM + encoder parameters x 2 bytes in bf16/fp16, 4 in fp32/tf32)
           + trained tensors (LoRA + projection: fp32 weight, gradient and AdamW's two moments, 16 B each)
@@ -15,7 +15,7 @@ difference is one layer's. Everything else is arithmetic on the configs. The res
 estimate, labelled as computed wherever it is shown; ``benchmarks/gpu_throughput.py`` reports the
 measured peak on a real card.
 
-    python benchmarks/memory_table.py    # README's table (a few seconds of CPU per decoder)
+    python benchmarks/memory_table.py    # docs/training.md's table (a few seconds of CPU per decoder)
 """
 
 from __future__ import annotations
