@@ -1,9 +1,11 @@
 """The package layout keeps its promises: each folder one concern, arrows pointing down.
 
 - core/ knows no model family or built-in plugin by name, imports nothing of the jobs, and stays
-  small enough to read in an hour (<= 1,700 lines: the layout left it at 1,577; the hardened
+  small enough to read in an hour (<= 1,860 lines: the layout left it at 1,577; the hardened
   image loader and artifact file checks, device following, FSDP's block class, batch-norm-safe
-  unfreezing, the model's own logits path and encoder options added ~100, each a core concern);
+  unfreezing, the model's own logits path and encoder options added ~100, each a core concern;
+  what the LM must do, checked at build (core/lm.py: generate from embeddings, the token-id
+  embedding scale, peft's refusals of LoRA targets) ~150);
 - sdk/, train/, evaluate/ and export/ name no built-in plugin either: only plugins/ and recipes/ do;
 - importing the config (and the CLI's help) imports no torch.
 
@@ -90,7 +92,7 @@ def test_core_imports_no_job_and_stays_small():
             assert not re.search(rf"^\s*(from|import) {re.escape(module)}\b", text, re.M), (
                 f"{file.relative_to(ROOT)} imports {module}: core depends on nothing of ours above it"
             )
-    assert lines <= 1700, f"core/ has {lines} lines; keep the contract and the model readable in an hour"
+    assert lines <= 1860, f"core/ has {lines} lines; keep the contract and the model readable in an hour"
 
 
 def test_sdk_imports_no_job():

@@ -23,6 +23,7 @@ from typing import Any
 from vlmkit import __version__
 from vlmkit.core.config import ModelConfig, encoder_options, validate_model_config
 from vlmkit.core.errors import ArtifactError, PluginError
+from vlmkit.core.lm import add_lora, check_generate_takes_embeddings, token_embedding_scale
 from vlmkit.core.paths import read_json_manifest, write_json
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,9 @@ def assemble(
     base, tokenizer = decoder_spec.load(
         config.decoder_checkpoint, revision=config.decoder_revision, **load_dtype
     )
+    # what vlmkit needs of the LM, checked before any training (vlmkit.core.lm)
+    check_generate_takes_embeddings(base, decoder_name)
+    embedding_scale = token_embedding_scale(base, _block_classes(decoder_spec, base), decoder_name)
     if merged:
         lm = base
     elif adapter is not None:
@@ -98,7 +102,9 @@ def assemble(
     )
     if projection is not None:
         proj.load_state_dict(load_file(str(projection)))
-    model = PrefixConditioningVLM(config, encoder, encoder_spec, decoder_spec, lm, tokenizer, proj)
+    model = PrefixConditioningVLM(
+        config, encoder, encoder_spec, decoder_spec, lm, tokenizer, proj, embedding_scale=embedding_scale
+    )
     model.freeze_encoder(config.unfreeze_encoder_layers)
     if encoder_weights is not None:
         tensors = load_file(str(encoder_weights))
@@ -109,8 +115,15 @@ def assemble(
     return model
 
 
+def _block_classes(decoder_spec, base) -> list[str]:
+    """The transformer block's class name(s): the plugin's, else the model's own."""
+    resolve = getattr(decoder_spec, "resolve_layer_class", None)
+    declared = [resolve(base)] if resolve is not None else [decoder_spec.layer_class]
+    return [c for c in (*declared, *(getattr(base, "_no_split_modules", None) or ())) if c]
+
+
 def _add_lora(base, decoder_spec, config: ModelConfig):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     lora_args = dict(decoder_spec.lora_kwargs(base, config.lora.targets))
     targets = lora_args["target_modules"]
@@ -123,8 +136,7 @@ def _add_lora(base, decoder_spec, config: ModelConfig):
     lora = LoraConfig(
         r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout, **lora_args
     )
-    with _quiet_peft():
-        return get_peft_model(base, lora)
+    return add_lora(base, lora, decoder_spec.name)
 
 
 @contextlib.contextmanager

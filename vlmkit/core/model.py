@@ -46,7 +46,9 @@ class Batch:
 class PrefixConditioningVLM(nn.Module):
     """Encoder + projection + LoRA-adapted decoder. Build with ``build``; restore with ``load``."""
 
-    def __init__(self, config, encoder, encoder_spec, decoder_spec, lm, tokenizer, projection) -> None:
+    def __init__(
+        self, config, encoder, encoder_spec, decoder_spec, lm, tokenizer, projection, *, embedding_scale=1.0
+    ) -> None:
         super().__init__()
         self.settings = config
         self.encoder = encoder
@@ -55,6 +57,10 @@ class PrefixConditioningVLM(nn.Module):
         self.lm = lm
         self.tokenizer = tokenizer
         self.projection = projection
+        #: what the LM multiplies its embedding module's output by when it embeds token ids itself
+        #: and not ``inputs_embeds`` (Falcon-H1's ``embedding_multiplier``; 1.0 for most families),
+        #: measured when the model is built (``vlmkit.core.lm.token_embedding_scale``)
+        self.embedding_scale = float(embedding_scale)
         self.num_prefix_tokens = config.projection.output_tokens(encoder.num_tokens, encoder.grid)
         #: the id in padding and image-slot positions (the masks, not this id, say which positions
         #: are real) and what ``generate`` emits after a row has stopped; the tokenizer's pad, else 0
@@ -221,8 +227,12 @@ class PrefixConditioningVLM(nn.Module):
             return self.encoder(pixel_values)
 
     def embed(self, input_ids, image_mask, prefix):
-        """LM input embeddings with the image prefix written into the image slots."""
+        """LM input embeddings with the image prefix written into the image slots. Token ids are
+        embedded as the LM embeds them itself: its embedding module (which may scale, as Gemma's
+        does), then ``embedding_scale`` (what its forward applies to ids only, as Falcon-H1's)."""
         embeds = self.lm.get_input_embeddings()(input_ids)
+        if self.embedding_scale != 1.0:
+            embeds = embeds * self.embedding_scale
         prefix = prefix.to(embeds.dtype).reshape(-1, prefix.shape[-1])
         return embeds.masked_scatter(image_mask.unsqueeze(-1), prefix)
 

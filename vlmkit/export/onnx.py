@@ -25,10 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import inspect
 import json
 import logging
 import math
+import os
+import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -57,6 +61,8 @@ PREPROCESSING_TOLERANCE = 1e-4
 def write_onnx(vlm, folder: Path, *, opset: int, quantize: str | None, source, on_step) -> dict[str, Any]:
     """Write the ONNX export of ``vlm`` into ``folder``; returns the checks it passed."""
     checks: dict[str, Any] = {}
+    step(on_step, "checking that the decoder's architecture exports")
+    layout = decoder_layout(vlm.language_model, vlm.settings.decoder)  # refused here, before any work
     step(on_step, "describing the image preprocessing")
     preprocessing = describe_preprocessing(vlm.encoder)
     checks["preprocessing_max_abs_diff"] = _check_preprocessing(vlm.encoder, preprocessing)
@@ -68,7 +74,6 @@ def write_onnx(vlm, folder: Path, *, opset: int, quantize: str | None, source, o
 
     step(on_step, "merging LoRA into a copy of the decoder")
     lm = merged_decoder(vlm)
-    layout = _kv_layout(lm)
     decoder_step = DecoderStep(lm, layout["num_layers"]).eval()
     names = [f"{i}.{kv}" for i in range(layout["num_layers"]) for kv in ("key", "value")]
     past_in, present_out = [f"past_key_values.{n}" for n in names], [f"present.{n}" for n in names]
@@ -93,6 +98,8 @@ def write_onnx(vlm, folder: Path, *, opset: int, quantize: str | None, source, o
         what="decoder graph",
     )
     embed = embedding_table(lm)
+    if vlm.embedding_scale != 1.0:  # what the LM does to token embeddings on its token-id path only
+        embed = embed * np.float32(vlm.embedding_scale)
     np.save(folder / "embed_tokens.npy", embed)
 
     step(on_step, "saving the tokenizer")
@@ -208,7 +215,8 @@ def merged_decoder(vlm):
 def embedding_table(lm, chunk: int = 8192) -> np.ndarray:
     """``[V, D]``: the LM's input-embedding *module* run over every token id, not its weight:
     families scale inside the module (Gemma multiplies by sqrt(hidden_size)), and the runtimes
-    (Python, browser) look ids up in this table where PyTorch calls the module."""
+    (Python, browser) look ids up in this table where PyTorch calls the module. The export
+    multiplies it by the model's ``embedding_scale`` (Falcon-H1's ``embedding_multiplier``)."""
     module = lm.get_input_embeddings()
     vocab = module.weight.shape[0]
     with torch.no_grad():
@@ -219,14 +227,55 @@ def embedding_table(lm, chunk: int = 8192) -> np.ndarray:
 
 
 def _onnx_export(module, args, path: Path, *, opset: int, what: str, **kwargs) -> None:
+    """``torch.onnx.export``, its output (TorchScript graph dumps, hundreds of lines on failure)
+    written to a log file rather than the terminal: removed after a success, named in the
+    one-line ``ExportError`` of a failure."""
+    handle, name = tempfile.mkstemp(prefix="vlmkit-onnx-export-", suffix=".log")
+    log_path = Path(name)
     try:
-        with _quiet_export(), _export_friendly_adaptive_pooling(), torch.no_grad():
+        with (
+            os.fdopen(handle, "w") as log_file,
+            _output_to(log_file),
+            _quiet_export(),
+            _export_friendly_ops(),
+            torch.no_grad(),
+        ):
             torch.onnx.export(module, args, str(path), opset_version=opset, dynamo=False, **kwargs)
     except VlmkitError:
         raise
     except Exception as exc:  # noqa: BLE001 - exporter errors come in every type; report one line
         first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise ExportError(f"ONNX export of the {what} failed (opset {opset}): {first[:300]}") from exc
+        raise ExportError(
+            f"ONNX export of the {what} failed (opset {opset}): {first[:300]} (the exporter's output: {log_path})"
+        ) from exc
+    log_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _output_to(log_file) -> Iterator[None]:
+    """Everything written to stdout and stderr, by Python or by torch's C++ (the exporter prints
+    its TorchScript graph there when it fails), goes to ``log_file`` instead."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    os.dup2(log_file.fileno(), 1)
+    os.dup2(log_file.fileno(), 2)
+    try:
+        with contextlib.redirect_stdout(log_file), contextlib.redirect_stderr(log_file):
+            yield
+    finally:
+        _flush_c_stdio()
+        log_file.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+
+
+def _flush_c_stdio() -> None:
+    """C's stdio buffers what C++ prints while stdout is a file; flushed into the log, not later."""
+    with contextlib.suppress(OSError, AttributeError, TypeError):  # no C library to call (Windows)
+        ctypes.CDLL(None).fflush(None)
 
 
 @contextlib.contextmanager
@@ -244,6 +293,35 @@ def _quiet_export() -> Iterator[None]:
         finally:
             for lg, level in zip(loggers, levels, strict=True):
                 lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def _export_friendly_ops() -> Iterator[None]:
+    with _export_friendly_adaptive_pooling(), _export_friendly_repeat_interleave():
+        yield
+
+
+@contextlib.contextmanager
+def _export_friendly_repeat_interleave() -> Iterator[None]:
+    """The TorchScript exporter's ``repeat_interleave`` over a dynamic axis builds a Concat of
+    inputs of different ranks ("All tensors must have the same rank"): Cohere's interleaved
+    rotary embedding (``repeat_interleave(freqs, 2, dim=-1)``) failed so. While exporting, a
+    repeat by an integer along one axis is the same values as unsqueeze, expand and flatten."""
+    original_function, original_method = torch.repeat_interleave, torch.Tensor.repeat_interleave
+
+    def repeat_interleave(x, repeats, dim=None, *, output_size=None):
+        if isinstance(x, torch.Tensor) and isinstance(repeats, int) and dim is not None:
+            d = dim % x.dim()
+            return x.unsqueeze(d + 1).expand(*x.shape[: d + 1], repeats, *x.shape[d + 1 :]).flatten(d, d + 1)
+        return original_function(x, repeats, dim, output_size=output_size)
+
+    torch.repeat_interleave = repeat_interleave
+    torch.Tensor.repeat_interleave = repeat_interleave
+    try:
+        yield
+    finally:
+        torch.repeat_interleave = original_function
+        torch.Tensor.repeat_interleave = original_method
 
 
 @contextlib.contextmanager
@@ -361,13 +439,46 @@ def _flatten_cache(cache, num_layers: int) -> list:
     return flat
 
 
-def _kv_layout(lm) -> dict[str, int]:
-    """Layers, key/value heads and head size, read off one forward pass (no config guessing)."""
+#: the cache layers the decoder graph carries, by class name (exactly: a hybrid layer that
+#: subclasses one, as Falcon-H1's does to add its Mamba state, is not one of them)
+KV_CACHE_LAYERS = {
+    "DynamicLayer": "keys and values of every past position",
+    "DynamicSlidingWindowLayer": "keys and values of a sliding window (the graph keeps them all; the "
+    "attention mask applies the window)",
+}
+
+
+def decoder_layout(lm, decoder: str = "?") -> dict[str, int]:
+    """Layers, key/value heads and head size, read off one forward pass (no config guessing), once
+    the decoder is known to export: every layer's cache is one of ``KV_CACHE_LAYERS``. Anything else
+    (Mamba's recurrent state, a hybrid's) is one ``ExportError`` naming the family and what is
+    missing, before any graph is traced."""
     dim = lm.get_input_embeddings().embedding_dim
-    with torch.no_grad():
+    family = f"decoder {decoder!r} ({type(lm).__name__}, model_type {lm.config.model_type!r})"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         out = lm(inputs_embeds=torch.zeros(1, 2, dim), use_cache=True)
     cache = _output_cache(out)
     num_layers = lm.config.get_text_config().num_hidden_layers
+    if cache is None:
+        raise ExportError(
+            f"ONNX export: {family} returns no cache from its forward; the decoder graph needs a key/value "
+            "cache. Export with --format hf, or caption in PyTorch"
+        )
+    if not hasattr(cache, "layers") and not hasattr(cache, "to_legacy_cache"):  # neither 5.x nor 4.x
+        raise ExportError(
+            f"ONNX export: {family} returns a {type(cache).__name__} cache, not one of keys and values per layer; "
+            "the ONNX decoder graph carries keys and values only. Export with --format hf, or caption in PyTorch"
+        )
+    kinds = [type(layer).__name__ for layer in getattr(cache, "layers", ())]  # none: transformers 4.x
+    unknown = sorted({k for k in kinds if k not in KV_CACHE_LAYERS})
+    if unknown:
+        where = [i for i, k in enumerate(kinds) if k not in KV_CACHE_LAYERS]
+        raise ExportError(
+            f"ONNX export: {family} keeps {', '.join(unknown)} state in {len(where)} of its {len(kinds)} "
+            f"layers, not a key/value cache; the ONNX decoder graph carries keys and values only "
+            f"({', '.join(KV_CACHE_LAYERS)}). Export with --format hf, or caption in PyTorch"
+        )
     shapes = {tuple(t.shape[1::2]) for t in _flatten_cache(cache, num_layers)}
     if len(shapes) != 1:
         raise ExportError(f"the decoder's layers cache keys/values of different shapes {sorted(shapes)}")

@@ -29,13 +29,28 @@ which promise broke, and returns a small report of what it measured.
   and unchanged (batch-norm statistics included); after save and load, the encoder state,
   features, fingerprint and captions equal the trained model's.
 - ``check_decoder(spec, checkpoint, tmp_path, *, styles=("auto", "plain"), encoder=None,
-  encoder_checkpoint=None, onnx=True)``: model type, pad token, LoRA targets, layer class, stop
-  tokens; formatting (generation context = training context; target = caption + stop token);
-  label masking per style; one training step; the target-only loss equals the model's own
-  full-logits loss at realistic logit magnitudes; with random LoRA and projection: batched
-  generation = one by one, save/move/load round trip, and (``onnx``) the ONNX export captions
-  exactly as PyTorch (the export's self-checks include teacher forcing real captions through the
-  runtime). Uses ``ToyEncoderSpec`` unless ``encoder`` is given.
+  encoder_checkpoint=None, onnx=True, seed=0, attempts=5)``: model type, pad token, LoRA targets,
+  layer class, stop tokens; formatting (generation context = training context; target = caption
+  + stop token); the model builds (generate takes ``inputs_embeds``, peft accepts every LoRA
+  target); label masking per style; one training step moves every trainable tensor (those it
+  does not are named); the target-only loss equals the model's own full-logits loss at realistic
+  logit magnitudes; ``check_token_ids``; with random LoRA and projection (``seed``, the next
+  seeds while captions are degenerate, ``attempts`` in all): batched generation = one by one,
+  save/move/load round trip, and (``onnx``) ``check_onnx_parity``. Uses ``ToyEncoderSpec``
+  unless ``encoder`` is given. A failure names the plugin and the check (``CheckFailed``).
+- ``check_token_ids(model, caption=...)``: for a caption given as token ids, the LM fed vlmkit's
+  embeddings gives the model's own logits (Falcon-H1's ``embedding_multiplier`` is applied on
+  the token-id path only).
+
+ONNX from a test (``vlmkit[onnx]``), for any ``PrefixConditioningVLM`` (``vlmkit.build``,
+``vlmkit.load``):
+
+- ``export_onnx(model, folder, **options)``: ``vlmkit export --format onnx`` with its self-checks;
+  ``onnx_captions(folder, images, *, max_new_tokens=12, return_ids=False)``: the torch-free
+  runtime's captions; ``check_onnx_parity(model, folder, images=None)``: both, and the runtime's
+  ids equal PyTorch's.
+- ``caption_logits(model, images, captions)`` and ``onnx_caption_logits(folder, images, targets)``:
+  PyTorch's and the runtime's logits before each target token, teacher-forced.
 - ``check_dataset(spec, options=None, *, seed=0, sample=32)``: three non-empty, deterministic,
   disjoint splits of captioned RGB images with stable fingerprints.
 - ``ToyEncoderSpec``: a tiny deterministic encoder (16 tokens of 16 dims) to pair with a decoder.
@@ -74,15 +89,22 @@ import importlib
 from typing import Any
 
 from vlmkit.testing.contract import (
+    CheckFailed,
     ToyDecoderSpec,
     ToyEncoderSpec,
     awkward_images,
+    caption_logits,
     check_dataset,
     check_decoder,
     check_encoder,
     check_encoder_round_trip,
     check_encoder_runtime,
+    check_onnx_parity,
+    check_token_ids,
+    export_onnx,
     make_registry,
+    onnx_caption_logits,
+    onnx_captions,
     registry_of,
     sample_images,
 )
@@ -98,15 +120,22 @@ _LAZY = {
 
 __all__ = [
     "TOKENIZER_STYLES",
+    "CheckFailed",
     "ToyDecoderSpec",
     "ToyEncoderSpec",
     "awkward_images",
+    "caption_logits",
     "check_dataset",
     "check_decoder",
     "check_encoder",
     "check_encoder_round_trip",
     "check_encoder_runtime",
+    "check_onnx_parity",
+    "check_token_ids",
+    "export_onnx",
     "make_registry",
+    "onnx_caption_logits",
+    "onnx_captions",
     "registry_of",
     "sample_images",
     "tiny_decoder_checkpoint",
