@@ -5,6 +5,7 @@ torch-free runtimes run the declaration (``image_processing``), so a declaration
 from __future__ import annotations
 
 import pytest
+import torch
 
 from vlmkit.testing import ToyEncoderSpec, awkward_images, check_encoder, check_encoder_runtime
 
@@ -116,3 +117,31 @@ def test_an_encoder_whose_forward_fixes_the_batch_size_fails_the_onnx_check(tmp_
         match=r"the exported vision graph fails on a batch of 13 images, another size than traced",
     ):
         check_encoder_runtime(toy("fixed-batch", fixed_batch), None, tmp_path)
+
+
+def test_a_fingerprint_that_changes_with_the_dtype_fails_the_kit():
+    """An encoder of a plugin's own that hashes its weights as they are now would make every
+    bf16-trained model warn "encoder differs" when it loads in fp32: the kit says so."""
+    import hashlib
+
+    from vlmkit.testing import ToyEncoderSpec
+
+    class DtypeFingerprint(ToyEncoderSpec):
+        def load(self, checkpoint=None, *, revision=None):
+            encoder = super().load(checkpoint, revision=revision)
+
+            def fingerprint() -> str:
+                digest = hashlib.sha256()
+                for param in encoder.parameters():
+                    digest.update(param.detach().contiguous().view(-1).view(torch.uint8).numpy())
+                return digest.hexdigest()
+
+            encoder.fingerprint = fingerprint
+            return encoder
+
+    spec = DtypeFingerprint()
+    spec.name = "dtype-fingerprint"
+    with pytest.raises(
+        AssertionError, match="dtype-fingerprint: fingerprint changes when the encoder is cast"
+    ):
+        check_encoder(spec, None)

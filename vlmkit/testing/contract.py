@@ -172,6 +172,14 @@ def check_encoder(
     fp = encoder.fingerprint()
     assert isinstance(fp, str) and fp, "fingerprint must be a non-empty string"
     assert spec.load(checkpoint).fingerprint() == fp, "fingerprint must be stable across loads"
+    # precision is a property of a run: a model trained with its encoder in bf16 must find the
+    # same encoder when it loads in fp32 (vlmkit's VisionEncoderModule keeps the digest of the
+    # weights as loaded across .to(); an encoder of its own must do the same)
+    cast = spec.load(checkpoint).to(torch.bfloat16)
+    assert cast.fingerprint() == fp, (
+        f"{spec.name}: fingerprint changes when the encoder is cast to bfloat16; it must name the "
+        "weights as loaded, not the dtype they run in (load would warn 'encoder differs')"
+    )
     assert len(list(encoder.layers())) > 0, "layers() must list the encoder blocks"
     report = {"num_tokens": encoder.num_tokens, "feature_dim": encoder.feature_dim, "fingerprint": fp}
     report["runtime"] = check_encoder_runtime(spec, checkpoint, tmp_path, onnx=onnx, encoder=encoder)
