@@ -12,19 +12,18 @@ the colour it saw with that shape (benchmarks/QUALITY.md, "colour swaps").
     python benchmarks/colour_probe.py --sources=-1 --sources=2
 
 Features come from vlmkit's feature cache (the ones ``benchmarks/quality.py`` uses are reused).
+
+``--smoke``: timm's tiny test EfficientNet (random weights, 128 px) instead of EfficientNet-Lite0,
+sources ``last`` and ``stage2``, 40 seen and 12 held-out scenes: checks the script, its figures
+mean nothing. ``--json PATH``: one JSON line per feature source.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import harness
 
 SOURCES = {"last": [-1], "stage2": [2], "stage3": [3], "stage4": [4], "stage2+last": [2, -1]}
 
@@ -60,12 +59,14 @@ def _pair_summary(said: list[str], truth: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = harness.parser(__doc__, threads=2)
     p.add_argument("--sources", action="append", help=f"feature source: {', '.join(SOURCES)} (repeatable)")
     p.add_argument("--train-size", type=int, default=1000, help="seen scenes (train + validation + test)")
     p.add_argument("--heldout-size", type=int, default=200)
-    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
+    if args.smoke:
+        args.sources, args.train_size, args.heldout_size = args.sources or ["last", "stage2"], 40, 12
+    out = harness.start(args, "colour_probe")
     import numpy as np
     import torch
 
@@ -73,8 +74,8 @@ def main(argv=None) -> int:
     from vlmkit.plugins.datasets.scenes import parse_caption
     from vlmkit.train.features import FeatureCache
 
-    torch.set_num_threads(args.threads)
     registry = get_registry()
+    checkpoint = harness.model_config(args.smoke, harness.workdir("colour-probe"))["encoder_checkpoint"]
     spec = registry.dataset("scenes")
     options = {"size": args.train_size, "heldout_size": args.heldout_size, "kinds": ["single"]}
     data = {
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         timm = registry.encoder("timm")
         options_ = {} if stages == [-1] else {"options": timm.options.model_validate({"features": stages})}
-        encoder = timm.load("efficientnet-lite0-pypi", revision=None, **options_)
+        encoder = timm.load(checkpoint, revision=None, **options_)
         cache = FeatureCache()
         feats = {
             k: torch.from_numpy(np.asarray(cache.features_for(encoder, d), dtype=np.float32).mean(1))
@@ -121,10 +122,11 @@ def main(argv=None) -> int:
                 }
         row["seconds"] = round(time.perf_counter() - started, 1)
         rows.append(row)
-        print(json.dumps(row), file=sys.stderr)
+        out.row(name, **row)
     print(
         f"\ncolour/shape probes, single-object scenes: train {len(data['train'])}, held-out "
-        f"{len(data['heldout'])}, seen test {len(data['seen'])}; load {os.getloadavg()[0]:.1f}\n"
+        f"{len(data['heldout'])}, seen test {len(data['seen'])}; load {os.getloadavg()[0]:.1f}; "
+        f"{harness.describe_machine()}\n"
     )
     pairs = sorted(rows[0]["heldout_pairs"])
     print(
@@ -140,7 +142,7 @@ def main(argv=None) -> int:
             + " | ".join(r["heldout_pairs"][p] for p in pairs)
             + " |"
         )
-    return 0
+    return out.finish(names)
 
 
 if __name__ == "__main__":

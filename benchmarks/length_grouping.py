@@ -1,7 +1,7 @@
 """One epoch with length-grouped batches (``vlmkit train --group-by-length``) vs shuffled ones.
 
 Captions of mixed length pad every batch to its longest caption. With ``--group-by-length``,
-``vlmkit train`` batches similar lengths together (``vlmkit.train.trainer.LengthGroupedSampler``:
+``vlmkit train`` batches similar lengths together (``vlmkit.train.data.LengthGroupedSampler``:
 caption lengths in buckets of 16 characters; the shuffled indices are cut into groups of
 ``min(n // (4 * batch), 50)`` batches, each sorted by bucket). This runs the same epoch both ways
 on the same model, the two samplers' batches interleaved, timed by process CPU time with one
@@ -15,15 +15,19 @@ spread of short COCO-style captions to long GPT-4o alt texts). With ``--examples
 so the default measures a lower bound.
 
     python benchmarks/length_grouping.py [--examples 800] [--batch 16] [--words 5-40]
+
+``--smoke``: a tiny random model of the same architectures, 32 captions of 2-12 words, batch 4:
+checks the script, its figures mean nothing. ``--json PATH``: one JSON line per sampler, then the
+ratio.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import random
 import statistics
-import time
+import sys
+
+import harness
 
 # fmt: off
 WORDS = (
@@ -36,40 +40,38 @@ WORDS = (
 # fmt: on
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+    parser = harness.parser(__doc__, threads=1)
     parser.add_argument("--examples", type=int, default=800)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--words", default="5-40", help="caption length range in words, e.g. 5-40")
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.examples, args.batch, args.words = 32, 4, "2-12"
     low, high = (int(x) for x in args.words.split("-"))
+    out = harness.start(args, "length_grouping")
 
     import numpy as np
     import torch
 
     from vlmkit.core.contracts import CaptionExample
-    from vlmkit.core.model import PrefixConditioningVLM
     from vlmkit.sdk.datasets import ListDataset
     from vlmkit.train.config import TrainConfig
     from vlmkit.train.data import CaptionTrainingSet, Collator, LengthGroupedSampler
-    from vlmkit.train.trainer import make_optimizer, optimizer_param_groups, prepare_model_for_precision
+    from vlmkit.train.trainer import make_optimizer, optimizer_param_groups
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    rng = random.Random(0)
+    rng = random.Random(args.seed)
+    settings = {"format": "plain", "projection": {"type": "mlp", "reduction": "avgpool", "tokens": 16}}
     config = TrainConfig.model_validate(
         {
-            "model": {
-                "format": "plain",
-                "projection": {"type": "mlp", "reduction": "avgpool", "tokens": 16},
-            }
+            "model": harness.model_config(args.smoke, harness.workdir("length-grouping"), **settings),
+            "datasets": [{"name": "synthetic"}],  # the captions below; the config's learning rates
+            "precision": args.precision,
         }
     )
-    model = PrefixConditioningVLM.build(config.model)
-    prepare_model_for_precision(model, args.precision, "cpu")
-    model.train()
+    # the frozen base in fp32 under bf16 autocast, as in RESULTS.md's run
+    model = harness.build_model(config.model, precision=args.precision, dtype="float32")
     examples = [
         CaptionExample(
             id=str(i),
@@ -79,38 +81,39 @@ def main() -> None:
         for i in range(args.examples)
     ]
     shape = (args.examples, model.encoder.num_tokens, model.encoder.feature_dim)
-    features = np.random.default_rng(0).standard_normal(shape, dtype=np.float32).astype(np.float16)
+    features = np.random.default_rng(args.seed).standard_normal(shape, dtype=np.float32).astype(np.float16)
     data = CaptionTrainingSet(ListDataset(examples, "synthetic"), features=features)
     collator = Collator(model)
     optimizer = make_optimizer(optimizer_param_groups(model, config))
 
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(args.seed)
     orders = {
         "shuffled": torch.randperm(len(data), generator=generator).tolist(),
-        "grouped": list(LengthGroupedSampler(data, args.batch, seed=0)),  # as vlmkit train does
+        "grouped": list(LengthGroupedSampler(data, args.batch, seed=args.seed)),  # as vlmkit train does
     }
     batches = {k: [o[i : i + args.batch] for i in range(0, len(o), args.batch)] for k, o in orders.items()}
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     def step(indices) -> tuple[float, float, int, int]:
         batch = collator([data[i] for i in indices])
-        real = int(batch["attention_mask"].sum())
-        padded = batch["attention_mask"].numel()
-        cpu, wall = time.process_time(), time.perf_counter()
-        with autocast:
-            loss = model(**batch)["loss"]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return time.process_time() - cpu, time.perf_counter() - wall, real, padded
+
+        def train() -> None:
+            with autocast:
+                loss = model(**batch)["loss"]
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        wall, cpu = harness.timed(train)
+        return cpu, wall, int(batch["attention_mask"].sum()), batch["attention_mask"].numel()
 
     step(batches["shuffled"][0])  # warm-up
     totals = {k: [0.0, 0.0, 0, 0] for k in batches}
     per_step = {k: [] for k in batches}
     print(
-        f"{args.examples} captions of {low}-{high} words, batch {args.batch}, {args.precision}, "
-        f"{args.threads} thread(s), load {os.getloadavg()[0]:.1f}; {len(batches['grouped'])} steps each"
+        f"{args.examples} captions of {low}-{high} words, batch {args.batch}, {args.precision}; "
+        f"{harness.describe_machine()}; {len(batches['grouped'])} steps each"
     )
     for i in range(len(batches["grouped"])):
         pair = ("grouped", "shuffled") if i % 2 == 0 else ("shuffled", "grouped")
@@ -127,17 +130,28 @@ def main() -> None:
     )
     for key, (cpu, wall, real, padded) in totals.items():
         steps = len(batches[key])
+        figures = {
+            "epoch_cpu_s": cpu,
+            "epoch_wall_s": wall,
+            "samples_per_s_cpu": args.examples / cpu,
+            "padding": 1 - real / padded,
+            "tokens_per_step": padded / steps,
+            "median_step_cpu_s": statistics.median(per_step[key]),
+        }
+        out.row(key, **figures)
         print(
-            f"{key:10} {cpu:12.1f} {wall:13.1f} {args.examples / cpu:10.2f} "
-            f"{1 - real / padded:8.1%} {padded / steps:12.0f}"
+            f"{key:10} {cpu:12.1f} {wall:13.1f} {figures['samples_per_s_cpu']:10.2f} "
+            f"{figures['padding']:8.1%} {figures['tokens_per_step']:12.0f}"
         )
     shuffled, grouped = totals["shuffled"], totals["grouped"]
+    ratio = {"cpu": shuffled[0] / grouped[0], "wall": shuffled[1] / grouped[1]}
+    out.row("grouped vs shuffled", **ratio)
     print(
-        f"\ngrouped vs shuffled: {shuffled[0] / grouped[0]:.2f}x faster per epoch (CPU time), "
-        f"{shuffled[1] / grouped[1]:.2f}x (wall); median step {statistics.median(per_step['grouped']):.2f} "
-        f"vs {statistics.median(per_step['shuffled']):.2f} s CPU"
+        f"\ngrouped vs shuffled: {ratio['cpu']:.2f}x faster per epoch (CPU time), {ratio['wall']:.2f}x (wall); "
+        f"median step {statistics.median(per_step['grouped']):.2f} vs {statistics.median(per_step['shuffled']):.2f} s CPU"
     )
+    return out.finish(["shuffled", "grouped", "grouped vs shuffled"])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

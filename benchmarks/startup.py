@@ -6,11 +6,14 @@ Each command runs in a fresh process, once to warm the file cache and then ``--r
 table shows the median and the fastest run, and how many times slower than ``python -c pass`` in
 the same session. The goal is under 0.3 s each. After the table come the ten imports with the
 largest cumulative time in ``python -X importtime -m vlmkit.cli.main plugins list``.
+
+``--smoke``: one timed run each (a second or two in all): checks the script and that the commands
+still exit 0; its figures are real but noisy. ``--json PATH``: one JSON line per command, then
+one per slow import.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -19,6 +22,8 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+
+import harness
 
 GOAL_S = 0.3
 
@@ -33,14 +38,17 @@ def vlmkit_command() -> list[str]:
 
 
 def wall_times(argv: list[str], runs: int, env: dict[str, str]) -> list[float]:
-    subprocess.run(
-        argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False
-    )  # warm-up
+    """Seconds of ``runs`` runs of ``argv`` after a warm-up; stops at the first that fails."""
     times = []
-    for _ in range(runs):
+    for i in range(runs + 1):
         start = time.perf_counter()
-        subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-        times.append(time.perf_counter() - start)
+        done = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode:
+            raise SystemExit(
+                f"{' '.join(argv)} failed (exit {done.returncode}): {done.stderr.strip()[-500:]}"
+            )
+        if i:  # the first warms the file cache
+            times.append(time.perf_counter() - start)
     return times
 
 
@@ -63,12 +71,13 @@ def top_imports(env: dict[str, str], count: int = 10) -> list[tuple[int, int, st
     return sorted(rows, reverse=True)[:count]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def main(argv=None) -> int:
+    parser = harness.parser(__doc__, threads=False)
     parser.add_argument("--runs", type=int, default=10, help="timed runs per command (after one warm-up)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.runs = 1
+    out = harness.start(args, "startup", torch=False)  # it times fresh processes; torch is theirs to load
 
     env = dict(os.environ, COLUMNS="100")
     vlmkit = vlmkit_command()
@@ -79,12 +88,14 @@ def main() -> None:
         "vlmkit plugins list": [*vlmkit, "plugins", "list"],
     }
     print(f"python {sys.version.split()[0]} at {sys.executable}; vlmkit: {' '.join(vlmkit)}")
+    print(harness.describe_machine())
     print(f"{args.runs} runs each after 1 warm-up; goal: under {GOAL_S:.1f} s\n")
     print(f"{'command':<22}{'median s':>10}{'min s':>8}{'x python':>10}{'+ms':>7}  goal")
     baseline = None
     for label, argv in commands.items():
         times = wall_times(argv, args.runs, env)
         median, fastest = statistics.median(times), min(times)
+        out.row(label, median_s=median, min_s=fastest, runs=len(times), under_goal=median < GOAL_S)
         if baseline is None:
             baseline = median
             print(f"{label:<22}{median:>10.3f}{fastest:>8.3f}{1:>10.1f}{0:>7.0f}")
@@ -97,9 +108,14 @@ def main() -> None:
 
     print("\nslowest imports of 'vlmkit plugins list' (python -X importtime), by cumulative time:")
     print(f"{'cumulative ms':>14}{'self ms':>9}  module")
-    for cumulative_us, self_us, name in top_imports(env):
+    imports = top_imports(env)
+    for cumulative_us, self_us, name in imports:
         print(f"{cumulative_us / 1000:>14.1f}{self_us / 1000:>9.1f}  {name}")
+        out.row(f"import {name.strip()}", cumulative_ms=cumulative_us / 1000, self_ms=self_us / 1000)
+    # the slowest import is a row a smoke run must have: none means importtime's format changed
+    slowest = f"import {imports[0][2].strip()}" if imports else "import (none measured)"
+    return out.finish([*commands, slowest])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

