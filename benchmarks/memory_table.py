@@ -1,4 +1,4 @@
-"""README's memory table: the largest batch that fits each card, computed with the formula of
+"""The memory table of docs/training.md: the largest batch that fits each card, computed with the formula of
 ``vlmkit.train.memory`` (not measured on the cards; ``benchmarks/gpu_throughput.py`` measures peak
 memory where a GPU is available).
 

@@ -14,7 +14,7 @@ trained on (its manifest says which), one at a time; the Python ONNX runtime cap
 threads as the wasm backend's). Printed per variant: payload, load time, ms per caption in each,
 and whether the token ids agree.
 
-``--screenshot`` keeps the page of the first variant after its captions: README's
+``--screenshot`` keeps the page of the first variant after its captions: docs/browser.md's
 ``docs/browser.png`` is made with ``--screenshot docs/browser.png`` on the trained demo model.
 ``--json PATH``: one JSON line per variant.
 
