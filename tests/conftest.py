@@ -41,7 +41,7 @@ def fp32_wins_the_cpu_probe(monkeypatch):
     """``precision: auto`` on a CPU measures fp32 against bf16: a timing. Tests see fp32 win, so
     their results do not depend on the machine (nor is a made-up figure cached in the user's
     VLMKIT_HOME); tests of the decision and of the cache mock the measurement themselves."""
-    from vlmkit.train import precision as device
+    from vlmkit.core import placement as device
 
     figures = {"cpu": "test CPU", "fp32_gflops": 100.0, "bf16_gflops": 50.0, "cached": True}
     monkeypatch.setattr(device, "cpu_matmul_probe", lambda *a, **k: figures)

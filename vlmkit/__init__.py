@@ -98,7 +98,7 @@ def load(path, **kwargs):
     (``float32`` by default, ``bfloat16``, ``float16``).
     """
     from vlmkit.core.artifact import load as load_artifact
-    from vlmkit.train.precision import place
+    from vlmkit.core.placement import place
 
     device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
     return place(load_artifact, path, device=device, dtype=dtype, **kwargs)

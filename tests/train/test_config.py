@@ -263,7 +263,7 @@ def training_arguments(tmp_path, placement, **settings):
 
 
 def test_training_arguments_follow_the_chosen_precision_and_device(tmp_path):
-    from vlmkit.train.precision import Placement
+    from vlmkit.core.placement import Placement
 
     bf16 = training_arguments(tmp_path, Placement("cpu", "bf16", "as asked"))
     assert (bf16.bf16, bf16.fp16, bf16.use_cpu, str(bf16.device)) == (True, False, True, "cpu")
@@ -272,7 +272,7 @@ def test_training_arguments_follow_the_chosen_precision_and_device(tmp_path):
 
 
 def test_auto_precision_on_a_cpu_is_the_probes_choice(tmp_path, monkeypatch):
-    from vlmkit.train import precision as device
+    from vlmkit.core import placement as device
     from vlmkit.train.job import training_placement
 
     config = TrainConfig(datasets=[{"name": "shapes"}], device="auto", precision="auto")

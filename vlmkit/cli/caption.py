@@ -63,7 +63,7 @@ def caption(
         vlm = OnnxCaptioner(onnx, providers=execution_providers(provider or "cpu"))
     else:
         import vlmkit
-        from vlmkit.train.precision import resolve
+        from vlmkit.core.placement import resolve
 
         placement = resolve(device, precision)
         typer.echo(f"vlmkit: {placement.describe()}", err=True)

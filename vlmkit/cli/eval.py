@@ -64,7 +64,7 @@ def eval_command(
 
     console = Console(stderr=True)
     data = load_split(datasets, split, seed=split_seed)
-    from vlmkit.train.precision import resolve
+    from vlmkit.core.placement import resolve
 
     placement = resolve(device, precision)
     console.print(f"vlmkit: {placement.describe()}")

@@ -98,12 +98,12 @@ def run_demo(
     import numpy as np
 
     from vlmkit.core.model import PrefixConditioningVLM
+    from vlmkit.core.placement import place
     from vlmkit.evaluate.loop import evaluate
     from vlmkit.plugins.datasets.scenes import colour_swap
     from vlmkit.sdk.datasets import load_split
     from vlmkit.train import train
     from vlmkit.train.job import training_placement
-    from vlmkit.train.precision import place
 
     started = time.perf_counter()
     config = demo_config(output_dir, **overrides)

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from vlmkit.core.config import ModelConfig, validated
 from vlmkit.core.errors import ConfigError
-from vlmkit.train.precision import DEVICE_PATTERN
+from vlmkit.core.placement import DEVICE_PATTERN
 
 
 class DatasetConfig(BaseModel):

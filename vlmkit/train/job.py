@@ -34,12 +34,12 @@ from transformers.trainer_utils import TrainOutput
 
 from vlmkit.core.errors import ConfigError, DataError, VlmkitWarning
 from vlmkit.core.model import PrefixConditioningVLM
+from vlmkit.core.placement import Placement, resolve
 from vlmkit.sdk.datasets import BadImagesError, data_sources, dataset_cache_root, load_split, tsv_field
 from vlmkit.train.config import TrainConfig
 from vlmkit.train.data import CaptionTrainingSet, Collator
 from vlmkit.train.distributed import fsdp1_root, gathered, save_model
 from vlmkit.train.features import FeatureCache
-from vlmkit.train.precision import Placement, resolve
 from vlmkit.train.trainer import JsonlLogger, VLMTrainer, prepare_model_for_precision
 
 log = logging.getLogger(__name__)
@@ -359,7 +359,7 @@ def _final_evaluation(trainer: Trainer) -> dict[str, float] | None:
 
 
 def training_placement(config: TrainConfig) -> Placement:
-    """The device and precision ``config`` asks for, ``auto`` resolved (``vlmkit.train.precision``).
+    """The device and precision ``config`` asks for, ``auto`` resolved (``vlmkit.core.placement``).
 
     Under torchrun each rank takes the GPU of its local rank, so only ``auto`` or ``cuda`` fit.
     Outside it, ``Trainer`` always trains on the first visible GPU: another one is chosen with

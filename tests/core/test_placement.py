@@ -1,12 +1,12 @@
-"""``vlmkit.train.precision``: ``--device`` and ``--precision``, and the measured choice on a CPU."""
+"""``vlmkit.core.placement``: ``--device`` and ``--precision``, and the measured choice on a CPU."""
 
 from __future__ import annotations
 
 import pytest
 
+from vlmkit.core import placement as device
 from vlmkit.core.errors import ConfigError
-from vlmkit.train import precision as device
-from vlmkit.train.precision import cpu_matmul_probe, resolve
+from vlmkit.core.placement import cpu_matmul_probe, resolve
 
 REAL_PROBE = cpu_matmul_probe  # conftest replaces the module's probe with fixed figures
 
