@@ -28,6 +28,9 @@ from pydantic import AfterValidator, BaseModel, ValidationError
 from vlmkit.core.contracts import SPLITS, CaptionDataset, CaptionExample
 from vlmkit.core.errors import ConfigError, DataError, VlmkitWarning
 
+# for loaders (rank 0 checks or downloads once); plugins import it from here, not from core
+from vlmkit.core.ranks import from_rank_zero as from_rank_zero
+
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from vlmkit.core.contracts import DatasetSpec
 
@@ -296,28 +299,6 @@ def load_split(datasets: Sequence[Any], split: str, *, seed: int = 0, registry=N
     if len(parts) == 1:
         return parts[0][1]
     return mix([data for _, data in parts], names=[name for name, _ in parts])
-
-
-def from_rank_zero(compute: Callable[[], Any], what: str) -> Any:
-    """``compute()`` on rank 0, its result on every rank (``compute()`` outside torch.distributed):
-    a loader's one-off work (checking or downloading images) is done once, and every rank gets
-    the same examples. A failure on rank 0 is raised on every rank: one left waiting would hang."""
-    dist = sys.modules.get("torch.distributed")  # never imports torch: only a job that set it up
-    if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
-        return compute()
-    box: list[Any] = [None]
-    if dist.get_rank() == 0:
-        try:
-            box = [("ok", compute())]
-        except Exception as exc:
-            box = [("error", f"{what} on rank 0 failed: {exc}")]
-            dist.broadcast_object_list(box, src=0)
-            raise
-    dist.broadcast_object_list(box, src=0)
-    status, value = box[0]
-    if status == "error":
-        raise DataError(value)
-    return value
 
 
 #: what a loader's ``info`` may say about where its rows came from; runs record it in their manifest

@@ -32,6 +32,7 @@ import yaml
 from transformers import EarlyStoppingCallback, Trainer, TrainerState, TrainingArguments
 from transformers.trainer_utils import TrainOutput
 
+from vlmkit.core import ranks
 from vlmkit.core.errors import ConfigError, DataError, VlmkitWarning
 from vlmkit.core.model import PrefixConditioningVLM
 from vlmkit.core.placement import Placement, resolve
@@ -202,7 +203,7 @@ def train(
         except ConfigError as exc:
             refusal = str(exc)
     # every rank raises the refusal: one that waited at a barrier instead would hang until timeout
-    if (refusal := _from_rank_zero(refusal)) is not None:
+    if (refusal := ranks.broadcast(refusal)) is not None:
         raise ConfigError(refusal)
     if args.process_index == 0:
         log.info("training on %s", placement.describe())
@@ -296,7 +297,7 @@ def train(
         },
         registry=registry,
     )
-    _barrier()
+    ranks.barrier()
     return TrainResult(
         output_dir=out,
         global_step=trainer.state.global_step,
@@ -462,20 +463,6 @@ def _tensorboard_callback(folder: Path):
     # evaluate) in logging_dir, by default a stray checkpoints/runs/<date>/: keep them together
     callback.logging_dir = str(folder)
     return callback
-
-
-def _from_rank_zero(value: Any) -> Any:
-    """``value`` as rank 0 has it, on every rank (``value`` itself outside torchrun)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return value
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def steps_per_epoch(n_examples: int, config: TrainConfig, world_size: int = 1) -> int:

@@ -439,7 +439,7 @@ def _download_all(
     policy = DownloadPolicy(workers=getattr(opts, "download_workers", DownloadPolicy.workers))
     # rank 0 alone downloads (ranks sharing a folder would write the same files at once)
     done, failed = from_rank_zero(
-        lambda: download_images(urls, folder.expanduser(), policy), "downloading images"
+        lambda: download_images(urls, folder.expanduser(), policy), "downloading images", DataError
     )
     problems = {i: f"{urls[i]}: {why}" for i, why in failed.items()}
     if failed:

@@ -269,7 +269,7 @@ def _check_images(
     Under ``torch.distributed`` rank 0 checks and the other ranks receive its results (every rank
     loads the same splits in the same order, so they meet here alike).
     """
-    return from_rank_zero(lambda: _check_remembered(paths, inside, folder), "checking the images")
+    return from_rank_zero(lambda: _check_remembered(paths, inside, folder), "checking the images", DataError)
 
 
 def _check_remembered(paths: list[str], inside: set[str] | None, folder: Path):
