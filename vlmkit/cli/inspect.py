@@ -47,7 +47,7 @@ def inspect_command(
         )
 
     import vlmkit
-    from vlmkit.evaluate.explain import explain
+    from vlmkit.core.explain import explain
 
     if model is not None:
         vlm = vlmkit.load(model)

@@ -1,6 +1,9 @@
 """Model artifacts: ``assemble``, the one function that builds a model (fresh, from a saved
 folder, from a merged export: two paths that "do the same" drift apart), and those folders.
 
+The model class is handed in (``PrefixConditioningVLM.build``/``load`` pass themselves): the model
+module uses this one, and this one never imports it.
+
 A saved model: ``vlmkit.json`` (manifest: versions, plugins, checkpoints, projection, format,
 training config, encoder fingerprint, the prompt's token ids), ``projection.safetensors``,
 ``adapter/`` (peft's LoRA format) and, when encoder layers were trained, ``encoder.safetensors``.
@@ -20,7 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from vlmkit import __version__
+from vlmkit.core import __version__
 from vlmkit.core.config import ModelConfig, encoder_options, validate_model_config
 from vlmkit.core.errors import ArtifactError, PluginError
 from vlmkit.core.paths import read_json_manifest, write_json
@@ -36,6 +39,7 @@ MERGED_VERSION = 1
 
 
 def assemble(
+    model_class,
     config: ModelConfig | dict | None,
     *,
     registry=None,
@@ -47,7 +51,7 @@ def assemble(
     seed: int | None = 0,
     dtype: str | None = None,
 ):
-    """Build a ``PrefixConditioningVLM`` through the registry.
+    """Build a ``model_class`` (``PrefixConditioningVLM``) through the registry.
 
     - fresh (the default): new LoRA on the decoder, a projection initialised with ``seed``;
     - ``adapter``: the LoRA adapter folder to load instead (``trainable`` keeps it trainable);
@@ -60,7 +64,6 @@ def assemble(
     import torch
     from safetensors.torch import load_file
 
-    from vlmkit.core.model import PrefixConditioningVLM
     from vlmkit.core.projection import build_projection
     from vlmkit.core.registry import get_registry
 
@@ -94,7 +97,7 @@ def assemble(
     )
     if projection is not None:
         proj.load_state_dict(load_file(str(projection)))
-    model = PrefixConditioningVLM(config, encoder, encoder_spec, decoder_spec, lm, tokenizer, proj)
+    model = model_class(config, encoder, encoder_spec, decoder_spec, lm, tokenizer, proj)
     model.freeze_encoder(config.unfreeze_encoder_layers)
     if encoder_weights is not None:
         tensors = load_file(str(encoder_weights))
@@ -234,18 +237,19 @@ def save(model, path: str | Path, *, training: dict | None = None) -> Path:
 # ------------------------------------------------------------------------------ loading
 
 
-def load(path: str | Path, *, registry=None, trainable: bool = False, dtype: str | None = None):
+def load(model_class, path: str | Path, *, registry=None, trainable: bool = False, dtype: str | None = None):
     """Rebuild a saved model (``vlmkit.json``) or a merged export (``vlmkit-hf.json``), its base
     weights in ``dtype`` (all of it unless ``trainable``); ``vlmkit.load`` also places it."""
     path = Path(path)
     if (path / MERGED_MANIFEST).is_file() and not (path / MANIFEST).exists():
-        return _for_use(_load_merged(path, registry=registry, dtype=dtype), False, dtype)
+        return _for_use(_load_merged(model_class, path, registry=registry, dtype=dtype), False, dtype)
     manifest = read_manifest(path)
     config = validate_model_config(manifest.get("config"), source=str(path / MANIFEST))
     encoder_file = (manifest.get("files") or {}).get("encoder")
     _check_files(path, ["projection.safetensors", "adapter/adapter_config.json", encoder_file])
     registry = _registry_with_plugins(registry, config, path)
     model = assemble(
+        model_class,
         config,
         registry=registry,
         adapter=path / "adapter",
@@ -316,7 +320,7 @@ def _warn_if_changed(model, manifest: dict[str, Any], path: Path) -> None:
         )
 
 
-def _load_merged(path: Path, *, registry=None, dtype: str | None = None):
+def _load_merged(model_class, path: Path, *, registry=None, dtype: str | None = None):
     """A captioner from a ``--format hf`` export: the encoder through its plugin, the merged
     decoder from ``decoder/`` (no LoRA, no peft), the saved projection. For inference."""
     manifest = read_merged_manifest(path)
@@ -330,6 +334,7 @@ def _load_merged(path: Path, *, registry=None, dtype: str | None = None):
         source=str(path / MERGED_MANIFEST),
     )
     model = assemble(
+        model_class,
         config,
         registry=_registry_with_plugins(registry, config, path),
         merged=True,

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from vlmkit.core import artifact
 from vlmkit.core.contracts import Formatted, cut_at_stop
 from vlmkit.core.errors import ConfigError
 
@@ -69,22 +70,16 @@ class PrefixConditioningVLM(nn.Module):
     def build(cls, config=None, *, registry=None, seed: int | None = 0, dtype=None) -> PrefixConditioningVLM:
         """A fresh model: encoder and decoder through their plugins, new LoRA and projection
         (``vlmkit.core.artifact.assemble``); ``dtype`` is that of the frozen base weights."""
-        from vlmkit.core.artifact import assemble
-
-        return assemble(config, registry=registry, seed=seed, dtype=dtype)
+        return artifact.assemble(cls, config, registry=registry, seed=seed, dtype=dtype)
 
     @classmethod
     def load(cls, path, *, registry=None, trainable: bool = False, dtype=None) -> PrefixConditioningVLM:
         """A saved model or merged export (``vlmkit.load``; ``vlmkit.core.artifact.load``)."""
-        from vlmkit.core.artifact import load
-
-        return load(path, registry=registry, trainable=trainable, dtype=dtype)
+        return artifact.load(cls, path, registry=registry, trainable=trainable, dtype=dtype)
 
     def save(self, path, *, training: dict | None = None):
         """Write the model artifact to ``path`` (``vlmkit.core.artifact.save``)."""
-        from vlmkit.core.artifact import save
-
-        return save(self, path, training=training)
+        return artifact.save(self, path, training=training)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Recompute the decoder's activations in backward (``Trainer``'s name for it). Non-reentrant

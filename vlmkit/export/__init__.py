@@ -15,7 +15,6 @@ an interrupted export never leaves a folder that looks complete.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 import time
@@ -27,9 +26,8 @@ from typing import Any
 
 from vlmkit.core.artifact import MERGED_MANIFEST
 from vlmkit.core.errors import ArtifactError, ConfigError
+from vlmkit.export.steps import step
 from vlmkit.runtime.onnx import MANIFEST as ONNX_MANIFEST
-
-log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "web", "hf")
 #: weight-only quantizations (ONNX Runtime's MatMulNBits); ``none`` keeps float32 graphs
@@ -111,12 +109,13 @@ def export_model(
     on_step: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export the trained model folder ``model`` to the new folder ``out`` (see the module docstring)."""
-    from vlmkit.core.artifact import load, read_manifest
+    from vlmkit.core.artifact import read_manifest
+    from vlmkit.core.model import PrefixConditioningVLM
 
     manifest = read_manifest(model)  # a one-line ArtifactError unless ``model`` is a vlmkit model
     check_options(format, opset, quantize, out, overwrite, embeddings)
     step(on_step, f"loading {model}")
-    vlm = load(model, registry=registry)
+    vlm = PrefixConditioningVLM.load(model, registry=registry)
     source = {
         "model": str(Path(model).resolve()),
         "encoder": manifest.get("encoder"),
@@ -226,12 +225,6 @@ def _staging(out: Path, overwrite: bool) -> Iterator[Path]:
             os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def step(on_step: Callable[[str], None] | None, message: str) -> None:
-    log.info("%s", message)
-    if on_step is not None:
-        on_step(message)
 
 
 __all__ = [

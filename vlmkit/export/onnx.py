@@ -39,10 +39,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlmkit import __version__
+from vlmkit.core import __version__
 from vlmkit.core.contracts import RESAMPLE
 from vlmkit.core.errors import ConfigError, ExportError, VlmkitError
-from vlmkit.export import step
+from vlmkit.export.steps import step
 from vlmkit.runtime import onnx as onnx_runtime
 
 log = logging.getLogger(__name__)

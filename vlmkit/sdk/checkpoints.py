@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmkit.core.errors import PluginError
+from vlmkit.core.paths import atomic_write as atomic_write  # for plugins converting checkpoints
 from vlmkit.core.paths import cache_dir
 
 CONVERSION_MARKER = "vlmkit-conversion.json"

@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ValidationError
 
+# ``X as X``: core's helpers for loaders, which plugins import from here (vlmkit and the sdk only)
 from vlmkit.core.contracts import SPLITS, CaptionDataset, CaptionExample
+from vlmkit.core.contracts import read_image_file as read_image_file
 from vlmkit.core.errors import ConfigError, DataError, VlmkitWarning
-
-# for loaders (rank 0 checks or downloads once); plugins import it from here, not from core
+from vlmkit.core.paths import write_json as write_json
 from vlmkit.core.ranks import from_rank_zero as from_rank_zero
 
 if TYPE_CHECKING:  # pragma: no cover - typing only

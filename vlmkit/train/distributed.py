@@ -275,10 +275,9 @@ def save_model(model, path, *, training: dict | None = None, registry=None) -> N
         return
     tensors = trainable_state_dict(model)
     if ranks.rank() == 0:
-        from vlmkit.core.artifact import assemble
-
+        vlm = vlm_of(model)
         with _without_zero3_init():
-            plain = assemble(vlm_of(model).settings, registry=registry, seed=None)
+            plain = type(vlm).build(vlm.settings, registry=registry, seed=None)
         load_trainable(plain, tensors, source="the gathered trainable tensors")
         plain.save(path, training=training)
 

@@ -42,9 +42,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 import vlmkit
-from vlmkit.core.contracts import CaptionExample, DatasetSpec, read_image_file
-from vlmkit.core.errors import DataError
-from vlmkit.core.paths import write_json
+from vlmkit import CaptionExample, DataError, DatasetSpec
 from vlmkit.sdk.datasets import (
     DEFAULT_FRACTIONS,
     BadImagesError,
@@ -58,6 +56,8 @@ from vlmkit.sdk.datasets import (
     from_rank_zero,
     image_checks_dir,
     parse_options,
+    read_image_file,
+    write_json,
 )
 
 CAPTION_FILES = ("captions.jsonl", "captions.csv", "metadata.jsonl", "metadata.csv")
