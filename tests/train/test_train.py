@@ -255,7 +255,7 @@ def resume_config(checkpoints, out: Path, **settings) -> dict:
             "lora": {"dropout": 0.0},  # no randomness outside what the checkpoint restores
         },
         "datasets": [{"name": "shapes", "options": {"size": 72, "image_size": 32}}],
-        "output_dir": str(out),
+        "output": str(out),
         "max_steps": 6,
         "save_every": 2,
         "batch_size": 4,
@@ -448,7 +448,7 @@ def test_early_stopping_evaluates_and_keeps_the_best_checkpoint(base_args, tmp_p
 
     monkeypatch.setattr(VLMTrainer, "evaluation_loop", worsening)
     out = tmp_path / "early"
-    cli_ok(*base_args(out, "--eval-every", "2", "--early-stopping", "1", steps=12))
+    cli_ok(*base_args(out, "--eval-every", "2", "--early-stopping-patience", "1", steps=12))
     evals = [r for r in read_logs(out) if "eval_loss" in r]
     assert len(evals) >= 2
     stopped = json.loads((out / MANIFEST).read_text())["training"]["global_step"]
@@ -477,7 +477,9 @@ def test_early_stopping_evaluates_and_keeps_the_best_checkpoint(base_args, tmp_p
 
 def test_early_stopping_needs_checkpoints_at_evaluations(base_args, tmp_path):
     result = cli(
-        *base_args(tmp_path / "x", "--eval-every", "2", "--early-stopping", "1", "--set", "save_every=3")
+        *base_args(
+            tmp_path / "x", "--eval-every", "2", "--early-stopping-patience", "1", "--set", "save_every=3"
+        )
     )
     assert isinstance(result.exception, ConfigError) and "multiple of eval_every" in str(result.exception)
 

@@ -134,13 +134,13 @@ class PrefixConditioningVLM(nn.Module):
     def format(self, caption: str | None, prompt: str | None = None) -> Formatted:
         prompt = self.settings.prompt if prompt is None else prompt
         if caption is None:
-            key = (prompt, self.settings.format)
+            key = (prompt, self.settings.prompt_format)
             if key not in self._prompt_cache:
                 self._prompt_cache[key] = self.decoder_spec.format(
-                    self.tokenizer, prompt, None, self.settings.format
+                    self.tokenizer, prompt, None, self.settings.prompt_format
                 )
             return self._prompt_cache[key]
-        formatted = self.decoder_spec.format(self.tokenizer, prompt, caption, self.settings.format)
+        formatted = self.decoder_spec.format(self.tokenizer, prompt, caption, self.settings.prompt_format)
         limit = self.settings.max_caption_tokens
         if len(formatted.target) > limit:
             # keep the end token(s) so a truncated caption still teaches the model to stop
@@ -152,7 +152,7 @@ class PrefixConditioningVLM(nn.Module):
 
     @property
     def stop_token_ids(self) -> list[int]:
-        return self.decoder_spec.stop_token_ids(self.tokenizer, self.settings.format)
+        return self.decoder_spec.stop_token_ids(self.tokenizer, self.settings.prompt_format)
 
     def tokenize(
         self,

@@ -26,18 +26,13 @@ from typing import Any
 
 from vlmkit.core.artifact import MERGED_MANIFEST
 from vlmkit.core.errors import ArtifactError, ConfigError
+from vlmkit.export.config import EMBEDDINGS, FORMATS, QUANTIZATIONS, ExportConfig, check_format_options
 from vlmkit.export.steps import step
-from vlmkit.runtime.onnx import MANIFEST as ONNX_MANIFEST
 
-FORMATS = ("onnx", "web", "hf")
-#: weight-only quantizations (ONNX Runtime's MatMulNBits); ``none`` keeps float32 graphs
-QUANTIZATIONS = ("int8", "int4", "none")
 #: what ``--format web`` uses when ``--quantize`` is not given (onnx: none)
 #: int8: on a trained demo model (shapes, 24 held-out images + 3 photos) int8 graphs kept 27 of 27
 #: captions identical to fp32, int4 25 of 27 (one shape caption wrong): under the 95% bar
 WEB_DEFAULT_QUANTIZE = "int8"
-#: how the web export stores the token-embedding table
-EMBEDDINGS = ("float16", "float32")
 DEFAULT_OPSET = 17
 #: scaled_dot_product_attention, which every built-in decoder uses, exports from opset 14 on
 MIN_OPSET = 14
@@ -75,14 +70,7 @@ def check_options(
     embeddings: str | None = None,
 ) -> int | None:
     """Refuse bad options before anything is loaded; returns the opset to use (ONNX and web)."""
-    if format not in FORMATS:
-        raise ConfigError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
-    if quantize is not None and quantize not in QUANTIZATIONS:
-        raise ConfigError(f"unknown quantization {quantize!r}; supported: {', '.join(QUANTIZATIONS)}")
-    if format == "hf" and (quantize is not None or opset is not None):
-        raise ConfigError("--opset and --quantize apply to --format onnx and web only")
-    if embeddings is not None and (format != "web" or embeddings not in EMBEDDINGS):
-        raise ConfigError(f"--embeddings applies to --format web only, as one of {', '.join(EMBEDDINGS)}")
+    check_format_options(format, opset, quantize, embeddings)
     if format == "web":
         from vlmkit.export.web import vendor_files
 
@@ -94,6 +82,21 @@ def check_options(
             raise ConfigError(f"ONNX opset {opset} is not supported; choose one from {MIN_OPSET} to {high}")
     _check_out(Path(out), overwrite)
     return opset
+
+
+def run(config: ExportConfig, *, registry=None, on_step: Callable[[str], None] | None = None) -> ExportResult:
+    """``vlmkit export``: ``export_model`` with the settings of ``config``."""
+    return export_model(
+        config.model,
+        config.output,
+        format=config.format,
+        opset=config.opset,
+        quantize=config.quantize,
+        embeddings=config.embeddings,
+        overwrite=config.overwrite,
+        registry=registry,
+        on_step=on_step,
+    )
 
 
 def export_model(
@@ -195,14 +198,16 @@ def _check_out(out: Path, overwrite: bool) -> None:
     if not out.exists():
         return
     if not out.is_dir():
-        raise ArtifactError(f"{out} exists and is not a folder; choose another --out")
+        raise ArtifactError(f"{out} exists and is not a folder; choose another --output")
     if not overwrite:
         raise ArtifactError(f"{out} already exists; pass --overwrite to replace it")
     if any(out.iterdir()) and not _is_export(out):
-        raise ArtifactError(f"{out} is not a vlmkit export; refusing to replace it (choose another --out)")
+        raise ArtifactError(f"{out} is not a vlmkit export; refusing to replace it (choose another --output)")
 
 
 def _is_export(path: Path) -> bool:
+    from vlmkit.runtime.onnx import MANIFEST as ONNX_MANIFEST  # numpy: not for ``vlmkit export --help``
+
     return (path / ONNX_MANIFEST).is_file() or (path / MERGED_MANIFEST).is_file()
 
 
@@ -230,6 +235,7 @@ def _staging(out: Path, overwrite: bool) -> Iterator[Path]:
 __all__ = [
     "DEFAULT_OPSET",
     "EMBEDDINGS",
+    "ExportConfig",
     "FORMATS",
     "QUANTIZATIONS",
     "MIN_OPSET",
@@ -238,4 +244,5 @@ __all__ = [
     "export_model",
     "export_vlm",
     "max_opset",
+    "run",
 ]

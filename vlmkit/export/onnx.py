@@ -152,7 +152,7 @@ def write_onnx(vlm, folder: Path, *, opset: int, quantize: str | None, source, o
         },
         "tokens": {
             "prompt": vlm.settings.prompt,
-            "style": vlm.settings.format,
+            "style": vlm.settings.prompt_format,
             "before": list(formatted.before),
             "after": list(formatted.after),
             "stop_ids": list(vlm.stop_token_ids),

@@ -16,8 +16,7 @@ import contextlib
 import difflib
 import hashlib
 import json
-import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from vlmkit.core.contracts import SPLITS, CaptionDataset, CaptionExample
 from vlmkit.core.contracts import read_image_file as read_image_file
 from vlmkit.core.errors import ConfigError, DataError, VlmkitWarning
 from vlmkit.core.paths import write_json as write_json
+from vlmkit.core.progress import progress_bar as progress_bar
 from vlmkit.core.ranks import from_rank_zero as from_rank_zero
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -338,22 +338,3 @@ def captions_of(value: Any) -> list[str]:
         if isinstance(item, str) and item.strip() and item.strip() not in out:
             out.append(item.strip())
     return out
-
-
-@contextlib.contextmanager
-def progress_bar(label: str, total: int, enabled: bool | None = None) -> Iterator[Callable[[int], None]]:
-    """``advance(n)`` of a progress bar on stderr (rich, transient) for a loader's long step:
-    reading shards, downloading images. ``enabled=None``: when stderr is a terminal and there
-    is more than one step."""
-    if enabled is None:
-        enabled = sys.stderr.isatty() and total > 1
-    if not enabled:
-        yield lambda n: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda n: bar.advance(task, n)

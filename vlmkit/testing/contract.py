@@ -415,7 +415,7 @@ def _check_decoder(spec, checkpoint, tmp_path, styles, encoder, encoder_checkpoi
         "prompt": PROMPT,
     }
     for style in styles:
-        vlm = PrefixConditioningVLM.build({**config, "format": style}, registry=registry)
+        vlm = PrefixConditioningVLM.build({**config, "prompt_format": style}, registry=registry)
         _check_label_mask(vlm, IGNORE_INDEX)
     vlm = PrefixConditioningVLM.build(config, registry=registry)
     images = sample_images(3)

@@ -69,7 +69,7 @@ class TrainResult:
 
 def prepare_output_dir(config: TrainConfig, *, resume: bool, overwrite: bool) -> None:
     """Refuse to mix runs: a folder holding another run is never silently reused or deleted."""
-    out = config.output_dir
+    out = config.output
     run_file = out / RUN_FILE
     # a start refused for bad images leaves only their list: the corrected command may use the folder
     if not out.exists() or not any(p.name != BAD_IMAGES_FILE for p in out.iterdir()):
@@ -189,11 +189,11 @@ def train(
     callbacks: list | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train a model as ``config`` says and write the artifact to ``config.output_dir``."""
+    """Train a model as ``config`` says and write the artifact to ``config.output``."""
     from transformers import set_seed
 
     started = time.perf_counter()
-    out = config.output_dir
+    out = config.output
     placement = training_placement(config)
     args = _training_arguments(config, progress, placement)  # sets up torch.distributed under torchrun
     refusal = None
@@ -309,6 +309,20 @@ def train(
     )
 
 
+def run(
+    config: TrainConfig, *, registry=None, callbacks: list | None = None, progress: bool = True
+) -> TrainResult:
+    """``vlmkit train``: ``train`` with the run actions ``config`` holds (``resume``, ``overwrite``)."""
+    return train(
+        config,
+        resume=config.resume,
+        overwrite=config.overwrite,
+        registry=registry,
+        callbacks=callbacks,
+        progress=progress,
+    )
+
+
 def _load_data(config: TrainConfig, registry, *, write_list: bool):
     """The train and validation splits; every bad image a dataset reported (refused or skipped)
     is listed in full in ``BAD_IMAGES_FILE`` in the run folder (messages name only a few)."""
@@ -337,7 +351,7 @@ def _problems(data) -> dict[str, str]:
 
 
 def _write_bad(config: TrainConfig, problems: dict[str, str]) -> Path:
-    file = config.output_dir / BAD_IMAGES_FILE
+    file = config.output / BAD_IMAGES_FILE
     file.parent.mkdir(parents=True, exist_ok=True)
     lines = [f"{tsv_field(image)}\t{tsv_field(why)}\n" for image, why in sorted(problems.items())]
     file.write_text("image\tproblem\n" + "".join(lines))
@@ -389,7 +403,7 @@ def _training_arguments(config: TrainConfig, progress: bool, placement: Placemen
         raise ConfigError("early stopping needs save_every to be a multiple of eval_every")
     on_cuda = placement.device_type == "cuda"
     args = TrainingArguments(
-        output_dir=str(config.output_dir / "checkpoints"),
+        output_dir=str(config.output / "checkpoints"),
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=max(config.batch_size, 16),
         gradient_accumulation_steps=config.grad_accum,
@@ -469,4 +483,12 @@ def steps_per_epoch(n_examples: int, config: TrainConfig, world_size: int = 1) -
     return math.ceil(n_examples / (config.batch_size * config.grad_accum * world_size))
 
 
-__all__ = ["RUN_FILE", "TrainResult", "last_checkpoint", "prepare_output_dir", "steps_per_epoch", "train"]
+__all__ = [
+    "RUN_FILE",
+    "TrainResult",
+    "last_checkpoint",
+    "prepare_output_dir",
+    "run",
+    "steps_per_epoch",
+    "train",
+]
