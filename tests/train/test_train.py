@@ -8,9 +8,11 @@ plugin, the data 72 ``shapes`` images (24 per split). Runs go through the Typer 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -699,3 +701,19 @@ def test_the_grouped_order_depends_on_the_seed_and_epoch_only():
 
     assert order(0, 1) == order(0, 1)  # what a resumed run replays
     assert order(0, 1) != order(0, 0) and order(1, 0) != order(0, 0)
+
+
+def test_training_draws_one_bar_and_prints_no_raw_log_records(base_args, tmp_path, monkeypatch):
+    import vlmkit.train.trainer as trainer_module
+
+    # the bar is drawn where stderr is a terminal; here it is captured
+    monkeypatch.setattr(
+        trainer_module, "progress_bar", functools.partial(trainer_module.progress_bar, enabled=True)
+    )
+    monkeypatch.setenv("COLUMNS", "200")
+    out = tmp_path / "bar"
+    result = cli_ok(*[a for a in base_args(out) if a != "--quiet"])
+    assert "{'loss'" not in result.output and "grad_norm" not in result.output  # Trainer's raw dicts
+    (bar,) = [line for line in result.output.splitlines() if line.startswith("training")]
+    assert re.search(r" 4/4 loss \d+\.\d{4} lr \d\.\d\de-\d\d \d+\.\d samples/s ", bar), bar
+    assert [r["step"] for r in read_logs(out) if "loss" in r] == [1, 2, 3, 4]  # the records: logs.jsonl

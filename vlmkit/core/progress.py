@@ -4,7 +4,7 @@ stdout (which holds a command's results: captions, JSON).
 
 ``progress_bar(label, total)`` yields ``advance(n, total=None, **fields)``: ``total`` may arrive
 with the first advance (a job knows its size only once it has loaded its data), and ``fields``
-fill the bar's extra columns (``columns=("loss", "lr")``: ``loss 2.314  lr 4.9e-04``).
+set the text of the bar's extra columns (``columns=("loss",)``, ``advance(1, loss="loss 2.314")``).
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ def progress_bar(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    extra = [TextColumn(f"{name} {{task.fields[{name}]}}") for name in columns]
+    extra = [TextColumn(f"{{task.fields[{name}]}}") for name in columns]
     shown = (TextColumn(label), BarColumn(), MofNCompleteColumn(), *extra, TimeRemainingColumn())
     with Progress(*shown, console=Console(stderr=True), transient=transient) as bar:
-        task = bar.add_task(label, total=total, completed=start, **dict.fromkeys(columns, "-"))
+        task = bar.add_task(label, total=total, completed=start, **dict.fromkeys(columns, ""))
 
         def advance(n: int = 0, total: int | None = None, **fields: Any) -> None:
             bar.update(task, advance=n, **({"total": total} if total is not None else {}), **fields)
