@@ -23,10 +23,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from vlmkit.core import __version__
+from vlmkit.core import __version__, paths
 from vlmkit.core.config import ModelConfig, encoder_options, validate_model_config
 from vlmkit.core.errors import ArtifactError, PluginError
-from vlmkit.core.paths import read_json_manifest, write_json
+from vlmkit.core.paths import write_json
+from vlmkit.core.placement import torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def assemble(
     encoder = encoder_spec.load(config.encoder_checkpoint, revision=config.encoder_revision, **extra)
     half = dtype not in (None, "float32")
     if half and not config.unfreeze_encoder_layers:  # trained encoder layers keep fp32 weights
-        encoder.to(getattr(torch, dtype))
+        encoder.to(torch_dtype(dtype))
     load_dtype = {"dtype": dtype} if half else {}  # third-party specs without a dtype still work in fp32
     base, tokenizer = decoder_spec.load(
         config.decoder_checkpoint, revision=config.decoder_revision, **load_dtype
@@ -350,42 +351,22 @@ def _for_use(model, trainable: bool, dtype: str | None = None):
     if not trainable:
         model.requires_grad_(False)
         if dtype not in (None, "float32"):
-            import torch
-
-            model.to(getattr(torch, dtype))
+            model.to(torch_dtype(dtype))
     return model.eval()
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of a model folder; ``ArtifactError`` when ``path`` is not a vlmkit model."""
-    path = Path(path)
-    if not path.exists():
-        raise ArtifactError(f"model folder {path} does not exist")
-    file = path / MANIFEST
-    if not file.is_file():
-        raise ArtifactError(f"{path} is not a vlmkit model (no {MANIFEST}); train one with 'vlmkit train'")
-    manifest = read_json_manifest(file, "vlmkit model manifest")
-    if manifest.get("format") != ARTIFACT_FORMAT:
-        raise ArtifactError(f"{file} is not a vlmkit model manifest (format is {manifest.get('format')!r})")
-    if manifest.get("format_version", 0) > ARTIFACT_VERSION:
-        raise ArtifactError(
-            f"{path} was written by a newer vlmkit (format {manifest['format_version']}); upgrade vlmkit"
-        )
+    manifest = paths.read_manifest(path, MANIFEST, format=ARTIFACT_FORMAT, version=ARTIFACT_VERSION,
+                                   what="vlmkit model", make="train one with 'vlmkit train'")  # fmt: skip
     if not isinstance(manifest.get("config"), dict):
-        raise ArtifactError(f"{file} has no model config; the folder is damaged: train or save it again")
+        raise ArtifactError(
+            f"{Path(path) / MANIFEST} has no model config; the folder is damaged: train or save it again"
+        )
     return manifest
 
 
 def read_merged_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of a ``--format hf`` export; ``ArtifactError`` when ``path`` is not one."""
-    path = Path(path)
-    file = path / MERGED_MANIFEST
-    if not file.is_file():
-        raise ArtifactError(
-            f"{path} is not a vlmkit merged export (no {MERGED_MANIFEST}); make one with "
-            "'vlmkit export --format hf'"
-        )
-    manifest = read_json_manifest(file, "vlmkit merged-export manifest")
-    if manifest.get("format") != MERGED_FORMAT or manifest.get("format_version", 0) > MERGED_VERSION:
-        raise ArtifactError(f"{file} is not a manifest this vlmkit reads")
-    return manifest
+    return paths.read_manifest(path, MERGED_MANIFEST, format=MERGED_FORMAT, version=MERGED_VERSION,
+                               what="vlmkit merged export", make="make one with 'vlmkit export --format hf'")  # fmt: skip

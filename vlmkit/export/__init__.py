@@ -14,18 +14,15 @@ an interrupted export never leaves a folder that looks complete.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vlmkit.core.artifact import MERGED_MANIFEST
 from vlmkit.core.errors import ArtifactError, ConfigError
+from vlmkit.core.paths import staged_folder
 from vlmkit.export.config import EMBEDDINGS, FORMATS, QUANTIZATIONS, ExportConfig, check_format_options
 from vlmkit.export.steps import step
 
@@ -211,25 +208,14 @@ def _is_export(path: Path) -> bool:
     return (path / ONNX_MANIFEST).is_file() or (path / MERGED_MANIFEST).is_file()
 
 
-@contextlib.contextmanager
-def _staging(out: Path, overwrite: bool) -> Iterator[Path]:
+def _staging(out: Path, overwrite: bool):
     """A temporary folder beside ``out``, renamed to ``out`` when the block succeeds."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = out.parent / f".{out.name}.partial-{tag}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():
-            _check_out(out, overwrite)  # it may have appeared while we were exporting
-            old = out.parent / f".{out.name}.replaced-{tag}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def replace(existing: Path) -> bool:
+        _check_out(existing, overwrite)  # it may have appeared while we were exporting
+        return True
+
+    return staged_folder(out, replace)
 
 
 __all__ = [

@@ -112,8 +112,8 @@ def run(demo: DemoConfig, *, progress: bool = True, log=print) -> DemoResult:
     """The demo as the module docstring says; ``log`` prints its steps."""
     import numpy as np
 
+    import vlmkit
     from vlmkit.core.model import PrefixConditioningVLM
-    from vlmkit.core.placement import place
     from vlmkit.evaluate.loop import evaluate
     from vlmkit.plugins.datasets.scenes import colour_swap
     from vlmkit.sdk.datasets import load_split
@@ -155,9 +155,7 @@ def run(demo: DemoConfig, *, progress: bool = True, log=print) -> DemoResult:
     lap("training")
 
     log(f"[3/4] scoring the trained model on the same images and on {n_seen} in-distribution scenes")
-    model = place(
-        PrefixConditioningVLM.load, config.output, device=placement.device, dtype=placement.precision
-    )
+    model = vlmkit.load(config.output, device=placement.device, dtype=placement.precision)
     evaluation = evaluate(model, test, limit=n_test, out_dir=Path(config.output) / "eval-test")
     after = evaluation.metrics
     seen_metrics = evaluate(model, seen, limit=n_seen, out_dir=Path(config.output) / "eval-seen").metrics
