@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmkit.core.artifact import MERGED_MANIFEST
+from vlmkit.core.config import validated
 from vlmkit.core.errors import ArtifactError, ConfigError
 from vlmkit.core.paths import staged_folder
 from vlmkit.export.config import EMBEDDINGS, FORMATS, QUANTIZATIONS, ExportConfig, check_format_options
@@ -82,56 +83,31 @@ def check_options(
 
 
 def run(config: ExportConfig, *, registry=None, on_step: Callable[[str], None] | None = None) -> ExportResult:
-    """``vlmkit export``: ``export_model`` with the settings of ``config``."""
-    return export_model(
-        config.model,
-        config.output,
-        format=config.format,
-        opset=config.opset,
-        quantize=config.quantize,
-        embeddings=config.embeddings,
-        overwrite=config.overwrite,
-        registry=registry,
-        on_step=on_step,
-    )
-
-
-def export_model(
-    model: str | Path,
-    out: str | Path,
-    *,
-    format: str = "onnx",
-    opset: int | None = None,
-    quantize: str | None = None,
-    embeddings: str | None = None,
-    overwrite: bool = False,
-    registry=None,
-    on_step: Callable[[str], None] | None = None,
-) -> ExportResult:
-    """Export the trained model folder ``model`` to the new folder ``out`` (see the module docstring)."""
+    """``vlmkit export``: the trained model folder ``config.model`` to the new folder
+    ``config.output`` (see the module docstring)."""
     from vlmkit.core.artifact import read_manifest
     from vlmkit.core.model import PrefixConditioningVLM
 
-    manifest = read_manifest(model)  # a one-line ArtifactError unless ``model`` is a vlmkit model
-    check_options(format, opset, quantize, out, overwrite, embeddings)
-    step(on_step, f"loading {model}")
-    vlm = PrefixConditioningVLM.load(model, registry=registry)
+    manifest = read_manifest(config.model)  # a one-line ArtifactError unless it is a vlmkit model
+    options = config.model_dump(exclude={"model", "output"})
+    check_options(out=config.output, **options)
+    step(on_step, f"loading {config.model}")
+    vlm = PrefixConditioningVLM.load(config.model, registry=registry)
     source = {
-        "model": str(Path(model).resolve()),
+        "model": str(Path(config.model).resolve()),
         "encoder": manifest.get("encoder"),
         "decoder": manifest.get("decoder"),
     }
-    return export_vlm(
-        vlm,
-        out,
-        format=format,
-        opset=opset,
-        quantize=quantize,
-        embeddings=embeddings,
-        overwrite=overwrite,
-        source=source,
-        on_step=on_step,
-    )
+    return export_vlm(vlm, config.output, **options, source=source, on_step=on_step)
+
+
+def export_model(
+    model: str | Path, out: str | Path, *, registry=None, on_step=None, **options
+) -> ExportResult:
+    """``run`` for a model folder and an output folder; ``options`` as ``ExportConfig`` has them
+    (``format``, ``opset``, ``quantize``, ``embeddings``, ``overwrite``)."""
+    config = validated(ExportConfig, {"model": model, "output": out, **options}, "export")
+    return run(config, registry=registry, on_step=on_step)
 
 
 def export_vlm(
