@@ -45,7 +45,8 @@ def flags(
     out = list(_walk(config, "", "", None, flatten, every_flag_optional))
     names = [f.name for f in out]
     duplicated = {n for n in names if names.count(n) > 1}
-    assert not duplicated, f"{config.__name__}: settings share a flag: {duplicated}"
+    if duplicated:  # a config that would need two spellings: rename one of its settings
+        raise TypeError(f"{config.__name__}: settings share a flag: {duplicated}")
     return out
 
 
@@ -73,7 +74,10 @@ def _walk(model, key_prefix, flag_prefix, group, flatten, optional):
         required = field.is_required() and not optional
         panel = extra.get("group", group)
         if extra.get("argument"):
-            info = typer.Argument(... if required else None, help=help_text, show_default=False)
+            metavar = words.upper()
+            info = typer.Argument(
+                ... if required else None, help=help_text, metavar=metavar, show_default=False
+            )
         else:
             decls = [f"--{words.replace('_', '-')}"]
             if annotation is bool:
@@ -136,7 +140,9 @@ def command(
             value = values.pop(flag.name)
             if value is None or value == []:
                 continue
-            settings[flag.key] = parse_mapping(value, f"--{flag.name}") if flag.mapping else value
+            settings[flag.key] = (
+                parse_mapping(value, f"--{flag.name.replace('_', '-')}") if flag.mapping else value
+            )
         for param in hidden:
             values.pop(param.name)
         handler(settings, **values)

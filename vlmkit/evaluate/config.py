@@ -13,17 +13,18 @@ from vlmkit.core.config import DatasetConfig, Precision, device_setting, precisi
 MODEL_HELP = "A model folder written by 'vlmkit train'"
 
 
-class GenerationSettings(BaseModel):
-    """How captions are generated: settings of ``eval`` and ``caption``."""
+def num_beams_setting():
+    return setting(1, "Beam search width (1 = greedy).", ge=1)
+
+
+def max_new_tokens_setting():
+    return setting(None, "Longest caption, in tokens (default: the model's).", ge=1)
+
+
+class EvalConfig(BaseModel):
+    """``vlmkit eval``: caption a dataset split with a trained model and score it."""
 
     model_config = ConfigDict(extra="forbid")
-
-    num_beams: int = setting(1, "Beam search width (1 = greedy).", ge=1)
-    max_new_tokens: int | None = setting(None, "Longest caption, in tokens (default: the model's).", ge=1)
-
-
-class EvalConfig(GenerationSettings):
-    """``vlmkit eval``: caption a dataset split with a trained model and score it."""
 
     model: Path = setting(help=f"{MODEL_HELP}.", short="-m")
     datasets: list[DatasetConfig] | None = setting(
@@ -36,6 +37,8 @@ class EvalConfig(GenerationSettings):
     seed: int | None = setting(None, "Split seed (default: the one the model was trained with).")
     max_samples: int | None = setting(None, "Evaluate only the first N examples.", ge=1)
     batch_size: int = setting(32, "Images per generation batch.", short="-b", ge=1)
+    num_beams: int = num_beams_setting()
+    max_new_tokens: int | None = max_new_tokens_setting()
     output: Path | None = setting(
         None, "Where to write predictions.jsonl and metrics.json (default: MODEL/eval-SPLIT).", short="-o"
     )
@@ -43,8 +46,10 @@ class EvalConfig(GenerationSettings):
     precision: Precision = precision_setting()
 
 
-class CaptionConfig(GenerationSettings):
+class CaptionConfig(BaseModel):
     """``vlmkit caption``: a caption for each image file, by a trained model or its ONNX export."""
+
+    model_config = ConfigDict(extra="forbid")
 
     images: list[Path] = setting(help="Image files to caption (JPEG, PNG, WebP, ...).", argument=True)
     model: Path | None = setting(
@@ -54,6 +59,8 @@ class CaptionConfig(GenerationSettings):
         None, "Or a folder written by 'vlmkit export --format onnx' (runs without torch)."
     )
     batch_size: int = setting(8, "Images per forward pass.", short="-b", ge=1)
+    num_beams: int = num_beams_setting()
+    max_new_tokens: int | None = max_new_tokens_setting()
     sample: bool = setting(False, "Sample instead of greedy/beam decoding.")
     temperature: float = setting(1.0, "Sampling temperature.", ge=0.0)
     prompt: str | None = setting(None, "Prompt text (default: the one the model was trained with).")
