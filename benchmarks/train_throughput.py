@@ -502,7 +502,7 @@ def build_vlmkit(args, siglip_dir: Path, lm_checkpoint: str, precision: str, key
     run = Run(
         key,
         f"3 vlmkit: cached features, {model.num_prefix_tokens}-token prefix, caption-only loss "
-        f"(format {model.settings.format}, LoRA dropout {model.settings.lora.dropout})",
+        f"(format {model.settings.prompt_format}, LoRA dropout {model.settings.lora.dropout})",
         precision,
         training_step(loss, params, optimizer, precision),
         lm_parts(cfg, seq, targets, projection=model.projection, prefix=model.num_prefix_tokens),
@@ -849,8 +849,8 @@ def run_trainer(args, run: Run, folder: Path) -> dict:
 
     from transformers import TrainerCallback
 
+    from vlmkit.core.placement import Placement
     from vlmkit.train.job import _training_arguments
-    from vlmkit.train.precision import Placement
     from vlmkit.train.trainer import VLMTrainer
 
     model, data, collator = run.extra["model"], run.extra["data"], run.extra["collator"]
@@ -874,7 +874,7 @@ def run_trainer(args, run: Run, folder: Path) -> dict:
             batch_size=args.batch_size,
             precision=run.precision,
             max_steps=n,
-            output_dir=folder / f"trainer{chunk}",
+            output=folder / f"trainer{chunk}",
             logging_steps=10,
             warmup_ratio=0.0,
         )

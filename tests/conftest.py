@@ -45,7 +45,7 @@ def fp32_on_every_cpu():
     (``pin_cpu_precision``), and tests of the probe unset the variable."""
     import os
 
-    from vlmkit.train.precision import CPU_PRECISION_ENV
+    from vlmkit.core.placement import CPU_PRECISION_ENV
 
     before = os.environ.get(CPU_PRECISION_ENV)
     os.environ[CPU_PRECISION_ENV] = "fp32"
@@ -59,7 +59,7 @@ def fp32_on_every_cpu():
 @pytest.fixture
 def pin_cpu_precision(monkeypatch):
     """``pin_cpu_precision("bf16")``: ``auto`` on a CPU resolves to that precision in this test."""
-    from vlmkit.train.precision import CPU_PRECISION_ENV
+    from vlmkit.core.placement import CPU_PRECISION_ENV
 
     return lambda precision: monkeypatch.setenv(CPU_PRECISION_ENV, precision)
 

@@ -1,13 +1,17 @@
 """The package layout keeps its promises: each folder one concern, arrows pointing down.
 
-- core/ knows no model family or built-in plugin by name, imports nothing of the jobs, and stays
-  small enough to read in an hour (<= 1,860 lines: the layout left it at 1,577; the hardened
-  image loader and artifact file checks, device following, FSDP's block class, batch-norm-safe
-  unfreezing, the model's own logits path and encoder options added ~100, each a core concern;
-  what the LM must do, checked at build (core/lm.py: generate from embeddings, the token-id
-  embedding scale, peft's refusals of LoRA targets) ~150);
-- sdk/, train/, evaluate/ and export/ name no built-in plugin either: only plugins/ and recipes/ do;
-- importing the config (and the CLI's help) imports no torch.
+- every import (at module level or inside a function) points down the layers
+  ``cli > testing > jobs (train, evaluate, export, recipes) > plugins > the public API (vlmkit)
+  > sdk, runtime > core``; core imports nothing of ours above it;
+- plugins import only the public API (``vlmkit``), the sdk and their own package: the path a
+  third-party plugin takes;
+- the public API imports core alone (its toolkit names load the sdk on first use), never a job;
+- no import circle, between modules or between packages;
+- core/, sdk/, train/, evaluate/ and export/ name no built-in plugin: only plugins/ and recipes/ do;
+- importing the configs (and the CLI's help) imports no torch.
+
+The direction of imports is the rule; the size of a package is not (a line count is a smell to
+look at, not a budget to meet).
 
 "Names" are code: identifiers and string literals that are not docstrings. Prose may mention a
 family to explain a trap (why GPT-2's pad token is safe), code may not act on one.
@@ -82,26 +86,133 @@ def test_no_builtin_plugin_is_named_outside_plugins_and_recipes(package):
     assert not found, "built-in plugins named where only plugins/ and recipes/ may:\n" + "\n".join(found)
 
 
-def test_core_imports_no_job_and_stays_small():
-    lines = 0
-    for file in sorted((PACKAGE / "core").glob("*.py")):
-        text = file.read_text()
-        lines += len(text.splitlines())
-        for module in ("vlmkit.runtime", "vlmkit.train", "vlmkit.export", "vlmkit.evaluate", "vlmkit.recipes",
-                       "vlmkit.cli", "vlmkit.plugins", "vlmkit.sdk"):  # fmt: skip
-            assert not re.search(rf"^\s*(from|import) {re.escape(module)}\b", text, re.M), (
-                f"{file.relative_to(ROOT)} imports {module}: core depends on nothing of ours above it"
-            )
-    assert lines <= 1860, f"core/ has {lines} lines; keep the contract and the model readable in an hour"
+#: package -> its layer; an import may point to a lower layer, or within its own package
+LAYERS = {
+    "core": 0,
+    "sdk": 1,
+    "runtime": 1,
+    "": 2,  # vlmkit/__init__.py: the public API
+    "plugins": 3,
+    "train": 4,
+    "evaluate": 4,
+    "export": 4,
+    "recipes": 4,
+    "testing": 5,
+    "cli": 6,
+}
+JOBS = ("train", "evaluate", "export", "recipes")
 
 
-def test_sdk_imports_no_job():
-    for file in sorted((PACKAGE / "sdk").glob("*.py")):
-        text = file.read_text()
-        for module in ("vlmkit.train", "vlmkit.export", "vlmkit.evaluate", "vlmkit.recipes", "vlmkit.cli"):
-            assert not re.search(rf"^\s*(from|import) {re.escape(module)}\b", text, re.M), (
-                f"{file.relative_to(ROOT)} imports {module}"
-            )
+def module_name(file: Path) -> str:
+    parts = list(file.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Every vlmkit module -> the vlmkit modules it imports, wherever the import statement stands
+    (``from vlmkit.core import artifact`` is an import of ``vlmkit.core.artifact``)."""
+    files = {module_name(f): f for f in sorted(PACKAGE.rglob("*.py"))}
+    graph = {}
+    for name, file in files.items():
+        package = name if file.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*up, *([node.module] if node.module else [])])
+                for alias in node.names:
+                    full = f"{base}.{alias.name}"
+                    targets.add(full if full in files else base)
+        graph[name] = {t for t in targets if t in files and t != name}
+    return graph
+
+
+def package_of(module: str) -> str:
+    """``vlmkit.train.job`` -> ``train``; the public API ``vlmkit`` -> ``""``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def test_every_import_points_down_the_layers():
+    wrong = []
+    for module, targets in import_graph().items():
+        here = package_of(module)
+        for target in sorted(targets):
+            there = package_of(target)
+            if there != here and LAYERS[there] >= LAYERS[here] and not (here in JOBS and there in JOBS):
+                wrong.append(f"{module} imports {target} ({there or 'the public API'} is not below {here})")
+    assert LAYERS.keys() >= {package_of(m) for m in import_graph()}, "a new package needs a layer here"
+    assert not wrong, "imports pointing up or sideways:\n" + "\n".join(wrong)
+
+
+def test_plugins_import_only_the_public_api_the_sdk_and_their_own_package():
+    wrong = [
+        f"{module} imports {target}"
+        for module, targets in import_graph().items()
+        if package_of(module) == "plugins"
+        for target in sorted(targets)
+        if package_of(target) not in ("", "sdk", "plugins")
+    ]
+    assert not wrong, "a plugin takes the third-party path (vlmkit, vlmkit.sdk):\n" + "\n".join(wrong)
+
+
+def test_the_public_api_imports_core_alone_and_loads_only_the_sdk_lazily():
+    import vlmkit
+
+    assert {package_of(t) for t in import_graph()["vlmkit"]} <= {"core"}
+    lazy = {module.split(".")[1] for module in vlmkit._LAZY.values()}
+    assert lazy <= {"core", "sdk"}, f"the public API must not load a job: {lazy}"
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one node (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in graph.get(node, ()):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_circle_between_modules_or_packages():
+    graph = import_graph()
+    assert not cycles(graph), f"modules importing each other: {cycles(graph)}"
+    packages: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        packages.setdefault(package_of(module), set()).update(package_of(t) for t in targets)
+    packages = {p: t - {p} for p, t in packages.items()}
+    assert not cycles(packages), f"packages importing each other: {cycles(packages)}"
+
+
+def test_the_circle_check_finds_a_circle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
 
 
 def test_the_public_surface_imports_no_torch():

@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from vlmkit.core import __version__
 from vlmkit.core.contracts import (
     SPLITS,
     CaptionDataset,
@@ -44,8 +45,6 @@ from vlmkit.core.errors import (
 from vlmkit.core.hookspecs import hookimpl
 from vlmkit.core.paths import cache_dir
 
-__version__ = "0.1.0"
-
 #: toolkit name -> the module that defines it, imported on first use (some import torch)
 _LAZY = {
     "TransformersDecoderSpec": "vlmkit.sdk.decoders",
@@ -62,7 +61,7 @@ _LAZY = {
     "captions_of": "vlmkit.sdk.datasets",
     "parse_options": "vlmkit.sdk.datasets",
     "stratified_splits": "vlmkit.sdk.datasets",
-    "explain": "vlmkit.evaluate.explain",
+    "explain": "vlmkit.core.explain",
 }
 
 __all__ = [
@@ -97,11 +96,11 @@ def load(path, **kwargs):
     ``device`` (``cpu`` by default, ``cuda``, ``cuda:N``, ``mps``, ``auto``) and ``dtype``
     (``float32`` by default, ``bfloat16``, ``float16``).
     """
-    from vlmkit.core.artifact import load as load_artifact
-    from vlmkit.train.precision import place
+    from vlmkit.core.model import PrefixConditioningVLM
+    from vlmkit.core.placement import place
 
     device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
-    return place(load_artifact, path, device=device, dtype=dtype, **kwargs)
+    return place(PrefixConditioningVLM.load, path, device=device, dtype=dtype, **kwargs)
 
 
 def build(config=None, **kwargs):

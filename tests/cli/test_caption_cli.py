@@ -16,7 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from vlmkit.cli.main import app
-from vlmkit.core.errors import VlmkitError
+from vlmkit.core.errors import ConfigError, VlmkitError
 from vlmkit.core.model import PrefixConditioningVLM
 from vlmkit.testing import sample_images, tiny_decoder_checkpoint, tiny_encoder_checkpoint
 
@@ -161,6 +161,11 @@ def test_onnx_provider_cuda_asks_onnx_runtime_for_cuda_first(monkeypatch):
     assert execution_providers("cpu") == ["CPUExecutionProvider"]
 
 
-def test_provider_is_refused_with_a_torch_model(images, tmp_path):
+def test_provider_is_refused_with_a_torch_model_and_device_with_onnx(images, tmp_path):
     result = caption(images[0], "--model", str(tmp_path), "--provider", "cuda")
-    assert result.exit_code == 2 and "--provider is for --onnx" in result.output
+    assert isinstance(result.exception, ConfigError)
+    assert str(result.exception) == "vlmkit caption: --provider is for --onnx; with --model use --device"
+    result = caption(images[0], "--onnx", str(tmp_path), "--device", "cpu")
+    assert "--device is for --model; with --onnx use --provider" in str(result.exception)
+    result = caption(images[0], "--onnx", str(tmp_path), "--model", str(tmp_path))
+    assert "give exactly one of --model PATH or --onnx DIR" in str(result.exception)

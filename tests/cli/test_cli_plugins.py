@@ -337,7 +337,16 @@ print("HEAVY-MODULES", heavy, file=sys.stderr)
 """
 
 
-@pytest.mark.parametrize("args", [["--help"], ["--version"], ["plugins", "list"]], ids=" ".join)
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["--version"],
+        ["plugins", "list"],
+        *([cmd, "--help"] for cmd in ("train", "eval", "export", "caption", "demo", "inspect")),
+    ],
+    ids=" ".join,
+)
 def test_light_commands_import_no_ml_library(args):
     # Every installed plugin is loaded (no VLMKIT_PLUGINS): a built-in plugin that imports torch at
     # module level fails here.

@@ -121,7 +121,7 @@ def test_vlmkit_eval_writes_predictions_and_metrics_and_prints_a_table(trained):
 
     for name in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr"):
         assert name in result.stdout  # the table goes to stdout
-    assert "8 captions" in " ".join(result.output.split())
+    assert "8 captions" in " ".join(result.output.replace("│", " ").split())
 
 
 def test_vlmkit_eval_json_a_chosen_dataset_and_folder_and_no_java(trained, tmp_path, monkeypatch):
@@ -131,7 +131,7 @@ def test_vlmkit_eval_json_a_chosen_dataset_and_folder_and_no_java(trained, tmp_p
             "eval",
             "--model", str(trained["out"]),
             "--dataset", "shapes:size=96,image_size=32",
-            "--split", "validation", "--max-samples", "3", "--json", "--out", str(tmp_path / "scores"),
+            "--split", "validation", "--max-samples", "3", "--json", "-o", str(tmp_path / "scores"),
         )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert list(json.loads(result.stdout)) == list(WITHOUT_JAVA)
@@ -146,4 +146,10 @@ def test_vlmkit_eval_refuses_what_is_not_a_model_or_a_split(tmp_path, trained):
     with pytest.raises(ArtifactError, match="not a vlmkit model"):
         cli("eval", "--model", str(tmp_path))
     result = cli("eval", "--model", str(trained["out"]), "--split", "dev")
-    assert result.exit_code == 2 and "train, validation or test" in result.output
+    assert result.exit_code == 2 and "'train', 'validation', 'test'" in " ".join(
+        result.output.replace("│", " ").split()
+    )
+    renamed = cli("eval", "--model", str(trained["out"]), "--out", str(tmp_path / "x"))
+    assert renamed.exit_code == 2 and "renamed: use --output (-o)" in " ".join(
+        renamed.output.replace("│", " ").split()
+    )

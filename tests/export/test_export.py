@@ -383,19 +383,19 @@ def test_cli_export_prints_json_and_one_line_errors(exported, tmp_path, monkeypa
     import typer
     from typer.testing import CliRunner
 
-    from vlmkit.cli.export import export
+    from vlmkit.cli.export import export_command
 
     _, model, _ = exported("clip-phi3")
     monkeypatch.setattr(
         "vlmkit.core.registry.get_registry", lambda: make_registry(ClipEncoder(), PhiDecoder())
     )
     app = typer.Typer()
-    app.command()(export)
+    app.command("export")(export_command)
     app.command("other")(lambda: None)  # two commands: typer then expects the command name
     runner = CliRunner()
     out = tmp_path / "hf"
     result = runner.invoke(
-        app, ["export", "--model", str(model), "--out", str(out), "--format", "hf", "--json"]
+        app, ["export", "--model", str(model), "--output", str(out), "--format", "hf", "--json"]
     )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.strip().splitlines()[-1])["format"] == "hf"
@@ -406,6 +406,10 @@ def test_cli_export_prints_json_and_one_line_errors(exported, tmp_path, monkeypa
     args = ["export", "-m", str(model), "-o", str(tmp_path / "y"), "--embeddings", "float32"]
     onnx_only = runner.invoke(app, args)
     assert isinstance(onnx_only.exception, ConfigError) and "--format web only" in str(onnx_only.exception)
+    renamed = runner.invoke(app, ["export", "-m", str(model), "--out", str(tmp_path / "z")])
+    assert renamed.exit_code == 2 and "renamed: use --output (-o)" in " ".join(
+        renamed.output.replace("│", " ").split()
+    )
 
 
 # ------------------------------------------------------------------------------ teacher forcing

@@ -27,7 +27,7 @@ def test_the_recipe_trains_the_embedded_default(tmp_path):
     assert (config.model.decoder, config.model.decoder_checkpoint) == EMBEDDED_DEFAULT["decoder"]
     assert [d.name for d in config.datasets] == ["scenes"]
     assert config.datasets[0].options["kinds"] == ["single"]  # the recipe QUALITY.md measured
-    assert config.output_dir == tmp_path / "out"
+    assert config.output == tmp_path / "out"
     assert demo.demo_config(tmp_path, max_steps=3).max_steps == 3
     # one evaluation of the loss, at the last step, whatever the number of steps
     assert config.eval_every == config.max_steps

@@ -34,10 +34,10 @@ from test_train import (
 import vlmkit
 from vlmkit.core.artifact import MANIFEST
 from vlmkit.core.errors import ConfigError
+from vlmkit.core.placement import CPU_PRECISION_ENV
 from vlmkit.train import train
 from vlmkit.train.config import validate_config
 from vlmkit.train.distributed import PLACEMENT_FILE
-from vlmkit.train.precision import CPU_PRECISION_ENV
 from vlmkit.train.trainer import TRAINABLE_FILE
 
 __all__ = ["base_args", "checkpoints", "home"]  # module fixtures shared with test_train

@@ -11,11 +11,11 @@ import pytest
 from typer.testing import CliRunner
 
 from vlmkit.cli.main import app
-from vlmkit.cli.train import parse_dataset, parse_set
+from vlmkit.core.config import DatasetConfig
 from vlmkit.core.errors import ConfigError
 from vlmkit.recipes import EMBEDDED_DEFAULT, embedded_default
 from vlmkit.train import config as config_module
-from vlmkit.train.config import TrainConfig, load_config
+from vlmkit.train.config import TrainConfig, load_config, parse_set
 
 
 class Captured(Exception):
@@ -122,7 +122,7 @@ def test_a_flag_overrides_the_file(tmp_path, cli_config):
     assert config.model.lora.r == 32
     assert config.model.lora.alpha == 8  # the rest of the file's nested mapping is kept
     assert config.model.decoder == "gpt2" and config.epochs == 2 and config.batch_size == 8
-    assert config.output_dir == tmp_path / "o"
+    assert config.output == tmp_path / "o"
 
 
 def test_set_takes_any_dotted_key(tmp_path, cli_config):
@@ -160,6 +160,10 @@ def test_dataset_flag_parses_name_and_options(cli_config, tmp_path):
     assert config.datasets[1].options == {"size": 48, "image_size": 32}  # YAML scalars: ints
 
 
+def parse_dataset(text: str) -> dict:
+    return DatasetConfig.model_validate(text).model_dump()
+
+
 def test_dataset_options_may_hold_lists():
     parsed = parse_dataset("shapes:size=24,colors=[red, blue],split_fractions=[0.5,0.25,0.25]")
     assert parsed == {
@@ -169,6 +173,67 @@ def test_dataset_options_may_hold_lists():
     assert parse_dataset("flickr30k") == {"name": "flickr30k", "options": {}}
     with pytest.raises(ConfigError, match="NAME:key=value"):
         parse_dataset("shapes:size")
+
+
+def test_a_config_file_may_name_datasets_as_the_flag_does(tmp_path):
+    config = load_config(write(tmp_path, "datasets: ['shapes:size=48', {name: scenes}]\n"))
+    assert [(d.name, d.options) for d in config.datasets] == [("shapes", {"size": 48}), ("scenes", {})]
+
+
+def test_every_setting_is_a_flag_named_as_its_key():
+    from vlmkit.cli.configs import flags
+
+    got = {f.key: f.name for f in flags(TrainConfig, flatten=("model",))}
+    for key, name in got.items():
+        words = key.removeprefix("model.").replace(".", "_")
+        assert name == (words.removesuffix("s") if key in ("datasets", "model.lora.targets") else words)
+    assert {"lr_lora", "model.projection.tokens", "model.lora.r", "early_stopping_patience", "output"} <= set(
+        got
+    )
+    assert got["model.prompt_format"] == "prompt_format" and got["output"] == "output"
+
+
+def test_flags_of_every_kind_reach_the_config(cli_config, tmp_path):
+    config = cli_config(
+        "--no-feature-cache", "--lora-target", "q_proj", "--lora-target", "v_proj", "--scheduler", "linear",
+        "--encoder-options", "features=[2, 4]", "--early-stopping-patience", "2", "-o", str(tmp_path),
+    )  # fmt: skip
+    assert config.feature_cache is False and config.model.lora.targets == ["q_proj", "v_proj"]
+    assert config.scheduler == "linear" and config.model.encoder_options == {"features": [2, 4]}
+    assert config.early_stopping_patience == 2 and config.output == tmp_path
+
+
+def test_prefix_tokens_alone_select_avgpool(cli_config):
+    projection = cli_config("--projection-tokens", "16").model.projection
+    assert (projection.reduction, projection.tokens) == ("avgpool", 16)
+    projection = cli_config("--set", "model.projection.tokens=9").model.projection
+    assert (projection.reduction, projection.tokens) == ("avgpool", 9)
+
+
+@pytest.mark.parametrize("reduction", ["none", "pixel_shuffle"])
+def test_prefix_tokens_with_a_reduction_that_ignores_them_are_refused(cli_config, tmp_path, reduction):
+    with pytest.raises(
+        ConfigError, match=f"projection.tokens 16 applies to reduction avgpool only, not '{reduction}'"
+    ):
+        cli_config("--projection-tokens", "16", "--projection-reduction", reduction)
+    path = write(tmp_path, f"model:\n  projection: {{reduction: {reduction}}}\n")
+    with pytest.raises(ConfigError, match="applies to reduction avgpool only"):
+        cli_config("--config", str(path), "--projection-tokens", "16")
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [("--prefix-tokens", "--projection-tokens"), ("--format", "--prompt-format"), ("--early-stopping", "--early-stopping-patience"),
+     ("--projection", "--projection-type"), ("--reduction", "--projection-reduction")],
+)  # fmt: skip
+def test_a_renamed_flag_is_refused_naming_its_new_name(old, new):
+    result = CliRunner().invoke(app, ["train", old, "16"])
+    assert result.exit_code == 2 and f"renamed: use {new}" in result.output
+
+
+def test_a_renamed_key_in_a_file_is_refused_naming_its_new_name(tmp_path):
+    with pytest.raises(ConfigError, match="output_dir: renamed to output"):
+        load_config(write(tmp_path, "output_dir: runs/x\ndatasets: [{name: shapes}]\n"))
 
 
 # ------------------------------------------------------------------------------- the embedded default
@@ -258,12 +323,12 @@ def test_unknown_devices_and_precisions_are_config_errors_naming_the_field(key, 
 def training_arguments(tmp_path, placement, **settings):
     from vlmkit.train.job import _training_arguments
 
-    config = TrainConfig(datasets=[{"name": "shapes"}], output_dir=tmp_path, **settings)
+    config = TrainConfig(datasets=[{"name": "shapes"}], output=tmp_path, **settings)
     return _training_arguments(config, False, placement)
 
 
 def test_training_arguments_follow_the_chosen_precision_and_device(tmp_path):
-    from vlmkit.train.precision import Placement
+    from vlmkit.core.placement import Placement
 
     bf16 = training_arguments(tmp_path, Placement("cpu", "bf16", "as asked"))
     assert (bf16.bf16, bf16.fp16, bf16.use_cpu, str(bf16.device)) == (True, False, True, "cpu")
@@ -272,7 +337,7 @@ def test_training_arguments_follow_the_chosen_precision_and_device(tmp_path):
 
 
 def test_auto_precision_on_a_cpu_is_the_probes_choice(tmp_path, monkeypatch):
-    from vlmkit.train import precision as device
+    from vlmkit.core import placement as device
     from vlmkit.train.job import training_placement
 
     monkeypatch.delenv(device.CPU_PRECISION_ENV)  # conftest pins auto to fp32 for other tests

@@ -86,9 +86,9 @@ def test_a_spawned_two_worker_loader_gives_the_batches_of_the_main_process(train
 
 
 def test_loader_workers_by_default_only_where_they_pay(monkeypatch):
+    from vlmkit.core.placement import Placement
     from vlmkit.train.config import TrainConfig
     from vlmkit.train.job import loader_workers
-    from vlmkit.train.precision import Placement
 
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     gpu, cpu = Placement("cuda", "bf16", "test"), Placement("cpu", "fp32", "test")

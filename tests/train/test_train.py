@@ -8,9 +8,11 @@ plugin, the data 72 ``shapes`` images (24 per split). Runs go through the Typer 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -255,7 +257,7 @@ def resume_config(checkpoints, out: Path, **settings) -> dict:
             "lora": {"dropout": 0.0},  # no randomness outside what the checkpoint restores
         },
         "datasets": [{"name": "shapes", "options": {"size": 72, "image_size": 32}}],
-        "output_dir": str(out),
+        "output": str(out),
         "max_steps": 6,
         "save_every": 2,
         "batch_size": 4,
@@ -448,7 +450,7 @@ def test_early_stopping_evaluates_and_keeps_the_best_checkpoint(base_args, tmp_p
 
     monkeypatch.setattr(VLMTrainer, "evaluation_loop", worsening)
     out = tmp_path / "early"
-    cli_ok(*base_args(out, "--eval-every", "2", "--early-stopping", "1", steps=12))
+    cli_ok(*base_args(out, "--eval-every", "2", "--early-stopping-patience", "1", steps=12))
     evals = [r for r in read_logs(out) if "eval_loss" in r]
     assert len(evals) >= 2
     stopped = json.loads((out / MANIFEST).read_text())["training"]["global_step"]
@@ -477,7 +479,9 @@ def test_early_stopping_evaluates_and_keeps_the_best_checkpoint(base_args, tmp_p
 
 def test_early_stopping_needs_checkpoints_at_evaluations(base_args, tmp_path):
     result = cli(
-        *base_args(tmp_path / "x", "--eval-every", "2", "--early-stopping", "1", "--set", "save_every=3")
+        *base_args(
+            tmp_path / "x", "--eval-every", "2", "--early-stopping-patience", "1", "--set", "save_every=3"
+        )
     )
     assert isinstance(result.exception, ConfigError) and "multiple of eval_every" in str(result.exception)
 
@@ -697,3 +701,19 @@ def test_the_grouped_order_depends_on_the_seed_and_epoch_only():
 
     assert order(0, 1) == order(0, 1)  # what a resumed run replays
     assert order(0, 1) != order(0, 0) and order(1, 0) != order(0, 0)
+
+
+def test_training_draws_one_bar_and_prints_no_raw_log_records(base_args, tmp_path, monkeypatch):
+    import vlmkit.train.trainer as trainer_module
+
+    # the bar is drawn where stderr is a terminal; here it is captured
+    monkeypatch.setattr(
+        trainer_module, "progress_bar", functools.partial(trainer_module.progress_bar, enabled=True)
+    )
+    monkeypatch.setenv("COLUMNS", "200")
+    out = tmp_path / "bar"
+    result = cli_ok(*[a for a in base_args(out) if a != "--quiet"])
+    assert "{'loss'" not in result.output and "grad_norm" not in result.output  # Trainer's raw dicts
+    (bar,) = [line for line in result.output.splitlines() if line.startswith("training")]
+    assert re.search(r" 4/4 loss \d+\.\d{4} lr \d\.\d\de-\d\d \d+\.\d samples/s ", bar), bar
+    assert [r["step"] for r in read_logs(out) if "loss" in r] == [1, 2, 3, 4]  # the records: logs.jsonl

@@ -1,28 +1,15 @@
-"""``vlmkit demo``."""
+"""``vlmkit demo``: its flags are ``DemoConfig``'s settings (``vlmkit.recipes.demo``); this prints."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
-from vlmkit.cli.options import device_option, precision_option
+from vlmkit.cli.configs import command, configured
+from vlmkit.recipes.demo import DemoConfig
 
 
 def demo(
-    output: Path = typer.Option(
-        Path("runs/demo"), "--output", "-o", help="Where the demo model and samples go (replaced)."
-    ),
-    steps: int = typer.Option(None, "--steps", min=1, help="Training steps (default: the demo recipe's)."),
-    test_samples: int = typer.Option(
-        None,
-        "--test-samples",
-        min=1,
-        help="Score this many images of each test set (default: all 100 held-out, 50 in-distribution).",
-    ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
-    device: str = device_option(None, note="; training device, default auto"),
-    precision: str = precision_option(None),
+    settings: dict, quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 ) -> None:
     """Train the embedded default offline and show what it learns, and where it stops.
 
@@ -35,12 +22,12 @@ def demo(
     from rich.table import Table
 
     from vlmkit.evaluate.metrics import format_metrics_table
-    from vlmkit.recipes.demo import run_demo
+    from vlmkit.recipes.demo import run
 
     console = Console()
-    overrides = {"max_steps": steps} if steps else {}
-    overrides |= {k: v for k, v in (("device", device), ("precision", precision)) if v is not None}
-    result = run_demo(output, test_samples=test_samples, progress=not quiet, log=console.print, **overrides)
+    config = configured(DemoConfig, settings, "vlmkit demo")
+    result = run(config, progress=not quiet, log=console.print)
+    output = config.output
 
     after = f"step {result.steps}"
     console.print(
@@ -82,3 +69,6 @@ def demo(
         f"({', '.join(f'{name} {s:.0f} s' for name, s in result.phases.items())}). "
         f"Model: {output}  (vlmkit caption --model {output} IMAGE)"
     )
+
+
+demo_command = command(DemoConfig, demo)

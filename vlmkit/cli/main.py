@@ -1,4 +1,5 @@
-"""The ``vlmkit`` command. Commands parse options, call one core function and print the result.
+"""The ``vlmkit`` command. Each command's flags are generated from its configuration
+(``vlmkit.cli.configs``); the command runs its job and prints the result.
 
 Nothing here imports torch at module level: ``vlmkit --help`` and ``vlmkit plugins list`` stay fast.
 """
@@ -34,11 +35,11 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(plugins_cmd.app, name="plugins")
-app.command("train")(train_cmd.train)
+app.command("train")(train_cmd.train_command)
 app.command("eval")(eval_cmd.eval_command)
-app.command("export")(export_cmd.export)
-app.command("caption")(caption_cmd.caption)
-app.command("demo")(demo_cmd.demo)
+app.command("export")(export_cmd.export_command)
+app.command("caption")(caption_cmd.caption_command)
+app.command("demo")(demo_cmd.demo_command)
 app.command("inspect")(inspect_cmd.inspect_command)
 
 

@@ -1,6 +1,9 @@
 """Model artifacts: ``assemble``, the one function that builds a model (fresh, from a saved
 folder, from a merged export: two paths that "do the same" drift apart), and those folders.
 
+The model class is handed in (``PrefixConditioningVLM.build``/``load`` pass themselves): the model
+module uses this one, and this one never imports it.
+
 A saved model: ``vlmkit.json`` (manifest: versions, plugins, checkpoints, projection, format,
 training config, encoder fingerprint, the prompt's token ids), ``projection.safetensors``,
 ``adapter/`` (peft's LoRA format) and, when encoder layers were trained, ``encoder.safetensors``.
@@ -20,11 +23,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from vlmkit import __version__
+from vlmkit.core import __version__, paths
 from vlmkit.core.config import ModelConfig, encoder_options, validate_model_config
 from vlmkit.core.errors import ArtifactError, PluginError
 from vlmkit.core.lm import add_lora, check_generate_takes_embeddings, token_embedding_scale
-from vlmkit.core.paths import read_json_manifest, write_json
+from vlmkit.core.paths import write_json
+from vlmkit.core.placement import torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,7 @@ MERGED_VERSION = 1
 
 
 def assemble(
+    model_class,
     config: ModelConfig | dict | None,
     *,
     registry=None,
@@ -49,7 +54,7 @@ def assemble(
     dtype: str | None = None,
     encoder_dtype: str | None = None,
 ):
-    """Build a ``PrefixConditioningVLM`` through the registry.
+    """Build a ``model_class`` (``PrefixConditioningVLM``) through the registry.
 
     - fresh (the default): new LoRA on the decoder, a projection initialised with ``seed``;
     - ``adapter``: the LoRA adapter folder to load instead (``trainable`` keeps it trainable);
@@ -64,7 +69,6 @@ def assemble(
     import torch
     from safetensors.torch import load_file
 
-    from vlmkit.core.model import PrefixConditioningVLM
     from vlmkit.core.projection import build_projection
     from vlmkit.core.registry import get_registry
 
@@ -78,7 +82,7 @@ def assemble(
     half = dtype not in (None, "float32")
     encoder_dtype = encoder_dtype or dtype
     if encoder_dtype not in (None, "float32") and not config.unfreeze_encoder_layers:
-        encoder.to(getattr(torch, encoder_dtype))  # trained encoder layers keep fp32 weights
+        encoder.to(torch_dtype(encoder_dtype))  # trained encoder layers keep fp32 weights
     load_dtype = {"dtype": dtype} if half else {}  # third-party specs without a dtype still work in fp32
     base, tokenizer = decoder_spec.load(
         config.decoder_checkpoint, revision=config.decoder_revision, **load_dtype
@@ -102,7 +106,7 @@ def assemble(
     )
     if projection is not None:
         proj.load_state_dict(load_file(str(projection)))
-    model = PrefixConditioningVLM(
+    model = model_class(
         config, encoder, encoder_spec, decoder_spec, lm, tokenizer, proj, embedding_scale=embedding_scale
     )
     model.freeze_encoder(config.unfreeze_encoder_layers)
@@ -250,18 +254,19 @@ def save(model, path: str | Path, *, training: dict | None = None) -> Path:
 # ------------------------------------------------------------------------------ loading
 
 
-def load(path: str | Path, *, registry=None, trainable: bool = False, dtype: str | None = None):
+def load(model_class, path: str | Path, *, registry=None, trainable: bool = False, dtype: str | None = None):
     """Rebuild a saved model (``vlmkit.json``) or a merged export (``vlmkit-hf.json``), its base
     weights in ``dtype`` (all of it unless ``trainable``); ``vlmkit.load`` also places it."""
     path = Path(path)
     if (path / MERGED_MANIFEST).is_file() and not (path / MANIFEST).exists():
-        return _for_use(_load_merged(path, registry=registry, dtype=dtype), False, dtype)
+        return _for_use(_load_merged(model_class, path, registry=registry, dtype=dtype), False, dtype)
     manifest = read_manifest(path)
     config = validate_model_config(manifest.get("config"), source=str(path / MANIFEST))
     encoder_file = (manifest.get("files") or {}).get("encoder")
     _check_files(path, ["projection.safetensors", "adapter/adapter_config.json", encoder_file])
     registry = _registry_with_plugins(registry, config, path)
     model = assemble(
+        model_class,
         config,
         registry=registry,
         adapter=path / "adapter",
@@ -332,7 +337,7 @@ def _warn_if_changed(model, manifest: dict[str, Any], path: Path) -> None:
         )
 
 
-def _load_merged(path: Path, *, registry=None, dtype: str | None = None):
+def _load_merged(model_class, path: Path, *, registry=None, dtype: str | None = None):
     """A captioner from a ``--format hf`` export: the encoder through its plugin, the merged
     decoder from ``decoder/`` (no LoRA, no peft), the saved projection. For inference."""
     manifest = read_merged_manifest(path)
@@ -346,6 +351,7 @@ def _load_merged(path: Path, *, registry=None, dtype: str | None = None):
         source=str(path / MERGED_MANIFEST),
     )
     model = assemble(
+        model_class,
         config,
         registry=_registry_with_plugins(registry, config, path),
         merged=True,
@@ -361,42 +367,22 @@ def _for_use(model, trainable: bool, dtype: str | None = None):
     if not trainable:
         model.requires_grad_(False)
         if dtype not in (None, "float32"):
-            import torch
-
-            model.to(getattr(torch, dtype))
+            model.to(torch_dtype(dtype))
     return model.eval()
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of a model folder; ``ArtifactError`` when ``path`` is not a vlmkit model."""
-    path = Path(path)
-    if not path.exists():
-        raise ArtifactError(f"model folder {path} does not exist")
-    file = path / MANIFEST
-    if not file.is_file():
-        raise ArtifactError(f"{path} is not a vlmkit model (no {MANIFEST}); train one with 'vlmkit train'")
-    manifest = read_json_manifest(file, "vlmkit model manifest")
-    if manifest.get("format") != ARTIFACT_FORMAT:
-        raise ArtifactError(f"{file} is not a vlmkit model manifest (format is {manifest.get('format')!r})")
-    if manifest.get("format_version", 0) > ARTIFACT_VERSION:
-        raise ArtifactError(
-            f"{path} was written by a newer vlmkit (format {manifest['format_version']}); upgrade vlmkit"
-        )
+    manifest = paths.read_manifest(path, MANIFEST, format=ARTIFACT_FORMAT, version=ARTIFACT_VERSION,
+                                   what="vlmkit model", make="train one with 'vlmkit train'")  # fmt: skip
     if not isinstance(manifest.get("config"), dict):
-        raise ArtifactError(f"{file} has no model config; the folder is damaged: train or save it again")
+        raise ArtifactError(
+            f"{Path(path) / MANIFEST} has no model config; the folder is damaged: train or save it again"
+        )
     return manifest
 
 
 def read_merged_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of a ``--format hf`` export; ``ArtifactError`` when ``path`` is not one."""
-    path = Path(path)
-    file = path / MERGED_MANIFEST
-    if not file.is_file():
-        raise ArtifactError(
-            f"{path} is not a vlmkit merged export (no {MERGED_MANIFEST}); make one with "
-            "'vlmkit export --format hf'"
-        )
-    manifest = read_json_manifest(file, "vlmkit merged-export manifest")
-    if manifest.get("format") != MERGED_FORMAT or manifest.get("format_version", 0) > MERGED_VERSION:
-        raise ArtifactError(f"{file} is not a manifest this vlmkit reads")
-    return manifest
+    return paths.read_manifest(path, MERGED_MANIFEST, format=MERGED_FORMAT, version=MERGED_VERSION,
+                               what="vlmkit merged export", make="make one with 'vlmkit export --format hf'")  # fmt: skip

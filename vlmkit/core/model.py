@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from vlmkit.core import artifact
 from vlmkit.core.contracts import Formatted, cut_at_stop
 from vlmkit.core.errors import ConfigError
 
@@ -78,22 +79,18 @@ class PrefixConditioningVLM(nn.Module):
         """A fresh model: encoder and decoder through their plugins, new LoRA and projection
         (``vlmkit.core.artifact.assemble``); ``dtype`` is that of the frozen base weights,
         ``encoder_dtype`` (default ``dtype``) the frozen encoder's."""
-        from vlmkit.core.artifact import assemble
-
-        return assemble(config, registry=registry, seed=seed, dtype=dtype, encoder_dtype=encoder_dtype)
+        return artifact.assemble(
+            cls, config, registry=registry, seed=seed, dtype=dtype, encoder_dtype=encoder_dtype
+        )
 
     @classmethod
     def load(cls, path, *, registry=None, trainable: bool = False, dtype=None) -> PrefixConditioningVLM:
         """A saved model or merged export (``vlmkit.load``; ``vlmkit.core.artifact.load``)."""
-        from vlmkit.core.artifact import load
-
-        return load(path, registry=registry, trainable=trainable, dtype=dtype)
+        return artifact.load(cls, path, registry=registry, trainable=trainable, dtype=dtype)
 
     def save(self, path, *, training: dict | None = None):
         """Write the model artifact to ``path`` (``vlmkit.core.artifact.save``)."""
-        from vlmkit.core.artifact import save
-
-        return save(self, path, training=training)
+        return artifact.save(self, path, training=training)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Recompute the decoder's activations in backward (``Trainer``'s name for it). Non-reentrant
@@ -148,13 +145,13 @@ class PrefixConditioningVLM(nn.Module):
     def format(self, caption: str | None, prompt: str | None = None) -> Formatted:
         prompt = self.settings.prompt if prompt is None else prompt
         if caption is None:
-            key = (prompt, self.settings.format)
+            key = (prompt, self.settings.prompt_format)
             if key not in self._prompt_cache:
                 self._prompt_cache[key] = self.decoder_spec.format(
-                    self.tokenizer, prompt, None, self.settings.format
+                    self.tokenizer, prompt, None, self.settings.prompt_format
                 )
             return self._prompt_cache[key]
-        formatted = self.decoder_spec.format(self.tokenizer, prompt, caption, self.settings.format)
+        formatted = self.decoder_spec.format(self.tokenizer, prompt, caption, self.settings.prompt_format)
         limit = self.settings.max_caption_tokens
         if len(formatted.target) > limit:
             # keep the end token(s) so a truncated caption still teaches the model to stop
@@ -166,7 +163,7 @@ class PrefixConditioningVLM(nn.Module):
 
     @property
     def stop_token_ids(self) -> list[int]:
-        return self.decoder_spec.stop_token_ids(self.tokenizer, self.settings.format)
+        return self.decoder_spec.stop_token_ids(self.tokenizer, self.settings.prompt_format)
 
     def tokenize(
         self,

@@ -12,7 +12,7 @@ spatial detail than a caption needs.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -24,14 +24,29 @@ class ProjectionConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["linear", "mlp"] = Field("mlp", description="linear, or mlp (Linear-GELU-Linear)")
+    type: Literal["linear", "mlp"] = Field("mlp", description="linear, or mlp (Linear-GELU-Linear).")
     reduction: Literal["none", "avgpool", "pixel_shuffle"] = Field(
-        "none", description="token reduction applied to the patch grid before projecting"
+        "none",
+        description="Token reduction of the encoder's patch grid before projecting: none (every token), "
+        "avgpool (to projection.tokens) or pixel_shuffle (fold projection.factor squared patches into one).",
     )
-    tokens: int | None = Field(None, gt=0, description="avgpool: number of prefix tokens (a square)")
-    factor: int = Field(2, ge=1, description="pixel_shuffle: fold factor x factor patches into one")
-    layernorm: bool = Field(True, description="LayerNorm on the features before projecting")
-    hidden_dim: int | None = Field(None, gt=0, description="mlp hidden width (default: the LM width)")
+    tokens: int | None = Field(
+        None,
+        gt=0,
+        description="Prefix tokens after average pooling (a square number: 9, 16, 64). Given without a "
+        "reduction it selects avgpool; with reduction none or pixel_shuffle it is refused.",
+    )
+    factor: int = Field(2, ge=1, description="pixel_shuffle: fold factor x factor patches into one token.")
+    layernorm: bool = Field(True, description="LayerNorm on the features before projecting.")
+    hidden_dim: int | None = Field(None, gt=0, description="mlp hidden width (default: the LM's width).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tokens_select_avgpool(cls, data: Any) -> Any:
+        # a prefix-token count alone means average pooling: the only reduction that uses it
+        if isinstance(data, dict) and data.get("tokens") is not None and data.get("reduction") is None:
+            data = {**data, "reduction": "avgpool"}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> ProjectionConfig:
@@ -40,6 +55,11 @@ class ProjectionConfig(BaseModel):
                 raise ValueError("projection.reduction 'avgpool' needs projection.tokens (e.g. 16)")
             if math.isqrt(self.tokens) ** 2 != self.tokens:
                 raise ValueError(f"projection.tokens must be a square number for avgpool, got {self.tokens}")
+        elif self.tokens is not None:  # it would be ignored: every encoder token, or the factor's fold
+            raise ValueError(
+                f"projection.tokens {self.tokens} applies to reduction avgpool only, not {self.reduction!r}; "
+                "drop the token count or use reduction avgpool"
+            )
         return self
 
     def output_tokens(self, num_tokens: int, grid: tuple[int, int] | None) -> int:

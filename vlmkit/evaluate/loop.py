@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlmkit.core import ranks
 from vlmkit.core.contracts import CaptionExample
-from vlmkit.core.errors import ConfigError, DataError, VlmkitError
+from vlmkit.core.errors import ConfigError, DataError
 
 
 @dataclass
@@ -98,40 +99,22 @@ def caption_and_score(
     metrics, so all of them decide early stopping alike. A scoring failure is raised on every rank:
     a rank left waiting for metrics would hang.
     """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        rows = generate_captions(
-            model, data, features=features, batch_size=batch_size, limit=limit, **generate_kwargs
-        )
-        return dict(score(rows))
-    rank, world = dist.get_rank(), dist.get_world_size()
+    world = ranks.world_size()
     rows = generate_captions(
         model,
         data,
         features=features,
         batch_size=batch_size,
         limit=limit,
-        rank=rank,
+        rank=ranks.rank(),
         world_size=world,
         **generate_kwargs,
     )
-    shares: list[Any] = [None] * world
-    dist.all_gather_object(shares, rows)
-    outcome: Any = None
-    failure = None
-    if rank == 0:
-        try:
-            outcome = dict(score([row for share in shares for row in share]))
-        except Exception as exc:  # told to the other ranks, then raised here as it is
-            outcome, failure = f"scoring the captions on rank 0 failed: {exc}", exc
-    box = [outcome]
-    dist.broadcast_object_list(box, src=0)
-    if failure is not None:
-        raise failure
-    if isinstance(box[0], str):
-        raise VlmkitError(box[0])
-    return box[0]
+    if world > 1:
+        shares: list[Any] = [None] * world
+        ranks.process_group().all_gather_object(shares, rows)
+        rows = [row for share in shares for row in share]
+    return ranks.from_rank_zero(lambda: dict(score(rows)), "scoring the captions")
 
 
 def score(rows: list[dict[str, Any]]) -> dict[str, float]:

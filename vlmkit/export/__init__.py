@@ -14,32 +14,23 @@ an interrupted export never leaves a folder that looks complete.
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
-import shutil
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vlmkit.core.artifact import MERGED_MANIFEST
+from vlmkit.core.config import validated
 from vlmkit.core.errors import ArtifactError, ConfigError
-from vlmkit.runtime.onnx import MANIFEST as ONNX_MANIFEST
+from vlmkit.core.paths import staged_folder
+from vlmkit.export.config import EMBEDDINGS, FORMATS, QUANTIZATIONS, ExportConfig, check_format_options
+from vlmkit.export.steps import step
 
-log = logging.getLogger(__name__)
-
-FORMATS = ("onnx", "web", "hf")
-#: weight-only quantizations (ONNX Runtime's MatMulNBits); ``none`` keeps float32 graphs
-QUANTIZATIONS = ("int8", "int4", "none")
 #: what ``--format web`` uses when ``--quantize`` is not given (onnx: none)
 #: int8: on a trained demo model (shapes, 24 held-out images + 3 photos) int8 graphs kept 27 of 27
 #: captions identical to fp32, int4 25 of 27 (one shape caption wrong): under the 95% bar
 WEB_DEFAULT_QUANTIZE = "int8"
-#: how the web export stores the token-embedding table
-EMBEDDINGS = ("float16", "float32")
 DEFAULT_OPSET = 17
 #: scaled_dot_product_attention, which every built-in decoder uses, exports from opset 14 on
 MIN_OPSET = 14
@@ -77,14 +68,7 @@ def check_options(
     embeddings: str | None = None,
 ) -> int | None:
     """Refuse bad options before anything is loaded; returns the opset to use (ONNX and web)."""
-    if format not in FORMATS:
-        raise ConfigError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
-    if quantize is not None and quantize not in QUANTIZATIONS:
-        raise ConfigError(f"unknown quantization {quantize!r}; supported: {', '.join(QUANTIZATIONS)}")
-    if format == "hf" and (quantize is not None or opset is not None):
-        raise ConfigError("--opset and --quantize apply to --format onnx and web only")
-    if embeddings is not None and (format != "web" or embeddings not in EMBEDDINGS):
-        raise ConfigError(f"--embeddings applies to --format web only, as one of {', '.join(EMBEDDINGS)}")
+    check_format_options(format, opset, quantize, embeddings)
     if format == "web":
         from vlmkit.export.web import vendor_files
 
@@ -98,41 +82,32 @@ def check_options(
     return opset
 
 
-def export_model(
-    model: str | Path,
-    out: str | Path,
-    *,
-    format: str = "onnx",
-    opset: int | None = None,
-    quantize: str | None = None,
-    embeddings: str | None = None,
-    overwrite: bool = False,
-    registry=None,
-    on_step: Callable[[str], None] | None = None,
-) -> ExportResult:
-    """Export the trained model folder ``model`` to the new folder ``out`` (see the module docstring)."""
-    from vlmkit.core.artifact import load, read_manifest
+def run(config: ExportConfig, *, registry=None, on_step: Callable[[str], None] | None = None) -> ExportResult:
+    """``vlmkit export``: the trained model folder ``config.model`` to the new folder
+    ``config.output`` (see the module docstring)."""
+    from vlmkit.core.artifact import read_manifest
+    from vlmkit.core.model import PrefixConditioningVLM
 
-    manifest = read_manifest(model)  # a one-line ArtifactError unless ``model`` is a vlmkit model
-    check_options(format, opset, quantize, out, overwrite, embeddings)
-    step(on_step, f"loading {model}")
-    vlm = load(model, registry=registry)
+    manifest = read_manifest(config.model)  # a one-line ArtifactError unless it is a vlmkit model
+    options = config.model_dump(exclude={"model", "output"})
+    check_options(out=config.output, **options)
+    step(on_step, f"loading {config.model}")
+    vlm = PrefixConditioningVLM.load(config.model, registry=registry)
     source = {
-        "model": str(Path(model).resolve()),
+        "model": str(Path(config.model).resolve()),
         "encoder": manifest.get("encoder"),
         "decoder": manifest.get("decoder"),
     }
-    return export_vlm(
-        vlm,
-        out,
-        format=format,
-        opset=opset,
-        quantize=quantize,
-        embeddings=embeddings,
-        overwrite=overwrite,
-        source=source,
-        on_step=on_step,
-    )
+    return export_vlm(vlm, config.output, **options, source=source, on_step=on_step)
+
+
+def export_model(
+    model: str | Path, out: str | Path, *, registry=None, on_step=None, **options
+) -> ExportResult:
+    """``run`` for a model folder and an output folder; ``options`` as ``ExportConfig`` has them
+    (``format``, ``opset``, ``quantize``, ``embeddings``, ``overwrite``)."""
+    config = validated(ExportConfig, {"model": model, "output": out, **options}, "export")
+    return run(config, registry=registry, on_step=on_step)
 
 
 def export_vlm(
@@ -196,47 +171,33 @@ def _check_out(out: Path, overwrite: bool) -> None:
     if not out.exists():
         return
     if not out.is_dir():
-        raise ArtifactError(f"{out} exists and is not a folder; choose another --out")
+        raise ArtifactError(f"{out} exists and is not a folder; choose another --output")
     if not overwrite:
         raise ArtifactError(f"{out} already exists; pass --overwrite to replace it")
     if any(out.iterdir()) and not _is_export(out):
-        raise ArtifactError(f"{out} is not a vlmkit export; refusing to replace it (choose another --out)")
+        raise ArtifactError(f"{out} is not a vlmkit export; refusing to replace it (choose another --output)")
 
 
 def _is_export(path: Path) -> bool:
+    from vlmkit.runtime.onnx import MANIFEST as ONNX_MANIFEST  # numpy: not for ``vlmkit export --help``
+
     return (path / ONNX_MANIFEST).is_file() or (path / MERGED_MANIFEST).is_file()
 
 
-@contextlib.contextmanager
-def _staging(out: Path, overwrite: bool) -> Iterator[Path]:
+def _staging(out: Path, overwrite: bool):
     """A temporary folder beside ``out``, renamed to ``out`` when the block succeeds."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = out.parent / f".{out.name}.partial-{tag}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():
-            _check_out(out, overwrite)  # it may have appeared while we were exporting
-            old = out.parent / f".{out.name}.replaced-{tag}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
+    def replace(existing: Path) -> bool:
+        _check_out(existing, overwrite)  # it may have appeared while we were exporting
+        return True
 
-def step(on_step: Callable[[str], None] | None, message: str) -> None:
-    log.info("%s", message)
-    if on_step is not None:
-        on_step(message)
+    return staged_folder(out, replace)
 
 
 __all__ = [
     "DEFAULT_OPSET",
     "EMBEDDINGS",
+    "ExportConfig",
     "FORMATS",
     "QUANTIZATIONS",
     "MIN_OPSET",
@@ -245,4 +206,5 @@ __all__ = [
     "export_model",
     "export_vlm",
     "max_opset",
+    "run",
 ]

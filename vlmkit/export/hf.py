@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vlmkit import __version__
+from vlmkit.core import __version__
 from vlmkit.core.artifact import MERGED_FORMAT, MERGED_MANIFEST, MERGED_VERSION, state
 from vlmkit.core.artifact import manifest as manifest_of
 from vlmkit.core.paths import write_json
-from vlmkit.export import step
 from vlmkit.export.onnx import merged_decoder
+from vlmkit.export.steps import step
 
 
 def write_merged(vlm, folder: Path, *, source, on_step) -> dict[str, Any]:

@@ -43,10 +43,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlmkit import __version__
+from vlmkit.core import __version__
 from vlmkit.core.contracts import RESAMPLE
 from vlmkit.core.errors import ConfigError, ExportError, VlmkitError
-from vlmkit.export import step
+from vlmkit.export.steps import step
 from vlmkit.runtime import onnx as onnx_runtime
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def write_onnx(vlm, folder: Path, *, opset: int, quantize: str | None, source, o
         },
         "tokens": {
             "prompt": vlm.settings.prompt,
-            "style": vlm.settings.format,
+            "style": vlm.settings.prompt_format,
             "before": list(formatted.before),
             "after": list(formatted.after),
             "stop_ids": list(vlm.stop_token_ids),

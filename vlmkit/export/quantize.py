@@ -113,7 +113,7 @@ def quantize_graphs(
     """Quantize the graphs ``{"vision": file, "decoder": file}`` of ``folder`` to
     ``<part>.<variant>.onnx`` in ``target`` (default: ``folder``); returns the manifest's entry
     for the variant."""
-    from vlmkit.export import step
+    from vlmkit.export.steps import step
 
     target = folder if target is None else target
     block = BLOCK_SIZE[variant]

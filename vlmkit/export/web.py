@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from vlmkit.core.errors import ArtifactError
-from vlmkit.export import step
+from vlmkit.export.steps import step
 from vlmkit.runtime import onnx as onnx_runtime
 
 #: where the JS module, the page and the vendored libraries live in the package

@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
+from vlmkit.core.config import Precision, device_setting, precision_setting, setting
 from vlmkit.recipes import embedded_default
 from vlmkit.train.config import TrainConfig
 
@@ -30,7 +33,7 @@ DEMO_SETTINGS: dict[str, Any] = {
     # (44% against 40% at 150 steps, one seed) for 1.23x less CPU time a step. No LoRA dropout:
     # its random masks cost ~12% of a step on CPU (benchmarks/RESULTS.md).
     "model": {
-        "format": "plain",
+        "prompt_format": "plain",
         "projection": {"type": "mlp", "reduction": "avgpool", "tokens": 9},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
     },
@@ -59,6 +62,24 @@ SEEN_SAMPLES = 50
 SKIMAGE_PHOTOS = {"astronaut": "an astronaut", "chelsea": "a cat", "coffee": "a cup of coffee"}
 
 
+class DemoConfig(BaseModel):
+    """``vlmkit demo``: where it writes, and what may be shortened (torch-free; the flags)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    output: Path = setting(Path("runs/demo"), "Where the demo model and samples go (replaced).", short="-o")
+    steps: int | None = setting(
+        None, f"Training steps (default: the recipe's {DEMO_SETTINGS['max_steps']}).", ge=1
+    )
+    test_samples: int | None = setting(
+        None,
+        "Score this many images of each test set (default: all 100 held-out, 50 in-distribution).",
+        ge=1,
+    )
+    device: str = device_setting(" (where it trains and captions)")
+    precision: Precision = precision_setting()
+
+
 @dataclass
 class DemoResult:
     before: dict[str, float]  # held-out compositions, untrained (the first ``before_size``)
@@ -79,34 +100,30 @@ class DemoResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def demo_config(output_dir: str | Path, **overrides) -> TrainConfig:
-    data = embedded_default({**DEMO_SETTINGS, "output_dir": str(output_dir), **overrides})
+def demo_config(output: str | Path, **overrides) -> TrainConfig:
+    data = embedded_default({**DEMO_SETTINGS, "output": str(output), **overrides})
     # the loss on held-out pairs once, at the end (not every epoch): the scoring after training is
     # the demo's test, and each evaluation costs seconds
     data.setdefault("eval_every", data["max_steps"])
     return TrainConfig.model_validate(data)
 
 
-def run_demo(
-    output_dir: str | Path = "runs/demo",
-    *,
-    test_samples: int | None = None,
-    progress: bool = True,
-    log=print,
-    **overrides,
-) -> DemoResult:
+def run(demo: DemoConfig, *, progress: bool = True, log=print) -> DemoResult:
+    """The demo as the module docstring says; ``log`` prints its steps."""
     import numpy as np
 
+    import vlmkit
     from vlmkit.core.model import PrefixConditioningVLM
     from vlmkit.evaluate.loop import evaluate
     from vlmkit.plugins.datasets.scenes import colour_swap
     from vlmkit.sdk.datasets import load_split
     from vlmkit.train import train
     from vlmkit.train.job import training_placement
-    from vlmkit.train.precision import place
 
     started = time.perf_counter()
-    config = demo_config(output_dir, **overrides)
+    overrides = {"device": demo.device, "precision": demo.precision}
+    config = demo_config(demo.output, **overrides, **({"max_steps": demo.steps} if demo.steps else {}))
+    test_samples = demo.test_samples
     test = load_split(config.datasets, "test", seed=config.seed)  # scenes' test: held-out pairs
     seen_sets = [d.model_copy(update={"options": {**d.options, "test": "seen"}}) for d in config.datasets]
     seen = load_split(seen_sets, "test", seed=config.seed)
@@ -138,16 +155,14 @@ def run_demo(
     lap("training")
 
     log(f"[3/4] scoring the trained model on the same images and on {n_seen} in-distribution scenes")
-    model = place(
-        PrefixConditioningVLM.load, config.output_dir, device=placement.device, dtype=placement.precision
-    )
-    evaluation = evaluate(model, test, limit=n_test, out_dir=Path(config.output_dir) / "eval-test")
+    model = vlmkit.load(config.output, device=placement.device, dtype=placement.precision)
+    evaluation = evaluate(model, test, limit=n_test, out_dir=Path(config.output) / "eval-test")
     after = evaluation.metrics
-    seen_metrics = evaluate(model, seen, limit=n_seen, out_dir=Path(config.output_dir) / "eval-seen").metrics
+    seen_metrics = evaluate(model, seen, limit=n_seen, out_dir=Path(config.output) / "eval-seen").metrics
     wrong = [r for r in evaluation.predictions if not _exact(r)]
     swaps = sum(colour_swap(r["prediction"], r["references"][0]) for r in wrong)
 
-    sample_dir = Path(config.output_dir) / "samples"
+    sample_dir = Path(config.output) / "samples"
     sample_dir.mkdir(parents=True, exist_ok=True)
     samples = []
     for row in evaluation.predictions[:6]:

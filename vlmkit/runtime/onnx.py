@@ -37,7 +37,7 @@ import numpy as np
 
 from vlmkit.core.contracts import RESAMPLE, cut_at_stop
 from vlmkit.core.errors import ArtifactError, ConfigError, DataError
-from vlmkit.core.paths import read_json_manifest
+from vlmkit.core.paths import read_manifest
 
 MANIFEST = "vlmkit-onnx.json"
 FORMAT = "vlmkit-onnx"
@@ -200,20 +200,8 @@ def _int16_weights(weights: np.ndarray) -> tuple[np.ndarray, int]:
 
 def read_onnx_manifest(folder: str | Path) -> dict[str, Any]:
     """The manifest of an ONNX export; ``ArtifactError`` when ``folder`` is not one."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ArtifactError(f"ONNX export folder {folder} does not exist")
-    file = folder / MANIFEST
-    if not file.is_file():
-        raise ArtifactError(
-            f"{folder} is not a vlmkit ONNX export (no {MANIFEST}); make one with 'vlmkit export --format onnx'"
-        )
-    manifest = read_json_manifest(file, "vlmkit ONNX manifest")
-    if manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{file} is not a vlmkit ONNX manifest")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise ArtifactError(f"{folder} was written by a newer vlmkit (format {manifest['format_version']})")
-    return manifest
+    return read_manifest(folder, MANIFEST, format=FORMAT, version=FORMAT_VERSION, what="vlmkit ONNX export",
+                         make="make one with 'vlmkit export --format onnx'")  # fmt: skip
 
 
 def session_options(threads: int | None = None):

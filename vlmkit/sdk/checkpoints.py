@@ -13,14 +13,14 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from vlmkit.core.errors import PluginError
-from vlmkit.core.paths import cache_dir
+from vlmkit.core.paths import atomic_write as atomic_write  # for plugins converting checkpoints
+from vlmkit.core.paths import cache_dir, staged_folder
 
 CONVERSION_MARKER = "vlmkit-conversion.json"
 
@@ -54,7 +54,7 @@ def convert_gguf_checkpoint(
     if (final / CONVERSION_MARKER).is_file():
         return final
 
-    for stale_tmp in root.glob(f".{name}-*.tmp"):  # left by an interrupted conversion (> 1 h old)
+    for stale_tmp in root.glob(f".{name}-*.partial"):  # left by an interrupted conversion (> 1 h old)
         if time.time() - stale_tmp.stat().st_mtime > 3600:
             shutil.rmtree(stale_tmp, ignore_errors=True)
     report(
@@ -62,8 +62,8 @@ def convert_gguf_checkpoint(
         "(SmolLM2-135M: ~25 s on 2 cores)"
     )
     start = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-{key}.", suffix=".tmp", dir=root))
-    try:
+    # another process that finished first published a folder as good as ours: it is kept
+    with staged_folder(final, on_exists=lambda done: not (done / CONVERSION_MARKER).is_file()) as tmp:
         model, tokenizer = _load_gguf(src, name)
         model.hf_quantizer = None  # the weights are plain float tensors now
         if hasattr(model.config, "quantization_config"):
@@ -78,16 +78,6 @@ def convert_gguf_checkpoint(
             "seconds": round(seconds, 1),
         }
         (tmp / CONVERSION_MARKER).write_text(json.dumps(marker, indent=2))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache folder is an ordinary one
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished first; its folder is as good as ours
-            if not (final / CONVERSION_MARKER).is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in root.glob(f"{name}-*"):
         if old != final and _converted_from(old) == str(src):
             shutil.rmtree(old, ignore_errors=True)

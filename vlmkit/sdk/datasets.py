@@ -16,8 +16,7 @@ import contextlib
 import difflib
 import hashlib
 import json
-import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +24,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ValidationError
 
+# ``X as X``: core's helpers for loaders, which plugins import from here (vlmkit and the sdk only)
 from vlmkit.core.contracts import SPLITS, CaptionDataset, CaptionExample
+from vlmkit.core.contracts import read_image_file as read_image_file
 from vlmkit.core.errors import ConfigError, DataError, VlmkitWarning
+from vlmkit.core.paths import write_json as write_json
+from vlmkit.core.progress import progress_bar as progress_bar
+from vlmkit.core.ranks import from_rank_zero as from_rank_zero
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from vlmkit.core.contracts import DatasetSpec
@@ -298,28 +302,6 @@ def load_split(datasets: Sequence[Any], split: str, *, seed: int = 0, registry=N
     return mix([data for _, data in parts], names=[name for name, _ in parts])
 
 
-def from_rank_zero(compute: Callable[[], Any], what: str) -> Any:
-    """``compute()`` on rank 0, its result on every rank (``compute()`` outside torch.distributed):
-    a loader's one-off work (checking or downloading images) is done once, and every rank gets
-    the same examples. A failure on rank 0 is raised on every rank: one left waiting would hang."""
-    dist = sys.modules.get("torch.distributed")  # never imports torch: only a job that set it up
-    if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
-        return compute()
-    box: list[Any] = [None]
-    if dist.get_rank() == 0:
-        try:
-            box = [("ok", compute())]
-        except Exception as exc:
-            box = [("error", f"{what} on rank 0 failed: {exc}")]
-            dist.broadcast_object_list(box, src=0)
-            raise
-    dist.broadcast_object_list(box, src=0)
-    status, value = box[0]
-    if status == "error":
-        raise DataError(value)
-    return value
-
-
 #: what a loader's ``info`` may say about where its rows came from; runs record it in their manifest
 PROVENANCE_KEYS = ("source", "revision", "splits_from")
 
@@ -356,22 +338,3 @@ def captions_of(value: Any) -> list[str]:
         if isinstance(item, str) and item.strip() and item.strip() not in out:
             out.append(item.strip())
     return out
-
-
-@contextlib.contextmanager
-def progress_bar(label: str, total: int, enabled: bool | None = None) -> Iterator[Callable[[int], None]]:
-    """``advance(n)`` of a progress bar on stderr (rich, transient) for a loader's long step:
-    reading shards, downloading images. ``enabled=None``: when stderr is a terminal and there
-    is more than one step."""
-    if enabled is None:
-        enabled = sys.stderr.isatty() and total > 1
-    if not enabled:
-        yield lambda n: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda n: bar.advance(task, n)

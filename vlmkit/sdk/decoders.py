@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from vlmkit.core.contracts import STYLES, DecoderSpec, Formatted
-from vlmkit.core.errors import PluginError
+from vlmkit.core.errors import ConfigError, PluginError
+from vlmkit.core.placement import torch_dtype
 
 # Stand-ins rendered through the chat template, then cut out. Plain ASCII, so no template escapes
 # or trims them.
@@ -88,7 +89,6 @@ class TransformersDecoderSpec(DecoderSpec):
         ``dtype`` is a ``torch.dtype``, its name (``"bfloat16"``) or ``"auto"``; ``None`` means
         float32. The tokenizer always has a pad token (its EOS when it has none of its own).
         """
-        import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         name = checkpoint or self.default_checkpoint
@@ -98,12 +98,12 @@ class TransformersDecoderSpec(DecoderSpec):
         _check_local_path(source, name)
         config = self._hub_call(name, "config", lambda: AutoConfig.from_pretrained(source, revision=revision))
         self.check_model_type(config, name)
-        torch_dtype = _torch_dtype(dtype, torch)
+        weights_dtype = _torch_dtype(dtype)
         model = self._hub_call(
             name,
             "weights",
             lambda: AutoModelForCausalLM.from_pretrained(
-                source, revision=revision, config=config, dtype=torch_dtype
+                source, revision=revision, config=config, dtype=weights_dtype
             ),
         )
         tokenizer = self._hub_call(
@@ -458,15 +458,14 @@ def _adaptable_modules(model: Any):
             yield name.rsplit(".", 1)[-1], module
 
 
-def _torch_dtype(dtype: Any, torch: Any) -> Any:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, str) and dtype != "auto":
-        value = getattr(torch, dtype, None)
-        if not isinstance(value, torch.dtype):
-            raise PluginError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16', 'float16' or 'auto'")
-        return value
-    return dtype
+def _torch_dtype(dtype: Any) -> Any:
+    """``dtype`` for ``from_pretrained``: ``auto`` as it is, else a torch dtype (``torch_dtype``)."""
+    if dtype == "auto":
+        return dtype
+    try:
+        return torch_dtype(dtype)
+    except ConfigError as exc:
+        raise PluginError(f"{exc} or auto") from None
 
 
 def _check_local_path(source: str, checkpoint: str) -> None:

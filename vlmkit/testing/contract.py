@@ -460,7 +460,7 @@ def _check_decoder(
     vlm = None
     for style in styles:
         with checks("build"):
-            styled = PrefixConditioningVLM.build({**config, "format": style}, registry=registry)
+            styled = PrefixConditioningVLM.build({**config, "prompt_format": style}, registry=registry)
         with checks(f"label mask ({style})"):
             _check_label_mask(styled, IGNORE_INDEX)
         vlm = styled if style == "auto" else vlm  # the config's default format: the model checked on

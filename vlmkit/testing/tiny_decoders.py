@@ -354,40 +354,20 @@ def _sentencepiece_like(corpus: list[str], specials: tuple[str, ...], unk: str) 
 
 # ----------------------------------------------------------------------------------- checkpoints
 
+#: the size of every tiny decoder: width 64, 2 layers, 4 heads, 256 positions
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=256,
+)
 #: arch -> (config class name, tokenizer style, config kwargs)
 ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "llama": (
-        "LlamaConfig",
-        "smollm",
-        dict(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-        ),
-    ),
-    "qwen2": (
-        "Qwen2Config",
-        "chatml",
-        dict(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-        ),
-    ),
-    "phi": (
-        "PhiConfig",
-        "plain",
-        dict(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=256, partial_rotary_factor=0.5,
-        ),
-    ),
-    "phi3": (
-        "Phi3Config",
-        "phi3",
-        dict(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=4, max_position_embeddings=256, original_max_position_embeddings=256,
-        ),
-    ),
+    "llama": ("LlamaConfig", "smollm", {**TINY, "num_key_value_heads": 2, "tie_word_embeddings": True}),
+    "qwen2": ("Qwen2Config", "chatml", {**TINY, "num_key_value_heads": 2, "tie_word_embeddings": True}),
+    "phi": ("PhiConfig", "plain", {**TINY, "partial_rotary_factor": 0.5}),
+    "phi3": ("Phi3Config", "phi3", {**TINY, "num_key_value_heads": 4, "original_max_position_embeddings": 256}),
     "gpt2": ("GPT2Config", "plain", dict(n_embd=64, n_layer=2, n_head=4, n_positions=256)),
 }  # fmt: skip
 

@@ -1,6 +1,9 @@
 """The run configuration of ``vlmkit train``: a YAML file, overridden by command-line flags.
 
-Torch-free (pydantic and PyYAML only), like ``vlmkit.core.config``.
+Torch-free (pydantic and PyYAML only), like ``vlmkit.core.config``. Each setting is declared once,
+here: ``vlmkit train``'s flags are generated from these fields, a flag being its key with dashes
+(``lr_lora``: ``--lr-lora``; ``model.projection.tokens``: ``--projection-tokens``; a list takes its
+flag once per item: ``datasets``, ``--dataset``).
 
 Validated by pydantic; every error names the field (``lr_lora: must be greater than 0``).
 A config file looks like::
@@ -13,7 +16,7 @@ A config file looks like::
     datasets:
       - name: folder
         options: {path: ./photos, captions: ./photos/captions.jsonl}
-    output_dir: runs/photos
+    output: runs/photos
     epochs: 3
     lr_lora: 5.0e-4
 """
@@ -24,21 +27,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
-from vlmkit.core.config import ModelConfig, validated
+from vlmkit.core.config import (
+    DatasetConfig,
+    ModelConfig,
+    Precision,
+    device_setting,
+    nested,
+    parse_yaml,
+    precision_setting,
+    setting,
+    validated,
+)
 from vlmkit.core.errors import ConfigError
-from vlmkit.train.precision import DEVICE_PATTERN
 
+__all__ = ["DatasetConfig", "TrainConfig", "load_config", "parse_set", "validate_config"]
 
-class DatasetConfig(BaseModel):
-    """One dataset of the mix: a dataset plugin name and its options."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str
-    options: dict[str, Any] = Field(default_factory=dict)
+MODEL, DATA, OPTIMISATION, RUN = "Model", "Data", "Optimisation", "Run"
 
 
 class TrainConfig(BaseModel):
@@ -46,69 +52,86 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    datasets: list[DatasetConfig] = Field(min_length=1)
-    output_dir: Path = Path("runs/default")
-    seed: int = 0
-
-    epochs: float = Field(3.0, gt=0, description="passes over the training split")
-    max_steps: int | None = Field(
-        None, gt=0, description="stop after this many optimizer steps (overrides epochs)"
+    model: ModelConfig = setting(default_factory=ModelConfig, group=MODEL)
+    datasets: list[DatasetConfig] = setting(
+        help="Dataset plugin, repeat to mix: NAME or NAME:key=value,... e.g. folder:path=./photos "
+        "(default: the embedded default's).",
+        group=DATA,
+        short="-d",
+        min_length=1,
     )
-    batch_size: int = Field(16, gt=0, description="examples per device per step")
-    grad_accum: int = Field(1, gt=0, description="gradient accumulation steps")
-    group_by_length: bool = Field(
-        False,
-        description="batch captions of similar length together: less padding (1.22x per epoch on "
-        "5-40 word captions), but batches less mixed where length follows content",
+    max_train_samples: int | None = setting(None, "Train on the first N examples only.", group=DATA, gt=0)
+    max_eval_samples: int | None = setting(200, "Evaluate on the first N examples only.", group=DATA, gt=0)
+    feature_cache: bool = setting(
+        True, "Train from cached encoder features when the encoder is frozen.", group=DATA
     )
-    lr_projection: float = Field(2e-3, gt=0)
-    lr_lora: float = Field(5e-4, gt=0)
-    lr_encoder: float = Field(1e-5, gt=0, description="for unfrozen encoder layers")
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
-    max_grad_norm: float = Field(1.0, gt=0)
-    device: str = Field(
-        "auto",
-        pattern=DEVICE_PATTERN,
-        description="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps",
-    )
-    precision: Literal["auto", "fp32", "tf32", "bf16", "fp16"] = Field(
-        "auto",
-        description="auto: bf16 on CUDA where supported (else fp16), fp32 on MPS, on a CPU the faster of "
-        "fp32 and bf16 as measured; bf16/fp16 autocast with the frozen base weights in that dtype",
-    )
-    gradient_checkpointing: bool = Field(
-        False, description="recompute the decoder's activations in backward: less memory, more compute"
-    )
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
-        "auto",
-        description="the decoder's attention kernel; auto: sdpa, eager under bf16 on a CPU. Speed only: "
-        "a run setting, not part of the saved model (flash_attention_2 needs flash-attn and a CUDA GPU)",
-    )
-
-    eval_every: int | None = Field(None, gt=0, description="evaluate every N steps (default: once per epoch)")
-    eval_metrics: bool = Field(False, description="caption the validation split and compute BLEU/CIDEr/...")
-    max_eval_samples: int | None = Field(200, gt=0)
-    early_stopping_patience: int | None = Field(None, gt=0, description="evaluations without improvement")
-    save_every: int | None = Field(
-        None, gt=0, description="checkpoint every N steps (default: each evaluation)"
-    )
-    save_total_limit: int = Field(2, gt=0)
-    logging_steps: int = Field(10, gt=0)
-
-    feature_cache: bool = Field(
-        True, description="train from cached encoder features when the encoder is frozen"
-    )
-    cache_dir: Path | None = None
-    num_workers: int | None = Field(
+    cache_dir: Path | None = setting(
         None,
-        ge=0,
-        description="DataLoader worker processes (default: none from the feature cache or on a CPU; "
-        "min(4, CPUs // 2) when a GPU trains from images)",
+        "Feature cache folder (default $VLMKIT_HOME/features); the folder dataset keeps its image checks "
+        "in its image-checks/ too.",
+        group=DATA,
     )
-    max_train_samples: int | None = Field(None, gt=0)
+    num_workers: int | None = setting(
+        None,
+        "DataLoader worker processes (default: none from the feature cache or on a CPU; min(4, CPUs // 2) "
+        "when a GPU trains from images).",
+        group=DATA,
+        ge=0,
+    )
+
+    epochs: float = setting(3.0, "Passes over the training split.", group=OPTIMISATION, gt=0)
+    max_steps: int | None = setting(
+        None, "Stop after N optimizer steps (overrides epochs).", group=OPTIMISATION, gt=0
+    )
+    batch_size: int = setting(16, "Examples per step and device.", group=OPTIMISATION, gt=0)
+    grad_accum: int = setting(1, "Gradient accumulation steps.", group=OPTIMISATION, gt=0)
+    group_by_length: bool = setting(
+        False,
+        "Batch captions of similar length together: less padding (1.22x per epoch on 5-40 word "
+        "captions), but batches less mixed where length follows content.",
+        group=OPTIMISATION,
+    )
+    lr_projection: float = setting(2e-3, "Learning rate of the projection.", group=OPTIMISATION, gt=0)
+    lr_lora: float = setting(5e-4, "Learning rate of the LoRA adapter.", group=OPTIMISATION, gt=0)
+    lr_encoder: float = setting(1e-5, "Learning rate of unfrozen encoder layers.", group=OPTIMISATION, gt=0)
+    weight_decay: float = setting(0.0, "AdamW weight decay.", group=OPTIMISATION, ge=0)
+    warmup_ratio: float = setting(0.05, "Warm-up, as a share of the steps.", group=OPTIMISATION, ge=0, lt=1)
+    scheduler: Literal["cosine", "linear", "constant_with_warmup"] = setting(
+        "cosine", "Learning-rate schedule.", group=OPTIMISATION
+    )
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm.", group=OPTIMISATION, gt=0)
+    gradient_checkpointing: bool = setting(
+        False,
+        "Recompute the decoder's activations in backward: less memory, more compute.",
+        group=OPTIMISATION,
+    )
+    device: str = device_setting()
+    precision: Precision = precision_setting()
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = setting(
+        "auto",
+        "The decoder's attention kernel; auto: sdpa, eager under bf16 on a CPU. Speed only: a run setting, "
+        "not part of the saved model (flash_attention_2 needs flash-attn and a CUDA GPU).",
+        group="Device",
+    )
+
+    output: Path = setting(Path("runs/default"), "Output folder: the trained model.", group=RUN, short="-o")
+    resume: bool = setting(
+        False, "Continue the run in --output from its last checkpoint.", group=RUN, exclude=True
+    )
+    overwrite: bool = setting(False, "Delete the run in --output and start over.", group=RUN, exclude=True)
+    seed: int = setting(0, "Random seed (splits, initialisation, order).", group=RUN)
+    eval_every: int | None = setting(None, "Evaluate every N steps (default: each epoch).", group=RUN, gt=0)
+    eval_metrics: bool = setting(
+        False, "Caption the validation split and score BLEU/METEOR/ROUGE-L/CIDEr.", group=RUN
+    )
+    early_stopping_patience: int | None = setting(
+        None, "Stop after N evaluations without improvement (keeps the best).", group=RUN, gt=0
+    )
+    save_every: int | None = setting(
+        None, "Checkpoint every N steps (default: each evaluation).", group=RUN, gt=0
+    )
+    save_total_limit: int = setting(2, "Checkpoints kept.", group=RUN, gt=0)
+    logging_steps: int = setting(10, "Log the loss every N steps.", group=RUN, gt=0)
 
 
 def load_config(
@@ -126,10 +149,7 @@ def load_config(
         path = Path(path)
         source = str(path)
         data = _read_config_file(path)
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
-        _set_dotted(data, key, value)
+    nested(overrides or {}, into=data)
     if defaults is not None:
         data = defaults(data)
     return validate_config(data, source)
@@ -154,30 +174,19 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return loaded
 
 
-def parse_yaml(text: str, where: str) -> Any:
-    """``text`` as plain YAML data (no tags: nothing is constructed); ``ConfigError`` naming
-    ``where`` (a file, or a flag and its value) otherwise."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark and "\n" in text.strip() else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{where} is not valid YAML{at}: {problem}") from None
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items as dotted-key overrides (values as YAML)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(
+                f"--set {item!r}: use --set KEY=VALUE with a dotted key, e.g. --set model.lora.r=8"
+            )
+        out[key.strip()] = parse_yaml(value, f"--set {item!r}: the value")
+    return out
 
 
 def validate_config(data: dict[str, Any], source: str = "configuration") -> TrainConfig:
     """``data`` as a ``TrainConfig``; ``ConfigError`` naming ``source`` and the field."""
     return validated(TrainConfig, data, source)
-
-
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = data
-    for part in parts[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = {}
-            node[part] = child
-        node = child
-    node[parts[-1]] = value

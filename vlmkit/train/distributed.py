@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from vlmkit.core import ranks
 from vlmkit.core.errors import ConfigError
 
 #: the trainable tensors of a checkpoint (``VLMTrainer`` writes the same file)
@@ -193,12 +194,12 @@ def save_checkpoint(model, optimizer, folder) -> None:
 
     tensors = trainable_state_dict(model)
     state = _optimizer_state(model, optimizer)
-    if _rank() == 0:
+    if ranks.rank() == 0:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write(folder / OPTIMIZER_FILE, lambda tmp: torch.save(state, tmp))
         atomic_write(folder / TRAINABLE_FILE, lambda tmp: save_file(tensors, str(tmp)))
-    _barrier()
+    ranks.barrier()
 
 
 def load_checkpoint(model, optimizer, folder) -> None:
@@ -223,19 +224,6 @@ def _optimizer_state(model, optimizer) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def shard_model(model, **fully_shard_kwargs: Any):
@@ -285,15 +273,14 @@ def save_model(model, path, *, training: dict | None = None, registry=None) -> N
     gathered first (a collective) and rank 0 writes them from an unsharded copy of the model, built
     from the same config: a sharded module's ``state_dict`` holds shards, never full tensors."""
     if not is_sharded(model):
-        if _rank() == 0:
+        if ranks.rank() == 0:
             vlm_of(model).save(path, training=training)
         return
     tensors = trainable_state_dict(model)
-    if _rank() == 0:
-        from vlmkit.core.artifact import assemble
-
+    if ranks.rank() == 0:
+        vlm = vlm_of(model)
         with _without_zero3_init():
-            plain = assemble(vlm_of(model).settings, registry=registry, seed=None)
+            plain = type(vlm).build(vlm.settings, registry=registry, seed=None)
         load_trainable(plain, tensors, source="the gathered trainable tensors")
         plain.save(path, training=training)
 

@@ -67,6 +67,7 @@ from typing import TYPE_CHECKING, Any
 from vlmkit.core.contracts import CaptionDataset, VisionEncoder
 from vlmkit.core.errors import DataError, VlmkitWarning
 from vlmkit.core.paths import cache_dir, write_json
+from vlmkit.core.progress import progress_bar
 from vlmkit.core.projection import ProjectionConfig
 from vlmkit.sdk.datasets import IMAGE_CHECKS, fingerprint
 
@@ -340,7 +341,9 @@ class FeatureCache:
                 _prefetch(
                     run.dataset, encoder.preprocess, lo + start, hi, run.batch_size, run.num_workers
                 ) as batches,
-                _progress_bar(hi - lo, start, run.progress if progress is None else progress) as advance,
+                progress_bar(
+                    "caching features", hi - lo, run.progress if progress is None else progress, start=start
+                ) as advance,
             ):
                 for n_batch, (first, pixel_values) in enumerate(batches, start=1):
                     dtype = param.dtype if param is not None else pixel_values.dtype
@@ -568,22 +571,6 @@ def _prefetch(
         done.set()
         producer.join(timeout=10)
         pool.shutdown(wait=False, cancel_futures=True)
-
-
-@contextlib.contextmanager
-def _progress_bar(total: int, start: int, enabled: bool | None):
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
-        yield lambda n: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (TextColumn("caching features"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("features", total=total, completed=start)
-        yield lambda n: bar.advance(task, n)
 
 
 class _FileLock:

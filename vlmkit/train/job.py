@@ -32,15 +32,16 @@ import yaml
 from transformers import EarlyStoppingCallback, Trainer, TrainerState, TrainingArguments
 from transformers.trainer_utils import TrainOutput
 
+from vlmkit.core import ranks
 from vlmkit.core.errors import ConfigError, DataError, VlmkitWarning
 from vlmkit.core.model import PrefixConditioningVLM
 from vlmkit.core.paths import write_json
+from vlmkit.core.placement import Placement, resolve
 from vlmkit.sdk.datasets import BadImagesError, data_sources, dataset_cache_root, load_split, tsv_field
 from vlmkit.train.config import TrainConfig
 from vlmkit.train.data import CaptionTrainingSet, Collator
 from vlmkit.train.distributed import PLACEMENT_FILE, fsdp1_root, gathered, save_model
 from vlmkit.train.features import FeatureCache
-from vlmkit.train.precision import Placement, resolve
 from vlmkit.train.trainer import JsonlLogger, VLMTrainer, prepare_model_for_precision
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class TrainResult:
 
 def prepare_output_dir(config: TrainConfig, *, resume: bool, overwrite: bool) -> None:
     """Refuse to mix runs: a folder holding another run is never silently reused or deleted."""
-    out = config.output_dir
+    out = config.output
     run_file = out / RUN_FILE
     # a start refused for bad images leaves only their list: the corrected command may use the folder
     if not out.exists() or not any(p.name != BAD_IMAGES_FILE for p in out.iterdir()):
@@ -189,11 +190,11 @@ def train(
     callbacks: list | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train a model as ``config`` says and write the artifact to ``config.output_dir``."""
+    """Train a model as ``config`` says and write the artifact to ``config.output``."""
     from transformers import set_seed
 
     started = time.perf_counter()
-    out = config.output_dir
+    out = config.output
     placement = training_placement(config, recorded_placement(out) if resume else None)
     args = _training_arguments(config, progress, placement)  # sets up torch.distributed under torchrun
     refusal = None
@@ -203,7 +204,7 @@ def train(
         except ConfigError as exc:
             refusal = str(exc)
     # every rank raises the refusal: one that waited at a barrier instead would hang until timeout
-    if (refusal := _from_rank_zero(refusal)) is not None:
+    if (refusal := ranks.broadcast(refusal)) is not None:
         raise ConfigError(refusal)
     if args.process_index == 0:
         log.info("training on %s", placement.describe())
@@ -304,7 +305,7 @@ def train(
         },
         registry=registry,
     )
-    _barrier()
+    ranks.barrier()
     return TrainResult(
         output_dir=out,
         global_step=trainer.state.global_step,
@@ -313,6 +314,20 @@ def train(
         seconds=time.perf_counter() - started,
         eval_metrics=eval_metrics,
         used_feature_cache=use_cache,
+    )
+
+
+def run(
+    config: TrainConfig, *, registry=None, callbacks: list | None = None, progress: bool = True
+) -> TrainResult:
+    """``vlmkit train``: ``train`` with the run actions ``config`` holds (``resume``, ``overwrite``)."""
+    return train(
+        config,
+        resume=config.resume,
+        overwrite=config.overwrite,
+        registry=registry,
+        callbacks=callbacks,
+        progress=progress,
     )
 
 
@@ -344,7 +359,7 @@ def _problems(data) -> dict[str, str]:
 
 
 def _write_bad(config: TrainConfig, problems: dict[str, str]) -> Path:
-    file = config.output_dir / BAD_IMAGES_FILE
+    file = config.output / BAD_IMAGES_FILE
     file.parent.mkdir(parents=True, exist_ok=True)
     lines = [f"{tsv_field(image)}\t{tsv_field(why)}\n" for image, why in sorted(problems.items())]
     file.write_text("image\tproblem\n" + "".join(lines))
@@ -386,7 +401,7 @@ def recorded_placement(out: Path) -> dict[str, str] | None:
 
 
 def training_placement(config: TrainConfig, recorded: dict[str, str] | None = None) -> Placement:
-    """The device and precision ``config`` asks for, ``auto`` resolved (``vlmkit.train.precision``);
+    """The device and precision ``config`` asks for, ``auto`` resolved (``vlmkit.core.placement``);
     on ``--resume`` (``recorded``: what the run recorded) the run's own precision, kept.
 
     Under torchrun each rank takes the GPU of its local rank, so only ``auto`` or ``cuda`` fit.
@@ -405,7 +420,7 @@ def training_placement(config: TrainConfig, recorded: dict[str, str] | None = No
         was = recorded["precision"]
         if precision not in ("auto", was):
             raise ConfigError(
-                f"--resume: {config.output_dir} was trained in {was}; resume it in {was} (--precision "
+                f"--resume: {config.output} was trained in {was}; resume it in {was} (--precision "
                 f"{was} or auto), or --overwrite to train it again in {precision}"
             )
         precision = was
@@ -413,7 +428,7 @@ def training_placement(config: TrainConfig, recorded: dict[str, str] | None = No
     if placement.precision == "fp16" and placement.device_type == "cpu":
         raise ConfigError(
             "precision fp16 needs a GPU; on a CPU use bf16 or fp32"
-            + (f" (--resume: {config.output_dir} was trained in fp16 on a GPU)" if recorded else "")
+            + (f" (--resume: {config.output} was trained in fp16 on a GPU)" if recorded else "")
         )
     if recorded is not None:
         placement = Placement(
@@ -423,7 +438,7 @@ def training_placement(config: TrainConfig, recorded: dict[str, str] | None = No
         )
         if recorded.get("device_type") not in (None, placement.device_type):
             warnings.warn(
-                f"--resume: {config.output_dir} was trained on {recorded['device_type']} and continues on "
+                f"--resume: {config.output} was trained on {recorded['device_type']} and continues on "
                 f"{placement.device_type}; its results will not equal an uninterrupted run's",
                 VlmkitWarning,
                 stacklevel=2,
@@ -441,7 +456,7 @@ def _training_arguments(config: TrainConfig, progress: bool, placement: Placemen
         raise ConfigError("early stopping needs save_every to be a multiple of eval_every")
     on_cuda = placement.device_type == "cuda"
     args = TrainingArguments(
-        output_dir=str(config.output_dir / "checkpoints"),
+        output_dir=str(config.output / "checkpoints"),
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=max(config.batch_size, 16),
         gradient_accumulation_steps=config.grad_accum,
@@ -517,22 +532,16 @@ def _tensorboard_callback(folder: Path):
     return callback
 
 
-def _from_rank_zero(value: Any) -> Any:
-    """``value`` as rank 0 has it, on every rank (``value`` itself outside torchrun)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return value
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def steps_per_epoch(n_examples: int, config: TrainConfig, world_size: int = 1) -> int:
     return math.ceil(n_examples / (config.batch_size * config.grad_accum * world_size))
 
 
-__all__ = ["RUN_FILE", "TrainResult", "last_checkpoint", "prepare_output_dir", "steps_per_epoch", "train"]
+__all__ = [
+    "RUN_FILE",
+    "TrainResult",
+    "last_checkpoint",
+    "prepare_output_dir",
+    "run",
+    "steps_per_epoch",
+    "train",
+]

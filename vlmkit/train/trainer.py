@@ -3,6 +3,7 @@ only the trainable tensors (projection, LoRA, unfrozen encoder layers), not the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -11,9 +12,12 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from vlmkit.core.errors import ConfigError
 from vlmkit.core.model import PrefixConditioningVLM
+from vlmkit.core.progress import progress_bar
 from vlmkit.evaluate.loop import caption_and_score
 from vlmkit.train.config import TrainConfig
 from vlmkit.train.data import CaptionTrainingSet, LengthGroupedSampler, SamplerEpoch
@@ -99,11 +103,24 @@ class VLMTrainer(Trainer):
     ) -> None:
         super().__init__(*args, **kwargs)
         check_fsdp_applies(self)
+        # one bar of our own (``disable_tqdm``: none); Trainer's would print every log as a raw dict
+        for default in (PrinterCallback, ProgressCallback, DEFAULT_PROGRESS_CALLBACK):
+            self.remove_callback(default)
+        self.progress = None if self.args.disable_tqdm else TrainingProgress()
+        if self.progress is not None:
+            self.add_callback(self.progress)
         self.vlm_config = vlm_config
         self.placement = placement  # written into each checkpoint: --resume continues in it
         self.eval_captions = eval_captions  # (CaptionDataset, features or None) for --eval-metrics
         self.length_sampler: LengthGroupedSampler | None = None
         self.add_callback(SamplerEpoch(self))
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:  # also when it stops with an exception (Ctrl-C): the terminal gets its cursor back
+            if self.progress is not None:
+                self.progress.close()
 
     def _get_train_sampler(self, train_dataset=None):
         """With ``group_by_length``, batches of similar caption length: see ``LengthGroupedSampler``."""
@@ -216,3 +233,46 @@ class JsonlLogger(TrainerCallback):
             record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
             with self.path.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
+
+
+class TrainingProgress(TrainerCallback):
+    """One bar on stderr while training: step of all, loss, learning rate, samples/s, time left.
+
+    Trainer's own progress output (a tqdm bar and every log record printed as a raw dict) is
+    replaced by this; the records go to logs.jsonl (``JsonlLogger``) and TensorBoard instead.
+    """
+
+    def __init__(self) -> None:
+        self._bar = contextlib.ExitStack()
+        self._advance = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        columns = ("loss", "lr", "speed")
+        self._advance = self._bar.enter_context(
+            progress_bar(
+                "training", state.max_steps, start=state.global_step, columns=columns, transient=False
+            )
+        )
+        self._started, self._first_step = time.perf_counter(), state.global_step
+        self._per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._advance is not None:
+            steps = state.global_step - self._first_step
+            rate = steps * self._per_step / max(time.perf_counter() - self._started, 1e-9)
+            self._advance(1, speed=f"{rate:.1f} samples/s")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._advance is not None and logs and "loss" in logs:
+            lr = logs.get("learning_rate")
+            self._advance(0, loss=f"loss {logs['loss']:.4f}", lr=f"lr {lr:.2e}" if lr is not None else "")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self) -> None:
+        """End the bar (also when training stops with an exception: ``VLMTrainer.train``)."""
+        self._advance = None
+        self._bar.close()

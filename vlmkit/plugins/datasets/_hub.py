@@ -28,8 +28,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from vlmkit.core.contracts import SPLITS, CaptionExample, DatasetSpec
-from vlmkit.core.errors import ConfigError, DataError
+from vlmkit import SPLITS, CaptionExample, ConfigError, DataError, DatasetSpec
 from vlmkit.plugins.datasets._shards import find_shards, open_shards
 from vlmkit.sdk.datasets import (
     DEFAULT_FRACTIONS,
@@ -431,7 +430,7 @@ class _ImageSource:
 def _download_all(
     records: list[_Record], column: str, opts: HubOptions, dataset_id: str, where: str
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    from vlmkit.core.paths import cache_dir
+    from vlmkit import cache_dir
     from vlmkit.plugins.datasets._download import FAILURES_FILE, DownloadPolicy, download_images
 
     urls = {r.id: str(r.cells[column]) for r in records}
@@ -439,7 +438,7 @@ def _download_all(
     policy = DownloadPolicy(workers=getattr(opts, "download_workers", DownloadPolicy.workers))
     # rank 0 alone downloads (ranks sharing a folder would write the same files at once)
     done, failed = from_rank_zero(
-        lambda: download_images(urls, folder.expanduser(), policy), "downloading images"
+        lambda: download_images(urls, folder.expanduser(), policy), "downloading images", DataError
     )
     problems = {i: f"{urls[i]}: {why}" for i, why in failed.items()}
     if failed:

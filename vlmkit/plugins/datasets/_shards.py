@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlmkit.core.errors import DataError
+from vlmkit import DataError
 from vlmkit.sdk.datasets import progress_bar
 
 SHARD_SUFFIXES = (".arrow", ".parquet")

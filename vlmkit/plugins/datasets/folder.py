@@ -42,9 +42,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 import vlmkit
-from vlmkit.core.contracts import CaptionExample, DatasetSpec, read_image_file
-from vlmkit.core.errors import DataError
-from vlmkit.core.paths import write_json
+from vlmkit import CaptionExample, DataError, DatasetSpec
 from vlmkit.sdk.datasets import (
     DEFAULT_FRACTIONS,
     BadImagesError,
@@ -58,6 +56,8 @@ from vlmkit.sdk.datasets import (
     from_rank_zero,
     image_checks_dir,
     parse_options,
+    read_image_file,
+    write_json,
 )
 
 CAPTION_FILES = ("captions.jsonl", "captions.csv", "metadata.jsonl", "metadata.csv")
@@ -269,7 +269,7 @@ def _check_images(
     Under ``torch.distributed`` rank 0 checks and the other ranks receive its results (every rank
     loads the same splits in the same order, so they meet here alike).
     """
-    return from_rank_zero(lambda: _check_remembered(paths, inside, folder), "checking the images")
+    return from_rank_zero(lambda: _check_remembered(paths, inside, folder), "checking the images", DataError)
 
 
 def _check_remembered(paths: list[str], inside: set[str] | None, folder: Path):

@@ -56,8 +56,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 import vlmkit
-from vlmkit.core.contracts import CaptionExample, DatasetSpec
-from vlmkit.core.errors import DataError
+from vlmkit import CaptionExample, DataError, DatasetSpec
 from vlmkit.plugins.datasets.shapes import COLORS, SHAPES, canvas, draw_shape, jittered
 from vlmkit.sdk.datasets import (
     DEFAULT_FRACTIONS,

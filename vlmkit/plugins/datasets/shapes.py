@@ -17,8 +17,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 import vlmkit
-from vlmkit.core.contracts import CaptionExample, DatasetSpec
-from vlmkit.core.errors import ConfigError, DataError
+from vlmkit import CaptionExample, ConfigError, DataError, DatasetSpec
 from vlmkit.sdk.datasets import (
     DEFAULT_FRACTIONS,
     ListDataset,

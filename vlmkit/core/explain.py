@@ -110,7 +110,7 @@ def explain(model, example: str | CaptionExample | None = None, *, prompt: str |
             piece = tokenizer.convert_ids_to_tokens(token)
             positions.append(Position(i, part, token, str(piece), tokenizer.decode([token]), trained))
     resolve = getattr(model.decoder_spec, "resolve_style", None)
-    style = resolve(tokenizer, model.settings.format) if resolve else model.settings.format
+    style = resolve(tokenizer, model.settings.prompt_format) if resolve else model.settings.prompt_format
     return Explanation(
         decoder=model.settings.decoder,
         style=style,

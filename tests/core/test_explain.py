@@ -8,6 +8,7 @@ import json
 import pytest
 
 import vlmkit
+from vlmkit.core.errors import ConfigError
 from vlmkit.core.model import IGNORE_INDEX
 from vlmkit.core.registry import get_registry
 from vlmkit.testing import ToyEncoderSpec, make_registry, tiny_decoder_checkpoint, tiny_encoder_checkpoint
@@ -26,7 +27,7 @@ def llama(tmp_path_factory):
 def build(checkpoint, style):  # through the public surface, as a plugin author would
     registry = make_registry(ToyEncoderSpec(), get_registry().decoder("smollm"))
     config = {"encoder": "vlmkit-toy", "decoder": "smollm", "decoder_checkpoint": checkpoint}
-    return vlmkit.build({**config, "format": style, "prompt": PROMPT}, registry=registry)
+    return vlmkit.build({**config, "prompt_format": style, "prompt": PROMPT}, registry=registry)
 
 
 @pytest.mark.parametrize("style", ["chat", "plain"])
@@ -100,7 +101,7 @@ def test_cli_inspect_a_decoder_before_training(llama, tmp_path):
         "--encoder-checkpoint",
         clip,
     ]
-    result = CliRunner().invoke(app, ["inspect", CAPTION, *args, "--format", "plain", "--json"])
+    result = CliRunner().invoke(app, ["inspect", CAPTION, *args, "--prompt-format", "plain", "--json"])
     assert result.exit_code == 0, result.output
     shown = json.loads(result.stdout)
     assert shown["style"] == "plain" and shown["caption"] == CAPTION
@@ -112,5 +113,11 @@ def test_cli_inspect_a_decoder_before_training(llama, tmp_path):
     assert table.exit_code == 0, table.output
     assert "<image 0.." in table.stdout and "the model writes the caption from here" in table.stdout
 
-    refused = CliRunner().invoke(app, ["inspect", "--model", str(tmp_path), "--format", "chat"])
-    assert refused.exit_code == 2 and "--format: a saved model has its own" in refused.output
+    refused = CliRunner().invoke(app, ["inspect", "--model", str(tmp_path), "--prompt-format", "chat"])
+    assert isinstance(refused.exception, ConfigError)
+    assert (
+        str(refused.exception)
+        == "vlmkit inspect: --prompt-format: a saved model has its own; use them with --decoder"
+    )
+    renamed = CliRunner().invoke(app, ["inspect", "--model", str(tmp_path), "--format", "chat"])
+    assert renamed.exit_code == 2 and "renamed: use --prompt-format" in renamed.output

@@ -243,9 +243,7 @@ def place(load, path, *, device: str | None = None, dtype: Any = None, **kwargs)
     dtype, its name or a precision name; ``tf32`` loads fp32 and allows TF32 matmuls."""
     import torch
 
-    name = (
-        None if dtype is None else str(torch_dtype(str(dtype).removeprefix("torch."))).removeprefix("torch.")
-    )
+    name = None if dtype is None else str(torch_dtype(dtype)).removeprefix("torch.")
     model = load(path, dtype=name, **kwargs)
     if device is not None:
         model.to(resolve_device(device))
@@ -254,12 +252,16 @@ def place(load, path, *, device: str | None = None, dtype: Any = None, **kwargs)
     return model
 
 
-def torch_dtype(name: str | None) -> Any:
-    """``torch.float32`` etc. for ``float32``/``bfloat16``/``float16`` or a precision name."""
+def torch_dtype(name: Any) -> Any:
+    """``torch.float32`` etc. for a torch dtype, ``float32``/``bfloat16``/``float16`` (or
+    ``torch.float16``), a precision name, or ``None`` (float32): vlmkit's one dtype converter."""
     import torch
 
+    if isinstance(name, torch.dtype):
+        return name
     names = {"fp32": "float32", "tf32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-    value = getattr(torch, names.get(name or "float32", name or "float32"), None)
+    text = str(name or "float32").removeprefix("torch.")
+    value = getattr(torch, names.get(text, text), None)
     if not isinstance(value, torch.dtype):
         raise ConfigError(f"unknown dtype {name!r}; use float32, bfloat16, float16 (or fp32, bf16, fp16)")
     return value

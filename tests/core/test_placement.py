@@ -1,12 +1,12 @@
-"""``vlmkit.train.precision``: ``--device`` and ``--precision``, and the measured choice on a CPU."""
+"""``vlmkit.core.placement``: ``--device`` and ``--precision``, and the measured choice on a CPU."""
 
 from __future__ import annotations
 
 import pytest
 
+from vlmkit.core import placement as device
 from vlmkit.core.errors import ConfigError
-from vlmkit.train import precision as device
-from vlmkit.train.precision import resolve
+from vlmkit.core.placement import resolve
 
 
 @pytest.fixture(autouse=True)

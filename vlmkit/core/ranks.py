@@ -1,0 +1,69 @@
+"""Which process this is under ``torchrun``/``accelerate launch``, and the few collectives vlmkit's
+jobs share: a barrier, rank 0's value on every rank, rank 0's one-off work shared with the others.
+
+Outside a process group every helper is the single-process answer (rank 0 of 1, no waiting).
+Importing this module never imports torch: a process group exists only where a job has set one
+up, and then ``torch.distributed`` is already imported.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from vlmkit.core.errors import VlmkitError
+
+
+def process_group():
+    """``torch.distributed`` when a process group is set up, else ``None``."""
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
+
+
+def rank() -> int:
+    dist = process_group()
+    return dist.get_rank() if dist else 0
+
+
+def world_size() -> int:
+    dist = process_group()
+    return dist.get_world_size() if dist else 1
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for outside a process group)."""
+    if dist := process_group():
+        dist.barrier()
+
+
+def broadcast(value: Any) -> Any:
+    """``value`` as rank 0 has it, on every rank (``value`` itself outside a process group)."""
+    dist = process_group()
+    if dist is None or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def from_rank_zero(compute: Callable[[], Any], what: str, error: type[Exception] = VlmkitError) -> Any:
+    """``compute()`` on rank 0, its result on every rank (``compute()`` outside a process group):
+    one-off work (checking or downloading images, scoring captions) is done once and every rank
+    gets the same answer. A failure on rank 0 is raised there as it is and on the other ranks as
+    ``error("<what> on rank 0 failed: ...")``: a rank left waiting for the value would hang."""
+    dist = process_group()
+    if dist is None or dist.get_world_size() == 1:
+        return compute()
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("ok", compute())]
+        except Exception as exc:
+            dist.broadcast_object_list([("error", f"{what} on rank 0 failed: {exc}")], src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise error(value)
+    return value
