@@ -104,7 +104,19 @@ for stage in (2, 3):
     gathered = engine._zero3_consolidated_16bit_state_dict() if stage == 3 else vlm.state_dict()
     if rank == 0:
         save_file(trainable_state_dict(vlm, gathered), out + "-trainable.safetensors")
+    counted = []  # what vlmkit's own gathering gathers: the trainable tensors, not the whole model
+
+    class Counting(deepspeed.zero.GatheredParameters):
+        def __init__(self, params, *args, **kwargs):
+            counted.append(sum(p.ds_numel for p in params))
+            super().__init__(params, *args, **kwargs)
+
+    original, deepspeed.zero.GatheredParameters = deepspeed.zero.GatheredParameters, Counting
     tensors = trainable_state_dict(vlm)  # gathered by vlmkit itself (every rank)
+    deepspeed.zero.GatheredParameters = original
+    if rank == 0:
+        with open(out + "-gathered.json", "w") as fh:
+            json.dump({{"gathered": sum(counted), "checkpoint": sum(t.numel() for t in tensors.values())}}, fh)
     if stage == 3:  # resume: another initialisation, partitioned, then the tensors loaded into it
         torch.manual_seed(1)
         vlm = PrefixConditioningVLM.build(config, seed=1)
@@ -148,6 +160,14 @@ def test_zero_checkpoint_resume_and_artifact_match_one_process(config, trained, 
         assert torch.allclose(value, saved[name], atol=1e-5), name
 
     assert_artifact_matches(trained / f"zero{stage}", reference, want, pixels, CAPTIONS)
+    if stage == 3:  # only the partitions of the trainable tensors were gathered, never the whole model
+        counts = json.loads((trained / "zero3-gathered.json").read_text())
+        assert (
+            0
+            < counts["gathered"]
+            <= counts["checkpoint"]
+            < sum(p.numel() for p in reference.parameters()) / 4
+        )
 
 
 # ------------------------------------------------------------------------ vlmkit train under ZeRO-3

@@ -35,12 +35,20 @@ from transformers.trainer_utils import TrainOutput
 from vlmkit.core.errors import ConfigError, DataError, VlmkitWarning
 from vlmkit.core.model import PrefixConditioningVLM
 from vlmkit.core.paths import write_json
+from vlmkit.core.registry import get_registry
 from vlmkit.sdk.datasets import BadImagesError, data_sources, dataset_cache_root, load_split, tsv_field
 from vlmkit.train.config import TrainConfig
 from vlmkit.train.data import CaptionTrainingSet, Collator
-from vlmkit.train.distributed import PLACEMENT_FILE, fsdp1_root, gathered, save_model
+from vlmkit.train.distributed import (
+    PLACEMENT_FILE,
+    base_dtype,
+    fsdp1_root,
+    gathered,
+    save_model,
+    zero3_parameters,
+)
 from vlmkit.train.features import FeatureCache
-from vlmkit.train.precision import Placement, resolve
+from vlmkit.train.precision import Placement, resolve, resolve_device
 from vlmkit.train.trainer import JsonlLogger, VLMTrainer, prepare_model_for_precision
 
 log = logging.getLogger(__name__)
@@ -214,11 +222,14 @@ def train(
     set_seed(config.seed)  # after the data: a loader drawing random numbers does not change the model
     # the frozen encoder stays fp32 when it fills the feature cache: the cached features are then
     # the same whatever precision a run trains in, and every run of the data reuses them
+    dtype = base_dtype(placement.dtype)  # float32 under FSDP1, which needs one dtype per unit
+    if dtype != placement.dtype and args.process_index == 0:
+        log.info("FSDP1: the frozen base loads in float32; FSDP computes in %s", placement.precision)
     model = PrefixConditioningVLM.build(
         config.model,
         registry=registry,
         seed=config.seed,
-        dtype=placement.dtype,
+        dtype=dtype,
         encoder_dtype="float32" if config.feature_cache else None,
     )
     if args.process_index == 0:  # resolved against the loaded model: what LoRA really adapts
