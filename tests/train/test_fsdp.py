@@ -126,8 +126,8 @@ def rank_main(rank: int, world: int, config: dict, root: str, phase: str) -> Non
         train(vlm, optimizer, pixels, range(CHECKPOINT_AT, STEPS))
         mine = pixels[rank : rank + 1]  # each rank captions its own image: they may stop at different steps
         with unsharded_root(vlm):
-            ids = vlm.generate(pixel_values=mine, return_ids=True, max_new_tokens=8)
-            metrics = caption_and_score(vlm, eval_data(), batch_size=2, limit=EVAL)
+            ids = vlm.generate(pixel_values=mine, return_ids=True, max_new_tokens=8, **generate_in_step(vlm))
+            metrics = caption_and_score(vlm, eval_data(), batch_size=2, limit=EVAL, **generate_in_step(vlm))
         save_model(vlm, out + "/model")  # every rank: gathered, written by rank 0
         dist.barrier()
         Path(f"{out}/rank-{rank}.json").write_text(json.dumps({"ids": ids, "metrics": metrics}))

@@ -265,7 +265,7 @@ def save_checkpoint(model, optimizer, folder) -> None:
     from vlmkit.core.paths import atomic_write
 
     tensors = trainable_state_dict(model)
-    state = _optimizer_state(model, optimizer)
+    state = optimizer_state(model, optimizer)
     if _rank() == 0:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -285,17 +285,31 @@ def load_checkpoint(model, optimizer, folder) -> None:
     if not (folder / TRAINABLE_FILE).is_file() or not (folder / OPTIMIZER_FILE).is_file():
         raise ConfigError(f"{folder} is not a complete checkpoint ({TRAINABLE_FILE} and {OPTIMIZER_FILE})")
     load_trainable(model, load_file(str(folder / TRAINABLE_FILE)), source=f"checkpoint {folder}")
-    state = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    load_optimizer_state(model, optimizer, folder / OPTIMIZER_FILE)
 
 
-def _optimizer_state(model, optimizer) -> dict:
-    """The optimizer's state keyed by parameter name, full tensors (a collective when sharded)."""
+def optimizer_state(model, optimizer) -> dict:
+    """The optimizer's state keyed by parameter name, full tensors on the CPU (a collective when
+    sharded; under FSDP complete on rank 0 only). Compact copies: FSDP1 hands out views into one
+    buffer as large as a unit's flat parameter, frozen weights included, which ``torch.save``
+    would write whole."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=is_sharded(model))
+    state = get_optimizer_state_dict(model, optimizer, options=options)
+    for per_param in state.get("state", {}).values():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                per_param[key] = value.detach().cpu().clone()
+    return state
+
+
+def load_optimizer_state(model, optimizer, file) -> None:
+    """``optimizer_state``'s file into ``optimizer`` (sharded like ``model``); every rank reads it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def _rank() -> int:
@@ -315,9 +329,9 @@ def shard_model(model, **fully_shard_kwargs: Any):
     """FSDP2: ``fully_shard`` every decoder block (the decoder plugin's layer class, as
     ``model._no_split_modules`` says) and then the root (encoder, projection, embeddings, head).
 
-    Generation under sharding: wrap it in ``unsharded_root(model)``; the decoder is marked as
-    FSDP-managed so that transformers' ``generate`` keeps every rank stepping until all are done
-    (``synced_gpus``), as the sharded blocks need every rank in each forward.
+    Generation under sharding: wrap it in ``unsharded_root(model)`` and pass
+    ``generate_in_step(model)`` (``synced_gpus``): the sharded blocks need every rank in each
+    forward, so every rank steps until all are done.
     """
     from torch.distributed.fsdp import fully_shard
 
@@ -328,8 +342,19 @@ def shard_model(model, **fully_shard_kwargs: Any):
     for block in blocks:
         fully_shard(block, **fully_shard_kwargs)
     fully_shard(model, **fully_shard_kwargs)
-    model.language_model._is_fsdp_managed_module = True  # transformers' own FSDP2 marker
     return model
+
+
+def generate_in_step(model) -> dict[str, bool]:
+    """``generate`` options for ``model`` under ``torch.distributed``: ``synced_gpus`` when it is
+    sharded (FSDP, ZeRO-3), so that every rank steps until all are done: a sharded block gathers its
+    weights from every rank in each forward, and a rank done early would leave the others waiting
+    for ever. Said explicitly, not left to transformers' reading of the markers torch sets for
+    Dynamo on the modules FSDP manages."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return {"synced_gpus": True} if world > 1 and is_sharded(model) else {}
 
 
 @contextlib.contextmanager
@@ -337,7 +362,7 @@ def unsharded_root(model) -> Iterator[None]:
     """Full parameters of the root unit for calls other than ``forward`` (``generate``: the
     encoder, the projection and the embeddings live in the root unit), FSDP2 or FSDP1; a no-op
     otherwise. The decoder blocks still gather their own parameters in each forward, so every rank
-    must generate as many steps (``synced_gpus``, which ``generate`` turns on under FSDP)."""
+    must generate as many steps (pass ``generate_in_step(model)``)."""
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
     if isinstance(model, FSDPModule):
