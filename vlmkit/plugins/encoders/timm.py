@@ -287,9 +287,10 @@ def _stage_maps(model, pixel_values, stages: tuple[int, ...] | list[int]) -> lis
 
 def _stage_tokens(model, pixel_values, *, stages: tuple[int, ...], grid: tuple[int, int]):
     import torch
-    from torch.nn import functional as F
 
-    maps = [F.adaptive_avg_pool2d(m, grid) for m in _stage_maps(model, pixel_values, stages)]
+    from vlmkit.core.projection import adaptive_avg_pool
+
+    maps = [adaptive_avg_pool(m, grid) for m in _stage_maps(model, pixel_values, stages)]
     return torch.cat(maps, dim=1).flatten(2).transpose(1, 2)  # [B, sum C, H, W] -> [B, H*W, sum C]
 
 
