@@ -298,22 +298,48 @@ def load_split(datasets: Sequence[Any], split: str, *, seed: int = 0, registry=N
     return mix([data for _, data in parts], names=[name for name, _ in parts])
 
 
+#: minutes ranks wait for one rank's one-off preparation (default 360)
+PREPARE_TIMEOUT_ENV = "VLMKIT_PREPARE_TIMEOUT_MIN"
+_preparation: tuple[Any, Any] | None = None  # (the default group it was made for, the group)
+
+
+def preparation_group():
+    """A gloo process group over all ranks whose collectives wait ``VLMKIT_PREPARE_TIMEOUT_MIN``
+    minutes (6 hours by default), not the default group's 30 (10 under NCCL): ranks wait in it
+    while rank 0 alone checks or downloads a dataset, or while the slowest rank finishes its share
+    of a feature cache, which on a first COCO run takes longer. Made once per process group
+    (a collective: every rank calls it at the same point)."""
+    global _preparation
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    world = dist.group.WORLD
+    if _preparation is None or _preparation[0] is not world:
+        minutes = float(os.environ.get(PREPARE_TIMEOUT_ENV, "") or 360)
+        _preparation = (world, dist.new_group(backend="gloo", timeout=timedelta(minutes=minutes)))
+    return _preparation[1]
+
+
 def from_rank_zero(compute: Callable[[], Any], what: str) -> Any:
     """``compute()`` on rank 0, its result on every rank (``compute()`` outside torch.distributed):
     a loader's one-off work (checking or downloading images) is done once, and every rank gets
-    the same examples. A failure on rank 0 is raised on every rank: one left waiting would hang."""
+    the same examples, waiting for it in ``preparation_group``. A failure on rank 0 is raised on
+    every rank: one left waiting would hang."""
     dist = sys.modules.get("torch.distributed")  # never imports torch: only a job that set it up
     if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
         return compute()
+    group = preparation_group()
     box: list[Any] = [None]
     if dist.get_rank() == 0:
         try:
             box = [("ok", compute())]
         except Exception as exc:
             box = [("error", f"{what} on rank 0 failed: {exc}")]
-            dist.broadcast_object_list(box, src=0)
+            dist.broadcast_object_list(box, src=0, group=group)
             raise
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     status, value = box[0]
     if status == "error":
         raise DataError(value)
