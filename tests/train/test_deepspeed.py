@@ -5,7 +5,8 @@ the final artifact from every rank (gathered, written by rank 0). The artifact l
 and computes what the same training without DeepSpeed computes.
 
 And ``vlmkit train`` itself under ZeRO-3, configured as ``accelerate launch`` configures it
-(``ACCELERATE_USE_DEEPSPEED`` and friends) and launched with torchrun: its checkpoints leave the
+(``ACCELERATE_USE_DEEPSPEED`` and friends, without ``stage3_gather_16bit_weights_on_model_save``:
+vlmkit gathers only the trainable tensors) and launched with torchrun: its checkpoints leave the
 frozen base out, and a run stopped at step 4 and resumed to 6 ends where an uninterrupted run does.
 
 DeepSpeed is an optional extra of vlmkit (``.[deepspeed]``, which ``make test`` installs); without it
@@ -181,7 +182,8 @@ def zero3_train(torchrun, config, root, out, steps: int, *extra: str):
         "DS_ACCELERATOR": "cpu",
         "ACCELERATE_USE_DEEPSPEED": "true",
         "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
-        "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true",
+        # vlmkit gathers the trainable tensors itself: no 16-bit copy of the whole model is needed
+        "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "false",
         "VLMKIT_HOME": str(root / "home"),
     }
     args = [

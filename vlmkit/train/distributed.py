@@ -436,6 +436,28 @@ def checkpoints_without_frozen_weights(engine) -> None:
     engine._vlmkit_without_frozen = True
 
 
+def check_deepspeed_config(config: Mapping[str, Any]) -> None:
+    """Refuse a DeepSpeed config that would drop what vlmkit trains with.
+
+    An ``optimizer`` section makes ``Trainer`` hand DeepSpeed a placeholder and DeepSpeed build its
+    own optimizer with one learning rate for every parameter: vlmkit's per-part rates (projection,
+    LoRA, encoder) would be silently replaced. Without it, vlmkit's optimizer is used (under
+    ZeRO-Offload, DeepSpeed's CPU Adam with the same parameter groups: ``offloads_optimizer``)."""
+    if "optimizer" in config:
+        raise ConfigError(
+            "the DeepSpeed config has an optimizer section, which would replace vlmkit's per-part learning "
+            "rates (lr_projection, lr_lora, lr_encoder) with one: remove the optimizer section (vlmkit builds "
+            "AdamW, or DeepSpeed's CPU Adam under ZeRO-Offload)"
+        )
+
+
+def offloads_optimizer(config: Mapping[str, Any]) -> bool:
+    """True when a DeepSpeed config offloads the optimizer (ZeRO-Offload, to CPU or NVMe), where
+    DeepSpeed accepts only its own CPU Adam (or refuses to start)."""
+    offload = (config.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    return str(offload.get("device", "none")).lower() in ("cpu", "nvme")
+
+
 def check_fsdp_applies(trainer) -> None:
     """Refuse an FSDP request that ``Trainer`` would silently ignore.
 

@@ -21,6 +21,7 @@ from vlmkit.train.distributed import (
     OPTIMIZER_FILE,
     PLACEMENT_FILE,
     TRAINABLE_FILE,
+    check_deepspeed_config,
     check_fsdp_applies,
     checkpoints_without_frozen_weights,
     fsdp1_root,
@@ -28,6 +29,7 @@ from vlmkit.train.distributed import (
     is_sharded,
     load_optimizer_state,
     load_trainable,
+    offloads_optimizer,
     optimizer_state,
     trainable_state_dict,
     unsharded_root,
@@ -103,6 +105,8 @@ class VLMTrainer(Trainer):
     ) -> None:
         super().__init__(*args, **kwargs)
         check_fsdp_applies(self)
+        if self.is_deepspeed_enabled:
+            check_deepspeed_config(self._deepspeed_config())
         self.vlm_config = vlm_config
         self.placement = placement  # written into each checkpoint: --resume continues in it
         self.eval_captions = eval_captions  # (CaptionDataset, features or None) for --eval-metrics
@@ -119,11 +123,21 @@ class VLMTrainer(Trainer):
             return self.length_sampler
         return super()._get_train_sampler(train_dataset)
 
+    def _deepspeed_config(self) -> dict:
+        return self.accelerator.state.deepspeed_plugin.hf_ds_config.config
+
     def create_optimizer(self, model=None):
         # Trainer passes the prepared model when it creates the optimizer late (FSDP)
         if self.optimizer is None:
             model = self.accelerator.unwrap_model(model) if model is not None else self.model
-            self.optimizer = make_optimizer(optimizer_param_groups(model, self.vlm_config))
+            groups = optimizer_param_groups(model, self.vlm_config)
+            if self.is_deepspeed_enabled and offloads_optimizer(self._deepspeed_config()):
+                # ZeRO-Offload steps on the CPU with DeepSpeed's own Adam, and refuses any other
+                from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+                self.optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True)
+            else:
+                self.optimizer = make_optimizer(groups)
         return self.optimizer
 
     def _gather_target(self):
