@@ -202,7 +202,7 @@ def train(
 
     started = time.perf_counter()
     out = config.output_dir
-    placement = training_placement(config, recorded_placement(out) if resume else None)
+    placement = training_placement(config, recorded_placement(out) if resume else None, registry=registry)
     args = _training_arguments(config, progress, placement)  # sets up torch.distributed under torchrun
     refusal = None
     if args.process_index == 0:
@@ -396,13 +396,16 @@ def recorded_placement(out: Path) -> dict[str, str] | None:
     return None
 
 
-def training_placement(config: TrainConfig, recorded: dict[str, str] | None = None) -> Placement:
+def training_placement(
+    config: TrainConfig, recorded: dict[str, str] | None = None, *, registry=None
+) -> Placement:
     """The device and precision ``config`` asks for, ``auto`` resolved (``vlmkit.train.precision``);
     on ``--resume`` (``recorded``: what the run recorded) the run's own precision, kept.
 
     Under torchrun each rank takes the GPU of its local rank, so only ``auto`` or ``cuda`` fit.
     Outside it, ``Trainer`` always trains on the first visible GPU: another one is chosen with
-    ``CUDA_VISIBLE_DEVICES``, not ``cuda:N``.
+    ``CUDA_VISIBLE_DEVICES``, not ``cuda:N``. A decoder plugin declaring ``fp16_safe = False``
+    never gets fp16 (``auto`` picks fp32 on a GPU without bf16; ``fp16`` is refused).
     """
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if config.device.startswith("cuda:") and (distributed or config.device != "cuda:0"):
@@ -420,7 +423,9 @@ def training_placement(config: TrainConfig, recorded: dict[str, str] | None = No
                 f"{was} or auto), or --overwrite to train it again in {precision}"
             )
         precision = was
-    placement = resolve(config.device, precision, cache_dir=config.cache_dir)
+    spec = (registry or get_registry()).decoder(config.model.decoder) if config.model.decoder else None
+    no_fp16 = None if getattr(spec, "fp16_safe", True) else spec.name
+    placement = resolve(config.device, precision, cache_dir=config.cache_dir, no_fp16=no_fp16)
     if placement.precision == "fp16" and placement.device_type == "cpu":
         raise ConfigError(
             "precision fp16 needs a GPU; on a CPU use bf16 or fp32"
