@@ -425,7 +425,14 @@ def training_placement(
         precision = was
     spec = (registry or get_registry()).decoder(config.model.decoder) if config.model.decoder else None
     no_fp16 = None if getattr(spec, "fp16_safe", True) else spec.name
-    placement = resolve(config.device, precision, cache_dir=config.cache_dir, no_fp16=no_fp16)
+
+    def decide() -> Placement:
+        return resolve(config.device, precision, cache_dir=config.cache_dir, no_fp16=no_fp16)
+
+    if distributed and precision == "auto" and resolve_device(config.device) == "cpu":
+        placement = _decided_on_rank_zero(decide)  # a measurement: ranks must not decide apart
+    else:
+        placement = decide()
     if placement.precision == "fp16" and placement.device_type == "cpu":
         raise ConfigError(
             "precision fp16 needs a GPU; on a CPU use bf16 or fp32"
@@ -445,6 +452,28 @@ def training_placement(
                 stacklevel=2,
             )
     return placement
+
+
+def _decided_on_rank_zero(decide) -> Placement:
+    """``decide()`` on rank 0, its placement on every rank. ``auto`` on a CPU is a timing, and ranks
+    timing it apart could pick bf16 and fp32 in one run. The process group ``Trainer`` would set up
+    for CPU training (gloo, from torchrun's environment) is set up here, a little earlier: its
+    ``PartialState`` then uses it."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            placement = decide()
+            box = [("ok", placement.device, placement.precision, f"{placement.reason}; rank 0's choice")]
+        except ConfigError as exc:
+            box = [("error", str(exc))]
+    dist.broadcast_object_list(box, src=0)
+    if box[0][0] == "error":
+        raise ConfigError(box[0][1])
+    return Placement(*box[0][1:])
 
 
 def _training_arguments(config: TrainConfig, progress: bool, placement: Placement) -> TrainingArguments:
