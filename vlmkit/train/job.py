@@ -6,7 +6,8 @@ with no code of ours. What is ours:
 
 - Features from a frozen encoder come from the on-disk cache (``vlmkit.train.features``), computed once
   on the training device (rows split across ranks under torchrun), after the projection's
-  parameter-free token reduction, and read every epoch: the encoder never runs in the training loop.
+  parameter-free token reduction, and read every epoch: the encoder never runs in the training loop,
+  and it waits on the CPU, outside the trained model (``set_encoder_aside``).
 - Checkpoints hold only the trainable tensors (projection, LoRA, unfrozen encoder layers), not
   the frozen base weights, so they are megabytes, not gigabytes.
 - The output folder is a model artifact (``vlmkit.json`` ...), with ``checkpoints/``,
@@ -254,6 +255,7 @@ def train(
         with gathered(model.encoder) or contextlib.nullcontext():
             train_features = cache.features_for(model.encoder, train_data, **options)
             eval_features = cache.features_for(model.encoder, eval_data, **options)
+        set_encoder_aside(model)  # training and its evaluation read the features: not the encoder
     preprocess = None if use_cache else model.preprocess
     train_set = CaptionTrainingSet(train_data, train_features, preprocess, config.max_train_samples)
     eval_set = CaptionTrainingSet(eval_data, eval_features, preprocess, config.max_eval_samples)
@@ -299,6 +301,7 @@ def train(
     if config.eval_metrics or config.early_stopping_patience:
         eval_metrics = _final_evaluation(trainer) or trainer.evaluate()
 
+    put_encoder_back(model)
     # FSDP1: through the root unit Trainer wrapped (the raw model's own units are only its blocks)
     root = fsdp1_root(trainer.model_wrapped)
     save_model(  # rank 0 writes; under FSDP and ZeRO-3 every rank first takes part in gathering
@@ -325,6 +328,24 @@ def train(
         eval_metrics=eval_metrics,
         used_feature_cache=use_cache,
     )
+
+
+def set_encoder_aside(model: PrefixConditioningVLM) -> None:
+    """Take the frozen encoder out of ``model``'s modules, onto the CPU, while training reads cached
+    features (it never runs then): ``Trainer`` would move it to every GPU, DDP replicate it, FSDP
+    shard it and gather it in each step of the root unit. ``model.encoder`` still answers, as a
+    plain attribute; ``put_encoder_back`` makes it a submodule again (for saving). Not under
+    DeepSpeed ZeRO-3, whose partitioned encoder is its engine's to gather."""
+    if zero3_parameters(model.encoder):
+        return
+    encoder = model._modules.pop("encoder")
+    object.__setattr__(model, "encoder", encoder.to("cpu"))  # not nn.Module's: no registration
+
+
+def put_encoder_back(model: PrefixConditioningVLM) -> None:
+    encoder = model.__dict__.pop("encoder", None)
+    if encoder is not None:
+        model.encoder = encoder
 
 
 def _load_data(config: TrainConfig, registry, *, write_list: bool):
