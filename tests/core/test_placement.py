@@ -151,3 +151,50 @@ def test_devices_that_do_not_exist_here_are_one_line_config_errors(name, message
 def test_unknown_precision_is_refused():
     with pytest.raises(ConfigError, match="unknown precision 'half'"):
         resolve("cpu", "half")
+
+
+@pytest.fixture
+def t4(monkeypatch):
+    """A CUDA card without bf16 (a Tesla T4, compute capability 7.5), as torch reports it."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+
+
+def test_a_decoder_that_overflows_in_fp16_gets_fp32_from_auto_and_refuses_fp16(t4):
+    """Qwen2/2.5 overflow to NaN in fp16: its plugin declares it, and on a card without bf16
+    ``auto`` (fp16 for other decoders) picks fp32 for it; an explicit fp16 is a one-line refusal."""
+    assert resolve("cuda", "auto").precision == "fp16"
+    placement = resolve("cuda", "auto", no_fp16="qwen2")
+    assert placement.precision == "fp32" and "overflows in fp16" in placement.reason
+    with pytest.raises(
+        ConfigError, match="decoder 'qwen2' overflows in fp16.*--precision bf16.*or fp32"
+    ) as exc:
+        resolve("cuda", "fp16", no_fp16="qwen2")
+    assert "\n" not in str(exc.value)
+    assert resolve("cuda", "fp32", no_fp16="qwen2").precision == "fp32"
+
+
+def test_the_qwen2_plugin_declares_fp16_unsafe_and_training_reads_the_declaration(t4):
+    from vlmkit.core.registry import get_registry
+    from vlmkit.train.config import TrainConfig
+    from vlmkit.train.job import training_placement
+
+    registry = get_registry()
+    assert registry.decoder("qwen2").fp16_safe is False
+    assert registry.decoder("smollm").fp16_safe is True
+
+    def placement(decoder, precision="auto"):
+        model = {"encoder": "siglip", "decoder": decoder}
+        return training_placement(
+            TrainConfig(model=model, datasets=[{"name": "shapes"}], device="cuda", precision=precision)
+        )
+
+    assert placement("qwen2").precision == "fp32"
+    assert placement("smollm").precision == "fp16"
+    with pytest.raises(ConfigError, match="precision fp16: decoder 'qwen2' overflows"):
+        placement("qwen2", "fp16")

@@ -201,3 +201,34 @@ def test_projection_output_follows_its_own_dtype():
         out = module(features(4, 4))  # float32 features in, float64 prefix out
     assert out.dtype == torch.float64
     assert math.isfinite(float(out.sum()))
+
+
+# ------------------------------------------------------------------------------ pooling on every backend
+
+
+@pytest.mark.parametrize("size", [(7, 7), (14, 14), (7, 5), (9, 4), (16, 16)])
+@pytest.mark.parametrize("out", [(1, 1), (2, 2), (3, 3), (4, 4)])
+def test_adaptive_avg_pool_equals_torchs_adaptive_pooling(size, out):
+    from vlmkit.core.projection import adaptive_avg_pool
+
+    x = torch.randn(2, 5, *size, dtype=torch.float64)
+    torch.testing.assert_close(adaptive_avg_pool(x, out), torch.nn.functional.adaptive_avg_pool2d(x, out))
+
+
+def test_avgpool_to_a_grid_that_does_not_divide_the_map_uses_only_ops_mps_has(monkeypatch):
+    """Apple MPS refuses adaptive average pooling to a size that does not divide the input (the
+    demo pools 7x7 to 3x3): ``vlmkit demo`` crashed at its first caption. Here adaptive pooling is
+    refused as MPS refuses it, and the reduction still gives what it gives elsewhere."""
+    cfg, module = project((7, 7), reduction="avgpool", tokens=9)
+    x = features(7, 7)
+    expected = module(x)
+    grid = x.reshape(2, 7, 7, DV).permute(0, 3, 1, 2)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(grid, (3, 3)).flatten(2).transpose(1, 2)
+
+    def mps_adaptive_pool(inp, output_size):
+        raise RuntimeError("Adaptive pool MPS: input sizes must be divisible by output sizes")
+
+    monkeypatch.setattr(torch.nn.functional, "adaptive_avg_pool2d", mps_adaptive_pool)
+    monkeypatch.setattr(torch._C._nn, "adaptive_avg_pool2d", mps_adaptive_pool)
+    torch.testing.assert_close(module(x), expected)
+    torch.testing.assert_close(module.reduce(x), pooled)

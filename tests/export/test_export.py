@@ -135,6 +135,28 @@ def test_onnx_captions_match_pytorch_token_for_token(name, exported, images):
     assert manifest["vision"]["prefix_tokens"] == vlm.num_prefix_tokens
 
 
+def test_the_key_value_cache_stays_on_the_providers_device_between_steps(exported, images, monkeypatch):
+    """Through IO binding the cache is an ONNX Runtime value where the provider computed it (GPU
+    memory under the CUDA provider), bound as the next step's input: never copied to numpy and
+    back every token. On the CPU provider, the same path, on the CPU."""
+    import onnxruntime as ort
+
+    vlm, _, onnx = exported("siglip-llama")
+    captioner = OnnxCaptioner(onnx, variant="fp32", threads=1)
+    steps, step = [], captioner._step
+
+    def recording(embeds, length, past):
+        steps.append({type(v) for v in past.values()})
+        logits, present = step(embeds, length, past)
+        assert isinstance(logits, np.ndarray)
+        assert all(isinstance(v, ort.OrtValue) and v.device_name().lower() == "cpu" for v in present.values())
+        return logits, present
+
+    monkeypatch.setattr(captioner, "_step", recording)
+    assert captioner.generate(images, return_ids=True) == vlm.generate(images, return_ids=True)
+    assert len(steps) > 2 and steps[0] == {np.ndarray} and all(s == {ort.OrtValue} for s in steps[1:])
+
+
 def test_rows_stop_independently_like_pytorch(exported, images, tmp_path, monkeypatch):
     """A row that emits a stop token ends there while the others go on, as in PyTorch.
 

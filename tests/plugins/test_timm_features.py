@@ -102,3 +102,18 @@ def test_feature_stages_export_to_onnx_equal_to_pytorch(registry, tf_lite0, stag
     pixels = torch.randn(2, 3, 96, 96)
     export_vision_graph(vision, pixels, tmp_path / "vision.onnx", opset=17)
     assert check_vision_graph(tmp_path / "vision.onnx", vision, pixels) < 1e-4
+
+
+@pytest.mark.parametrize("features", [None, [2], [1, 2]])
+def test_every_parameter_of_the_last_layer_gets_a_gradient(registry, checkpoint, features):
+    """Unfreezing the last layer must train only what computes the features: with stages before the
+    last map (the embedded default's ``features: [4]``), EfficientNet's head convolution never runs,
+    and a trainable parameter without a gradient stops DDP at its second step."""
+    from vlmkit.plugins.encoders.timm import TimmOptions
+
+    options = TimmOptions(features=features) if features else None
+    encoder = registry.encoder("timm").load(checkpoint, **({"options": options} if options else {}))
+    last = encoder.layers()[-1].requires_grad_(True)
+    encoder(torch.randn(2, 3, 96, 96)).float().pow(2).mean().backward()
+    unused = [n for n, p in last.named_parameters() if p.grad is None]
+    assert not unused, unused

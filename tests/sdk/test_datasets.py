@@ -388,6 +388,34 @@ def test_under_torch_distributed_rank_zero_alone_checks_the_folder(torchrun, pho
     assert ranks[0]["fingerprints"] == ranks[1]["fingerprints"]
 
 
+def slow_preparation(rank: int, world: int, root: str) -> None:
+    """A rank of a process group whose collectives time out after 3 s (the default group's 30
+    minutes, shrunk), while rank 0 alone prepares for 6 s (checking or downloading a dataset)."""
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from vlmkit.core.ranks import from_rank_zero
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{root}/store", rank=rank, world_size=world, timeout=timedelta(seconds=3)
+    )
+    try:
+        value = from_rank_zero(lambda: time.sleep(6) or ["checked", "images"], "checking images")
+        Path(f"{root}/rank-{rank}.json").write_text(json.dumps(value))
+    except RuntimeError as exc:  # the waiting rank's collective timed out
+        Path(f"{root}/rank-{rank}.json").write_text(json.dumps(str(exc)[:200]))
+    dist.destroy_process_group()
+
+
+def test_ranks_wait_for_rank_zeros_preparation_past_the_default_collective_timeout(torchrun, tmp_path):
+    codes = torchrun.join(torchrun.fork(slow_preparation, str(tmp_path)), timeout=120)
+    results = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert results == [["checked", "images"]] * 2, results
+    assert codes == [0, 0]
+
+
 def test_folder_refuses_missing_folder_captions_and_empty_splits(tmp_path):
     with pytest.raises(DataError, match="no such folder"):
         FolderDataset().load("train", {"path": tmp_path / "nope"})

@@ -357,3 +357,44 @@ def test_training_on_a_numbered_gpu_points_to_cuda_visible_devices(name, monkeyp
     expected = "CUDA_VISIBLE_DEVICES=1" if name == "cuda:1" else "no CUDA GPU is visible"
     with pytest.raises(ConfigError, match=expected):
         training_placement(config)
+
+
+def placement_of_rank(rank: int, world: int, root: str, port: int, precisions: list[str]) -> None:
+    """A torchrun rank (its environment) whose CPU would time ``auto`` as ``precisions[rank]``."""
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    from vlmkit.core.placement import CPU_PRECISION_ENV
+    from vlmkit.train.job import training_placement
+
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    os.environ[CPU_PRECISION_ENV] = precisions[rank]  # stands for this rank's own measurement
+    config = TrainConfig(datasets=[{"name": "shapes"}], device="auto", precision="auto")
+    placement = training_placement(config)
+    with open(f"{root}/rank-{rank}.json", "w") as fh:
+        json.dump([placement.device, placement.precision, dist.is_initialized()], fh)
+    dist.destroy_process_group()
+
+
+def test_under_torchrun_rank_zero_decides_auto_on_a_cpu_for_every_rank(torchrun, tmp_path):
+    """``auto`` on a CPU is a timing: two ranks timing it apart could train one run in bf16 and fp32."""
+    import json
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    codes = torchrun.join(
+        torchrun.fork(placement_of_rank, str(tmp_path), port, ["bf16", "fp32"]), timeout=120
+    )
+    assert codes == [0, 0]
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert ranks == [["cpu", "bf16", True]] * 2  # rank 0's choice; Trainer reuses the process group

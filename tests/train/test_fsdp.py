@@ -25,6 +25,7 @@ from vlmkit.core.model import PrefixConditioningVLM
 from vlmkit.testing import sample_images
 from vlmkit.train.distributed import (
     checkpoint_names,
+    generate_in_step,
     is_sharded,
     load_checkpoint,
     load_trainable,
@@ -125,8 +126,8 @@ def rank_main(rank: int, world: int, config: dict, root: str, phase: str) -> Non
         train(vlm, optimizer, pixels, range(CHECKPOINT_AT, STEPS))
         mine = pixels[rank : rank + 1]  # each rank captions its own image: they may stop at different steps
         with unsharded_root(vlm):
-            ids = vlm.generate(pixel_values=mine, return_ids=True, max_new_tokens=8)
-            metrics = caption_and_score(vlm, eval_data(), batch_size=2, limit=EVAL)
+            ids = vlm.generate(pixel_values=mine, return_ids=True, max_new_tokens=8, **generate_in_step(vlm))
+            metrics = caption_and_score(vlm, eval_data(), batch_size=2, limit=EVAL, **generate_in_step(vlm))
         save_model(vlm, out + "/model")  # every rank: gathered, written by rank 0
         dist.barrier()
         Path(f"{out}/rank-{rank}.json").write_text(json.dumps({"ids": ids, "metrics": metrics}))
@@ -253,6 +254,7 @@ def fake_trainer(vlm, *, should_save: bool):
         model=vlm,
         args=SimpleNamespace(should_save=should_save, output_dir="unused"),
         accelerator=SimpleNamespace(unwrap_model=lambda m: m),
+        placement=None,
     )
 
 
@@ -336,11 +338,12 @@ def test_fsdp1_without_use_orig_params_is_refused(monkeypatch):
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     monkeypatch.delenv("FSDP_USE_ORIG_PARAMS", raising=False)
 
-    def trainer(plugin):
+    def trainer(plugin, model=None):
         return SimpleNamespace(
             args=SimpleNamespace(fsdp=["full_shard"]),
             is_fsdp_enabled=True,
             accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)),
+            model=model or torch.nn.Linear(2, 2),
         )
 
     default = FullyShardedDataParallelPlugin(fsdp_version=1)
@@ -352,3 +355,26 @@ def test_fsdp1_without_use_orig_params_is_refused(monkeypatch):
     assert "\n" not in str(exc.value)
     check_fsdp_applies(trainer(FullyShardedDataParallelPlugin(fsdp_version=1, use_orig_params=True)))
     check_fsdp_applies(trainer(FullyShardedDataParallelPlugin(fsdp_version=2)))  # FSDP2 keeps them anyway
+
+    # FSDP1 flattens a unit into one dtype: a bf16 base beside fp32 adapters is refused at start
+    mixed = torch.nn.Sequential(torch.nn.Linear(2, 2).to(torch.bfloat16), torch.nn.Linear(2, 2))
+    orig = FullyShardedDataParallelPlugin(fsdp_version=1, use_orig_params=True)
+    with pytest.raises(ConfigError, match="FSDP1 flattens each unit .* bfloat16 and float32") as exc:
+        check_fsdp_applies(trainer(orig, mixed))
+    assert "\n" not in str(exc.value)
+    check_fsdp_applies(trainer(FullyShardedDataParallelPlugin(fsdp_version=2), mixed))
+
+
+def test_fsdp1_loads_the_base_in_fp32_and_fsdp2_in_the_run_precision(monkeypatch):
+    """``accelerate launch`` asks for FSDP through its environment; its FSDP_VERSION defaults to 1."""
+    from vlmkit.train.distributed import base_dtype, fsdp_version_requested
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("FSDP_VERSION", raising=False)
+    assert fsdp_version_requested() is None and base_dtype("bfloat16") == "bfloat16"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert fsdp_version_requested() == 1
+    assert base_dtype("bfloat16") == base_dtype("float16") == "float32"
+    assert base_dtype("float32") == "float32" and base_dtype(None) is None
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert base_dtype("bfloat16") == "bfloat16"

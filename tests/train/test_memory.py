@@ -23,10 +23,22 @@ TINY = LlamaConfig(
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_activations_scale_from_one_layer_to_the_whole_model(precision):
+    """Far from the calibration's sizes (240 rows against 32 and 96), so that a per-layer constant
+    counted per token (the layer's weights, once, divided by the calibration's rows) would show."""
     per_token = activation_bytes_per_token(TINY, precision)
-    predicted = estimate(TINY, batch=3, tokens=20, precision=precision, per_token=per_token)
-    measured = saved_activation_bytes(_lora_model(TINY, precision), 3, 20, precision)
+    predicted = estimate(TINY, batch=3, tokens=80, precision=precision, per_token=per_token)
+    measured = saved_activation_bytes(_lora_model(TINY, precision), 3, 80, precision)
     assert predicted.activations == pytest.approx(measured, rel=0.1)
+
+
+def test_the_frozen_weights_a_layer_saves_are_not_activations():
+    model = _lora_model(TINY)
+    layer = sum(p.numel() * p.element_size() for p in model.get_base_model().model.layers[0].parameters())
+    per_token = activation_bytes_per_token(TINY, "fp32")
+    # one token's activations are a few hidden-width vectors, far less than a layer's weights
+    assert 0 < per_token < layer / 10
+    measured = saved_activation_bytes(model, 1, 1, "fp32")
+    assert measured < TINY.num_hidden_layers * layer / 10  # one token: nearly nothing saved
 
 
 def test_trained_and_frozen_terms_count_the_model_and_checkpointing_saves_memory():

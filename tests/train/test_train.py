@@ -23,6 +23,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 from typer.testing import CliRunner
 
 import vlmkit
@@ -717,3 +718,39 @@ def test_training_draws_one_bar_and_prints_no_raw_log_records(base_args, tmp_pat
     (bar,) = [line for line in result.output.splitlines() if line.startswith("training")]
     assert re.search(r" 4/4 loss \d+\.\d{4} lr \d\.\d\de-\d\d \d+\.\d samples/s ", bar), bar
     assert [r["step"] for r in read_logs(out) if "loss" in r] == [1, 2, 3, 4]  # the records: logs.jsonl
+
+
+class EncoderPlace(TrainerCallback):
+    """Where the encoder is while training steps: a submodule of the trained model, and its device."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[bool, str, bool]] = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        vlm = model.module if hasattr(model, "module") else model
+        names = {n for n, _ in vlm.named_parameters()}
+        device = next(vlm.encoder.parameters()).device.type
+        self.seen.append(
+            ("encoder" in dict(vlm.named_children()), device, any(n.startswith("encoder.") for n in names))
+        )
+
+
+def test_training_from_cached_features_keeps_the_encoder_out_of_the_trained_model(
+    checkpoints, home, tmp_path
+):
+    """The encoder never runs while training reads cached features: it is not moved to the device,
+    replicated by DDP or sharded and gathered by FSDP; the saved model has it back."""
+    from vlmkit.train.config import TrainConfig
+
+    config = TrainConfig(
+        model={"encoder": "siglip", "encoder_checkpoint": checkpoints["encoder"], "decoder": "smollm",
+               "decoder_checkpoint": checkpoints["decoder"]},
+        datasets=[{"name": "shapes", "options": {"size": 72, "image_size": 32}}],
+        batch_size=4, max_steps=2, output=tmp_path / "aside", eval_metrics=True, max_eval_samples=4,
+    )  # fmt: skip
+    place = EncoderPlace()
+    result = train(config, callbacks=[place], progress=False)
+    assert result.used_feature_cache and "eval_CIDEr" in result.eval_metrics  # captions from features
+    assert place.seen == [(False, "cpu", False)] * 2
+    model = vlmkit.load(tmp_path / "aside")
+    assert model.encoder is not None and "encoder" in dict(model.named_children())

@@ -129,3 +129,59 @@ def test_flash_attention_without_its_package_or_gpu_is_a_one_line_error(model_co
     ) as exc:
         prepare_model_for_precision(model, "bf16", "cpu", "flash_attention_2")
     assert "\n" not in str(exc.value)
+
+
+# ------------------------------------------------------------------------ DeepSpeed configurations
+
+
+def test_a_deepspeed_optimizer_section_is_refused_in_one_line():
+    """With an optimizer section Trainer hands DeepSpeed a placeholder and DeepSpeed builds its own
+    optimizer, one learning rate for every parameter: the per-part rates would be lost."""
+    from vlmkit.train.distributed import check_deepspeed_config
+
+    with_optimizer = {
+        "zero_optimization": {"stage": 2},
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto"}},
+    }
+    with pytest.raises(ConfigError, match="optimizer section.*lr_projection, lr_lora, lr_encoder") as exc:
+        check_deepspeed_config(with_optimizer)
+    assert "\n" not in str(exc.value)
+    check_deepspeed_config({"zero_optimization": {"stage": 3}})  # what accelerate launch builds
+
+
+def test_zero_offload_trains_with_deepspeeds_cpu_adam_and_the_per_part_learning_rates(
+    model_config, monkeypatch
+):
+    """DeepSpeed refuses any optimizer but its CPU Adam under ZeRO-Offload (unless told to accept
+    a slow one): vlmkit builds that one from its own parameter groups."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("deepspeed")
+    import deepspeed.ops.adam
+
+    from vlmkit.train.distributed import offloads_optimizer
+
+    class CPUAdam:  # building the real one compiles DeepSpeed's C++ op
+        def __init__(self, groups, adamw_mode):
+            self.groups, self.adamw_mode = groups, adamw_mode
+
+    monkeypatch.setattr(deepspeed.ops.adam, "DeepSpeedCPUAdam", CPUAdam)
+    offload = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    assert offloads_optimizer(offload)
+    assert not offloads_optimizer(
+        {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "none"}}}
+    )
+    vlm = PrefixConditioningVLM.build(model_config)
+    config = TrainConfig(model=model_config, datasets=[{"name": "shapes"}], lr_projection=3e-3, lr_lora=4e-4)
+
+    def trainer(ds_config, deepspeed=True):
+        fake = VLMTrainer.__new__(VLMTrainer)
+        fake.model, fake.optimizer, fake.vlm_config, fake.is_deepspeed_enabled = vlm, None, config, deepspeed
+        plugin = SimpleNamespace(hf_ds_config=SimpleNamespace(config=ds_config))
+        fake.accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin))
+        return fake
+
+    optimizer = trainer(offload).create_optimizer()
+    assert isinstance(optimizer, CPUAdam) and optimizer.adamw_mode
+    assert [g["lr"] for g in optimizer.groups] == [3e-3, 4e-4]  # projection, LoRA
+    assert isinstance(trainer({"zero_optimization": {"stage": 3}}).create_optimizer(), torch.optim.AdamW)

@@ -167,6 +167,9 @@ class DecoderSpec(PluginSpec):
     lora_targets: ClassVar[tuple[str, ...] | Mapping[str, tuple[str, ...]]] = ()
     #: class name of one transformer block, for FSDP auto-wrapping
     layer_class: ClassVar[str | None] = None
+    #: False when the family's activations overflow fp16 (NaN losses): ``auto`` then picks fp32 on
+    #: a GPU without bf16, and ``--precision fp16`` is refused
+    fp16_safe: ClassVar[bool] = True
 
     @abstractmethod
     def load(self, checkpoint: str | None = None, *, revision: str | None = None, dtype: Any = None):

@@ -291,11 +291,14 @@ class PrefixConditioningVLM(nn.Module):
         temperature: float = 1.0,
         top_p: float = 1.0,
         return_ids: bool = False,
+        synced_gpus: bool | None = None,
     ) -> list[str] | list[list[int]]:
         """Captions for a batch, decoded with the LM's KV cache (greedy by default).
 
         Give exactly one of ``images`` (PIL), ``pixel_values`` or ``features``. ``prompt`` is one
         prompt for all, or one per image (rows are then left-padded to a common length).
+        ``synced_gpus``: every rank steps until all are done (a sharded model needs every rank in
+        each forward); ``None`` lets transformers decide from the LM's FSDP/ZeRO-3 markers.
         """
         given = [x is not None for x in (images, pixel_values, features)]
         if sum(given) != 1:
@@ -323,6 +326,7 @@ class PrefixConditioningVLM(nn.Module):
                     top_k=None,
                     eos_token_id=self.stop_token_ids,
                     pad_token_id=self.pad_token_id,
+                    synced_gpus=synced_gpus,
                 )
         finally:
             self.train(was_training)

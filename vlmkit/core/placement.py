@@ -6,7 +6,7 @@
 that dtype).
 
 ``auto`` follows the hardware: on CUDA bf16 where the card has it, else fp16 (with loss scaling in
-training); on MPS fp32; on a CPU a measured choice. bf16 matmuls are ~2x faster than fp32 on a
+training; fp32 for a decoder whose plugin declares ``fp16_safe = False``); on MPS fp32; on a CPU a measured choice. bf16 matmuls are ~2x faster than fp32 on a
 Xeon with AMX or a Zen 4 core but ~2.5x slower on a Xeon without AMX (and ~100x slower on CPUs
 without any bf16 instructions), so a short probe decides there: one thread, fp32 and bf16 matmuls
 timed in alternating rounds, the best of several rounds each (a busy moment slows a sample, never
@@ -93,14 +93,28 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def resolve(device: str = "auto", precision: str = "auto", *, cache_dir: Path | None = None) -> Placement:
-    """Device and precision for a run, ``auto`` resolved as the module docstring says."""
+def resolve(
+    device: str = "auto",
+    precision: str = "auto",
+    *,
+    cache_dir: Path | None = None,
+    no_fp16: str | None = None,
+) -> Placement:
+    """Device and precision for a run, ``auto`` resolved as the module docstring says.
+
+    ``no_fp16``: the name of a decoder plugin that declares it overflows in fp16
+    (``fp16_safe = False``): ``auto`` never picks fp16 for it and ``fp16`` is refused."""
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
     device = resolve_device(device)
     kind = device.split(":")[0]
+    if precision == "fp16" and no_fp16 and kind != "cpu":
+        raise ConfigError(
+            f"precision fp16: decoder {no_fp16!r} overflows in fp16 (its plugin declares fp16_safe = False); "
+            "use --precision bf16 where the GPU has it, or fp32"
+        )
     if kind == "cuda":
-        return _cuda(device, precision)
+        return _cuda(device, precision, no_fp16)
     if precision in ("tf32", "fp16") and kind == "cpu":
         raise ConfigError(f"precision {precision} needs a GPU; on a CPU use bf16, fp32 or auto")
     if precision == "tf32":
@@ -112,7 +126,7 @@ def resolve(device: str = "auto", precision: str = "auto", *, cache_dir: Path | 
     return _cpu_auto(cache_dir)
 
 
-def _cuda(device: str, precision: str) -> Placement:
+def _cuda(device: str, precision: str, no_fp16: str | None = None) -> Placement:
     import torch
 
     name = torch.cuda.get_device_name(device)
@@ -128,6 +142,9 @@ def _cuda(device: str, precision: str) -> Placement:
         return Placement(device, precision, f"as asked on {name}")
     if has_bf16:
         return Placement(device, "bf16", f"auto on {name}: bf16 is supported")
+    if no_fp16:
+        why = f"auto on {name} ({major}.{minor}, no bf16): fp32, as decoder {no_fp16!r} overflows in fp16"
+        return Placement(device, "fp32", why)
     return Placement(device, "fp16", f"auto on {name} ({major}.{minor}, no bf16): fp16 with loss scaling")
 
 

@@ -97,8 +97,7 @@ def reduce_tokens(features, config: ProjectionConfig, grid: tuple[int, int] | No
     x = features.reshape(b, rows, cols, d)
     if config.reduction == "avgpool":
         side = math.isqrt(config.tokens)  # type: ignore[arg-type]
-        x = nn.functional.adaptive_avg_pool2d(x.permute(0, 3, 1, 2), (side, side))
-        return x.flatten(2).transpose(1, 2)
+        return adaptive_avg_pool(x.permute(0, 3, 1, 2), (side, side)).flatten(2).transpose(1, 2)
     f = config.factor
     pad_r, pad_c = (-rows) % f, (-cols) % f
     if pad_r or pad_c:  # replicate edges so every fold is full
@@ -107,6 +106,31 @@ def reduce_tokens(features, config: ProjectionConfig, grid: tuple[int, int] | No
         rows, cols = rows + pad_r, cols + pad_c
     x = x.reshape(b, rows // f, f, cols // f, f, d).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(b, (rows // f) * (cols // f), f * f * d)
+
+
+def adaptive_avg_pool(x, size: tuple[int, int]):
+    """``adaptive_avg_pool2d(x, size)`` of ``[..., H, W]`` in ops every backend has: Apple MPS (and
+    ONNX) cannot pool adaptively to a size that does not divide the map (7x7 -> 3x3); there it is
+    two products with fixed averaging matrices (pooling is separable), else a plain average pool."""
+    import torch
+
+    rows, cols = (int(n) for n in x.shape[-2:])
+    if rows % size[0] == 0 and cols % size[1] == 0:
+        return torch.nn.functional.avg_pool2d(x, (rows // size[0], cols // size[1]))
+    return torch.einsum(
+        "...rc,ir,jc->...ij", x, pooling_matrix(rows, size[0]).to(x), pooling_matrix(cols, size[1]).to(x)
+    )
+
+
+def pooling_matrix(size: int, out: int):
+    """[out, size]: row i averages the cells adaptive pooling gives output i."""
+    import torch
+
+    m = torch.zeros(out, size)
+    for i in range(out):
+        lo, hi = (i * size) // out, math.ceil((i + 1) * size / out)
+        m[i, lo:hi] = 1.0 / (hi - lo)
+    return m
 
 
 def build_projection(config: ProjectionConfig, feature_dim: int, lm_dim: int, grid: tuple[int, int] | None):

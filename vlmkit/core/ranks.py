@@ -8,6 +8,7 @@ up, and then ``torch.distributed`` is already imported.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -47,22 +48,46 @@ def broadcast(value: Any) -> Any:
     return box[0]
 
 
+#: minutes ranks wait for one rank's one-off preparation (default 360)
+PREPARE_TIMEOUT_ENV = "VLMKIT_PREPARE_TIMEOUT_MIN"
+_preparation: tuple[Any, Any] | None = None  # (the default group it was made for, the group)
+
+
+def preparation_group():
+    """A gloo process group over all ranks whose collectives wait ``VLMKIT_PREPARE_TIMEOUT_MIN``
+    minutes (6 hours by default), not the default group's 30 (10 under NCCL): ranks wait in it
+    while rank 0 alone checks or downloads a dataset, or while the slowest rank finishes its share
+    of a feature cache, which on a first COCO run takes longer. Made once per process group
+    (a collective: every rank calls it at the same point)."""
+    global _preparation
+    from datetime import timedelta
+
+    dist = process_group()
+    world = dist.group.WORLD
+    if _preparation is None or _preparation[0] is not world:
+        minutes = float(os.environ.get(PREPARE_TIMEOUT_ENV, "") or 360)
+        _preparation = (world, dist.new_group(backend="gloo", timeout=timedelta(minutes=minutes)))
+    return _preparation[1]
+
+
 def from_rank_zero(compute: Callable[[], Any], what: str, error: type[Exception] = VlmkitError) -> Any:
     """``compute()`` on rank 0, its result on every rank (``compute()`` outside a process group):
     one-off work (checking or downloading images, scoring captions) is done once and every rank
     gets the same answer. A failure on rank 0 is raised there as it is and on the other ranks as
-    ``error("<what> on rank 0 failed: ...")``: a rank left waiting for the value would hang."""
+    ``error("<what> on rank 0 failed: ...")``: a rank left waiting for the value would hang. The
+    others wait in ``preparation_group``, past the default collective timeout."""
     dist = process_group()
     if dist is None or dist.get_world_size() == 1:
         return compute()
+    group = preparation_group()
     box: list[Any] = [None]
     if dist.get_rank() == 0:
         try:
             box = [("ok", compute())]
         except Exception as exc:
-            dist.broadcast_object_list([("error", f"{what} on rank 0 failed: {exc}")], src=0)
+            dist.broadcast_object_list([("error", f"{what} on rank 0 failed: {exc}")], src=0, group=group)
             raise
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     status, value = box[0]
     if status == "error":
         raise error(value)

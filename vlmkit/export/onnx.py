@@ -29,7 +29,6 @@ import ctypes
 import inspect
 import json
 import logging
-import math
 import os
 import sys
 import tempfile
@@ -328,36 +327,23 @@ def _export_friendly_repeat_interleave() -> Iterator[None]:
 def _export_friendly_adaptive_pooling() -> Iterator[None]:
     """ONNX has no adaptive average pooling; torch exports it only when the output size divides an
     input size it can see (a 7x7 grid pooled to 4x4 does not; nor does a map whose size the graph
-    computes, as after TF "same" padding). While exporting, such pooling is an average pool of a
-    fixed kernel where the sizes divide, and otherwise the same averages written as two small
-    matrix products (pooling is separable)."""
+    computes, as after TF "same" padding). While exporting, an encoder's own adaptive pooling is
+    ``vlmkit.core.projection.adaptive_avg_pool``: an average pool of a fixed kernel where the sizes
+    divide, and otherwise the same averages written as two small matrix products."""
+    from vlmkit.core.projection import adaptive_avg_pool
 
     original = torch.nn.functional.adaptive_avg_pool2d
 
     def pool(x, output_size):
         rows, cols = (int(n) for n in x.shape[-2:])
         out_r, out_c = (output_size, output_size) if isinstance(output_size, int) else output_size
-        out_r, out_c = out_r or rows, out_c or cols
-        if rows % out_r == 0 and cols % out_c == 0:
-            return torch.nn.functional.avg_pool2d(x, (rows // out_r, cols // out_c))
-        pr = _pooling_matrix(rows, int(out_r)).to(x.dtype)
-        pc = _pooling_matrix(cols, int(out_c)).to(x.dtype)
-        return torch.einsum("...rc,ir,jc->...ij", x, pr, pc)
+        return adaptive_avg_pool(x, (int(out_r or rows), int(out_c or cols)))
 
     torch.nn.functional.adaptive_avg_pool2d = pool
     try:
         yield
     finally:
         torch.nn.functional.adaptive_avg_pool2d = original
-
-
-def _pooling_matrix(size: int, out: int):
-    """[out, size]: row i averages the cells adaptive pooling gives output i."""
-    m = torch.zeros(out, size)
-    for i in range(out):
-        lo, hi = (i * size) // out, math.ceil((i + 1) * size / out)
-        m[i, lo:hi] = 1.0 / (hi - lo)
-    return m
 
 
 def export_vision_graph(vision: nn.Module, pixels, path: Path, *, opset: int) -> None:

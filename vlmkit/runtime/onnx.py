@@ -232,7 +232,8 @@ def execution_providers(provider: str = "cpu") -> list[str]:
     if PROVIDERS[provider][0] not in available:
         raise ConfigError(
             f"provider {provider}: this ONNX Runtime has no {PROVIDERS[provider][0]} (it has "
-            f"{', '.join(available)}); install onnxruntime-gpu with a matching CUDA, or use --provider cpu"
+            f"{', '.join(available)}); install onnxruntime-gpu with a matching CUDA (pip uninstall "
+            "onnxruntime first: the two conflict), or use --provider cpu"
         )
     return PROVIDERS[provider]
 
@@ -302,6 +303,8 @@ class OnnxCaptioner:
         self._past_names = [n for n in dec["inputs"] if n.startswith("past_key_values.")]
         self._kv_shape = (dec["num_kv_heads"], dec["head_dim"])
         self._dtype = np.dtype(dec["dtype"])
+        #: where the key/value cache lives between steps (``_step``): the first provider's device
+        self._cache_device = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
 
     @contextlib.contextmanager
     def _reading(self, name: str):
@@ -404,16 +407,30 @@ class OnnxCaptioner:
         return dict.fromkeys(self._past_names, empty)
 
     def _step(self, embeds: np.ndarray, length: int, past: dict) -> tuple[np.ndarray, dict]:
-        """One decoder run over ``embeds`` (the last ``embeds.shape[1]`` of ``length`` positions)."""
+        """One decoder run over ``embeds`` (the last ``embeds.shape[1]`` of ``length`` positions).
+
+        Through IO binding, so the key/value cache stays where the provider computed it: an ONNX
+        Runtime value in GPU memory under the CUDA provider, bound as the next step's input as it
+        is. Only the logits come to the host (``run`` would copy the whole cache there and back
+        every token)."""
         batch, new = embeds.shape[:2]
-        feed = {
-            "inputs_embeds": embeds,
-            "attention_mask": np.ones((batch, length), dtype=np.int64),
-            "position_ids": np.arange(length - new, length, dtype=np.int64)[None].repeat(batch, 0),
-            **past,
-        }
-        logits, *present = self.decoder.run(None, feed)
-        return logits, dict(zip(self._past_names, present, strict=True))
+        binding = self.decoder.io_binding()
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds))
+        binding.bind_cpu_input("attention_mask", np.ones((batch, length), dtype=np.int64))
+        positions = np.arange(length - new, length, dtype=np.int64)[None].repeat(batch, 0)
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions))
+        for name, value in past.items():
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            else:
+                binding.bind_ortvalue_input(name, value)
+        logits_name, *present_names = (o.name for o in self.decoder.get_outputs())
+        binding.bind_output(logits_name)  # on the host
+        for name in present_names:
+            binding.bind_output(name, self._cache_device)
+        self.decoder.run_with_iobinding(binding)
+        logits, *present = binding.get_outputs()
+        return logits.numpy(), dict(zip(self._past_names, present, strict=True))
 
     def _greedy(self, prefix: np.ndarray, max_new_tokens: int) -> list[list[int]]:
         batch = prefix.shape[0]

@@ -9,11 +9,18 @@ calls it) and ``load_trainable`` puts full tensors back into the shards; pass th
 wrapped under FSDP1 (the root, not its ``.module``), and the module (not the engine) under DeepSpeed
 ZeRO-3, whose partitioned parameters are gathered with ``deepspeed.zero.GatheredParameters``. Under ``Trainer`` with FSDP or DeepSpeed, ``Trainer``
 gathers the state dict itself and hands it to ``_save``.
+
+Only what a checkpoint holds is gathered, never the whole model: a model that needed sharding does
+not fit unsharded on one GPU. Under FSDP2 each trainable ``DTensor`` is gathered alone; under
+FSDP1 one unit at a time (``summon_full_params(unit, recurse=False)``: a flat parameter is
+gathered whole, so a unit holding a LoRA adapter brings its block's frozen weights with it, as
+its forward does); under ZeRO-3 only the partitions of those tensors.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -105,28 +112,86 @@ def trainable_state_dict(model, state_dict: Mapping[str, Any] | None = None) -> 
     then every rank must call it.
     """
     names = checkpoint_names(model)
-    if state_dict is None and (gather := gathered(model, modifier_rank=None)) is not None:
+    if state_dict is None and (root := fsdp1_root(model)) is not None:
+        return _fsdp1_take(root, names)
+    if state_dict is None and (gather := gathered(model, modifier_rank=None, names=names)) is not None:
         with gather:
             # copies: the gathered parameters are views of storage freed when the context ends
             return {k: v.clone() for k, v in _take(model, names, None).items()}
     return _take(model, names, state_dict)
 
 
-def gathered(model, modifier_rank: int | None = None):
+def gathered(model, modifier_rank: int | None = None, names: list[str] | None = None):
     """A context holding full parameters on every rank, under FSDP1 (the root unit's
-    ``summon_full_params``) or ZeRO-3 (``GatheredParameters``; changes made on ``modifier_rank``
-    are partitioned again on exit); ``None`` for other models. A collective."""
+    ``summon_full_params``, all units) or ZeRO-3 (``GatheredParameters``; changes made on
+    ``modifier_rank`` are partitioned again on exit); ``None`` for other models. A collective.
+    ``names`` (state-dict names): under ZeRO-3, gather only those parameters."""
     root = fsdp1_root(model)
     if root is not None:
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         return FullyShardedDataParallel.summon_full_params(root, writeback=modifier_rank is not None)
-    partitioned = zero3_parameters(model)
+    if names is None:
+        partitioned = zero3_parameters(model)
+    else:
+        wanted = set(names)
+        partitioned = [
+            p
+            for n, p in model.named_parameters(remove_duplicate=False)
+            if hasattr(p, "ds_id") and clean_name(n) in wanted
+        ]
     if partitioned:
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank)
     return None
+
+
+def _fsdp1_units(root) -> list[tuple[Any, list[str]]]:
+    """Every FSDP1 unit under ``root`` (``root`` first) with the state-dict names of the parameters
+    it manages itself (those of its modules outside nested units)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    units: list[tuple[Any, list[str]]] = []
+
+    def visit(unit, prefix: str) -> None:
+        owned: list[str] = []
+        units.append((unit, owned))
+
+        def walk(module, path: str) -> None:
+            owned.extend(clean_name(path + n) for n, _ in module.named_parameters(recurse=False))
+            for name, child in module.named_children():
+                (visit if isinstance(child, FullyShardedDataParallel) else walk)(child, f"{path}{name}.")
+
+        walk(unit, prefix)
+
+    visit(root, "")
+    return units
+
+
+def _fsdp1_each_unit(root, names, *, writeback: bool):
+    """``(unit, its names among names)`` for the units holding one of ``names``, each yielded while
+    that unit alone holds full parameters; the root unit always comes first (it sets the inner
+    units up on first use). Every rank must run it through."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    wanted = set(names)
+    for index, (unit, owned) in enumerate(_fsdp1_units(root)):
+        mine = [n for n in owned if n in wanted]
+        if mine or index == 0:
+            with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=writeback):
+                yield unit, mine
+
+
+def _fsdp1_take(root, names: list[str]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for _, mine in _fsdp1_each_unit(root, names, writeback=False):
+        own = _own_tensors(root)
+        # copies: the full parameters are views of storage freed when the unit reshards
+        out.update({n: own[n].detach().contiguous().cpu().clone() for n in mine})
+    rest = [n for n in names if n not in out]  # buffers (the unfrozen encoder's): never sharded
+    out.update(_take(root, rest, None))
+    return {n: out[n] for n in names}
 
 
 def _take(model, names: list[str], state_dict: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
@@ -158,7 +223,15 @@ def load_trainable(model, tensors: Mapping[str, torch.Tensor], *, source: str = 
     unknown = sorted(set(tensors) - set(own))
     if unknown:
         raise ConfigError(f"{source} does not fit this model (e.g. {unknown[0]})")
-    gather = gathered(model, modifier_rank=0)
+    root = fsdp1_root(model)
+    if root is not None:
+        done: set[str] = set()
+        for _, mine in _fsdp1_each_unit(root, list(tensors), writeback=True):
+            _copy_into(_own_tensors(root), {n: tensors[n] for n in mine})
+            done.update(mine)
+        _copy_into(own, {n: t for n, t in tensors.items() if n not in done})
+        return
+    gather = gathered(model, modifier_rank=0, names=list(tensors))
     if gather is not None:
         with gather:
             _copy_into(_own_tensors(model), tensors)
@@ -193,7 +266,7 @@ def save_checkpoint(model, optimizer, folder) -> None:
     from vlmkit.core.paths import atomic_write
 
     tensors = trainable_state_dict(model)
-    state = _optimizer_state(model, optimizer)
+    state = optimizer_state(model, optimizer)
     if ranks.rank() == 0:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -213,26 +286,40 @@ def load_checkpoint(model, optimizer, folder) -> None:
     if not (folder / TRAINABLE_FILE).is_file() or not (folder / OPTIMIZER_FILE).is_file():
         raise ConfigError(f"{folder} is not a complete checkpoint ({TRAINABLE_FILE} and {OPTIMIZER_FILE})")
     load_trainable(model, load_file(str(folder / TRAINABLE_FILE)), source=f"checkpoint {folder}")
-    state = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    load_optimizer_state(model, optimizer, folder / OPTIMIZER_FILE)
 
 
-def _optimizer_state(model, optimizer) -> dict:
-    """The optimizer's state keyed by parameter name, full tensors (a collective when sharded)."""
+def optimizer_state(model, optimizer) -> dict:
+    """The optimizer's state keyed by parameter name, full tensors on the CPU (a collective when
+    sharded; under FSDP complete on rank 0 only). Compact copies: FSDP1 hands out views into one
+    buffer as large as a unit's flat parameter, frozen weights included, which ``torch.save``
+    would write whole."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=is_sharded(model))
+    state = get_optimizer_state_dict(model, optimizer, options=options)
+    for per_param in state.get("state", {}).values():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                per_param[key] = value.detach().cpu().clone()
+    return state
+
+
+def load_optimizer_state(model, optimizer, file) -> None:
+    """``optimizer_state``'s file into ``optimizer`` (sharded like ``model``); every rank reads it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def shard_model(model, **fully_shard_kwargs: Any):
     """FSDP2: ``fully_shard`` every decoder block (the decoder plugin's layer class, as
     ``model._no_split_modules`` says) and then the root (encoder, projection, embeddings, head).
 
-    Generation under sharding: wrap it in ``unsharded_root(model)``; the decoder is marked as
-    FSDP-managed so that transformers' ``generate`` keeps every rank stepping until all are done
-    (``synced_gpus``), as the sharded blocks need every rank in each forward.
+    Generation under sharding: wrap it in ``unsharded_root(model)`` and pass
+    ``generate_in_step(model)`` (``synced_gpus``): the sharded blocks need every rank in each
+    forward, so every rank steps until all are done.
     """
     from torch.distributed.fsdp import fully_shard
 
@@ -243,8 +330,19 @@ def shard_model(model, **fully_shard_kwargs: Any):
     for block in blocks:
         fully_shard(block, **fully_shard_kwargs)
     fully_shard(model, **fully_shard_kwargs)
-    model.language_model._is_fsdp_managed_module = True  # transformers' own FSDP2 marker
     return model
+
+
+def generate_in_step(model) -> dict[str, bool]:
+    """``generate`` options for ``model`` under ``torch.distributed``: ``synced_gpus`` when it is
+    sharded (FSDP, ZeRO-3), so that every rank steps until all are done: a sharded block gathers its
+    weights from every rank in each forward, and a rank done early would leave the others waiting
+    for ever. Said explicitly, not left to transformers' reading of the markers torch sets for
+    Dynamo on the modules FSDP manages."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return {"synced_gpus": True} if world > 1 and is_sharded(model) else {}
 
 
 @contextlib.contextmanager
@@ -252,7 +350,7 @@ def unsharded_root(model) -> Iterator[None]:
     """Full parameters of the root unit for calls other than ``forward`` (``generate``: the
     encoder, the projection and the embeddings live in the root unit), FSDP2 or FSDP1; a no-op
     otherwise. The decoder blocks still gather their own parameters in each forward, so every rank
-    must generate as many steps (``synced_gpus``, which ``generate`` turns on under FSDP)."""
+    must generate as many steps (pass ``generate_in_step(model)``)."""
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
     if isinstance(model, FSDPModule):
@@ -325,6 +423,28 @@ def checkpoints_without_frozen_weights(engine) -> None:
     engine._vlmkit_without_frozen = True
 
 
+def check_deepspeed_config(config: Mapping[str, Any]) -> None:
+    """Refuse a DeepSpeed config that would drop what vlmkit trains with.
+
+    An ``optimizer`` section makes ``Trainer`` hand DeepSpeed a placeholder and DeepSpeed build its
+    own optimizer with one learning rate for every parameter: vlmkit's per-part rates (projection,
+    LoRA, encoder) would be silently replaced. Without it, vlmkit's optimizer is used (under
+    ZeRO-Offload, DeepSpeed's CPU Adam with the same parameter groups: ``offloads_optimizer``)."""
+    if "optimizer" in config:
+        raise ConfigError(
+            "the DeepSpeed config has an optimizer section, which would replace vlmkit's per-part learning "
+            "rates (lr_projection, lr_lora, lr_encoder) with one: remove the optimizer section (vlmkit builds "
+            "AdamW, or DeepSpeed's CPU Adam under ZeRO-Offload)"
+        )
+
+
+def offloads_optimizer(config: Mapping[str, Any]) -> bool:
+    """True when a DeepSpeed config offloads the optimizer (ZeRO-Offload, to CPU or NVMe), where
+    DeepSpeed accepts only its own CPU Adam (or refuses to start)."""
+    offload = (config.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    return str(offload.get("device", "none")).lower() in ("cpu", "nvme")
+
+
 def check_fsdp_applies(trainer) -> None:
     """Refuse an FSDP request that ``Trainer`` would silently ignore.
 
@@ -332,11 +452,10 @@ def check_fsdp_applies(trainer) -> None:
     (``MULTI_CPU``) and never enables FSDP: the user asked for sharding and would get replicas.
     FSDP1 without ``use_orig_params`` is refused too (LoRA units mix frozen and trainable
     parameters; torch would stop at wrapping): accelerate's own default
-    (``fsdp_use_orig_params`` unset in ``accelerate config``) is False.
+    (``fsdp_use_orig_params`` unset in ``accelerate config``) is False. FSDP1 with parameters of
+    more than one dtype is refused too (``base_dtype`` keeps vlmkit's own models to one).
     """
-    import os
-
-    wants = bool(trainer.args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    wants = bool(trainer.args.fsdp) or fsdp_version_requested() is not None
     if wants and not trainer.is_fsdp_enabled:
         raise ConfigError(
             f"FSDP was requested but this run is {trainer.accelerator.distributed_type.value}, where "
@@ -350,3 +469,33 @@ def check_fsdp_applies(trainer) -> None:
             "parameters in one unit: set fsdp_use_orig_params: true in the accelerate config (or "
             "fsdp_config use_orig_params), or use FSDP2 (fsdp_version: 2)"
         )
+    if plugin is not None and getattr(plugin, "fsdp_version", 1) == 1:
+        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in trainer.model.parameters()})
+        if len(dtypes) > 1:
+            raise ConfigError(
+                f"FSDP1 flattens each unit into one tensor of one dtype, but the model holds {' and '.join(dtypes)} "
+                "parameters: load the frozen base in float32 (FSDP's mixed precision computes in bf16/fp16), "
+                "or use FSDP2 (fsdp_version: 2)"
+            )
+
+
+def fsdp_version_requested() -> int | None:
+    """The FSDP version ``accelerate launch`` asks for (``ACCELERATE_USE_FSDP`` and ``FSDP_VERSION``,
+    which defaults to 1 there as in accelerate's plugin), or ``None`` when it asks for no FSDP."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() not in ("1", "true"):
+        return None
+    return int(os.environ.get("FSDP_VERSION", "1") or 1)
+
+
+def base_dtype(dtype: str | None) -> str | None:
+    """The dtype to load the frozen base in for a run whose precision gives ``dtype``.
+
+    Under FSDP1, float32 whatever the precision: FSDP1 flattens each unit's parameters into one
+    tensor, which must have one dtype ("Must flatten tensors with uniform dtype"), and a unit
+    holds frozen base weights beside fp32 LoRA or projection weights. ``use_orig_params`` does not
+    lift that. FSDP's mixed-precision policy (accelerate sets it from bf16/fp16) still computes in
+    the run's precision, and accelerate upcasts 16-bit flat parameters to float32 anyway, so the
+    memory is what FSDP1 would use. FSDP2 shards each parameter alone: any mix of dtypes."""
+    if dtype not in (None, "float32") and fsdp_version_requested() == 1:
+        return "float32"
+    return dtype

@@ -69,6 +69,7 @@ from vlmkit.core.errors import DataError, VlmkitWarning
 from vlmkit.core.paths import cache_dir, write_json
 from vlmkit.core.progress import progress_bar
 from vlmkit.core.projection import ProjectionConfig
+from vlmkit.core.ranks import preparation_group
 from vlmkit.sdk.datasets import IMAGE_CHECKS, fingerprint
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -266,7 +267,9 @@ class FeatureCache:
         except Exception as exc:  # noqa: BLE001 - every rank must reach the gather below, then raise
             failure = exc
         outcomes: list[Any] = [None] * world
-        dist.all_gather_object(outcomes, None if failure is None else f"rank {rank}: {failure}")
+        # waits for the slowest rank's share: longer than the default group's timeout on a big dataset
+        group = preparation_group()
+        dist.all_gather_object(outcomes, None if failure is None else f"rank {rank}: {failure}", group=group)
         if failure is not None:
             raise failure
         if failed := [o for o in outcomes if o]:
@@ -279,7 +282,7 @@ class FeatureCache:
             except Exception as exc:  # noqa: BLE001 - told to every rank
                 problem = str(exc)
         box = [problem]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=group)
         if box[0] is not None:
             raise DataError(f"feature cache: rank 0 could not assemble {self.path(run.key)}: {box[0]}")
         features = self._open(run.key)

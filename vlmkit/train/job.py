@@ -6,7 +6,8 @@ with no code of ours. What is ours:
 
 - Features from a frozen encoder come from the on-disk cache (``vlmkit.train.features``), computed once
   on the training device (rows split across ranks under torchrun), after the projection's
-  parameter-free token reduction, and read every epoch: the encoder never runs in the training loop.
+  parameter-free token reduction, and read every epoch: the encoder never runs in the training loop,
+  and it waits on the CPU, outside the trained model (``set_encoder_aside``).
 - Checkpoints hold only the trainable tensors (projection, LoRA, unfrozen encoder layers), not
   the frozen base weights, so they are megabytes, not gigabytes.
 - The output folder is a model artifact (``vlmkit.json`` ...), with ``checkpoints/``,
@@ -36,11 +37,19 @@ from vlmkit.core import ranks
 from vlmkit.core.errors import ConfigError, DataError, VlmkitWarning
 from vlmkit.core.model import PrefixConditioningVLM
 from vlmkit.core.paths import write_json
-from vlmkit.core.placement import Placement, resolve
+from vlmkit.core.placement import Placement, resolve, resolve_device
+from vlmkit.core.registry import get_registry
 from vlmkit.sdk.datasets import BadImagesError, data_sources, dataset_cache_root, load_split, tsv_field
 from vlmkit.train.config import TrainConfig
 from vlmkit.train.data import CaptionTrainingSet, Collator
-from vlmkit.train.distributed import PLACEMENT_FILE, fsdp1_root, gathered, save_model
+from vlmkit.train.distributed import (
+    PLACEMENT_FILE,
+    base_dtype,
+    fsdp1_root,
+    gathered,
+    save_model,
+    zero3_parameters,
+)
 from vlmkit.train.features import FeatureCache
 from vlmkit.train.trainer import JsonlLogger, VLMTrainer, prepare_model_for_precision
 
@@ -195,7 +204,7 @@ def train(
 
     started = time.perf_counter()
     out = config.output
-    placement = training_placement(config, recorded_placement(out) if resume else None)
+    placement = training_placement(config, recorded_placement(out) if resume else None, registry=registry)
     args = _training_arguments(config, progress, placement)  # sets up torch.distributed under torchrun
     refusal = None
     if args.process_index == 0:
@@ -215,11 +224,14 @@ def train(
     set_seed(config.seed)  # after the data: a loader drawing random numbers does not change the model
     # the frozen encoder stays fp32 when it fills the feature cache: the cached features are then
     # the same whatever precision a run trains in, and every run of the data reuses them
+    dtype = base_dtype(placement.dtype)  # float32 under FSDP1, which needs one dtype per unit
+    if dtype != placement.dtype and args.process_index == 0:
+        log.info("FSDP1: the frozen base loads in float32; FSDP computes in %s", placement.precision)
     model = PrefixConditioningVLM.build(
         config.model,
         registry=registry,
         seed=config.seed,
-        dtype=placement.dtype,
+        dtype=dtype,
         encoder_dtype="float32" if config.feature_cache else None,
     )
     if args.process_index == 0:  # resolved against the loaded model: what LoRA really adapts
@@ -244,6 +256,7 @@ def train(
         with gathered(model.encoder) or contextlib.nullcontext():
             train_features = cache.features_for(model.encoder, train_data, **options)
             eval_features = cache.features_for(model.encoder, eval_data, **options)
+        set_encoder_aside(model)  # training and its evaluation read the features: not the encoder
     preprocess = None if use_cache else model.preprocess
     train_set = CaptionTrainingSet(train_data, train_features, preprocess, config.max_train_samples)
     eval_set = CaptionTrainingSet(eval_data, eval_features, preprocess, config.max_eval_samples)
@@ -289,6 +302,7 @@ def train(
     if config.eval_metrics or config.early_stopping_patience:
         eval_metrics = _final_evaluation(trainer) or trainer.evaluate()
 
+    put_encoder_back(model)
     # FSDP1: through the root unit Trainer wrapped (the raw model's own units are only its blocks)
     root = fsdp1_root(trainer.model_wrapped)
     save_model(  # rank 0 writes; under FSDP and ZeRO-3 every rank first takes part in gathering
@@ -329,6 +343,24 @@ def run(
         callbacks=callbacks,
         progress=progress,
     )
+
+
+def set_encoder_aside(model: PrefixConditioningVLM) -> None:
+    """Take the frozen encoder out of ``model``'s modules, onto the CPU, while training reads cached
+    features (it never runs then): ``Trainer`` would move it to every GPU, DDP replicate it, FSDP
+    shard it and gather it in each step of the root unit. ``model.encoder`` still answers, as a
+    plain attribute; ``put_encoder_back`` makes it a submodule again (for saving). Not under
+    DeepSpeed ZeRO-3, whose partitioned encoder is its engine's to gather."""
+    if zero3_parameters(model.encoder):
+        return
+    encoder = model._modules.pop("encoder")
+    object.__setattr__(model, "encoder", encoder.to("cpu"))  # not nn.Module's: no registration
+
+
+def put_encoder_back(model: PrefixConditioningVLM) -> None:
+    encoder = model.__dict__.pop("encoder", None)
+    if encoder is not None:
+        model.encoder = encoder
 
 
 def _load_data(config: TrainConfig, registry, *, write_list: bool):
@@ -400,13 +432,16 @@ def recorded_placement(out: Path) -> dict[str, str] | None:
     return None
 
 
-def training_placement(config: TrainConfig, recorded: dict[str, str] | None = None) -> Placement:
+def training_placement(
+    config: TrainConfig, recorded: dict[str, str] | None = None, *, registry=None
+) -> Placement:
     """The device and precision ``config`` asks for, ``auto`` resolved (``vlmkit.core.placement``);
     on ``--resume`` (``recorded``: what the run recorded) the run's own precision, kept.
 
     Under torchrun each rank takes the GPU of its local rank, so only ``auto`` or ``cuda`` fit.
     Outside it, ``Trainer`` always trains on the first visible GPU: another one is chosen with
-    ``CUDA_VISIBLE_DEVICES``, not ``cuda:N``.
+    ``CUDA_VISIBLE_DEVICES``, not ``cuda:N``. A decoder plugin declaring ``fp16_safe = False``
+    never gets fp16 (``auto`` picks fp32 on a GPU without bf16; ``fp16`` is refused).
     """
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if config.device.startswith("cuda:") and (distributed or config.device != "cuda:0"):
@@ -424,7 +459,16 @@ def training_placement(config: TrainConfig, recorded: dict[str, str] | None = No
                 f"{was} or auto), or --overwrite to train it again in {precision}"
             )
         precision = was
-    placement = resolve(config.device, precision, cache_dir=config.cache_dir)
+    spec = (registry or get_registry()).decoder(config.model.decoder) if config.model.decoder else None
+    no_fp16 = None if getattr(spec, "fp16_safe", True) else spec.name
+
+    def decide() -> Placement:
+        return resolve(config.device, precision, cache_dir=config.cache_dir, no_fp16=no_fp16)
+
+    if distributed and precision == "auto" and resolve_device(config.device) == "cpu":
+        placement = _decided_on_rank_zero(decide)  # a measurement: ranks must not decide apart
+    else:
+        placement = decide()
     if placement.precision == "fp16" and placement.device_type == "cpu":
         raise ConfigError(
             "precision fp16 needs a GPU; on a CPU use bf16 or fp32"
@@ -444,6 +488,28 @@ def training_placement(config: TrainConfig, recorded: dict[str, str] | None = No
                 stacklevel=2,
             )
     return placement
+
+
+def _decided_on_rank_zero(decide) -> Placement:
+    """``decide()`` on rank 0, its placement on every rank. ``auto`` on a CPU is a timing, and ranks
+    timing it apart could pick bf16 and fp32 in one run. The process group ``Trainer`` would set up
+    for CPU training (gloo, from torchrun's environment) is set up here, a little earlier: its
+    ``PartialState`` then uses it."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            placement = decide()
+            box = [("ok", placement.device, placement.precision, f"{placement.reason}; rank 0's choice")]
+        except ConfigError as exc:
+            box = [("error", str(exc))]
+    dist.broadcast_object_list(box, src=0)
+    if box[0][0] == "error":
+        raise ConfigError(box[0][1])
+    return Placement(*box[0][1:])
 
 
 def _training_arguments(config: TrainConfig, progress: bool, placement: Placement) -> TrainingArguments:

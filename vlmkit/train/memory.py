@@ -10,8 +10,12 @@
 
 ``A`` is measured, not guessed: ``activation_bytes_per_token`` runs one and two decoder layers of the
 real width (random weights, LoRA r16 on q,k,v,o, SDPA attention, autocast as in training) on the
-CPU and counts the bytes autograd saves (``torch.autograd.graph.saved_tensors_hooks``); the
-difference is one layer's. Everything else is arithmetic on the configs. The result is an
+CPU at two sequence lengths and counts the bytes autograd saves
+(``torch.autograd.graph.saved_tensors_hooks``), leaving out the parameters it saves (the frozen
+weights a matmul keeps for the input's gradient: counted once, in the weights term). The
+difference of two layers and one is one layer's; the difference of two lengths is per token, so
+what a layer saves once per step (autocast's 16-bit copies of the fp32 LoRA weights) drops out.
+Everything else is arithmetic on the configs. The result is an
 estimate, labelled as computed wherever it is shown; ``benchmarks/gpu_throughput.py`` reports the
 measured peak on a real card.
 
@@ -59,15 +63,18 @@ def _lora_model(config, precision: str = "fp32", device: str = "cpu"):
 
 def saved_activation_bytes(model, batch: int, tokens: int, precision: str) -> int:
     """Bytes autograd keeps for backward in one forward of ``model``'s decoder layers (each storage
-    counted once), the input embeddings requiring grad as the trained prefix makes them."""
+    counted once), the input embeddings requiring grad as the trained prefix makes them. The
+    model's own parameters are not activations: a saved weight is left out."""
     import torch
 
     width = model.get_base_model().config.hidden_size
     embeds = torch.randn(batch, tokens, width, requires_grad=True)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
     def pack(t):
-        seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if t.untyped_storage().data_ptr() not in weights:
+            seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
         return t
 
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision in ("bf16", "fp16"))
@@ -78,20 +85,25 @@ def saved_activation_bytes(model, batch: int, tokens: int, precision: str) -> in
 
 def activation_bytes_per_token(config, precision: str = "bf16") -> float:
     """A: the bytes one decoder layer of ``config`` keeps per token for backward, measured on the
-    CPU as the difference of two layers and one (a small vocabulary: the layers never see it)."""
+    CPU as the difference of two layers and one, and of 48 tokens and 16 (a small vocabulary: the
+    layers never see it)."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        batch, tokens, measured = 2, 32, []
-        for layers in (1, 2):
-            sizes = {k: v for k, v in config.to_dict().items() if k != "layer_types"}  # one per layer
-            small = type(config)(**{**sizes, "num_hidden_layers": layers, "vocab_size": 256})
-            measured.append(saved_activation_bytes(_lora_model(small, precision), batch, tokens, precision))
+        batch, lengths, per_layer = 2, (16, 48), []
+        for tokens in lengths:
+            measured = []
+            for layers in (1, 2):
+                sizes = {k: v for k, v in config.to_dict().items() if k != "layer_types"}  # one per layer
+                small = type(config)(**{**sizes, "num_hidden_layers": layers, "vocab_size": 256})
+                model = _lora_model(small, precision)
+                measured.append(saved_activation_bytes(model, batch, tokens, precision))
+            per_layer.append(measured[1] - measured[0])
     finally:
         torch.set_num_threads(threads)
-    return (measured[1] - measured[0]) / (batch * tokens)
+    return (per_layer[1] - per_layer[0]) / (batch * (lengths[1] - lengths[0]))
 
 
 def estimate(

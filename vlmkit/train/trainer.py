@@ -22,13 +22,19 @@ from vlmkit.evaluate.loop import caption_and_score
 from vlmkit.train.config import TrainConfig
 from vlmkit.train.data import CaptionTrainingSet, LengthGroupedSampler, SamplerEpoch
 from vlmkit.train.distributed import (
+    OPTIMIZER_FILE,
     PLACEMENT_FILE,
     TRAINABLE_FILE,
+    check_deepspeed_config,
     check_fsdp_applies,
     checkpoints_without_frozen_weights,
     fsdp1_root,
+    generate_in_step,
     is_sharded,
+    load_optimizer_state,
     load_trainable,
+    offloads_optimizer,
+    optimizer_state,
     trainable_state_dict,
     unsharded_root,
 )
@@ -109,6 +115,8 @@ class VLMTrainer(Trainer):
         self.progress = None if self.args.disable_tqdm else TrainingProgress()
         if self.progress is not None:
             self.add_callback(self.progress)
+        if self.is_deepspeed_enabled:
+            check_deepspeed_config(self._deepspeed_config())
         self.vlm_config = vlm_config
         self.placement = placement  # written into each checkpoint: --resume continues in it
         self.eval_captions = eval_captions  # (CaptionDataset, features or None) for --eval-metrics
@@ -132,17 +140,74 @@ class VLMTrainer(Trainer):
             return self.length_sampler
         return super()._get_train_sampler(train_dataset)
 
+    def _deepspeed_config(self) -> dict:
+        return self.accelerator.state.deepspeed_plugin.hf_ds_config.config
+
     def create_optimizer(self, model=None):
         # Trainer passes the prepared model when it creates the optimizer late (FSDP)
         if self.optimizer is None:
             model = self.accelerator.unwrap_model(model) if model is not None else self.model
-            self.optimizer = make_optimizer(optimizer_param_groups(model, self.vlm_config))
+            groups = optimizer_param_groups(model, self.vlm_config)
+            if self.is_deepspeed_enabled and offloads_optimizer(self._deepspeed_config()):
+                # ZeRO-Offload steps on the CPU with DeepSpeed's own Adam, and refuses any other
+                from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+                self.optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True)
+            else:
+                self.optimizer = make_optimizer(groups)
         return self.optimizer
+
+    def _gather_target(self):
+        """The model to gather trainable tensors from or load them into: under FSDP1 the wrapped
+        root (its units gather their full parameters), else the unwrapped model."""
+        return self.model if fsdp1_root(self.model) is not None else self.accelerator.unwrap_model(self.model)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under FSDP and DeepSpeed ZeRO-3, every rank gathers the trainable tensors alone
+        (``trainable_state_dict``) and the saving rank writes them. ``Trainer`` would gather the
+        whole model first (the frozen base and encoder: what did not fit on one GPU), and under
+        accelerate's FSDP2 default (``SHARDED_STATE_DICT``) never call ``_save`` at all."""
+        if not (self.is_fsdp_enabled or is_sharded(self.accelerator.unwrap_model(self.model))):
+            return super().save_model(output_dir, _internal_call)
+        tensors = trainable_state_dict(self._gather_target())  # a collective: every rank is here
+        self._save(output_dir, state_dict=tensors)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Under FSDP, the optimizer's full state (``optimizer.pt``, trainable parameters only, by
+        name: whatever ``fsdp_state_dict_type`` says) and the schedule. ``Trainer`` would write the
+        whole model again (``save_fsdp_model``: the frozen base in every checkpoint), and FSDP1's
+        optimizer file as large as the flat parameters; the trainable tensors are in
+        ``trainable.safetensors``, and resuming loads them from there."""
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        from transformers.trainer import SCHEDULER_NAME
+
+        from vlmkit.core.paths import atomic_write
+
+        state = optimizer_state(self.model, self.optimizer)  # a collective: every rank is here
+        if self.args.should_save:
+            output = Path(output_dir)
+            output.mkdir(parents=True, exist_ok=True)
+            atomic_write(output / OPTIMIZER_FILE, lambda tmp: torch.save(state, tmp))
+            torch.save(self.lr_scheduler.state_dict(), output / SCHEDULER_NAME)
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        if not (self.is_fsdp_enabled and checkpoint):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        from transformers.trainer import SCHEDULER_NAME
+
+        folder = Path(checkpoint)
+        if not (folder / OPTIMIZER_FILE).is_file():
+            raise ConfigError(
+                f"checkpoint {checkpoint} has no {OPTIMIZER_FILE}; it was not written by vlmkit train"
+            )
+        load_optimizer_state(self.model, self.optimizer, folder / OPTIMIZER_FILE)
+        self.lr_scheduler.load_state_dict(torch.load(folder / SCHEDULER_NAME, weights_only=True))
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """The trainable tensors, written by the saving rank only and atomically (a temporary name,
-        then a rename), from the gathered ``state_dict`` when ``Trainer`` passes one (FSDP,
-        DeepSpeed); ``Trainer`` calls this on every rank under those."""
+        then a rename), from the gathered ``state_dict`` when one is passed (``save_model`` under
+        FSDP and ZeRO-3; ``Trainer`` under ZeRO-2); called on every rank under those."""
         from safetensors.torch import save_file
 
         from vlmkit.core.paths import atomic_write, write_json
@@ -153,8 +218,8 @@ class VLMTrainer(Trainer):
         if state_dict is None and is_sharded(model):
             # gathering shards takes every rank, and only this one is here
             raise ConfigError(
-                "the model is sharded but Trainer passed no gathered state dict: launch FSDP through "
-                "accelerate (fsdp_state_dict_type FULL_STATE_DICT), not with fully_shard by hand"
+                "the model is sharded but no gathered state dict was passed: save it with save_model, "
+                "which every rank calls"
             )
         tensors = trainable_state_dict(model, state_dict)
         output = Path(output_dir or self.args.output_dir)
@@ -182,11 +247,7 @@ class VLMTrainer(Trainer):
             raise ConfigError(
                 f"checkpoint {checkpoint} has no {TRAINABLE_FILE}; it was not written by vlmkit train"
             )
-        # FSDP1: the wrapped model, whose root unit gathers the full parameters to load into
-        model = (
-            self.model if fsdp1_root(self.model) is not None else self.accelerator.unwrap_model(self.model)
-        )
-        load_trainable(model, load_file(str(file)), source=f"checkpoint {checkpoint}")
+        load_trainable(self._gather_target(), load_file(str(file)), source=f"checkpoint {checkpoint}")
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
         self._load_trainable(resume_from_checkpoint)
@@ -200,26 +261,27 @@ class VLMTrainer(Trainer):
         output = super().evaluation_loop(*args, **kwargs)
         if self.vlm_config.eval_metrics and self.eval_captions is not None:
             prefix = kwargs.get("metric_key_prefix", "eval")
-            data, features = self.eval_captions
-            # FSDP1: the wrapped model, whose root unit holds the encoder, projection and embeddings
-            model = (
-                self.model
-                if fsdp1_root(self.model) is not None
-                else self.accelerator.unwrap_model(self.model)
-            )
-            # on the training device (the model moves the cached CPU features) under its autocast;
-            # FSDP2: generate is not forward, so nothing else unshards the root. Each rank
-            # captions its share; rank 0 scores; every rank gets the same metrics (early stopping)
-            with self.autocast_smart_context_manager(), unsharded_root(model):
-                scores = caption_and_score(
-                    model,
-                    data,
-                    features=features,
-                    batch_size=self.args.per_device_eval_batch_size,
-                    limit=self.vlm_config.max_eval_samples,
-                )
-            output.metrics.update({f"{prefix}_{k}": v for k, v in scores.items()})
+            output.metrics.update({f"{prefix}_{k}": v for k, v in self.caption_metrics().items()})
         return output
+
+    def caption_metrics(self) -> dict[str, float]:
+        """``--eval-metrics``: caption the validation examples and score them (every rank calls it).
+
+        On the training device (the model moves the cached CPU features) under its autocast;
+        FSDP2: generate is not forward, so nothing else unshards the root. Each rank captions its
+        share, stepping until every rank is done when the model is sharded; rank 0 scores; every
+        rank gets the same metrics (early stopping)."""
+        data, features = self.eval_captions
+        model = self._gather_target()  # FSDP1: the root unit holds the encoder, projection, embeddings
+        with self.autocast_smart_context_manager(), unsharded_root(model):
+            return caption_and_score(
+                model,
+                data,
+                features=features,
+                batch_size=self.args.per_device_eval_batch_size,
+                limit=self.vlm_config.max_eval_samples,
+                **generate_in_step(model),
+            )
 
 
 class JsonlLogger(TrainerCallback):

@@ -17,6 +17,9 @@ class Qwen2Decoder(TransformersDecoderSpec):
     model_types = ("qwen2",)
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
     layer_class = "Qwen2DecoderLayer"
+    # Qwen2/2.5 activations exceed fp16's range (65,504): NaN losses and empty captions on
+    # pre-Ampere cards (T4, V100) under fp16, reported by QwenLM; bf16 or fp32 only
+    fp16_safe = False
 
 
 @vlmkit.hookimpl

@@ -210,7 +210,7 @@ def _load(
         model,
         tokens=tokens,
         preprocess=partial(_timm_preprocess, transform),
-        blocks=_blocks(model),
+        blocks=_blocks(model, _modules_that_run(model, tokens, input_size)),
         grid=grid,
         num_tokens=num_tokens,
         feature_dim=feature_dim,
@@ -287,9 +287,10 @@ def _stage_maps(model, pixel_values, stages: tuple[int, ...] | list[int]) -> lis
 
 def _stage_tokens(model, pixel_values, *, stages: tuple[int, ...], grid: tuple[int, int]):
     import torch
-    from torch.nn import functional as F
 
-    maps = [F.adaptive_avg_pool2d(m, grid) for m in _stage_maps(model, pixel_values, stages)]
+    from vlmkit.core.projection import adaptive_avg_pool
+
+    maps = [adaptive_avg_pool(m, grid) for m in _stage_maps(model, pixel_values, stages)]
     return torch.cat(maps, dim=1).flatten(2).transpose(1, 2)  # [B, sum C, H, W] -> [B, H*W, sum C]
 
 
@@ -308,17 +309,39 @@ def _timm_preprocess(transform, images):
     return torch.stack([transform(img) for img in images])
 
 
-def _blocks(model) -> list:
+def _modules_that_run(model, tokens, input_size) -> set[int]:
+    """``id``s of the modules whose forward runs when ``tokens`` encodes an image."""
+    import torch
+
+    ran: set[int] = set()
+    hooks = [m.register_forward_hook(lambda module, *_: ran.add(id(module))) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            tokens(model, torch.zeros(1, 3, *input_size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return ran
+
+
+def _blocks(model, ran: set[int]) -> list:
     """timm's own fine-grained layer groups (those used for layer-wise learning-rate decay), in
-    order: stem, each block, and the final head convolution/norm with the last block."""
+    order: stem, each block, and the final head convolution/norm with the last block; of each
+    group only the modules that compute the features (``ran``). With feature stages before the last
+    map, the blocks after them and EfficientNet's 320 -> 1280 head convolution never run: unfrozen,
+    they would be trainable parameters without gradients, which DDP refuses at its second step."""
     from timm.models import group_modules
     from torch import nn
+
+    def runs(module) -> bool:
+        return any(id(m) in ran for m in module.modules())
 
     try:
         groups = group_modules(model, model.group_matcher(coarse=False))
     except (AttributeError, NotImplementedError):
-        return list(model.children())
-    return [nn.ModuleList(model.get_submodule(name) for name in names) for _, names in sorted(groups.items())]
+        return [m for m in model.children() if runs(m)]
+    blocks = [[model.get_submodule(name) for name in names] for _, names in sorted(groups.items())]
+    return [nn.ModuleList(kept) for group in blocks if (kept := [m for m in group if runs(m)])]
 
 
 def _manifest_checkpoint(model_name: str, checkpoint: str) -> str:
