@@ -358,6 +358,19 @@ def test_resuming_with_another_batch_order_is_warned_about(trained):
         prepare_output_dir(load_config(run), resume=True, overwrite=False)
 
 
+def test_a_run_of_vlmkit_0_1_resumes_under_the_renamed_keys(trained, tmp_path):
+    from vlmkit.train import prepare_output_dir
+
+    saved = yaml.safe_load((trained["out"] / "run.yaml").read_text())
+    old = {**saved, "output_dir": saved.pop("output")}
+    old["model"] = {("format" if k == "prompt_format" else k): v for k, v in saved["model"].items()}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(old))
+    config = load_config(trained["out"] / "run.yaml", {"output": str(tmp_path)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepare_output_dir(config, resume=True, overwrite=False)  # no "model.format ... differ"
+
+
 def test_resume_without_a_run_is_refused(trained, base_args, tmp_path):
     result = cli(*base_args(tmp_path / "nothing", "--resume"))
     assert isinstance(result.exception, ConfigError) and "no run to resume" in str(result.exception)

@@ -376,9 +376,10 @@ def save_model(model, path, *, training: dict | None = None, registry=None) -> N
         return
     tensors = trainable_state_dict(model)
     if ranks.rank() == 0:
-        vlm = vlm_of(model)
-        with _without_zero3_init():
-            plain = type(vlm).build(vlm.settings, registry=registry, seed=None)
+        from vlmkit.core.model import PrefixConditioningVLM
+
+        with _without_zero3_init():  # (an FSDP1 root is not the model's class: it forwards to it)
+            plain = PrefixConditioningVLM.build(vlm_of(model).settings, registry=registry, seed=None)
         load_trainable(plain, tensors, source="the gathered trainable tensors")
         plain.save(path, training=training)
 

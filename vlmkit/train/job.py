@@ -34,6 +34,7 @@ from transformers import EarlyStoppingCallback, Trainer, TrainerState, TrainingA
 from transformers.trainer_utils import TrainOutput
 
 from vlmkit.core import ranks
+from vlmkit.core.config import validate_model_config
 from vlmkit.core.errors import ConfigError, DataError, VlmkitWarning
 from vlmkit.core.model import PrefixConditioningVLM
 from vlmkit.core.paths import write_json
@@ -94,6 +95,8 @@ def prepare_output_dir(config: TrainConfig, *, resume: bool, overwrite: bool) ->
         shutil.rmtree(out)
         return
     previous = yaml.safe_load(run_file.read_text()) or {}
+    if isinstance(previous.get("model"), dict):  # a run of an earlier vlmkit: its keys as named now
+        previous["model"] = validate_model_config(previous["model"], str(run_file)).model_dump(mode="json")
     current = json.loads(config.model_dump_json())
     differs = [d for k in IDENTITY_FIELDS for d in _differences(previous.get(k), current.get(k), k)]
     # skipping bad images instead of refusing them changes which examples train, not what is trained
