@@ -519,7 +519,7 @@ def tiny_model_folder(folder: Path, *, dataset: str = "scenes", options: dict | 
     datasets = [
         {"name": dataset, "options": options if options is not None else {"size": 40, "heldout_size": 8}}
     ]
-    config = TrainConfig(model=model_settings, datasets=datasets, output_dir=Path(folder) / "model")
+    config = TrainConfig(model=model_settings, datasets=datasets, output=Path(folder) / "model")
     model = PrefixConditioningVLM.build(config.model, seed=0)
-    model.save(config.output_dir, training={"config": json.loads(config.model_dump_json()), "global_step": 0})
-    return config.output_dir
+    model.save(config.output, training={"config": json.loads(config.model_dump_json()), "global_step": 0})
+    return config.output

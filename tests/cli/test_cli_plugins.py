@@ -294,6 +294,7 @@ def test_show_prints_the_declared_fields_as_json(acme):
         "model_types": ["acme"],
         "lora_targets": ["q_proj", "v_proj"],
         "layer_class": "AcmeBlock",
+        "fp16_safe": True,  # a declaration with a default: shown too
         "package": "acme-vlm-plugin",
         "package_version": "1.0",
         "plugin": "acme",

@@ -26,6 +26,7 @@ from torch import nn
 
 from vlmkit.core.contracts import RESAMPLE
 from vlmkit.core.errors import PluginError
+from vlmkit.core.projection import adaptive_avg_pool  # noqa: F401 - for encoder plugins: pools with ops every device has
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import PIL.Image

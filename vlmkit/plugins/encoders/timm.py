@@ -288,7 +288,7 @@ def _stage_maps(model, pixel_values, stages: tuple[int, ...] | list[int]) -> lis
 def _stage_tokens(model, pixel_values, *, stages: tuple[int, ...], grid: tuple[int, int]):
     import torch
 
-    from vlmkit.core.projection import adaptive_avg_pool
+    from vlmkit.sdk.encoders import adaptive_avg_pool
 
     maps = [adaptive_avg_pool(m, grid) for m in _stage_maps(model, pixel_values, stages)]
     return torch.cat(maps, dim=1).flatten(2).transpose(1, 2)  # [B, sum C, H, W] -> [B, H*W, sum C]
