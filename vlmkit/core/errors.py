@@ -29,5 +29,13 @@ class ExportError(VlmkitError):
     """The model could not be exported (the exporter failed, or the result does not match)."""
 
 
+class TrainingDiverged(VlmkitError):
+    """The loss, the gradients or the trained weights stopped being finite numbers (NaN or inf)."""
+
+    def __init__(self, step: int, what: str) -> None:
+        super().__init__(f"training diverged at step {step}: {what}")
+        self.step, self.what = step, what
+
+
 class VlmkitWarning(UserWarning):
     """Base class of vlmkit's warnings; the CLI prints them as one ``warning: ...`` line."""

@@ -32,7 +32,7 @@ import yaml
 from transformers import EarlyStoppingCallback, Trainer, TrainerState, TrainingArguments
 from transformers.trainer_utils import TrainOutput
 
-from vlmkit.core.errors import ConfigError, DataError, VlmkitWarning
+from vlmkit.core.errors import ConfigError, DataError, TrainingDiverged, VlmkitWarning
 from vlmkit.core.model import PrefixConditioningVLM
 from vlmkit.core.paths import write_json
 from vlmkit.sdk.datasets import BadImagesError, data_sources, dataset_cache_root, load_split, tsv_field
@@ -279,10 +279,14 @@ def train(
             )
         log.info("resuming from %s", checkpoint)
         start_step = _start_step(checkpoint) or 0
-    if checkpoint is not None and 0 < args.max_steps <= start_step:
-        result = _finished(trainer, checkpoint)
-    else:
-        result = trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        if checkpoint is not None and 0 < args.max_steps <= start_step:
+            result = _finished(trainer, checkpoint)
+        else:
+            result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.check_weights_finite()  # the last step's update, after the last check of its loss
+    except TrainingDiverged as exc:
+        raise TrainingDiverged(exc.step, _diverged(config, exc)) from None
     train_loss = _train_loss(trainer, result.training_loss, start_step)
     eval_metrics = {}
     if config.eval_metrics or config.early_stopping_patience:
@@ -313,6 +317,21 @@ def train(
         seconds=time.perf_counter() - started,
         eval_metrics=eval_metrics,
         used_feature_cache=use_cache,
+    )
+
+
+def _diverged(config: TrainConfig, exc: TrainingDiverged) -> str:
+    """What a diverged run keeps and what to do: no model is saved; checkpoints are checked before
+    they are written, so every one left is finite."""
+    kept = last_checkpoint(config.output_dir) if (config.output_dir / "checkpoints").is_dir() else None
+    lrs = f"lr_projection {config.lr_projection:g}, lr_lora {config.lr_lora:g}"
+    if config.model.unfreeze_encoder_layers:
+        lrs += f", lr_encoder {config.lr_encoder:g}"
+    return (
+        f"{exc.what}; no model was saved"
+        + (f", the last checkpoint ({kept}) is finite" if kept else " (no checkpoint either)")
+        + f"; lower the learning rates ({lrs}) or max_grad_norm ({config.max_grad_norm:g}) and train again "
+        "with --overwrite"
     )
 
 
