@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,17 +188,33 @@ class CaptionResult:
     error: str | None = None
 
 
-def read_images(paths: Sequence[str | Path]) -> tuple[list[tuple[str, object]], list[CaptionResult]]:
-    """Open every path as an RGB image; unreadable ones become error results, not exceptions."""
-    images, failed = [], []
+def read_image(path: str | Path) -> tuple[object | None, CaptionResult | None]:
+    """``(RGB image, None)``, or ``(None, error result)`` when ``path`` is unreadable."""
+    try:
+        return CaptionExample(id=str(path), captions=[], image=Path(path)).load_image(), None
+    except DataError as exc:
+        return None, CaptionResult(path=str(path), error=str(exc))
+
+
+def decoded_batches(
+    paths: Sequence[str | Path], batch_size: int
+) -> Iterator[tuple[list[tuple[str, object]], list[CaptionResult]]]:
+    """Batches of up to ``batch_size`` decoded images ``(path, image)`` in the order given, each with
+    the error results of the unreadable files met while filling it. Decoded lazily: a caller that
+    drops a batch before asking for the next holds one batch of images, however many paths."""
+    batch: list[tuple[str, object]] = []
+    failed: list[CaptionResult] = []
     for path in paths:
-        try:
-            images.append(
-                (str(path), CaptionExample(id=str(path), captions=[], image=Path(path)).load_image())
-            )
-        except DataError as exc:
-            failed.append(CaptionResult(path=str(path), error=str(exc)))
-    return images, failed
+        image, error = read_image(path)
+        if error is not None:
+            failed.append(error)
+            continue
+        batch.append((str(path), image))
+        if len(batch) == batch_size:
+            yield batch, failed
+            batch, failed = [], []
+    if batch or failed:
+        yield batch, failed
 
 
 def caption_files(
@@ -210,16 +226,27 @@ def caption_files(
     **generate_kwargs,
 ) -> list[CaptionResult]:
     """Caption image files in batches, in the order given. ``model`` is anything with
-    ``generate(images, **kwargs) -> list[str]`` (a ``PrefixConditioningVLM`` or the ONNX runtime)."""
+    ``generate(images, **kwargs) -> list[str]`` (a ``PrefixConditioningVLM`` or the ONNX runtime).
+
+    Images are decoded a batch at a time (the next one in a background thread while the model
+    captions this one): memory holds two batches of images, not every image of the call."""
+    from concurrent.futures import ThreadPoolExecutor
+
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
-    images, failed = read_images(paths)
-    results = {r.path: r for r in failed}
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        captions = model.generate([img for _, img in chunk], **generate_kwargs)
-        for (path, _), text in zip(chunk, captions, strict=True):
-            results[path] = CaptionResult(path=path, caption=text)
-        if on_batch:
-            on_batch(len(chunk))
+    results: dict[str, CaptionResult] = {}
+    batches = decoded_batches(paths, batch_size)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(next, batches, None)
+        while (item := pending.result()) is not None:
+            chunk, failed = item
+            pending = pool.submit(next, batches, None)
+            results.update((r.path, r) for r in failed)
+            if chunk:
+                captions = model.generate([img for _, img in chunk], **generate_kwargs)
+                for (path, _), text in zip(chunk, captions, strict=True):
+                    results[path] = CaptionResult(path=path, caption=text)
+            if on_batch:
+                on_batch(len(chunk) + len(failed))
+            del chunk, item  # the images go before the next batch is decoded
     return [results[str(p)] for p in paths]
