@@ -135,3 +135,21 @@ def test_caption_memory_stays_flat_over_many_large_images(model, tmp_path, capfd
     assert capfd.readouterr().out.count("\n") == 31  # every image captioned
     grown_mb = (after - before) / 1024
     assert grown_mb < 120, f"peak memory grew by {grown_mb:.0f} MB over 30 images of 12 MB decoded"
+
+
+def test_a_batch_of_large_images_ends_early(tmp_path, monkeypatch):
+    """Batches hold at most ``MAX_BATCH_PIXELS`` (scaled down here: 3 images of 100x100 each)."""
+    from vlmkit.evaluate import loop
+
+    monkeypatch.setattr(loop, "MAX_BATCH_PIXELS", 25_000)
+    paths = []
+    for i, size in enumerate([100, 100, 100, 10, 100, 100]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (size, size)).save(paths[-1])
+    paths.insert(2, tmp_path / "missing.png")
+    batches = [([Path(p).name for p, _ in b], [Path(r.path).name for r in f]) for b, f in
+               loop.decoded_batches(paths, batch_size=8)]  # fmt: skip
+    assert batches == [
+        (["0.png", "1.png", "2.png"], ["missing.png"]),
+        (["3.png", "4.png", "5.png"], []),
+    ]

@@ -196,23 +196,31 @@ def read_image(path: str | Path) -> tuple[object | None, CaptionResult | None]:
         return None, CaptionResult(path=str(path), error=str(exc))
 
 
+#: a batch of decoded images ends early past this many pixels (192 MB of RGB): eight photos of
+#: 80 Mpx would otherwise take 2 GB per batch
+MAX_BATCH_PIXELS = 64 * 2**20
+
+
 def decoded_batches(
     paths: Sequence[str | Path], batch_size: int
 ) -> Iterator[tuple[list[tuple[str, object]], list[CaptionResult]]]:
-    """Batches of up to ``batch_size`` decoded images ``(path, image)`` in the order given, each with
-    the error results of the unreadable files met while filling it. Decoded lazily: a caller that
-    drops a batch before asking for the next holds one batch of images, however many paths."""
+    """Batches of up to ``batch_size`` decoded images ``(path, image)`` in the order given (fewer
+    when they reach ``MAX_BATCH_PIXELS``), each with the error results of the unreadable files met
+    while filling it. Decoded lazily: a caller that drops a batch before asking for the next
+    holds one batch of images, however many paths."""
     batch: list[tuple[str, object]] = []
     failed: list[CaptionResult] = []
+    pixels = 0
     for path in paths:
         image, error = read_image(path)
         if error is not None:
             failed.append(error)
             continue
         batch.append((str(path), image))
-        if len(batch) == batch_size:
+        pixels += image.width * image.height
+        if len(batch) == batch_size or pixels >= MAX_BATCH_PIXELS:
             yield batch, failed
-            batch, failed = [], []
+            batch, failed, pixels = [], [], 0
     if batch or failed:
         yield batch, failed
 
