@@ -7,6 +7,8 @@ Tiny SigLIP (32 px) + tiny Llama (``smollm`` plugin), 72 ``shapes`` images, 4 st
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,222 @@ def test_a_diverging_run_stops_in_one_line_saves_no_model_and_keeps_only_finite_
     kept = sorted((out / "checkpoints").glob("checkpoint-*"))
     if kept:
         assert str(kept[-1]) in line
+
+
+# ------------------------------------------------------------------------------ writes
+
+
+def _private_tmpfs(path: Path, size_kb: int) -> None:
+    """In this forked (single-threaded) process: a user and mount namespace of its own with a
+    tmpfs of ``size_kb`` KiB at ``path`` (no privileges needed where user namespaces are on)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    uid, gid = os.getuid(), os.getgid()
+    if libc.unshare(0x10000000 | 0x00020000) != 0:  # CLONE_NEWUSER | CLONE_NEWNS
+        raise OSError(ctypes.get_errno(), "unshare")
+    Path("/proc/self/setgroups").write_text("deny")
+    Path("/proc/self/uid_map").write_text(f"0 {uid} 1")
+    Path("/proc/self/gid_map").write_text(f"0 {gid} 1")
+    libc.mount(b"none", b"/", None, 0x4000 | 0x40000, None)  # MS_REC | MS_PRIVATE: nothing leaks out
+    if libc.mount(b"tmpfs", str(path).encode(), b"tmpfs", 0, f"size={size_kb}k".encode()) != 0:
+        raise OSError(ctypes.get_errno(), "mount tmpfs")
+
+
+def _train_on_a_full_disk(args: list[str], tiny: Path, pipe) -> None:
+    import io
+
+    from vlmkit.cli.main import main
+
+    try:
+        _private_tmpfs(tiny, 256)
+    except OSError as exc:
+        pipe.send(("unavailable", str(exc)))
+        return
+    (tiny / "fill").write_bytes(b"\0" * 60 * 4096)  # 16 KiB left; the features take 24 KiB
+    sys.argv, sys.stderr = ["vlmkit", *args], io.StringIO()
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    pipe.send((code, sys.stderr.getvalue()))
+
+
+def test_a_full_disk_while_caching_features_is_one_line_not_sigbus(train_args, tmp_path):
+    """The feature cache on a file system with too little room (a private 256 KiB tmpfs): one line
+    naming the file, exit 1; a sparse memory-mapped file would die of SIGBUS instead."""
+    import multiprocessing
+
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    args = train_args(tmp_path / "run", "--cache-dir", str(tiny / "cache"), steps=1)
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_train_on_a_full_disk, args=(args, tiny, send))
+    child.start()
+    child.join(120)
+    assert child.exitcode == 0, f"the child died (exit code {child.exitcode}: -7 is SIGBUS)"
+    code, err = receive.recv()
+    if code == "unavailable":
+        pytest.skip(f"no private tmpfs here (user namespaces off?): {err}")
+    assert code == 1, err
+    (line,) = error_lines(err)
+    assert line.startswith(f"error: cannot write {tiny / 'cache'}/") and "No space left on device" in line
+    assert line.endswith("the disk is full: free some space or write elsewhere")
+
+
+def test_the_feature_cache_allocates_its_file_before_writing_rows(tmp_path):
+    """Portable half of the test above: the file rows are written into holds no holes."""
+    from vlmkit.train.features import CacheKey, _open_partial
+
+    key = CacheKey(encoder="e", dataset="d", dtype="float16", count=64, num_tokens=16, feature_dim=512)
+    features, start = _open_partial(tmp_path / "rows-0-64", key, 64)
+    assert start == 0 and features.shape == (64, 16, 512)
+    stat = (tmp_path / "rows-0-64" / "features.npy").stat()
+    assert stat.st_blocks * 512 >= stat.st_size > 64 * 16 * 512 * 2
+
+
+@pytest.fixture(scope="module")
+def saved_model(checkpoints, tmp_path_factory) -> Path:
+    from vlmkit.core.model import PrefixConditioningVLM
+
+    config = {
+        "encoder": "siglip",
+        "encoder_checkpoint": checkpoints["encoder"],
+        "decoder": "smollm",
+        "decoder_checkpoint": checkpoints["decoder"],
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "max_caption_tokens": 4,
+    }
+    return PrefixConditioningVLM.build(config).save(tmp_path_factory.mktemp("saved") / "model")
+
+
+def write_cases(train_args, saved_model, root: Path) -> dict[str, list[str]]:
+    """Commands that write under ``root`` (a folder, a file or a read-only place)."""
+    return {
+        "train": train_args(root / "run", steps=1),
+        "train --cache-dir": [
+            *train_args(root.parent / "run-c", steps=1),
+            "--cache-dir",
+            str(root / "cache"),
+        ],
+        "export": ["export", "--model", str(saved_model), "--out", str(root / "export")],
+        "eval": ["eval", "--model", str(saved_model), "--dataset", SHAPES, "--out", str(root / "eval")],
+    }
+
+
+@pytest.mark.parametrize("where", ["a file", "below a file"])
+@pytest.mark.parametrize("command", ["train", "train --cache-dir", "export", "eval"])
+def test_an_output_that_is_a_file_or_below_one_is_one_line_before_any_work(
+    train_args, saved_model, tmp_path, run_main, command, where
+):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    root = blocker if where == "below a file" else tmp_path
+    args = write_cases(train_args, saved_model, root)[command]
+    target = Path(args[args.index(next(a for a in args if a.startswith(str(root))))])
+    if where == "a file":
+        target.write_text("a file in the way")
+    code, err = run_main(*args)
+    assert code == 1, err
+    (line,) = error_lines(err)
+    flag = {"train": "--output", "train --cache-dir": "--cache-dir"}.get(command, "--out")
+    if where == "a file":  # export said so already, in its own words
+        assert str(target) in line and "not a folder; choose a" in line
+    else:
+        assert line == f"error: {flag} {target}: {blocker} is a file, not a folder; choose another place"
+    assert "Loading weights" not in err or command in ("export", "eval")  # train refuses first
+
+
+def test_vlmkit_home_that_is_a_file_is_one_line(train_args, tmp_path, run_main, monkeypatch):
+    home = tmp_path / "home"
+    home.write_text("not a folder")
+    monkeypatch.setenv("VLMKIT_HOME", str(home))
+    code, err = run_main(*train_args(tmp_path / "run", steps=1))
+    assert code == 1
+    assert error_lines(err) == [
+        f"error: VLMKIT_HOME {home} is a file, not a folder; point VLMKIT_HOME at a folder"
+    ]
+
+
+def _in_private_tmpfs(target, tiny: Path, size_kb: int, read_only: bool, pipe, *args) -> None:
+    try:
+        _private_tmpfs(tiny, size_kb)
+        if read_only:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)  # MS_REMOUNT | MS_RDONLY
+            if libc.mount(b"tmpfs", str(tiny).encode(), b"tmpfs", 0x20 | 0x1, None) != 0:
+                raise OSError(ctypes.get_errno(), "remount read-only")
+    except OSError as exc:
+        pipe.send(("unavailable", str(exc)))
+        return
+    pipe.send((target(*args), sorted(str(p.relative_to(tiny)) for p in tiny.rglob("*"))))
+
+
+def _console(*commands: list[str]) -> list[tuple[int, str]]:
+    import io
+    import traceback
+
+    from vlmkit.cli.main import main
+
+    outcomes = []
+    for args in commands:
+        sys.argv, sys.stderr = ["vlmkit", *args], io.StringIO()
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        except Exception:  # noqa: BLE001 - told to the test, which fails on the traceback
+            code = "raised"
+            traceback.print_exc()
+        outcomes.append((code, sys.stderr.getvalue()))
+    return outcomes
+
+
+def in_private_tmpfs(tiny: Path, size_kb: int, *commands: list[str], read_only: bool = False):
+    """``vlmkit`` ``commands`` in a forked child that has a tmpfs of its own at ``tiny``:
+    [(exit code, stderr)] each, and the files left in the tmpfs (gone with the child); skipped
+    where user namespaces are off."""
+    import multiprocessing
+
+    tiny.mkdir(exist_ok=True)
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_in_private_tmpfs, args=(_console, tiny, size_kb, read_only, send, *commands))
+    child.start()
+    child.join(180)
+    assert child.exitcode == 0, f"the child died (exit code {child.exitcode}: -7 is SIGBUS)"
+    outcome = receive.recv()
+    if outcome[0] == "unavailable":
+        pytest.skip(f"no private tmpfs here (user namespaces off?): {outcome[1]}")
+    return outcome
+
+
+def test_read_only_outputs_are_one_line_each(train_args, saved_model, tmp_path):
+    tiny = tmp_path / "ro"
+    cases = write_cases(train_args, saved_model, tiny)
+    outcomes, files = in_private_tmpfs(tiny, 64, *cases.values(), read_only=True)
+    assert files == []
+    for command, (code, err) in zip(cases, outcomes, strict=True):
+        assert code == 1, (command, err)
+        (line,) = error_lines(err)
+        assert line.endswith(f": {tiny} is read-only; choose another place"), (command, line)
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_earlier_checkpoints_stay(train_args, tmp_path):
+    tiny = tmp_path / "small"
+    args = train_args(tiny / "run", "--set", "save_every=1", "--set", "save_total_limit=5", steps=3)
+    ((code, err),), files = in_private_tmpfs(tiny, 512, args)
+    assert code == 1, err
+    (line,) = error_lines(err)
+    assert line.startswith(f"error: cannot write {tiny / 'run' / 'checkpoints' / 'checkpoint-'}"), line
+    assert line.endswith("the disk is full: free some space or write elsewhere")
+    failed = line.split("checkpoint-")[1].split(":")[0]
+    kept = {f.split("/")[2] for f in files if f.startswith("run/checkpoints/checkpoint-")}
+    assert kept == {f"checkpoint-{step}" for step in range(1, int(failed))}  # the half-written one goes
+    for step in range(1, int(failed)):
+        assert f"run/checkpoints/checkpoint-{step}/trainer_state.json" in files
+    assert "run/vlmkit.json" not in files

@@ -23,7 +23,7 @@ from typing import Any
 from vlmkit import __version__
 from vlmkit.core.config import ModelConfig, encoder_options, validate_model_config
 from vlmkit.core.errors import ArtifactError, PluginError
-from vlmkit.core.paths import read_json_manifest, write_json
+from vlmkit.core.paths import read_json_manifest, write_json, writing
 
 log = logging.getLogger(__name__)
 
@@ -203,14 +203,23 @@ def save(model, path: str | Path, *, training: dict | None = None) -> Path:
     and written last, so a folder whose save was interrupted is never mistaken for a complete model.
     """
     from peft import PeftModel
-    from safetensors.torch import save_file
 
     if not isinstance(model.lm, PeftModel):
         raise ArtifactError("this model has no LoRA adapter to save (a merged export); export it instead")
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ArtifactError(f"{path} is a file, not a folder; choose a folder to save the model in")
     ours = (path / MANIFEST).exists() or (path / "run.yaml").exists()  # run.yaml: a vlmkit train run
     if path.exists() and not ours and any(path.iterdir()):
         raise ArtifactError(f"{path} exists and is not a vlmkit model; choose another folder")
+    with writing(path):
+        _save_files(model, path, training)
+    return path
+
+
+def _save_files(model, path: Path, training: dict | None) -> None:
+    from safetensors.torch import save_file
+
     path.mkdir(parents=True, exist_ok=True)
     (path / MANIFEST).unlink(missing_ok=True)
     tmp = path / ".saving"
@@ -232,7 +241,6 @@ def save(model, path: str | Path, *, training: dict | None = None) -> Path:
         os.replace(tmp / name, target)
     shutil.rmtree(tmp)
     write_json(path / MANIFEST, manifest(model, training))
-    return path
 
 
 # ------------------------------------------------------------------------------ loading

@@ -29,6 +29,10 @@ class ExportError(VlmkitError):
     """The model could not be exported (the exporter failed, or the result does not match)."""
 
 
+class WriteError(VlmkitError):
+    """A file or folder could not be written: the disk is full, it is read-only, a file is in the way."""
+
+
 class TrainingDiverged(VlmkitError):
     """The loss, the gradients or the trained weights stopped being finite numbers (NaN or inf)."""
 

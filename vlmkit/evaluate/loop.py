@@ -14,6 +14,7 @@ from typing import Any
 
 from vlmkit.core.contracts import CaptionExample
 from vlmkit.core.errors import ConfigError, DataError, VlmkitError
+from vlmkit.core.paths import atomic_write, check_writable_folder, make_dirs, write_json
 
 
 @dataclass
@@ -159,6 +160,8 @@ def evaluate(
     ``predictions.jsonl`` and ``metrics.json`` there."""
     if len(data) == 0:
         raise ConfigError("the evaluation split is empty; nothing to evaluate")
+    if out_dir is not None:  # before the captioning, not after it
+        check_writable_folder(out_dir, "--out")
     started = time.perf_counter()
     rows = generate_captions(
         model, data, batch_size=batch_size, limit=limit, on_batch=on_batch, **generate_kwargs
@@ -167,14 +170,12 @@ def evaluate(
     seconds = time.perf_counter() - started
     out = None
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with (out / "predictions.jsonl").open("w") as fh:
-            for row in rows:
-                fh.write(json.dumps(row) + "\n")
+        out = make_dirs(out_dir)
+        lines = "".join(json.dumps(row) + "\n" for row in rows)
+        atomic_write(out / "predictions.jsonl", lambda tmp: tmp.write_text(lines))
         described = metrics.describe() if hasattr(metrics, "describe") else {"metrics": dict(metrics)}
         record = {**described, "count": len(rows), "seconds": round(seconds, 2), **(extra or {})}
-        (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_json(out / "metrics.json", record)
     return EvalResult(metrics=metrics, predictions=rows, seconds=seconds, out_dir=out)
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from vlmkit.core.artifact import MERGED_MANIFEST
 from vlmkit.core.errors import ArtifactError, ConfigError
+from vlmkit.core.paths import check_writable_folder, writing
 from vlmkit.runtime.onnx import MANIFEST as ONNX_MANIFEST
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ def check_options(
         if not MIN_OPSET <= opset <= high:
             raise ConfigError(f"ONNX opset {opset} is not supported; choose one from {MIN_OPSET} to {high}")
     _check_out(Path(out), overwrite)
+    check_writable_folder(Path(out), "--out")
     return opset
 
 
@@ -165,7 +167,7 @@ def export_vlm(
     was_training = vlm.training
     vlm.eval()
     try:
-        with _staging(out, overwrite) as tmp:
+        with writing(out), _staging(out, overwrite) as tmp:
             if format == "onnx":
                 checks = onnx.write_onnx(
                     vlm, tmp, opset=opset, quantize=quantize, source=source, on_step=on_step

@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING, Any
 
 from vlmkit.core.contracts import CaptionDataset, VisionEncoder
 from vlmkit.core.errors import DataError, VlmkitWarning
-from vlmkit.core.paths import cache_dir, write_json
+from vlmkit.core.paths import cache_dir, make_dirs, write_json, writing
 from vlmkit.core.projection import ProjectionConfig
 from vlmkit.sdk.datasets import IMAGE_CHECKS, fingerprint
 
@@ -138,8 +138,7 @@ class FeatureCache:
     """
 
     def __init__(self, root: str | Path | None = None) -> None:
-        self.root = Path(root).expanduser() if root is not None else cache_dir("features")
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = make_dirs(Path(root).expanduser()) if root is not None else cache_dir("features")
 
     # ----------------------------------------------------------------------------- public
 
@@ -384,14 +383,19 @@ class FeatureCache:
     def _assemble(self, key: CacheKey, shards: list[Path]) -> None:
         """The complete entry from the row shards, in row order: moved when there is one, copied
         into one file when there are several; then published with an atomic rename."""
-        import numpy as np
 
         final, partial = self.path(key), self._partial(key)
+        with writing(final):
+            self._assemble_in(key, shards, final, partial)
+
+    def _assemble_in(self, key: CacheKey, shards: list[Path], final: Path, partial: Path) -> None:
+        import numpy as np
+
         target = partial / "features.npy"
         if len(shards) == 1:
             os.replace(shards[0] / "features.npy", target)
         else:
-            out = np.lib.format.open_memmap(target, mode="w+", dtype=key.dtype, shape=key.shape)
+            out = _allocated_memmap(target, key.dtype, key.shape)
             row = 0
             for shard in shards:
                 part = np.load(shard / "features.npy", mmap_mode="r")
@@ -508,12 +512,40 @@ def _open_partial(shard: Path, key: CacheKey, rows: int) -> tuple[np.ndarray, in
     except (OSError, ValueError, KeyError):
         pass
     shutil.rmtree(shard, ignore_errors=True)
-    shard.mkdir(parents=True)
-    return np.lib.format.open_memmap(path, mode="w+", dtype=key.dtype, shape=shape), 0
+    make_dirs(shard)
+    return _allocated_memmap(path, key.dtype, shape), 0
+
+
+def _allocated_memmap(path: Path, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A new ``.npy`` file, memory-mapped for writing, with every byte allocated on disk first.
+
+    ``open_memmap`` makes a sparse file: the disk blocks are found only as rows are written into
+    the mapping, and when the disk is full then, the process dies of SIGBUS with no message.
+    Allocated up front (``posix_fallocate``), a full disk is an ``ENOSPC`` here: one line."""
+    import errno
+
+    import numpy as np
+
+    with writing(path):
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            if hasattr(os, "posix_fallocate"):  # not on macOS: APFS allocates as it writes
+                os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot: as before
+                return array
+            del array
+            path.unlink(missing_ok=True)  # not a sparse file of the full size left behind
+            raise
+        finally:
+            os.close(fd)
+    return array
 
 
 def _checkpoint(features: np.ndarray, partial: Path, key: CacheKey, done: int) -> None:
-    features.flush()  # rows first, then the record that they are there
+    with writing(partial / "features.npy"):
+        features.flush()  # rows first, then the record that they are there
     write_json(partial / "progress.json", {"key": key.digest, "done": done}, indent=1)
 
 

@@ -32,9 +32,9 @@ import yaml
 from transformers import EarlyStoppingCallback, Trainer, TrainerState, TrainingArguments
 from transformers.trainer_utils import TrainOutput
 
-from vlmkit.core.errors import ConfigError, DataError, TrainingDiverged, VlmkitWarning
+from vlmkit.core.errors import ConfigError, DataError, TrainingDiverged, VlmkitWarning, WriteError
 from vlmkit.core.model import PrefixConditioningVLM
-from vlmkit.core.paths import write_json
+from vlmkit.core.paths import atomic_write, check_writable_folder, make_dirs, write_json
 from vlmkit.sdk.datasets import BadImagesError, data_sources, dataset_cache_root, load_split, tsv_field
 from vlmkit.train.config import TrainConfig
 from vlmkit.train.data import CaptionTrainingSet, Collator
@@ -71,6 +71,9 @@ def prepare_output_dir(config: TrainConfig, *, resume: bool, overwrite: bool) ->
     """Refuse to mix runs: a folder holding another run is never silently reused or deleted."""
     out = config.output_dir
     run_file = out / RUN_FILE
+    check_writable_folder(out, "--output")  # before anything loads: a file, read-only, ...
+    if config.cache_dir is not None and config.feature_cache:
+        check_writable_folder(config.cache_dir, "--cache-dir")
     # a start refused for bad images leaves only their list: the corrected command may use the folder
     if not out.exists() or not any(p.name != BAD_IMAGES_FILE for p in out.iterdir()):
         if resume:
@@ -200,7 +203,7 @@ def train(
     if args.process_index == 0:
         try:
             prepare_output_dir(config, resume=resume, overwrite=overwrite)
-        except ConfigError as exc:
+        except (ConfigError, WriteError) as exc:
             refusal = str(exc)
     # every rank raises the refusal: one that waited at a barrier instead would hang until timeout
     if (refusal := _from_rank_zero(refusal)) is not None:
@@ -249,8 +252,9 @@ def train(
     if args.process_index == 0:
         # written once the model and the data have loaded: a run that fails to start (a bad image,
         # a wrong checkpoint) leaves no run.yaml, so the corrected command needs no --overwrite
-        out.mkdir(parents=True, exist_ok=True)
-        (out / RUN_FILE).write_text(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
+        make_dirs(out)
+        run_yaml = yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False)
+        atomic_write(out / RUN_FILE, lambda tmp: tmp.write_text(run_yaml))
         write_json(out / PLACEMENT_FILE, placement_record(placement))
 
     cbs = [JsonlLogger(out / "logs.jsonl"), *(callbacks or [])]
@@ -363,10 +367,9 @@ def _problems(data) -> dict[str, str]:
 
 
 def _write_bad(config: TrainConfig, problems: dict[str, str]) -> Path:
-    file = config.output_dir / BAD_IMAGES_FILE
-    file.parent.mkdir(parents=True, exist_ok=True)
+    file = make_dirs(config.output_dir) / BAD_IMAGES_FILE
     lines = [f"{tsv_field(image)}\t{tsv_field(why)}\n" for image, why in sorted(problems.items())]
-    file.write_text("image\tproblem\n" + "".join(lines))
+    atomic_write(file, lambda tmp: tmp.write_text("image\tproblem\n" + "".join(lines)))
     return file
 
 

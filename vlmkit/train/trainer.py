@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from vlmkit.core.errors import ConfigError, TrainingDiverged
+from vlmkit.core.errors import ConfigError, TrainingDiverged, WriteError
 from vlmkit.core.model import PrefixConditioningVLM
 from vlmkit.evaluate.loop import caption_and_score
 from vlmkit.train.config import TrainConfig
@@ -137,8 +138,20 @@ class VLMTrainer(Trainer):
             raise TrainingDiverged(self.state.global_step, "the trained weights are no longer finite numbers")
 
     def _save_checkpoint(self, model, trial) -> None:
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        from vlmkit.core.paths import writing
+
         self.check_weights_finite()  # a checkpoint is never written from diverged weights
-        super()._save_checkpoint(model, trial)
+        folder = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        new = not folder.exists()
+        try:
+            with writing(folder):  # a full disk: one line naming the checkpoint; earlier ones stay
+                super()._save_checkpoint(model, trial)
+        except WriteError:
+            if new and self.args.should_save:  # half a checkpoint only takes the room that is left
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
 
     def _get_train_sampler(self, train_dataset=None):
         """With ``group_by_length``, batches of similar caption length: see ``LengthGroupedSampler``."""
@@ -279,6 +292,8 @@ class JsonlLogger(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
+            from vlmkit.core.paths import writing
+
             record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
-            with self.path.open("a") as fh:
+            with writing(self.path), self.path.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
