@@ -26,14 +26,17 @@ any of them and the key changes: a stale cache is never reused, it is simply not
 Layout under the root (``cache_dir("features")`` unless given)::
 
     <key>/features.npy               the features, rows in dataset order
-    <key>/meta.json                  key components, shape, dtype, count and "complete": true
+    <key>/meta.json                  key components, shape, dtype, count, the sha256 of
+                                     features.npy and "complete": true
+    <key>/verified.json              features.npy's inode, size and mtime when its sha256 last
+                                     matched: the file is hashed again only once it changes
     <key>.partial/rows-<lo>-<hi>/    a run in progress: the rows lo..hi-1 (features.npy and
                                      progress.json), resumed by the next run
     <key>.lock                       held while one process computes (see below)
 
 A run that is interrupted leaves only ``<key>.partial/``, never a ``<key>/`` that looks complete.
-A ``<key>/`` whose files disagree with its ``meta.json`` (a truncated copy, say) is recomputed
-with a warning.
+A ``<key>/`` whose files disagree with its ``meta.json`` (a truncated copy, say, or bytes changed
+in place: the checksum) is recomputed with a warning.
 
 Under ``torch.distributed`` (torchrun, accelerate) the rows are split across ranks: each rank
 computes its share on its own device into ``rows-<lo>-<hi>/`` of the shared cache folder; once
@@ -65,7 +68,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vlmkit.core.contracts import CaptionDataset, VisionEncoder
-from vlmkit.core.errors import DataError, VlmkitWarning
+from vlmkit.core.errors import DataError, VlmkitError, VlmkitWarning
 from vlmkit.core.paths import cache_dir, make_dirs, write_json, writing
 from vlmkit.core.projection import ProjectionConfig
 from vlmkit.sdk.datasets import IMAGE_CHECKS, fingerprint
@@ -409,7 +412,14 @@ class FeatureCache:
         for child in partial.iterdir():  # this run's shards and any left by another world size
             if child.is_dir():
                 shutil.rmtree(child, ignore_errors=True)
-        meta = {**asdict(key), "digest": key.digest, "shape": list(key.shape), "complete": True}
+        meta = {
+            **asdict(key),
+            "digest": key.digest,
+            "shape": list(key.shape),
+            "sha256": _file_sha256(target),
+            "complete": True,
+        }
+        _write_verified(partial, target, meta["sha256"])
         write_json(partial / "meta.json", meta, indent=1)  # the marker of a complete entry, written last
         if final.exists():  # an unusable entry found by _open: move it aside, then replace it
             stale = final.with_name(f"{final.name}.stale-{os.getpid()}")
@@ -495,7 +505,53 @@ def _check_entry(entry: Path, key: CacheKey) -> str | None:
     expected = header + int(np.prod(shape)) * np.dtype(dtype).itemsize
     if size != expected:
         return f"features.npy is {size} bytes, expected {expected} (truncated or padded)"
+    return _check_sum(entry, path, meta.get("sha256"))
+
+
+#: beside features.npy: the file's identity (inode, size, mtime) when its sha256 last matched
+VERIFIED_FILE = "verified.json"
+
+
+def _check_sum(entry: Path, features: Path, sha256: Any) -> str | None:
+    """Whether ``features`` still holds what was written: its sha256 against meta.json's. Hashing
+    gigabytes on every open would cost seconds, so the hash is checked on the first open of the
+    file as it is now (written, copied, replaced: a new inode or mtime) and remembered for it."""
+    if not isinstance(sha256, str):
+        return "meta.json has no checksum (written by an older vlmkit)"
+    try:
+        stamp = json.loads((entry / VERIFIED_FILE).read_text())
+    except (OSError, ValueError):
+        stamp = None
+    if stamp == {"file": _identity(features), "sha256": sha256}:
+        return None
+    try:
+        actual = _file_sha256(features)
+    except OSError as exc:
+        return f"unreadable features.npy ({exc.strerror or exc})"
+    if actual != sha256:
+        return "features.npy does not match the checksum in meta.json (changed or damaged since it was written)"
+    with contextlib.suppress(VlmkitError):  # a read-only cache still opens, verified each time
+        _write_verified(entry, features, sha256)
     return None
+
+
+def _identity(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_ino, stat.st_size, stat.st_mtime_ns]
+
+
+def _write_verified(entry: Path, features: Path, sha256: str) -> None:
+    write_json(entry / VERIFIED_FILE, {"file": _identity(features), "sha256": sha256}, indent=1)
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * 2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _open_partial(shard: Path, key: CacheKey, rows: int) -> tuple[np.ndarray, int]:
