@@ -7,6 +7,7 @@ Tiny SigLIP (32 px) + tiny Llama (``smollm`` plugin), 72 ``shapes`` images, 4 st
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -291,3 +292,80 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_earlier_checkpoints_stay(tr
     for step in range(1, int(failed)):
         assert f"run/checkpoints/checkpoint-{step}/trainer_state.json" in files
     assert "run/vlmkit.json" not in files
+
+
+# ------------------------------------------------------------------------------ feature cache
+
+
+def test_cached_features_changed_in_place_are_found_by_their_checksum_and_recomputed(
+    train_args, run_main, tmp_path
+):
+    """Random bytes of the right size in features.npy: a warning naming the entry, the features are
+    computed again, and the run trains on them (a finite loss), not on the garbage."""
+    import numpy as np
+
+    cache = tmp_path / "cache"
+    code, err = run_main(*train_args(tmp_path / "first", "--cache-dir", str(cache), steps=1))
+    assert code == 0, err
+    entries = sorted(p for p in cache.iterdir() if (p / "features.npy").is_file())
+    npy = entries[0] / "features.npy"
+    good = np.load(npy).copy()
+    header = npy.stat().st_size - good.nbytes
+    with open(npy, "r+b") as f:
+        f.seek(header)
+        f.write(np.random.default_rng(0).bytes(good.nbytes))
+    code, err = run_main(*train_args(tmp_path / "second", "--cache-dir", str(cache), steps=1))
+    assert code == 0, err
+    assert f"warning: feature cache: {entries[0]} is unusable (features.npy does not match the checksum" in err
+    np.testing.assert_array_equal(np.load(npy), good)  # recomputed: the same features again
+    metrics = json.loads((tmp_path / "second" / "vlmkit.json").read_text())["training"]
+    assert np.isfinite(metrics["train_loss"])
+
+
+# ------------------------------------------------------------------------------ run folder lock
+
+
+def _train_paused_in_the_loop(args: list[str], pipe) -> None:
+    """``vlmkit train ARGS`` that stops before its first step until the test says go."""
+    import vlmkit.train.job as job
+
+    real = job.VLMTrainer.train
+
+    def paused(self, *a, **k):
+        pipe.send("training")
+        pipe.recv()
+        return real(self, *a, **k)
+
+    job.VLMTrainer.train = paused
+    pipe.send(_console(args)[0])
+
+
+@pytest.mark.parametrize("second", [[], ["--overwrite"], ["--resume"]])
+def test_a_second_train_into_a_folder_in_use_is_refused_in_one_line(
+    train_args, run_main, tmp_path, second
+):
+    import multiprocessing
+
+    out = tmp_path / "run"
+    ctx = multiprocessing.get_context("fork")
+    ours, theirs = ctx.Pipe()
+    first = ctx.Process(target=_train_paused_in_the_loop, args=(train_args(out, steps=2), theirs))
+    first.start()
+    try:
+        assert ours.poll(120) and ours.recv() == "training"
+        before = sorted(p.name for p in out.iterdir())
+        code, err = run_main(*train_args(out, *second, steps=2))
+        assert code == 1, err
+        assert error_lines(err) == [
+            f"error: output folder {out} is in use by another vlmkit train (process {first.pid}); wait for it "
+            "to finish, or choose another --output"
+        ]
+        assert sorted(p.name for p in out.iterdir()) == before  # nothing written, nothing removed
+    finally:
+        ours.send("go")
+        first.join(120)
+    assert first.exitcode == 0 and ours.recv()[0] == 0
+    steps = [json.loads(line)["step"] for line in (out / "logs.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and (out / "vlmkit.json").is_file()  # the first run's alone
+    code, err = run_main(*train_args(out, "--overwrite", steps=1))  # free again once it ended
+    assert code == 0, err

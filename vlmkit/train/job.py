@@ -34,7 +34,7 @@ from transformers.trainer_utils import TrainOutput
 
 from vlmkit.core.errors import ConfigError, DataError, TrainingDiverged, VlmkitWarning, WriteError
 from vlmkit.core.model import PrefixConditioningVLM
-from vlmkit.core.paths import atomic_write, check_writable_folder, make_dirs, write_json
+from vlmkit.core.paths import atomic_write, check_writable_folder, make_dirs, write_json, writing
 from vlmkit.sdk.datasets import BadImagesError, data_sources, dataset_cache_root, load_split, tsv_field
 from vlmkit.train.config import TrainConfig
 from vlmkit.train.data import CaptionTrainingSet, Collator
@@ -46,6 +46,8 @@ from vlmkit.train.trainer import JsonlLogger, VLMTrainer, prepare_model_for_prec
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.yaml"
+#: held (flock) by the run training into the folder: see ``RunLock``
+LOCK_FILE = ".vlmkit-train.lock"
 #: every image a dataset refused or skipped, with what is wrong with it (tab-separated)
 BAD_IMAGES_FILE = "bad_images.tsv"
 #: settings that define *what* is trained; a folder holding a run that differs in these is a
@@ -71,20 +73,21 @@ def prepare_output_dir(config: TrainConfig, *, resume: bool, overwrite: bool) ->
     """Refuse to mix runs: a folder holding another run is never silently reused or deleted."""
     out = config.output_dir
     run_file = out / RUN_FILE
-    check_writable_folder(out, "--output")  # before anything loads: a file, read-only, ...
+    refuse_foreign_folder(config)
     if config.cache_dir is not None and config.feature_cache:
         check_writable_folder(config.cache_dir, "--cache-dir")
-    # a start refused for bad images leaves only their list: the corrected command may use the folder
-    if not out.exists() or not any(p.name != BAD_IMAGES_FILE for p in out.iterdir()):
+    if _empty(out):
         if resume:
             raise ConfigError(f"--resume: {out} holds no run to resume; drop --resume to start one")
         return
-    if not run_file.is_file():
-        raise ConfigError(
-            f"output folder {out} is not empty and holds no vlmkit run; choose another --output"
-        )
-    if overwrite:
-        shutil.rmtree(out)
+    if overwrite:  # all but the lock this run holds
+        for child in out.iterdir():
+            if child.name == LOCK_FILE:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
         return
     previous = yaml.safe_load(run_file.read_text()) or {}
     current = json.loads(config.model_dump_json())
@@ -115,6 +118,23 @@ def prepare_output_dir(config: TrainConfig, *, resume: bool, overwrite: bool) ->
             VlmkitWarning,
             stacklevel=2,
         )
+
+
+def refuse_foreign_folder(config: TrainConfig) -> None:
+    """``--output`` must be writable, and empty or a vlmkit run: checked before anything loads
+    (and before the run's lock file is made in it)."""
+    out = config.output_dir
+    check_writable_folder(out, "--output")
+    if not _empty(out) and not (out / RUN_FILE).is_file():
+        raise ConfigError(
+            f"output folder {out} is not empty and holds no vlmkit run; choose another --output"
+        )
+
+
+def _empty(out: Path) -> bool:
+    """No folder, or one with nothing but a list of bad images (a start refused for them: the
+    corrected command may use the folder) and the lock file."""
+    return not out.exists() or not any(p.name not in (BAD_IMAGES_FILE, LOCK_FILE) for p in out.iterdir())
 
 
 def _differences(before: Any, now: Any, key: str) -> list[str]:
@@ -192,7 +212,58 @@ def train(
     callbacks: list | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train a model as ``config`` says and write the artifact to ``config.output_dir``."""
+    """Train a model as ``config`` says and write the artifact to ``config.output_dir``, which
+    this run holds locked (``RunLock``) until it ends."""
+    with RunLock(config.output_dir) as lock:
+        return _train(config, lock, resume, overwrite, registry, callbacks, progress)
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<output>/LOCK_FILE`` for the life of a run (taken by rank 0 of
+    a distributed one): a second ``vlmkit train`` into the same folder, started or resumed while
+    the first runs, is refused in one line instead of interleaving its logs and replacing the
+    model. ``flock`` is released by the system when the process dies, so a killed run leaves no
+    stale lock. (It is local to a machine and missing on some network file systems, and on
+    Windows, where this does nothing.)"""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.folder = output_dir
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return
+        file = make_dirs(self.folder) / LOCK_FILE
+        with writing(file):
+            fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").strip()
+            os.close(fd)
+            raise ConfigError(
+                f"output folder {self.folder} is in use by another vlmkit train"
+                + (f" (process {holder})" if holder.isdigit() else "")
+                + "; wait for it to finish, or choose another --output"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor releases the flock
+            self._fd = None
+
+
+def _train(
+    config: TrainConfig, lock: RunLock, resume, overwrite, registry, callbacks, progress
+) -> TrainResult:
     from transformers import set_seed
 
     started = time.perf_counter()
@@ -202,6 +273,8 @@ def train(
     refusal = None
     if args.process_index == 0:
         try:
+            refuse_foreign_folder(config)  # before the lock file is made in it
+            lock.acquire()
             prepare_output_dir(config, resume=resume, overwrite=overwrite)
         except (ConfigError, WriteError) as exc:
             refusal = str(exc)
