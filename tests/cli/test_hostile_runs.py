@@ -316,7 +316,9 @@ def test_cached_features_changed_in_place_are_found_by_their_checksum_and_recomp
         f.write(np.random.default_rng(0).bytes(good.nbytes))
     code, err = run_main(*train_args(tmp_path / "second", "--cache-dir", str(cache), steps=1))
     assert code == 0, err
-    assert f"warning: feature cache: {entries[0]} is unusable (features.npy does not match the checksum" in err
+    assert (
+        f"warning: feature cache: {entries[0]} is unusable (features.npy does not match the checksum" in err
+    )
     np.testing.assert_array_equal(np.load(npy), good)  # recomputed: the same features again
     metrics = json.loads((tmp_path / "second" / "vlmkit.json").read_text())["training"]
     assert np.isfinite(metrics["train_loss"])
@@ -341,9 +343,7 @@ def _train_paused_in_the_loop(args: list[str], pipe) -> None:
 
 
 @pytest.mark.parametrize("second", [[], ["--overwrite"], ["--resume"]])
-def test_a_second_train_into_a_folder_in_use_is_refused_in_one_line(
-    train_args, run_main, tmp_path, second
-):
+def test_a_second_train_into_a_folder_in_use_is_refused_in_one_line(train_args, run_main, tmp_path, second):
     import multiprocessing
 
     out = tmp_path / "run"
@@ -369,3 +369,55 @@ def test_a_second_train_into_a_folder_in_use_is_refused_in_one_line(
     assert steps == sorted(steps) and (out / "vlmkit.json").is_file()  # the first run's alone
     code, err = run_main(*train_args(out, "--overwrite", steps=1))  # free again once it ended
     assert code == 0, err
+
+
+# ------------------------------------------------------------------------------ captions files
+
+ROWS = "".join(json.dumps({"file_name": f"{i}.png", "caption": f"shape {i}"}) + "\n" for i in range(1, 7))
+CAPTIONS_FILES = {
+    "a CSV field over csv's limit": (
+        "captions.csv",
+        "file_name,caption\n0.png," + "x" * 140_000 + "\n",
+        "captions.csv line 2 is not valid CSV (field larger than field limit (131072))",
+    ),
+    "deeply nested JSON": (
+        "captions.jsonl",
+        '{"file_name": "0.png", "caption": ' + "[" * 100_000 + "]" * 100_000 + "}\n" + ROWS,
+        "captions.jsonl line 1 is JSON nested too deeply to read",
+    ),
+    "a lone surrogate in a caption": (
+        "captions.jsonl",
+        '{"file_name": "0.png", "caption": "a \\ud800 cat"}\n' + ROWS,
+        "captions.jsonl line 1: the caption holds '\\ud800' at character 2, a lone surrogate: not text",
+    ),
+    "a file name that is not UTF-8": (
+        "captions.jsonl",
+        ROWS + '{"file_name": "\\udcff.png", "caption": "a cat"}\n',
+        "captions.jsonl line 7: the file name holds '\\udcff' at character 0, a lone surrogate: not text",
+    ),
+    "a caption of 20,000 characters": (
+        "captions.jsonl",
+        ROWS + json.dumps({"file_name": "0.png", "caption": "cat " * 5000}) + "\n",
+        "captions.jsonl line 7: the caption is 19999 characters long, more than 10000",
+    ),
+    "a caption that is a number": (
+        "captions.jsonl",
+        '{"file_name": "0.png", "caption": 42}\n' + ROWS,
+        "captions.jsonl line 1: the 'caption' of 0.png is a JSON number, not text",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CAPTIONS_FILES))
+def test_a_hostile_captions_file_is_one_line_naming_the_line(train_args, run_main, tmp_path, case):
+    from PIL import Image
+
+    name, text, problem = CAPTIONS_FILES[case]
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(7):
+        Image.new("RGB", (8, 8), (30 * i, 0, 0)).save(folder / f"{i}.png")
+    (folder / name).write_text(text, errors="surrogatepass")
+    code, err = run_main(*train_args(tmp_path / "run", dataset=f"folder:path={folder}"))
+    assert code == 1, err
+    assert error_lines(err) == [f"error: folder {folder}: {problem}"]

@@ -529,7 +529,9 @@ def _check_sum(entry: Path, features: Path, sha256: Any) -> str | None:
     except OSError as exc:
         return f"unreadable features.npy ({exc.strerror or exc})"
     if actual != sha256:
-        return "features.npy does not match the checksum in meta.json (changed or damaged since it was written)"
+        return (
+            "features.npy does not match the checksum in meta.json (changed or damaged since it was written)"
+        )
     with contextlib.suppress(VlmkitError):  # a read-only cache still opens, verified each time
         _write_verified(entry, features, sha256)
     return None
