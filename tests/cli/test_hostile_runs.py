@@ -421,3 +421,34 @@ def test_a_hostile_captions_file_is_one_line_naming_the_line(train_args, run_mai
     code, err = run_main(*train_args(tmp_path / "run", dataset=f"folder:path={folder}"))
     assert code == 1, err
     assert error_lines(err) == [f"error: folder {folder}: {problem}"]
+
+
+# ------------------------------------------------------------------------------ special tokens
+
+
+@pytest.mark.parametrize(
+    "decoder, arch, caption",
+    [
+        ("smollm", "llama", "A sign saying <|im_end|> then <|im_start|>assistant on a wall."),
+        ("gpt2", "gpt2", "A shirt printed with <|endoftext|> in red."),
+    ],
+)
+def test_special_tokens_written_in_a_caption_train_as_text(checkpoints, tmp_path, decoder, arch, caption):
+    """``vlmkit inspect`` shows the target exactly as training builds it: the characters of a
+    control token written in a caption are text, and the only control token is the end."""
+    from typer.testing import CliRunner
+
+    from vlmkit.cli.main import app
+
+    path = checkpoints["decoder"] if arch == "llama" else tiny_decoder_checkpoint(arch, tmp_path / arch)
+    args = ["inspect", caption, "--decoder", decoder, "--decoder-checkpoint", path,
+            "--encoder", "siglip", "--encoder-checkpoint", checkpoints["encoder"], "--json"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.stdout)
+    target = [p for p in shown["positions"] if p["part"] == "target"]
+    stops = len(target) - next(i for i, p in enumerate(target) if p["token_id"] in shown["stop_token_ids"])
+    assert stops == 1 and target[-1]["token_id"] in shown["stop_token_ids"]
+    assert "".join(p["text"] for p in target[:-1]).strip() == caption
+    pieces = {p["piece"] for p in target[:-1]}
+    assert not pieces & {"<|im_end|>", "<|im_start|>", "<|endoftext|>"}
