@@ -248,9 +248,14 @@ class RunLock:
                 + (f" (process {holder})" if holder.isdigit() else "")
                 + "; wait for it to finish, or choose another --output"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
         self._fd = fd
+
+    def sign(self) -> None:
+        """Write this process's id into the held lock file, for the refusal of another run: only
+        once this run is sure to go ahead (a refused start leaves the folder as it was)."""
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, str(os.getpid()).encode(), 0)
 
     def __enter__(self) -> RunLock:
         return self
@@ -276,6 +281,7 @@ def _train(
             refuse_foreign_folder(config)  # before the lock file is made in it
             lock.acquire()
             prepare_output_dir(config, resume=resume, overwrite=overwrite)
+            lock.sign()
         except (ConfigError, WriteError) as exc:
             refusal = str(exc)
     # every rank raises the refusal: one that waited at a barrier instead would hang until timeout
