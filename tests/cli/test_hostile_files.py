@@ -8,6 +8,7 @@ resize) or CLIP (the shortest edge to 32, the aspect ratio kept) with GPT-2.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -153,3 +154,56 @@ def test_a_batch_of_large_images_ends_early(tmp_path, monkeypatch):
         (["0.png", "1.png", "2.png"], ["missing.png"]),
         (["3.png", "4.png", "5.png"], []),
     ]
+
+
+# ------------------------------------------------------------------------------ values that pass, then raise
+
+
+@pytest.mark.parametrize(
+    "flags, problem",
+    [
+        (
+            ["--sample", "--temperature", "0"],
+            "error: sampling needs a temperature above 0, not 0.0; for the most",
+        ),
+        (
+            ["--max-new-tokens", "100000"],
+            "error: max_new_tokens 100000: the decoder holds 256 positions and the",
+        ),
+    ],
+)
+def test_generation_settings_that_transformers_refuses_are_one_line(model, good, run_main, flags, problem):
+    code, err = run_main("caption", good[0], "--model", str(model), *flags)
+    assert code == 1
+    (line,) = error_lines(err)
+    assert line.startswith(problem), line
+    if "at most" in line:  # the most it allows does run
+        most = line.split("at most ")[1].split()[0]
+        assert run_main("caption", good[0], "--model", str(model), "--max-new-tokens", most)[0] == 0
+
+
+def _edit_json(file: Path, edit) -> None:
+    data = json.loads(file.read_text())
+    edit(data)
+    file.write_text(json.dumps(data))
+
+
+MISMATCHES = {
+    "another LoRA rank": ("adapter/adapter_config.json", lambda d: d.update(r=8)),
+    "another projection type": ("vlmkit.json", lambda d: d["config"]["projection"].update(type="linear")),
+}
+
+
+@pytest.mark.parametrize("case", list(MISMATCHES))
+def test_weights_that_no_longer_fit_the_manifest_are_one_line(model, good, tmp_path, run_main, case):
+    import shutil
+
+    name, edit = MISMATCHES[case]
+    copy = Path(shutil.copytree(model, tmp_path / "model"))
+    _edit_json(copy / name, edit)
+    code, err = run_main("caption", good[0], "--model", str(copy))
+    assert code == 1
+    (line,) = error_lines(err)
+    weights = "adapter" if "LoRA" in case else "projection.safetensors"
+    assert line.startswith(f"error: {copy / weights} does not fit the model that vlmkit.json describes (")
+    assert line.endswith("the folder was changed, or mixed from two models: save or train it again")

@@ -452,3 +452,13 @@ def test_special_tokens_written_in_a_caption_train_as_text(checkpoints, tmp_path
     assert "".join(p["text"] for p in target[:-1]).strip() == caption
     pieces = {p["piece"] for p in target[:-1]}
     assert not pieces & {"<|im_end|>", "<|im_start|>", "<|endoftext|>"}
+
+
+@pytest.mark.parametrize(
+    "flag, value", [("--epochs", "inf"), ("--lr-lora", "nan"), ("--set", "model.lora.alpha=.inf")]
+)
+def test_infinite_or_nan_settings_are_refused_in_one_line(train_args, run_main, tmp_path, flag, value):
+    code, err = run_main(*train_args(tmp_path / "run"), flag, value)
+    assert code == 1
+    (line,) = error_lines(err)
+    assert line.startswith("error: configuration: ") and line.endswith("Input should be a finite number")

@@ -17,6 +17,7 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,7 @@ def assemble(
     elif adapter is not None:
         from peft import PeftModel
 
-        with _quiet_peft():
+        with _quiet_peft(), _fitting(Path(adapter)):
             lm = PeftModel.from_pretrained(base, str(adapter), is_trainable=trainable)
     else:
         lm = _add_lora(base, decoder_spec, config)
@@ -97,7 +98,8 @@ def assemble(
         config.projection, encoder.feature_dim, base.get_input_embeddings().embedding_dim, encoder.grid
     )
     if projection is not None:
-        proj.load_state_dict(load_file(str(projection)))
+        with _fitting(Path(projection)):
+            proj.load_state_dict(load_file(str(projection)))
     model = PrefixConditioningVLM(config, encoder, encoder_spec, decoder_spec, lm, tokenizer, proj)
     model.freeze_encoder(config.unfreeze_encoder_layers)
     if encoder_weights is not None:
@@ -107,6 +109,21 @@ def assemble(
             raise ArtifactError(f"{encoder_weights} holds weights the encoder lacks: {sorted(missing)[:3]}")
         encoder.load_state_dict(tensors, strict=False)
     return model
+
+
+@contextlib.contextmanager
+def _fitting(file: Path) -> Iterator[None]:
+    """Weights that do not fit the model the manifest describes (another LoRA rank, another
+    projection type: a folder edited, or mixed from two models) as one ``ArtifactError`` line."""
+    try:
+        yield
+    except RuntimeError as exc:  # torch's "size mismatch" / "Unexpected key(s)", with a long list
+        first = str(exc).strip().splitlines()
+        detail = next((line.strip() for line in first[1:] if line.strip()), first[0] if first else "")
+        raise ArtifactError(
+            f"{file} does not fit the model that {MANIFEST} describes ({detail[:200]}); the folder was "
+            "changed, or mixed from two models: save or train it again"
+        ) from exc
 
 
 def _add_lora(base, decoder_spec, config: ModelConfig):

@@ -17,7 +17,7 @@ from vlmkit.core.projection import ProjectionConfig
 class LoraSettings(BaseModel):
     """LoRA on the decoder; ``targets`` overrides the decoder plugin's ``lora_targets``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     r: int = Field(16, gt=0)
     alpha: float = Field(32.0, gt=0)

@@ -44,7 +44,8 @@ class DatasetConfig(BaseModel):
 class TrainConfig(BaseModel):
     """Everything ``vlmkit train`` does, in one validated object (saved with the model)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # inf and nan pass gt=0 (``--epochs inf`` overflowed deep in Trainer; ``--lr-lora inf`` trained NaN)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     datasets: list[DatasetConfig] = Field(min_length=1)
