@@ -188,6 +188,16 @@ def image_checks_dir() -> Path:
     return (root if root is not None else cache_dir()) / IMAGE_CHECKS
 
 
+def derived_data_dir(name: str) -> Path:
+    """``name/`` of the active ``dataset_cache_root``, else of ``$VLMKIT_HOME``: where a dataset
+    keeps what it derives from the data (``hf-datasets/``: the Arrow copies ``datasets`` makes of
+    parquet files, which would otherwise land in ``~/.cache/huggingface``). Not created here."""
+    from vlmkit.core.paths import cache_dir
+
+    root = _CACHE_ROOT.get()
+    return (root if root is not None else cache_dir()) / name
+
+
 def fingerprint(*parts: Any) -> str:
     """sha256 of ``parts`` as canonical JSON (anything JSON can't encode goes through ``str``)."""
     blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))

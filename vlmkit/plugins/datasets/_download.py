@@ -121,6 +121,8 @@ def _fetch(url: str, target: Path, policy: DownloadPolicy) -> Path:
 
 
 def _fetch_once(url: str, partial: Path, policy: DownloadPolicy) -> None:
+    if urlsplit(url).scheme.lower() not in ("http", "https"):  # urlopen would read file:// and ftp:// too
+        raise _Permanent("is not an http(s) URL (not read)")
     have = partial.stat().st_size if partial.is_file() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
