@@ -462,3 +462,24 @@ def test_infinite_or_nan_settings_are_refused_in_one_line(train_args, run_main, 
     assert code == 1
     (line,) = error_lines(err)
     assert line.startswith("error: configuration: ") and line.endswith("Input should be a finite number")
+
+
+# ------------------------------------------------------------------------------ stray files
+
+
+def test_export_removes_the_staging_folders_of_killed_exports(saved_model, tmp_path, run_main):
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a process id that no longer runs: an export killed with -9
+    killed = tmp_path / f".export.partial-{gone.pid}-0123abcd"
+    running = tmp_path / f".export.partial-{os.getpid()}-4567ef01"  # another export, still running
+    for folder in (killed, running):
+        folder.mkdir()
+        (folder / "decoder.onnx").write_bytes(b"half of a graph")
+    code, err = run_main(
+        "export", "--model", str(saved_model), "--out", str(tmp_path / "export"), "--format", "hf"
+    )
+    assert code == 0, err
+    assert not killed.exists() and running.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [running.name, "export"]

@@ -110,3 +110,40 @@ def test_a_local_copy_leaves_nothing_in_the_huggingface_cache(tmp_path, hf_cache
     with dataset_cache_root(tmp_path / "run-cache"):
         CocoDataset().load("test", {"path": str(root), "image_root": str(images)})
     assert any((tmp_path / "run-cache" / "hf-datasets").rglob("*.arrow"))
+
+
+def test_a_server_trickling_bytes_meets_the_per_download_deadline(tmp_path):
+    """One byte every 0.2 s never trips the read timeout; the deadline of a whole try does."""
+    import time
+
+    from vlmkit.plugins.datasets._download import DownloadPolicy, download_images
+
+    class Trickle(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            for _ in range(1000):
+                try:
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.2)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/slow.jpg"
+        started = time.monotonic()
+        policy = DownloadPolicy(workers=1, retries=0, timeout=5.0, deadline=1.0)
+        done, failed = download_images({"a": url}, tmp_path / "dl", policy, progress=False)
+        assert time.monotonic() - started < 4
+        assert done == {} and "took over 1 s (the server sends too slowly)" in failed["a"]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -15,6 +15,7 @@ an interrupted export never leaves a folder that looks complete.
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
 import shutil
@@ -213,7 +214,8 @@ def _is_export(path: Path) -> bool:
 def _staging(out: Path, overwrite: bool) -> Iterator[Path]:
     """A temporary folder beside ``out``, renamed to ``out`` when the block succeeds."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
+    _remove_abandoned(out)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = out.parent / f".{out.name}.partial-{tag}"
     tmp.mkdir()
     try:
@@ -228,6 +230,25 @@ def _staging(out: Path, overwrite: bool) -> Iterator[Path]:
             os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_abandoned(out: Path) -> None:
+    """Staging folders of exports to ``out`` whose process is gone (``kill -9``, a power cut): their
+    names carry the process id. Ones of a live process (another export running) stay."""
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
+        pid = stale.name.rpartition(".partial-")[2].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)) and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def step(on_step: Callable[[str], None] | None, message: str) -> None:

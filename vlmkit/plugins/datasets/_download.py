@@ -8,6 +8,9 @@
   HTTP ``Range`` request (or starts it again when the server ignores the range);
 - retried: timeouts, dropped connections, truncated bodies and 5xx answers are tried again with
   exponential backoff; 4xx answers (a missing image) are not;
+- timed: a read waits at most ``timeout`` seconds for a byte, and one try of one image takes at
+  most ``deadline`` seconds in all (a server trickling bytes never trips the first);
+- http(s) only: a ``file://`` or ``ftp://`` URL is not read;
 - bounded: a body larger than ``max_bytes`` is refused (from its Content-Length when the server
   sends one, else once that many bytes arrived), and what arrived must decode as an image;
 - reported: what failed is left out, listed in full (URL and reason) in ``failed-downloads.tsv``
@@ -40,7 +43,11 @@ _CHUNK = 64 * 1024
 class DownloadPolicy:
     workers: int = 16
     retries: int = 3
+    #: seconds without a byte before a read gives up
     timeout: float = 30.0
+    #: seconds one try of one image may take in all: a server trickling a byte every few seconds
+    #: never trips ``timeout``
+    deadline: float = 120.0
     backoff: float = 1.0
     max_bytes: int = MAX_DOWNLOAD_BYTES
 
@@ -121,6 +128,7 @@ def _fetch(url: str, target: Path, policy: DownloadPolicy) -> Path:
 
 
 def _fetch_once(url: str, partial: Path, policy: DownloadPolicy) -> None:
+    give_up = time.monotonic() + policy.deadline
     if urlsplit(url).scheme.lower() not in ("http", "https"):  # urlopen would read file:// and ftp:// too
         raise _Permanent("is not an http(s) URL (not read)")
     have = partial.stat().st_size if partial.is_file() else 0
@@ -141,7 +149,9 @@ def _fetch_once(url: str, partial: Path, policy: DownloadPolicy) -> None:
             raise _Permanent(f"is {expected} bytes, over the {policy.max_bytes} byte limit")
         written = have if resumed else 0
         with open(partial, "ab" if resumed else "wb") as f:
-            while chunk := response.read(_CHUNK):
+            while chunk := response.read1(_CHUNK):  # what has arrived, not a full chunk's wait
+                if time.monotonic() > give_up:
+                    raise OSError(f"took over {policy.deadline:g} s (the server sends too slowly)")
                 written += len(chunk)
                 if written > policy.max_bytes:
                     raise _Permanent(f"is over the {policy.max_bytes} byte limit")
