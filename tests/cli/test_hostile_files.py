@@ -207,3 +207,17 @@ def test_weights_that_no_longer_fit_the_manifest_are_one_line(model, good, tmp_p
     weights = "adapter" if "LoRA" in case else "projection.safetensors"
     assert line.startswith(f"error: {copy / weights} does not fit the model that vlmkit.json describes (")
     assert line.endswith("the folder was changed, or mixed from two models: save or train it again")
+
+
+# ------------------------------------------------------------------------------ minor
+
+
+def test_a_32_bit_float_tiff_of_0_to_1_loads_as_grey_not_black(tmp_path):
+    import numpy as np
+
+    from vlmkit.core.contracts import CaptionExample
+
+    file = tmp_path / "half.tiff"
+    Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32), "F").save(file)
+    image = CaptionExample(id="half", captions=[], image=file).load_image()
+    assert image.mode == "RGB" and image.getpixel((0, 0)) == (128, 128, 128)

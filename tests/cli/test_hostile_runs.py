@@ -483,3 +483,66 @@ def test_export_removes_the_staging_folders_of_killed_exports(saved_model, tmp_p
     assert code == 0, err
     assert not killed.exists() and running.is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == [running.name, "export"]
+
+
+def test_sigterm_ends_training_with_the_message_ctrl_c_gives(train_args, tmp_path):
+    import multiprocessing
+    import signal
+
+    out = tmp_path / "run"
+    ctx = multiprocessing.get_context("fork")
+    ours, theirs = ctx.Pipe()
+    child = ctx.Process(target=_train_paused_in_the_loop, args=(train_args(out, steps=2), theirs))
+    child.start()
+    assert ours.poll(120) and ours.recv() == "training"
+    os.kill(child.pid, signal.SIGTERM)
+    child.join(60)
+    assert child.exitcode == 0 and ours.poll(5)
+    code, err = ours.recv()
+    assert code == 130, err
+    assert (
+        f"interrupted: checkpoints in {out / 'checkpoints'} are kept; continue with: vlmkit train"
+        in " ".join(err.split())
+    )
+
+
+def test_a_resumed_run_logs_each_step_once(train_args, run_main, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    args = train_args(out, "--set", "save_every=2", "--set", "logging_steps=1", steps=4)
+    assert run_main(*args)[0] == 0
+    shutil.rmtree(out / "checkpoints" / "checkpoint-4")  # killed after logging step 4, before its checkpoint
+    (out / "vlmkit.json").unlink()
+    code, err = run_main(*args, "--resume")
+    assert code == 0, err
+    records = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert "(0.00 samples/s)" not in err
+
+
+def test_resuming_a_run_killed_in_its_final_save_reports_no_made_up_speed(train_args, run_main, tmp_path):
+    out = tmp_path / "run"
+    args = train_args(out, "--set", "save_every=2", steps=4)
+    assert run_main(*args)[0] == 0
+    (out / "vlmkit.json").unlink()  # killed while writing the model, after the last checkpoint
+    code, err = run_main(*args, "--resume")
+    assert code == 0, err
+    assert "trained 4 steps in " in err and "samples/s" not in err
+
+
+def test_terminal_escapes_in_file_names_of_a_captions_file_are_printed_as_text(
+    train_args, run_main, tmp_path
+):
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(7):
+        Image.new("RGB", (8, 8), (30 * i, 0, 0)).save(folder / f"{i}.png")
+    odd = "clear\x1b[2Jscreen\x07.png"  # listed, and missing
+    (folder / "captions.jsonl").write_text(ROWS.replace('"1.png"', json.dumps(odd)))
+    code, err = run_main(*train_args(tmp_path / "run", dataset=f"folder:path={folder}"))
+    assert code == 1 and "\x1b" not in err and "\x07" not in err
+    (line,) = error_lines(err)
+    assert "(1 missing: clear\\x1b[2Jscreen\\x07.png)" in line

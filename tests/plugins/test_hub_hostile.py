@@ -147,3 +147,17 @@ def test_a_server_trickling_bytes_meets_the_per_download_deadline(tmp_path):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_the_list_of_failed_downloads_keeps_the_failures_of_an_earlier_split(site, tmp_path):
+    from vlmkit.plugins.datasets._download import FAILURES_FILE, DownloadPolicy, download_images
+
+    policy = DownloadPolicy(workers=2, retries=0)
+    folder = tmp_path / "dl"
+    train = {"a": f"{site}/a.jpg", "b": "ftp://127.0.0.1/b.jpg"}
+    assert list(download_images(train, folder, policy, progress=False)[1]) == ["b"]
+    assert download_images({"c": f"{site}/c.jpg"}, folder, policy, progress=False)[1] == {}
+    lines = (folder / FAILURES_FILE).read_text().splitlines()
+    assert lines[0] == "url\tproblem" and [line.split("\t")[0] for line in lines[1:]] == [train["b"]]
+    assert download_images(train, folder, policy, progress=False)[1] != {}  # still failing: still listed
+    assert len((folder / FAILURES_FILE).read_text().splitlines()) == 2

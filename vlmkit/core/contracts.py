@@ -313,6 +313,12 @@ def _upright_rgb(image: Any, draft: bool) -> PIL.Image.Image:
     if draft:
         image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
     image = ImageOps.exif_transpose(image)  # loads it; phone photos are stored sideways with a tag
+    if image.mode == "F":  # 32-bit float (TIFF): convert("L") clips, and 0..1 data would turn black
+        import numpy as np
+
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        scale = 255.0 if values.size and values.max() <= 1.0 else 1.0  # 0..1 floats, else 0..255
+        image = Image.fromarray(np.clip((values * scale).round(), 0, 255).astype(np.uint8), "L")
     if image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255):
         import numpy as np  # convert("RGB") clips 16-bit values: mid grey would turn white
 

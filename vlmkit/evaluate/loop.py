@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmkit.core.contracts import CaptionExample
-from vlmkit.core.errors import ConfigError, DataError, VlmkitError
+from vlmkit.core.errors import ConfigError, DataError, VlmkitError, printable
 from vlmkit.core.paths import atomic_write, check_writable_folder, make_dirs, write_json
 
 
@@ -193,8 +193,8 @@ def read_image(path: str | Path) -> tuple[object | None, CaptionResult | None]:
     """``(RGB image, None)``, or ``(None, error result)`` when ``path`` is unreadable."""
     try:
         return CaptionExample(id=str(path), captions=[], image=Path(path)).load_image(), None
-    except DataError as exc:
-        return None, CaptionResult(path=str(path), error=str(exc))
+    except DataError as exc:  # printed on a terminal: a file name's escapes stay text
+        return None, CaptionResult(path=str(path), error=printable(str(exc)))
 
 
 #: a batch of decoded images ends early past this many pixels (192 MB of RGB): eight photos of

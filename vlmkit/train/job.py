@@ -214,8 +214,30 @@ def train(
 ) -> TrainResult:
     """Train a model as ``config`` says and write the artifact to ``config.output_dir``, which
     this run holds locked (``RunLock``) until it ends."""
-    with RunLock(config.output_dir) as lock:
+    with RunLock(config.output_dir) as lock, _terminate_as_interrupt():
         return _train(config, lock, resume, overwrite, registry, callbacks, progress)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (``kill``, a scheduler ending the job, torchrun stopping the other ranks) ends a run
+    as Ctrl-C does: ``KeyboardInterrupt``, which the CLI reports with how to resume, instead of the
+    silent default death. Only the main thread may set a handler; elsewhere nothing changes."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class RunLock:
@@ -362,6 +384,8 @@ def _train(
             )
         log.info("resuming from %s", checkpoint)
         start_step = _start_step(checkpoint) or 0
+        if args.process_index == 0:
+            _forget_logs_after(out / "logs.jsonl", start_step)
     try:
         if checkpoint is not None and 0 < args.max_steps <= start_step:
             result = _finished(trainer, checkpoint)
@@ -401,6 +425,22 @@ def _train(
         eval_metrics=eval_metrics,
         used_feature_cache=use_cache,
     )
+
+
+def _forget_logs_after(file: Path, step: int) -> None:
+    """Drop the records of steps after ``step`` (the checkpoint resumed from) from ``logs.jsonl``:
+    the run that was killed logged them, and the resumed run logs those steps again."""
+    if not file.is_file():
+        return
+    kept = []
+    for line in file.read_text().splitlines(keepends=True):
+        try:
+            record_step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            record_step = None  # a line cut short by the kill: dropped with the steps after
+        if isinstance(record_step, int) and record_step <= step:
+            kept.append(line)
+    atomic_write(file, lambda tmp: tmp.write_text("".join(kept)))
 
 
 def _diverged(config: TrainConfig, exc: TrainingDiverged) -> str:

@@ -73,8 +73,9 @@ def download_images(
 ) -> tuple[dict[str, Path], dict[str, str]]:
     """``(id -> local file, id -> why it failed)`` for ``urls`` (``id -> URL``).
 
-    Complete files already in ``folder`` are not fetched again. Failures are also written to
-    ``folder/failed-downloads.tsv`` (removed when nothing failed)."""
+    Complete files already in ``folder`` are not fetched again. Failures are also listed in
+    ``folder/failed-downloads.tsv``, with those of earlier calls for other URLs (removed when
+    none is left)."""
     folder.mkdir(parents=True, exist_ok=True)
     done: dict[str, Path] = {}
     todo: dict[str, str] = {}
@@ -100,13 +101,26 @@ def download_images(
                 except Exception as exc:  # noqa: BLE001 - every failure is reported, none stops the rest
                     failed[identity] = " ".join(str(exc).split())[:200] or type(exc).__name__
                 advance(1)
-    report = folder / FAILURES_FILE
-    if failed:
-        lines = [f"{urls[i]}\t{why}\n" for i, why in sorted(failed.items(), key=lambda kv: urls[kv[0]])]
+    _update_report(folder / FAILURES_FILE, urls, {urls[i]: why for i, why in failed.items()})
+    return done, failed
+
+
+def _update_report(report: Path, asked: Mapping[str, str], failed: Mapping[str, str]) -> None:
+    """The failures of this call in ``report``, beside those of earlier calls for other URLs: the
+    train split's warning still points at its failures once the validation split has downloaded."""
+    listed: dict[str, str] = {}
+    if report.is_file():
+        for line in report.read_text().splitlines()[1:]:
+            url, _, why = line.partition("\t")
+            listed[url] = why
+    for url in asked.values():  # their state is this call's
+        listed.pop(url, None)
+    listed.update(failed)
+    if listed:
+        lines = [f"{url}\t{why}\n" for url, why in sorted(listed.items())]
         report.write_text("url\tproblem\n" + "".join(lines))
     else:
         report.unlink(missing_ok=True)
-    return done, failed
 
 
 def _fetch(url: str, target: Path, policy: DownloadPolicy) -> Path:
