@@ -342,7 +342,7 @@ def _train_paused_in_the_loop(args: list[str], pipe) -> None:
     pipe.send(_console(args)[0])
 
 
-@pytest.mark.parametrize("second", [[], ["--overwrite"], ["--resume"]])
+@pytest.mark.parametrize("second", [[], ["--overwrite"]])
 def test_a_second_train_into_a_folder_in_use_is_refused_in_one_line(train_args, run_main, tmp_path, second):
     import multiprocessing
 
