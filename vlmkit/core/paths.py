@@ -61,11 +61,11 @@ def _no_room(path: Path, least: int = 4 * 2**20) -> bool:
 def writing(path: str | Path) -> Iterator[None]:
     """Everything vlmkit writes goes through here: an OS error inside the block becomes one
     ``WriteError`` line naming ``path`` (the file, or the folder being written) and what to do."""
-    from vlmkit.core.errors import WriteError
+    from vlmkit.core.errors import VlmkitError, WriteError
 
     try:
         yield
-    except WriteError:
+    except VlmkitError:  # already one line (an export's own error, say)
         raise
     except Exception as exc:
         if (problem := write_problem(path, exc)) is None:
