@@ -26,6 +26,7 @@ def hf_cache(tmp_path, monkeypatch):
     import datasets
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    monkeypatch.setenv("VLMKIT_HOME", str(tmp_path / "vlmkit-home"))  # the Arrow copies of parquet files
     _hub._load_raw.cache_clear()
     yield
     _hub._load_raw.cache_clear()

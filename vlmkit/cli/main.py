@@ -21,7 +21,7 @@ from vlmkit.cli import export as export_cmd
 from vlmkit.cli import inspect as inspect_cmd
 from vlmkit.cli import plugins as plugins_cmd
 from vlmkit.cli import train as train_cmd
-from vlmkit.core.errors import VlmkitError, VlmkitWarning
+from vlmkit.core.errors import VlmkitError, VlmkitWarning, printable
 
 app = typer.Typer(
     name="vlmkit",
@@ -83,7 +83,7 @@ def main() -> None:
     except VlmkitError as exc:
         if debugging():
             traceback.print_exc()
-        typer.secho(f"error: {exc}", fg="red", err=True)
+        typer.secho(f"error: {printable(str(exc))}", fg="red", err=True)
         sys.exit(1)
 
 
@@ -106,7 +106,7 @@ def _plugin_warnings_on_one_line() -> None:
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, VlmkitWarning):
-            typer.secho(f"warning: {message}", fg="yellow", err=True)
+            typer.secho(f"warning: {printable(str(message))}", fg="yellow", err=True)
             for trace in getattr(message, "tracebacks", ()) if debugging() else ():
                 typer.echo(trace.rstrip(), err=True)
         elif category.__name__ == "DecompressionBombWarning":

@@ -61,8 +61,8 @@ def train(
         )
         raise typer.Exit(130) from None
     console.print(
-        f"trained {result.global_step} steps in {result.seconds:.0f} s "
-        f"({result.samples_per_second or 0:.2f} samples/s)"
+        f"trained {result.global_step} steps in {result.seconds:.0f} s"
+        + (f" ({result.samples_per_second:.2f} samples/s)" if result.samples_per_second else "")
         + (f", final train loss {result.train_loss:.4f}" if result.train_loss is not None else "")
         + (" from the feature cache" if result.used_feature_cache else "")
     )

@@ -20,6 +20,7 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from vlmkit.core import __version__, paths
 from vlmkit.core.config import ModelConfig, encoder_options, validate_model_config
 from vlmkit.core.errors import ArtifactError, PluginError
 from vlmkit.core.lm import add_lora, check_generate_takes_embeddings, token_embedding_scale
-from vlmkit.core.paths import write_json
+from vlmkit.core.paths import write_json, writing
 from vlmkit.core.placement import torch_dtype
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def assemble(
     elif adapter is not None:
         from peft import PeftModel
 
-        with _quiet_peft():
+        with _quiet_peft(), _fitting(Path(adapter)):
             lm = PeftModel.from_pretrained(base, str(adapter), is_trainable=trainable)
     else:
         lm = _add_lora(base, decoder_spec, config)
@@ -105,7 +106,8 @@ def assemble(
         config.projection, encoder.feature_dim, base.get_input_embeddings().embedding_dim, encoder.grid
     )
     if projection is not None:
-        proj.load_state_dict(load_file(str(projection)))
+        with _fitting(Path(projection)):
+            proj.load_state_dict(load_file(str(projection)))
     model = model_class(
         config, encoder, encoder_spec, decoder_spec, lm, tokenizer, proj, embedding_scale=embedding_scale
     )
@@ -124,6 +126,21 @@ def _block_classes(decoder_spec, base) -> list[str]:
     resolve = getattr(decoder_spec, "resolve_layer_class", None)
     declared = [resolve(base)] if resolve is not None else [decoder_spec.layer_class]
     return [c for c in (*declared, *(getattr(base, "_no_split_modules", None) or ())) if c]
+
+
+@contextlib.contextmanager
+def _fitting(file: Path) -> Iterator[None]:
+    """Weights that do not fit the model the manifest describes (another LoRA rank, another
+    projection type: a folder edited, or mixed from two models) as one ``ArtifactError`` line."""
+    try:
+        yield
+    except RuntimeError as exc:  # torch's "size mismatch" / "Unexpected key(s)", with a long list
+        first = str(exc).strip().splitlines()
+        detail = next((line.strip() for line in first[1:] if line.strip()), first[0] if first else "")
+        raise ArtifactError(
+            f"{file} does not fit the model that {MANIFEST} describes ({detail[:200]}); the folder was "
+            "changed, or mixed from two models: save or train it again"
+        ) from exc
 
 
 def _add_lora(base, decoder_spec, config: ModelConfig):
@@ -219,14 +236,23 @@ def save(model, path: str | Path, *, training: dict | None = None) -> Path:
     and written last, so a folder whose save was interrupted is never mistaken for a complete model.
     """
     from peft import PeftModel
-    from safetensors.torch import save_file
 
     if not isinstance(model.lm, PeftModel):
         raise ArtifactError("this model has no LoRA adapter to save (a merged export); export it instead")
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ArtifactError(f"{path} is a file, not a folder; choose a folder to save the model in")
     ours = (path / MANIFEST).exists() or (path / "run.yaml").exists()  # run.yaml: a vlmkit train run
     if path.exists() and not ours and any(path.iterdir()):
         raise ArtifactError(f"{path} exists and is not a vlmkit model; choose another folder")
+    with writing(path):
+        _save_files(model, path, training)
+    return path
+
+
+def _save_files(model, path: Path, training: dict | None) -> None:
+    from safetensors.torch import save_file
+
     path.mkdir(parents=True, exist_ok=True)
     (path / MANIFEST).unlink(missing_ok=True)
     tmp = path / ".saving"
@@ -248,7 +274,6 @@ def save(model, path: str | Path, *, training: dict | None = None) -> Path:
         os.replace(tmp / name, target)
     shutil.rmtree(tmp)
     write_json(path / MANIFEST, manifest(model, training))
-    return path
 
 
 # ------------------------------------------------------------------------------ loading

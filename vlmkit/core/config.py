@@ -39,7 +39,7 @@ def setting(default: Any = ..., help: str = "", *, group: str | None = None, sho
 class LoraSettings(BaseModel):
     """LoRA on the decoder; ``targets`` overrides the decoder plugin's ``lora_targets``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     r: int = Field(16, gt=0, description="LoRA rank.")
     alpha: float = Field(32.0, gt=0, description="LoRA alpha (the update is scaled by alpha / r).")

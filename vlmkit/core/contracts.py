@@ -245,6 +245,40 @@ class CaptionExample:
 
 #: image files larger than this are refused unread
 MAX_IMAGE_BYTES = 256 * 2**20
+#: images longer than this many times their width (or wider than their height) are refused before
+#: decoding: resizing the shortest edge to an encoder's size multiplies a thin strip's pixels
+#: (1x60000 at a 224-pixel shortest edge: 13 G pixels). Panoramas stay well under it.
+MAX_ASPECT_RATIO = 50
+#: the most pixels an image may have after resizing (the declared ``resize``), checked before it
+MAX_RESIZED_PIXELS = 64 * 2**20
+
+
+def image_size_problem(width: int, height: int, resize: Mapping[str, Any] | None = None) -> str | None:
+    """What is wrong with an image of ``width`` x ``height`` pixels, read from its header (before
+    it is decoded or resized), or ``None``: more pixels than Pillow's ``MAX_IMAGE_PIXELS``, an
+    aspect ratio over ``MAX_ASPECT_RATIO``, or, given the declared ``resize`` step of an encoder's
+    ``image_processing``, more than ``MAX_RESIZED_PIXELS`` once resized."""
+    from PIL import Image
+
+    pixels, limit = width * height, Image.MAX_IMAGE_PIXELS
+    if limit and pixels > limit:  # Pillow only warns up to twice its limit: refuse from the limit on
+        return f"has {pixels} pixels, more than {limit}: a decompression bomb?"
+    if min(width, height) < 1:
+        return f"is {width}x{height} pixels: empty"
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        return (
+            f"is {width}x{height} pixels, more than {MAX_ASPECT_RATIO} times longer than wide: resizing it "
+            "would multiply its pixels; crop it"
+        )
+    size = (resize or {}).get("size") or {}
+    if "shortest_edge" in size:
+        edge = int(size["shortest_edge"])
+        resized = edge * edge * max(width, height) // min(width, height)
+        if resized > MAX_RESIZED_PIXELS:
+            return (
+                f"is {width}x{height} pixels: {resized} once resized to a shortest edge of {edge}, too many"
+            )
+    return None
 
 
 class _Refused(DataError):
@@ -277,12 +311,17 @@ def _upright_rgb(image: Any, draft: bool) -> PIL.Image.Image:
         image = Image.open(io.BytesIO(image))  # over twice MAX_IMAGE_PIXELS: DecompressionBombError
     if not hasattr(image, "convert"):
         raise _Refused(f"is a {type(image).__name__}, not an image")
-    pixels, limit = image.width * image.height, Image.MAX_IMAGE_PIXELS
-    if limit and pixels > limit:  # Pillow only warns up to twice its limit: refuse from the limit on
-        raise _Refused(f"has {pixels} pixels, more than {limit}: a decompression bomb?")
+    if problem := image_size_problem(image.width, image.height):  # from the header, before decoding
+        raise _Refused(problem)
     if draft:
         image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
     image = ImageOps.exif_transpose(image)  # loads it; phone photos are stored sideways with a tag
+    if image.mode == "F":  # 32-bit float (TIFF): convert("L") clips, and 0..1 data would turn black
+        import numpy as np
+
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        scale = 255.0 if values.size and values.max() <= 1.0 else 1.0  # 0..1 floats, else 0..255
+        image = Image.fromarray(np.clip((values * scale).round(), 0, 255).astype(np.uint8), "L")
     if image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255):
         import numpy as np  # convert("RGB") clips 16-bit values: mid grey would turn white
 

@@ -303,6 +303,12 @@ class PrefixConditioningVLM(nn.Module):
         given = [x is not None for x in (images, pixel_values, features)]
         if sum(given) != 1:
             raise ValueError("generate needs exactly one of images, pixel_values or features")
+        if do_sample and not temperature > 0:  # transformers raises a ValueError mid-call
+            raise ConfigError(
+                f"sampling needs a temperature above 0, not {temperature}; for the most likely caption "
+                "decode greedily (no --sample)"
+            )
+        max_new_tokens = max_new_tokens or self.settings.max_caption_tokens
         was_training = self.training
         self.eval()
         try:
@@ -313,12 +319,13 @@ class PrefixConditioningVLM(nn.Module):
                     features = self.encode(pixel_values)
                 prefix = self.projection(features)
                 batch = self.tokenize([None] * prefix.shape[0], prompt=prompt, padding_side="left")
+                self._check_length(batch.input_ids.shape[1], max_new_tokens)
                 embeds = self.embed(batch.input_ids, batch.image_mask, prefix)
                 # positions count real tokens only, so a left-padded row starts at position 0
                 out = self.language_model.generate(
                     inputs_embeds=embeds,
                     attention_mask=batch.attention_mask,
-                    max_new_tokens=max_new_tokens or self.settings.max_caption_tokens,
+                    max_new_tokens=max_new_tokens,
                     num_beams=num_beams,
                     do_sample=do_sample,
                     temperature=temperature if do_sample else None,
@@ -334,6 +341,17 @@ class PrefixConditioningVLM(nn.Module):
         if return_ids:
             return sequences
         return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in sequences]
+
+    def _check_length(self, context: int, max_new_tokens: int) -> None:
+        """Refuse to generate past the positions the decoder was trained for: GPT-2's position
+        table ends there (an index error), rotary models go on, producing noise, for minutes."""
+        config = self.language_model.config
+        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        if isinstance(limit, int) and context + max_new_tokens > limit:
+            raise ConfigError(
+                f"max_new_tokens {max_new_tokens}: the decoder holds {limit} positions and the image and "
+                f"prompt take {context}; ask for at most {max(limit - context, 0)} new tokens"
+            )
 
     def caption(self, images, **kwargs) -> list[str]:
         """Captions for PIL images (see ``generate`` for options)."""

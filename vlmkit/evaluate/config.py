@@ -49,7 +49,8 @@ class EvalConfig(BaseModel):
 class CaptionConfig(BaseModel):
     """``vlmkit caption``: a caption for each image file, by a trained model or its ONNX export."""
 
-    model_config = ConfigDict(extra="forbid")
+    # ``--temperature nan`` passes ge=0 and raised inside transformers' sampling
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     images: list[Path] = setting(help="Image files to caption (JPEG, PNG, WebP, ...).", argument=True)
     model: Path | None = setting(

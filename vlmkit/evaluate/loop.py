@@ -7,14 +7,15 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vlmkit.core import ranks
 from vlmkit.core.contracts import CaptionExample
-from vlmkit.core.errors import ConfigError, DataError
+from vlmkit.core.errors import ConfigError, DataError, printable
+from vlmkit.core.paths import atomic_write, check_writable_folder, make_dirs, write_json
 
 
 @dataclass
@@ -142,6 +143,8 @@ def evaluate(
     ``predictions.jsonl`` and ``metrics.json`` there."""
     if len(data) == 0:
         raise ConfigError("the evaluation split is empty; nothing to evaluate")
+    if out_dir is not None:  # before the captioning, not after it
+        check_writable_folder(out_dir, "--output")
     started = time.perf_counter()
     rows = generate_captions(
         model, data, batch_size=batch_size, limit=limit, on_batch=on_batch, **generate_kwargs
@@ -150,14 +153,12 @@ def evaluate(
     seconds = time.perf_counter() - started
     out = None
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with (out / "predictions.jsonl").open("w") as fh:
-            for row in rows:
-                fh.write(json.dumps(row) + "\n")
+        out = make_dirs(out_dir)
+        lines = "".join(json.dumps(row) + "\n" for row in rows)
+        atomic_write(out / "predictions.jsonl", lambda tmp: tmp.write_text(lines))
         described = metrics.describe() if hasattr(metrics, "describe") else {"metrics": dict(metrics)}
         record = {**described, "count": len(rows), "seconds": round(seconds, 2), **(extra or {})}
-        (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_json(out / "metrics.json", record)
     return EvalResult(metrics=metrics, predictions=rows, seconds=seconds, out_dir=out)
 
 
@@ -171,17 +172,41 @@ class CaptionResult:
     error: str | None = None
 
 
-def read_images(paths: Sequence[str | Path]) -> tuple[list[tuple[str, object]], list[CaptionResult]]:
-    """Open every path as an RGB image; unreadable ones become error results, not exceptions."""
-    images, failed = [], []
+def read_image(path: str | Path) -> tuple[object | None, CaptionResult | None]:
+    """``(RGB image, None)``, or ``(None, error result)`` when ``path`` is unreadable."""
+    try:
+        return CaptionExample(id=str(path), captions=[], image=Path(path)).load_image(), None
+    except DataError as exc:  # printed on a terminal: a file name's escapes stay text
+        return None, CaptionResult(path=str(path), error=printable(str(exc)))
+
+
+#: a batch of decoded images ends early past this many pixels (192 MB of RGB): eight photos of
+#: 80 Mpx would otherwise take 2 GB per batch
+MAX_BATCH_PIXELS = 64 * 2**20
+
+
+def decoded_batches(
+    paths: Sequence[str | Path], batch_size: int
+) -> Iterator[tuple[list[tuple[str, object]], list[CaptionResult]]]:
+    """Batches of up to ``batch_size`` decoded images ``(path, image)`` in the order given (fewer
+    when they reach ``MAX_BATCH_PIXELS``), each with the error results of the unreadable files met
+    while filling it. Decoded lazily: a caller that drops a batch before asking for the next
+    holds one batch of images, however many paths."""
+    batch: list[tuple[str, object]] = []
+    failed: list[CaptionResult] = []
+    pixels = 0
     for path in paths:
-        try:
-            images.append(
-                (str(path), CaptionExample(id=str(path), captions=[], image=Path(path)).load_image())
-            )
-        except DataError as exc:
-            failed.append(CaptionResult(path=str(path), error=str(exc)))
-    return images, failed
+        image, error = read_image(path)
+        if error is not None:
+            failed.append(error)
+            continue
+        batch.append((str(path), image))
+        pixels += image.width * image.height
+        if len(batch) == batch_size or pixels >= MAX_BATCH_PIXELS:
+            yield batch, failed
+            batch, failed, pixels = [], [], 0
+    if batch or failed:
+        yield batch, failed
 
 
 def caption_files(
@@ -193,16 +218,27 @@ def caption_files(
     **generate_kwargs,
 ) -> list[CaptionResult]:
     """Caption image files in batches, in the order given. ``model`` is anything with
-    ``generate(images, **kwargs) -> list[str]`` (a ``PrefixConditioningVLM`` or the ONNX runtime)."""
+    ``generate(images, **kwargs) -> list[str]`` (a ``PrefixConditioningVLM`` or the ONNX runtime).
+
+    Images are decoded a batch at a time (the next one in a background thread while the model
+    captions this one): memory holds two batches of images, not every image of the call."""
+    from concurrent.futures import ThreadPoolExecutor
+
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
-    images, failed = read_images(paths)
-    results = {r.path: r for r in failed}
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        captions = model.generate([img for _, img in chunk], **generate_kwargs)
-        for (path, _), text in zip(chunk, captions, strict=True):
-            results[path] = CaptionResult(path=path, caption=text)
-        if on_batch:
-            on_batch(len(chunk))
+    results: dict[str, CaptionResult] = {}
+    batches = decoded_batches(paths, batch_size)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(next, batches, None)
+        while (item := pending.result()) is not None:
+            chunk, failed = item
+            pending = pool.submit(next, batches, None)
+            results.update((r.path, r) for r in failed)
+            if chunk:
+                captions = model.generate([img for _, img in chunk], **generate_kwargs)
+                for (path, _), text in zip(chunk, captions, strict=True):
+                    results[path] = CaptionResult(path=path, caption=text)
+            if on_batch:
+                on_batch(len(chunk) + len(failed))
+            del chunk, item  # the images go before the next batch is decoded
     return [results[str(p)] for p in paths]

@@ -23,7 +23,7 @@ from typing import Any
 from vlmkit.core.artifact import MERGED_MANIFEST
 from vlmkit.core.config import validated
 from vlmkit.core.errors import ArtifactError, ConfigError
-from vlmkit.core.paths import staged_folder
+from vlmkit.core.paths import check_writable_folder, staged_folder, writing
 from vlmkit.export.config import EMBEDDINGS, FORMATS, QUANTIZATIONS, ExportConfig, check_format_options
 from vlmkit.export.steps import step
 
@@ -79,6 +79,7 @@ def check_options(
         if not MIN_OPSET <= opset <= high:
             raise ConfigError(f"ONNX opset {opset} is not supported; choose one from {MIN_OPSET} to {high}")
     _check_out(Path(out), overwrite)
+    check_writable_folder(Path(out), "--output")
     return opset
 
 
@@ -140,7 +141,7 @@ def export_vlm(
     was_training = vlm.training
     vlm.eval()
     try:
-        with _staging(out, overwrite) as tmp:
+        with writing(out), _staging(out, overwrite) as tmp:
             if format == "onnx":
                 checks = onnx.write_onnx(
                     vlm, tmp, opset=opset, quantize=quantize, source=source, on_step=on_step

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from vlmkit.core.contracts import RESAMPLE, cut_at_stop
+from vlmkit.core.contracts import RESAMPLE, cut_at_stop, image_size_problem
 from vlmkit.core.errors import ArtifactError, ConfigError, DataError
 from vlmkit.core.paths import read_manifest
 
@@ -65,6 +65,8 @@ def preprocess_images(images: Sequence[Any], spec: dict[str, Any]) -> np.ndarray
     for image in images:
         if not hasattr(image, "convert"):
             raise DataError(f"expected PIL images, got a {type(image).__name__}")
+        if problem := image_size_problem(image.width, image.height, spec.get("resize")):
+            raise DataError(f"image {len(out)} of the batch {problem}")  # before resizing it
         image = image if image.mode == "RGB" else image.convert("RGB")
         pixels = _resize(image, spec.get("resize"))
         crop = spec.get("center_crop")

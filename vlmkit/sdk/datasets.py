@@ -192,6 +192,16 @@ def image_checks_dir() -> Path:
     return (root if root is not None else cache_dir()) / IMAGE_CHECKS
 
 
+def derived_data_dir(name: str) -> Path:
+    """``name/`` of the active ``dataset_cache_root``, else of ``$VLMKIT_HOME``: where a dataset
+    keeps what it derives from the data (``hf-datasets/``: the Arrow copies ``datasets`` makes of
+    parquet files, which would otherwise land in ``~/.cache/huggingface``). Not created here."""
+    from vlmkit.core.paths import cache_dir
+
+    root = _CACHE_ROOT.get()
+    return (root if root is not None else cache_dir()) / name
+
+
 def fingerprint(*parts: Any) -> str:
     """sha256 of ``parts`` as canonical JSON (anything JSON can't encode goes through ``str``)."""
     blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
@@ -320,12 +330,30 @@ def data_sources(data: CaptionDataset) -> list[dict[str, Any]]:
     return out
 
 
+#: a caption longer than this (characters) is refused: it is not a caption, and a tokenizer would
+#: spend seconds on it before training cut it to ``max_caption_tokens``
+MAX_CAPTION_CHARS = 10_000
+
+
+def text_problem(text: str, what: str = "caption") -> str | None:
+    """What makes ``text`` unusable as a caption or a file name, or ``None``: longer than
+    ``MAX_CAPTION_CHARS``, or holding a lone surrogate (``\\ud800`` in JSON: no character at all,
+    which tokenizers and UTF-8 files refuse)."""
+    if len(text) > MAX_CAPTION_CHARS:
+        return f"the {what} is {len(text)} characters long, more than {MAX_CAPTION_CHARS}"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"the {what} holds {text[exc.start]!r} at character {exc.start}, a lone surrogate: not text"
+    return None
+
+
 def captions_of(value: Any) -> list[str]:
     """Reference captions from what a dataset file holds for one image: a string, a JSON list in
     a string (CSV cells), a list of strings, or of dicts with ``raw``/``caption``/``text`` (the
     Karpathy JSON). Stripped; blanks and repeats dropped; ``[]`` for anything else."""
     if isinstance(value, str) and value.lstrip().startswith("["):
-        with contextlib.suppress(json.JSONDecodeError):
+        with contextlib.suppress(json.JSONDecodeError, RecursionError):  # "[[[[..." is no list of captions
             value = json.loads(value)
     if isinstance(value, str):
         value = [value]

@@ -215,7 +215,13 @@ class TransformersDecoderSpec(DecoderSpec):
         return ids
 
     def _caption_ids(self, tokenizer: Any, ctx: _Context, caption: str) -> list[int]:
-        if caption:
+        if caption and any(token in caption for token in _special_tokens(tokenizer)):
+            # a caption that writes out "<|im_end|>" means those characters, not the end of the
+            # turn: as a control token it would teach the model to stop (or start a turn) mid-caption
+            ids = list(
+                tokenizer(ctx.sep + caption, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            )
+        elif caption:
             # Tokenize the caption where it stands (after the prompt/assistant header), so its ids
             # are the ones the model would see in running text, not those of a fresh string.
             full = _encode(tokenizer, ctx.text + ctx.sep + caption)
@@ -385,6 +391,19 @@ class TransformersDecoderSpec(DecoderSpec):
 # ---------------------------------------------------------------------------------- helpers
 
 _CONTEXTS: weakref.WeakKeyDictionary[Any, dict[tuple, _Context]] = weakref.WeakKeyDictionary()
+
+
+_SPECIALS: weakref.WeakKeyDictionary[Any, frozenset[str]] = weakref.WeakKeyDictionary()
+
+
+def _special_tokens(tokenizer: Any) -> frozenset[str]:
+    """The text of every special token (``<|im_end|>``, ``<end_of_turn>``, ...): the named ones and
+    the added tokens marked special, which ``all_special_tokens`` may leave out."""
+    if tokenizer not in _SPECIALS:
+        added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        named = set(tokenizer.all_special_tokens) | {t.content for t in added.values() if t.special}
+        _SPECIALS[tokenizer] = frozenset(t for t in named if t)
+    return _SPECIALS[tokenizer]
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:

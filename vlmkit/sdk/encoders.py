@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from vlmkit.core.contracts import RESAMPLE
-from vlmkit.core.errors import PluginError
+from vlmkit.core.contracts import RESAMPLE, image_size_problem
+from vlmkit.core.errors import DataError, PluginError
 from vlmkit.core.projection import adaptive_avg_pool  # noqa: F401 - for encoder plugins: pools with ops every device has
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -118,6 +118,10 @@ class VisionEncoderModule(nn.Module):
         return self._tokens(self.backbone, pixel_values)
 
     def preprocess(self, images: Sequence[PIL.Image.Image]) -> torch.Tensor:
+        resize = (self.image_processing or {}).get("resize")
+        for i, img in enumerate(images):  # images handed in directly skip the loader's checks
+            if problem := image_size_problem(img.width, img.height, resize):
+                raise DataError(f"image {i} of the batch {problem}")
         images = [img if img.mode == "RGB" else img.convert("RGB") for img in images]
         if not images:
             return torch.empty(0, 3, *self.input_size)

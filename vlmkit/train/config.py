@@ -50,7 +50,8 @@ MODEL, DATA, OPTIMISATION, RUN = "Model", "Data", "Optimisation", "Run"
 class TrainConfig(BaseModel):
     """Everything ``vlmkit train`` does, in one validated object (saved with the model)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # inf and nan pass gt=0 (``--epochs inf`` overflowed deep in Trainer; ``--lr-lora inf`` trained NaN)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: ModelConfig = setting(default_factory=ModelConfig, group=MODEL)
     datasets: list[DatasetConfig] = setting(

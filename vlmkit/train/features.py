@@ -26,14 +26,17 @@ any of them and the key changes: a stale cache is never reused, it is simply not
 Layout under the root (``cache_dir("features")`` unless given)::
 
     <key>/features.npy               the features, rows in dataset order
-    <key>/meta.json                  key components, shape, dtype, count and "complete": true
+    <key>/meta.json                  key components, shape, dtype, count, the sha256 of
+                                     features.npy and "complete": true
+    <key>/verified.json              features.npy's inode, size and mtime when its sha256 last
+                                     matched: the file is hashed again only once it changes
     <key>.partial/rows-<lo>-<hi>/    a run in progress: the rows lo..hi-1 (features.npy and
                                      progress.json), resumed by the next run
     <key>.lock                       held while one process computes (see below)
 
 A run that is interrupted leaves only ``<key>.partial/``, never a ``<key>/`` that looks complete.
-A ``<key>/`` whose files disagree with its ``meta.json`` (a truncated copy, say) is recomputed
-with a warning.
+A ``<key>/`` whose files disagree with its ``meta.json`` (a truncated copy, say, or bytes changed
+in place: the checksum) is recomputed with a warning.
 
 Under ``torch.distributed`` (torchrun, accelerate) the rows are split across ranks: each rank
 computes its share on its own device into ``rows-<lo>-<hi>/`` of the shared cache folder; once
@@ -65,8 +68,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vlmkit.core.contracts import CaptionDataset, VisionEncoder
-from vlmkit.core.errors import DataError, VlmkitWarning
-from vlmkit.core.paths import cache_dir, write_json
+from vlmkit.core.errors import DataError, VlmkitError, VlmkitWarning
+from vlmkit.core.paths import cache_dir, make_dirs, write_json, writing
 from vlmkit.core.progress import progress_bar
 from vlmkit.core.projection import ProjectionConfig
 from vlmkit.core.ranks import preparation_group
@@ -78,8 +81,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 log = logging.getLogger(__name__)
 
 #: bump when the file layout or the way features are computed changes (2: reduced before storing;
-#: 3: never under autocast or TF32)
-FORMAT_VERSION = 3
+#: 3: never under autocast or TF32; 4: meta.json holds the sha256 of features.npy)
+FORMAT_VERSION = 4
 #: numpy has no bfloat16: float16 halves the disk and page-cache footprint of float32
 DTYPES = ("float16", "float32")
 #: flush and record progress every this many batches (what an interrupted run can resume from)
@@ -140,8 +143,7 @@ class FeatureCache:
     """
 
     def __init__(self, root: str | Path | None = None) -> None:
-        self.root = Path(root).expanduser() if root is not None else cache_dir("features")
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = make_dirs(Path(root).expanduser()) if root is not None else cache_dir("features")
 
     # ----------------------------------------------------------------------------- public
 
@@ -390,14 +392,18 @@ class FeatureCache:
     def _assemble(self, key: CacheKey, shards: list[Path]) -> None:
         """The complete entry from the row shards, in row order: moved when there is one, copied
         into one file when there are several; then published with an atomic rename."""
+        final, partial = self.path(key), self._partial(key)
+        with writing(final):
+            self._assemble_in(key, shards, final, partial)
+
+    def _assemble_in(self, key: CacheKey, shards: list[Path], final: Path, partial: Path) -> None:
         import numpy as np
 
-        final, partial = self.path(key), self._partial(key)
         target = partial / "features.npy"
         if len(shards) == 1:
             os.replace(shards[0] / "features.npy", target)
         else:
-            out = np.lib.format.open_memmap(target, mode="w+", dtype=key.dtype, shape=key.shape)
+            out = _allocated_memmap(target, key.dtype, key.shape)
             row = 0
             for shard in shards:
                 part = np.load(shard / "features.npy", mmap_mode="r")
@@ -411,7 +417,14 @@ class FeatureCache:
         for child in partial.iterdir():  # this run's shards and any left by another world size
             if child.is_dir():
                 shutil.rmtree(child, ignore_errors=True)
-        meta = {**asdict(key), "digest": key.digest, "shape": list(key.shape), "complete": True}
+        meta = {
+            **asdict(key),
+            "digest": key.digest,
+            "shape": list(key.shape),
+            "sha256": _file_sha256(target),
+            "complete": True,
+        }
+        _write_verified(partial, target, meta["sha256"])
         write_json(partial / "meta.json", meta, indent=1)  # the marker of a complete entry, written last
         if final.exists():  # an unusable entry found by _open: move it aside, then replace it
             stale = final.with_name(f"{final.name}.stale-{os.getpid()}")
@@ -497,7 +510,55 @@ def _check_entry(entry: Path, key: CacheKey) -> str | None:
     expected = header + int(np.prod(shape)) * np.dtype(dtype).itemsize
     if size != expected:
         return f"features.npy is {size} bytes, expected {expected} (truncated or padded)"
+    return _check_sum(entry, path, meta.get("sha256"))
+
+
+#: beside features.npy: the file's identity (inode, size, mtime) when its sha256 last matched
+VERIFIED_FILE = "verified.json"
+
+
+def _check_sum(entry: Path, features: Path, sha256: Any) -> str | None:
+    """Whether ``features`` still holds what was written: its sha256 against meta.json's. Hashing
+    gigabytes on every open would cost seconds, so the hash is checked on the first open of the
+    file as it is now (written, copied, replaced: a new inode or mtime) and remembered for it."""
+    if not isinstance(sha256, str):
+        return "meta.json has no checksum (written by an older vlmkit)"
+    try:
+        stamp = json.loads((entry / VERIFIED_FILE).read_text())
+    except (OSError, ValueError):
+        stamp = None
+    if stamp == {"file": _identity(features), "sha256": sha256}:
+        return None
+    try:
+        actual = _file_sha256(features)
+    except OSError as exc:
+        return f"unreadable features.npy ({exc.strerror or exc})"
+    if actual != sha256:
+        return (
+            "features.npy does not match the checksum in meta.json (changed or damaged since it was written)"
+        )
+    with contextlib.suppress(VlmkitError):  # a read-only cache still opens, verified each time
+        _write_verified(entry, features, sha256)
     return None
+
+
+def _identity(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_ino, stat.st_size, stat.st_mtime_ns]
+
+
+def _write_verified(entry: Path, features: Path, sha256: str) -> None:
+    write_json(entry / VERIFIED_FILE, {"file": _identity(features), "sha256": sha256}, indent=1)
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * 2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _open_partial(shard: Path, key: CacheKey, rows: int) -> tuple[np.ndarray, int]:
@@ -514,12 +575,40 @@ def _open_partial(shard: Path, key: CacheKey, rows: int) -> tuple[np.ndarray, in
     except (OSError, ValueError, KeyError):
         pass
     shutil.rmtree(shard, ignore_errors=True)
-    shard.mkdir(parents=True)
-    return np.lib.format.open_memmap(path, mode="w+", dtype=key.dtype, shape=shape), 0
+    make_dirs(shard)
+    return _allocated_memmap(path, key.dtype, shape), 0
+
+
+def _allocated_memmap(path: Path, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A new ``.npy`` file, memory-mapped for writing, with every byte allocated on disk first.
+
+    ``open_memmap`` makes a sparse file: the disk blocks are found only as rows are written into
+    the mapping, and when the disk is full then, the process dies of SIGBUS with no message.
+    Allocated up front (``posix_fallocate``), a full disk is an ``ENOSPC`` here: one line."""
+    import errno
+
+    import numpy as np
+
+    with writing(path):
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            if hasattr(os, "posix_fallocate"):  # not on macOS: APFS allocates as it writes
+                os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot: as before
+                return array
+            del array
+            path.unlink(missing_ok=True)  # not a sparse file of the full size left behind
+            raise
+        finally:
+            os.close(fd)
+    return array
 
 
 def _checkpoint(features: np.ndarray, partial: Path, key: CacheKey, done: int) -> None:
-    features.flush()  # rows first, then the record that they are there
+    with writing(partial / "features.npy"):
+        features.flush()  # rows first, then the record that they are there
     write_json(partial / "progress.json", {"key": key.digest, "done": done}, indent=1)
 
 

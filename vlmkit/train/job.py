@@ -35,9 +35,9 @@ from transformers.trainer_utils import TrainOutput
 
 from vlmkit.core import ranks
 from vlmkit.core.config import validate_model_config
-from vlmkit.core.errors import ConfigError, DataError, VlmkitWarning
+from vlmkit.core.errors import ConfigError, DataError, TrainingDiverged, VlmkitWarning, WriteError
 from vlmkit.core.model import PrefixConditioningVLM
-from vlmkit.core.paths import write_json
+from vlmkit.core.paths import atomic_write, check_writable_folder, make_dirs, write_json, writing
 from vlmkit.core.placement import Placement, resolve, resolve_device
 from vlmkit.core.registry import get_registry
 from vlmkit.sdk.datasets import BadImagesError, data_sources, dataset_cache_root, load_split, tsv_field
@@ -57,6 +57,8 @@ from vlmkit.train.trainer import JsonlLogger, VLMTrainer, prepare_model_for_prec
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.yaml"
+#: held (flock) by the run training into the folder: see ``RunLock``
+LOCK_FILE = ".vlmkit-train.lock"
 #: every image a dataset refused or skipped, with what is wrong with it (tab-separated)
 BAD_IMAGES_FILE = "bad_images.tsv"
 #: settings that define *what* is trained; a folder holding a run that differs in these is a
@@ -82,17 +84,21 @@ def prepare_output_dir(config: TrainConfig, *, resume: bool, overwrite: bool) ->
     """Refuse to mix runs: a folder holding another run is never silently reused or deleted."""
     out = config.output
     run_file = out / RUN_FILE
-    # a start refused for bad images leaves only their list: the corrected command may use the folder
-    if not out.exists() or not any(p.name != BAD_IMAGES_FILE for p in out.iterdir()):
+    refuse_foreign_folder(config)
+    if config.cache_dir is not None and config.feature_cache:
+        check_writable_folder(config.cache_dir, "--cache-dir")
+    if _empty(out):
         if resume:
             raise ConfigError(f"--resume: {out} holds no run to resume; drop --resume to start one")
         return
-    if not run_file.is_file():
-        raise ConfigError(
-            f"output folder {out} is not empty and holds no vlmkit run; choose another --output"
-        )
-    if overwrite:
-        shutil.rmtree(out)
+    if overwrite:  # all but the lock this run holds
+        for child in out.iterdir():
+            if child.name == LOCK_FILE:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
         return
     previous = yaml.safe_load(run_file.read_text()) or {}
     if isinstance(previous.get("model"), dict):  # a run of an earlier vlmkit: its keys as named now
@@ -125,6 +131,23 @@ def prepare_output_dir(config: TrainConfig, *, resume: bool, overwrite: bool) ->
             VlmkitWarning,
             stacklevel=2,
         )
+
+
+def refuse_foreign_folder(config: TrainConfig) -> None:
+    """``--output`` must be writable, and empty or a vlmkit run: checked before anything loads
+    (and before the run's lock file is made in it)."""
+    out = config.output
+    check_writable_folder(out, "--output")
+    if not _empty(out) and not (out / RUN_FILE).is_file():
+        raise ConfigError(
+            f"output folder {out} is not empty and holds no vlmkit run; choose another --output"
+        )
+
+
+def _empty(out: Path) -> bool:
+    """No folder, or one with nothing but a list of bad images (a start refused for them: the
+    corrected command may use the folder) and the lock file."""
+    return not out.exists() or not any(p.name not in (BAD_IMAGES_FILE, LOCK_FILE) for p in out.iterdir())
 
 
 def _differences(before: Any, now: Any, key: str) -> list[str]:
@@ -202,7 +225,85 @@ def train(
     callbacks: list | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train a model as ``config`` says and write the artifact to ``config.output``."""
+    """Train a model as ``config`` says and write the artifact to ``config.output``, which
+    this run holds locked (``RunLock``) until it ends."""
+    with RunLock(config.output) as lock, _terminate_as_interrupt():
+        return _train(config, lock, resume, overwrite, registry, callbacks, progress)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (``kill``, a scheduler ending the job, torchrun stopping the other ranks) ends a run
+    as Ctrl-C does: ``KeyboardInterrupt``, which the CLI reports with how to resume, instead of the
+    silent default death. Only the main thread may set a handler; elsewhere nothing changes."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<output>/LOCK_FILE`` for the life of a run (taken by rank 0 of
+    a distributed one): a second ``vlmkit train`` into the same folder, started or resumed while
+    the first runs, is refused in one line instead of interleaving its logs and replacing the
+    model. ``flock`` is released by the system when the process dies, so a killed run leaves no
+    stale lock. (It is local to a machine and missing on some network file systems, and on
+    Windows, where this does nothing.)"""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.folder = output_dir
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return
+        file = make_dirs(self.folder) / LOCK_FILE
+        with writing(file):
+            fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").strip()
+            os.close(fd)
+            raise ConfigError(
+                f"output folder {self.folder} is in use by another vlmkit train"
+                + (f" (process {holder})" if holder.isdigit() else "")
+                + "; wait for it to finish, or choose another --output"
+            ) from None
+        self._fd = fd
+
+    def sign(self) -> None:
+        """Write this process's id into the held lock file, for the refusal of another run: only
+        once this run is sure to go ahead (a refused start leaves the folder as it was)."""
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor releases the flock
+            self._fd = None
+
+
+def _train(
+    config: TrainConfig, lock: RunLock, resume, overwrite, registry, callbacks, progress
+) -> TrainResult:
     from transformers import set_seed
 
     started = time.perf_counter()
@@ -212,8 +313,11 @@ def train(
     refusal = None
     if args.process_index == 0:
         try:
+            refuse_foreign_folder(config)  # before the lock file is made in it
+            lock.acquire()
             prepare_output_dir(config, resume=resume, overwrite=overwrite)
-        except ConfigError as exc:
+            lock.sign()
+        except (ConfigError, WriteError) as exc:
             refusal = str(exc)
     # every rank raises the refusal: one that waited at a barrier instead would hang until timeout
     if (refusal := ranks.broadcast(refusal)) is not None:
@@ -266,8 +370,9 @@ def train(
     if args.process_index == 0:
         # written once the model and the data have loaded: a run that fails to start (a bad image,
         # a wrong checkpoint) leaves no run.yaml, so the corrected command needs no --overwrite
-        out.mkdir(parents=True, exist_ok=True)
-        (out / RUN_FILE).write_text(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
+        make_dirs(out)
+        run_yaml = yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False)
+        atomic_write(out / RUN_FILE, lambda tmp: tmp.write_text(run_yaml))
         write_json(out / PLACEMENT_FILE, placement_record(placement))
 
     cbs = [JsonlLogger(out / "logs.jsonl"), *(callbacks or [])]
@@ -296,10 +401,16 @@ def train(
             )
         log.info("resuming from %s", checkpoint)
         start_step = _start_step(checkpoint) or 0
-    if checkpoint is not None and 0 < args.max_steps <= start_step:
-        result = _finished(trainer, checkpoint)
-    else:
-        result = trainer.train(resume_from_checkpoint=checkpoint)
+        if args.process_index == 0:
+            _forget_logs_after(out / "logs.jsonl", start_step)
+    try:
+        if checkpoint is not None and 0 < args.max_steps <= start_step:
+            result = _finished(trainer, checkpoint)
+        else:
+            result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.check_weights_finite()  # the last step's update, after the last check of its loss
+    except TrainingDiverged as exc:
+        raise TrainingDiverged(exc.step, _diverged(config, exc)) from None
     train_loss = _train_loss(trainer, result.training_loss, start_step)
     eval_metrics = {}
     if config.eval_metrics or config.early_stopping_patience:
@@ -366,6 +477,37 @@ def put_encoder_back(model: PrefixConditioningVLM) -> None:
         model.encoder = encoder
 
 
+def _forget_logs_after(file: Path, step: int) -> None:
+    """Drop the records of steps after ``step`` (the checkpoint resumed from) from ``logs.jsonl``:
+    the run that was killed logged them, and the resumed run logs those steps again."""
+    if not file.is_file():
+        return
+    kept = []
+    for line in file.read_text().splitlines(keepends=True):
+        try:
+            record_step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            record_step = None  # a line cut short by the kill: dropped with the steps after
+        if isinstance(record_step, int) and record_step <= step:
+            kept.append(line)
+    atomic_write(file, lambda tmp: tmp.write_text("".join(kept)))
+
+
+def _diverged(config: TrainConfig, exc: TrainingDiverged) -> str:
+    """What a diverged run keeps and what to do: no model is saved; checkpoints are checked before
+    they are written, so every one left is finite."""
+    kept = last_checkpoint(config.output) if (config.output / "checkpoints").is_dir() else None
+    lrs = f"lr_projection {config.lr_projection:g}, lr_lora {config.lr_lora:g}"
+    if config.model.unfreeze_encoder_layers:
+        lrs += f", lr_encoder {config.lr_encoder:g}"
+    return (
+        f"{exc.what}; no model was saved"
+        + (f", the last checkpoint ({kept}) is finite" if kept else " (no checkpoint either)")
+        + f"; lower the learning rates ({lrs}) or max_grad_norm ({config.max_grad_norm:g}) and train again "
+        "with --overwrite"
+    )
+
+
 def _load_data(config: TrainConfig, registry, *, write_list: bool):
     """The train and validation splits; every bad image a dataset reported (refused or skipped)
     is listed in full in ``BAD_IMAGES_FILE`` in the run folder (messages name only a few)."""
@@ -394,10 +536,9 @@ def _problems(data) -> dict[str, str]:
 
 
 def _write_bad(config: TrainConfig, problems: dict[str, str]) -> Path:
-    file = config.output / BAD_IMAGES_FILE
-    file.parent.mkdir(parents=True, exist_ok=True)
+    file = make_dirs(config.output) / BAD_IMAGES_FILE
     lines = [f"{tsv_field(image)}\t{tsv_field(why)}\n" for image, why in sorted(problems.items())]
-    file.write_text("image\tproblem\n" + "".join(lines))
+    atomic_write(file, lambda tmp: tmp.write_text("image\tproblem\n" + "".join(lines)))
     return file
 
 

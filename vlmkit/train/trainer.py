@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from vlmkit.core.errors import ConfigError
+from vlmkit.core.errors import ConfigError, TrainingDiverged, WriteError
 from vlmkit.core.model import PrefixConditioningVLM
 from vlmkit.core.progress import progress_bar
 from vlmkit.evaluate.loop import caption_and_score
@@ -122,6 +124,52 @@ class VLMTrainer(Trainer):
         self.eval_captions = eval_captions  # (CaptionDataset, features or None) for --eval-metrics
         self.length_sampler: LengthGroupedSampler | None = None
         self.add_callback(SamplerEpoch(self))
+        self._bad_loss: float | None = None  # a non-finite loss since the last optimizer step
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # Trainer's logging would silently replace a NaN loss by the running mean; it syncs on
+        # this value every step already (logging_nan_inf_filter), so the check costs nothing more
+        if self._bad_loss is None and not torch.isfinite(loss).all():
+            self._bad_loss = loss.float().sum().item()
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """Trainer's global gradient norm, computed right before each optimizer step: the place to
+        stop a diverged run while the weights (and every checkpoint) are still finite."""
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        bad_loss = _on_any_rank(self._bad_loss, self.args.device)
+        self._bad_loss = None
+        step = self.state.global_step + 1
+        if bad_loss is not None:
+            raise TrainingDiverged(step, f"the loss is {bad_loss}")
+        norm = grad_norm.item() if isinstance(grad_norm, torch.Tensor) else grad_norm
+        # fp16: an overflowing gradient is routine, the GradScaler skips that step and scales down
+        if norm is not None and not math.isfinite(norm) and not self.args.fp16:
+            raise TrainingDiverged(step, f"the gradient norm is {norm}")
+        return grad_norm
+
+    def check_weights_finite(self) -> None:
+        """``TrainingDiverged`` when a trained tensor holds NaN or inf (a step with a huge learning
+        rate); every rank calls it (a collective under torch.distributed)."""
+        if not _finite_everywhere([p for p in self.model.parameters() if p.requires_grad], self.args.device):
+            raise TrainingDiverged(self.state.global_step, "the trained weights are no longer finite numbers")
+
+    def _save_checkpoint(self, model, trial) -> None:
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        from vlmkit.core.paths import writing
+
+        self.check_weights_finite()  # a checkpoint is never written from diverged weights
+        folder = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        new = not folder.exists()
+        try:
+            with writing(folder):  # a full disk: one line naming the checkpoint; earlier ones stay
+                super()._save_checkpoint(model, trial)
+        except WriteError:
+            if new and self.args.should_save:  # half a checkpoint only takes the room that is left
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
 
     def train(self, *args, **kwargs):
         try:
@@ -284,6 +332,37 @@ class VLMTrainer(Trainer):
             )
 
 
+def _on_any_rank(value: float | None, device) -> float | None:
+    """``value`` when set on this rank, else the first rank's that has one (``nan`` stands in
+    for another rank's value); ``None`` when no rank has one. Outside torch.distributed, ``value``."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    flag = torch.tensor([0.0 if value is None else 1.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return value if value is not None else (float("nan") if flag.item() else None)
+
+
+def _finite_everywhere(params: list[torch.Tensor], device) -> bool:
+    """Whether every element of ``params`` is finite, on every rank: each checks its own shard
+    (FSDP's local tensor, DeepSpeed ZeRO-3's partition), then the ranks agree."""
+    import torch.distributed as dist
+
+    local = []
+    for p in params:
+        t = getattr(p, "ds_tensor", None)
+        t = t if t is not None else (p.to_local() if hasattr(p, "to_local") else p)
+        if t.numel():
+            local.append(torch.isfinite(t.detach()).all())
+    finite = torch.stack(local).all() if local else torch.tensor(True)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = finite.to(device=device, dtype=torch.float32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+    return bool(finite.item())
+
+
 class JsonlLogger(TrainerCallback):
     """Appends every log record (loss, learning rates, eval metrics) to ``logs.jsonl``."""
 
@@ -292,8 +371,10 @@ class JsonlLogger(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
+            from vlmkit.core.paths import writing
+
             record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
-            with self.path.open("a") as fh:
+            with writing(self.path), self.path.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
 
 

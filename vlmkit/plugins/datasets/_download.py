@@ -8,6 +8,9 @@
   HTTP ``Range`` request (or starts it again when the server ignores the range);
 - retried: timeouts, dropped connections, truncated bodies and 5xx answers are tried again with
   exponential backoff; 4xx answers (a missing image) are not;
+- timed: a read waits at most ``timeout`` seconds for a byte, and one try of one image takes at
+  most ``deadline`` seconds in all (a server trickling bytes never trips the first);
+- http(s) only: a ``file://`` or ``ftp://`` URL is not read;
 - bounded: a body larger than ``max_bytes`` is refused (from its Content-Length when the server
   sends one, else once that many bytes arrived), and what arrived must decode as an image;
 - reported: what failed is left out, listed in full (URL and reason) in ``failed-downloads.tsv``
@@ -40,7 +43,11 @@ _CHUNK = 64 * 1024
 class DownloadPolicy:
     workers: int = 16
     retries: int = 3
+    #: seconds without a byte before a read gives up
     timeout: float = 30.0
+    #: seconds one try of one image may take in all: a server trickling a byte every few seconds
+    #: never trips ``timeout``
+    deadline: float = 120.0
     backoff: float = 1.0
     max_bytes: int = MAX_DOWNLOAD_BYTES
 
@@ -66,8 +73,9 @@ def download_images(
 ) -> tuple[dict[str, Path], dict[str, str]]:
     """``(id -> local file, id -> why it failed)`` for ``urls`` (``id -> URL``).
 
-    Complete files already in ``folder`` are not fetched again. Failures are also written to
-    ``folder/failed-downloads.tsv`` (removed when nothing failed)."""
+    Complete files already in ``folder`` are not fetched again. Failures are also listed in
+    ``folder/failed-downloads.tsv``, with those of earlier calls for other URLs (removed when
+    none is left)."""
     folder.mkdir(parents=True, exist_ok=True)
     done: dict[str, Path] = {}
     todo: dict[str, str] = {}
@@ -93,13 +101,26 @@ def download_images(
                 except Exception as exc:  # noqa: BLE001 - every failure is reported, none stops the rest
                     failed[identity] = " ".join(str(exc).split())[:200] or type(exc).__name__
                 advance(1)
-    report = folder / FAILURES_FILE
-    if failed:
-        lines = [f"{urls[i]}\t{why}\n" for i, why in sorted(failed.items(), key=lambda kv: urls[kv[0]])]
+    _update_report(folder / FAILURES_FILE, urls, {urls[i]: why for i, why in failed.items()})
+    return done, failed
+
+
+def _update_report(report: Path, asked: Mapping[str, str], failed: Mapping[str, str]) -> None:
+    """The failures of this call in ``report``, beside those of earlier calls for other URLs: the
+    train split's warning still points at its failures once the validation split has downloaded."""
+    listed: dict[str, str] = {}
+    if report.is_file():
+        for line in report.read_text().splitlines()[1:]:
+            url, _, why = line.partition("\t")
+            listed[url] = why
+    for url in asked.values():  # their state is this call's
+        listed.pop(url, None)
+    listed.update(failed)
+    if listed:
+        lines = [f"{url}\t{why}\n" for url, why in sorted(listed.items())]
         report.write_text("url\tproblem\n" + "".join(lines))
     else:
         report.unlink(missing_ok=True)
-    return done, failed
 
 
 def _fetch(url: str, target: Path, policy: DownloadPolicy) -> Path:
@@ -121,6 +142,9 @@ def _fetch(url: str, target: Path, policy: DownloadPolicy) -> Path:
 
 
 def _fetch_once(url: str, partial: Path, policy: DownloadPolicy) -> None:
+    give_up = time.monotonic() + policy.deadline
+    if urlsplit(url).scheme.lower() not in ("http", "https"):  # urlopen would read file:// and ftp:// too
+        raise _Permanent("is not an http(s) URL (not read)")
     have = partial.stat().st_size if partial.is_file() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
@@ -139,7 +163,9 @@ def _fetch_once(url: str, partial: Path, policy: DownloadPolicy) -> None:
             raise _Permanent(f"is {expected} bytes, over the {policy.max_bytes} byte limit")
         written = have if resumed else 0
         with open(partial, "ab" if resumed else "wb") as f:
-            while chunk := response.read(_CHUNK):
+            while chunk := response.read1(_CHUNK):  # what has arrived, not a full chunk's wait
+                if time.monotonic() > give_up:
+                    raise OSError(f"took over {policy.deadline:g} s (the server sends too slowly)")
                 written += len(chunk)
                 if written > policy.max_bytes:
                     raise _Permanent(f"is over the {policy.max_bytes} byte limit")

@@ -20,6 +20,7 @@ Rows that share an id (one row per caption) become one example with all their ca
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -378,7 +379,9 @@ def _load_folder(root: Path, where: str) -> tuple[_Part, ...]:
     import datasets
 
     try:
-        raw = datasets.load_dataset(str(root))
+        from vlmkit.sdk.datasets import derived_data_dir
+
+        raw = datasets.load_dataset(str(root), cache_dir=str(derived_data_dir("hf-datasets")))
     except Exception as exc:  # noqa: BLE001 - bad files: one clear line
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
         raise DataError(f"{where}: cannot load ({reason}); check the path") from exc
@@ -417,14 +420,34 @@ class _ImageSource:
         if self.kind == "arrow":
             return {r.id: RowImage(parts[r.part].data, r.row, self.column) for r in records}, {}
         if self.kind == "file":
-            return {
-                r.id: str(Path(self.root or ".", *(str(r.cells[c]) for c in self.read_columns)))
-                for r in records
-            }, {}
+            return _files_inside(records, self.root or ".", self.read_columns, where)
         return _download_all(records, self.column, opts, dataset_id, where)
 
     def describe(self) -> list[Any]:
         return [self.kind, self.column, list(self.read_columns), self.root]
+
+
+def _files_inside(
+    records: list[_Record], root: str, columns: tuple[str, ...], where: str
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """``(id -> file, id -> why it is left out)``: the files a path column names under ``root``;
+    one that resolves outside it (``/etc/passwd``, ``../secret.png``, a symlink out) is not read."""
+    base = os.path.realpath(root)
+    files, outside = {}, {}
+    for r in records:
+        path = str(Path(root, *(str(r.cells[c]) for c in columns)))
+        real = os.path.realpath(path)
+        if real == base or real.startswith(base.rstrip(os.sep) + os.sep):
+            files[r.id] = path
+        else:
+            outside[r.id] = f"{path} is outside {root} (not read)"
+    if outside:
+        first = min(outside)
+        summary = f"{len(outside)} of {len(records)} images are outside {root} (first: {outside[first]})"
+        if not files:
+            raise DataError(f"{where}: {summary}; point image_root= at the folder that holds them")
+        warnings.warn(f"{where}: {summary}; they are left out", DataWarning, stacklevel=4)
+    return files, outside
 
 
 def _download_all(

@@ -111,8 +111,8 @@ def open_shards(shards: list[Shard], where: str, *, progress: bool | None = None
                 if shard.path.suffix == ".arrow":
                     ds = datasets.Dataset.from_file(str(shard.path))
                 else:
-                    with _quiet_datasets():
-                        ds = datasets.Dataset.from_parquet(str(shard.path))
+                    with _quiet_datasets():  # its Arrow copy under vlmkit's cache, not ~/.cache/huggingface
+                        ds = datasets.Dataset.from_parquet(str(shard.path), cache_dir=str(_arrow_copies()))
             except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: one clear line
                 reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
                 raise DataError(
@@ -122,6 +122,12 @@ def open_shards(shards: list[Shard], where: str, *, progress: bool | None = None
                 out.append((shard, ds))
             advance(1)
     return out
+
+
+def _arrow_copies() -> Path:
+    from vlmkit.sdk.datasets import derived_data_dir
+
+    return derived_data_dir("hf-datasets")
 
 
 @contextlib.contextmanager

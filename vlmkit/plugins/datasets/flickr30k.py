@@ -1,4 +1,4 @@
-"""``flickr30k``: Flickr30k (31,783 photos, 5 captions each) from the Hugging Face hub.
+"""``flickr30k``: Flickr30k (31,014 photos in Karpathy's split, 5 captions each) from the Hugging Face hub.
 
 ``captions=original`` reads ``nlphuji/flickr30k`` at revision ``refs/convert/parquet``: that
 repository's main branch holds a loading script, which ``datasets`` 4 and later no longer run;

@@ -57,6 +57,7 @@ from vlmkit.sdk.datasets import (
     image_checks_dir,
     parse_options,
     read_image_file,
+    text_problem,
     write_json,
 )
 
@@ -195,15 +196,28 @@ def _read_captions(path: Path, source: str) -> _Parsed:
     return _PARSED[key]
 
 
+#: a captions file larger than this is refused unread (COCO's 600,000 captions take 60 MB)
+MAX_CAPTIONS_FILE_BYTES = 1 << 30
+
+
 def _parse_captions(path: Path, source: str) -> dict[str, list[str]]:
+    """Rows of ``path`` (JSON lines or CSV) within limits: the file's size, a CSV field's length
+    (csv's own limit), JSON nesting (Python's recursion limit), and each caption's and file name's
+    text (``text_problem``); any of them broken is one ``DataError`` naming the line."""
     rows: list[tuple[int, dict[str, Any]]] = []
     try:
+        if (size := path.stat().st_size) > MAX_CAPTIONS_FILE_BYTES:
+            raise DataError(f"{source}: {path.name} is {size} bytes, more than {MAX_CAPTIONS_FILE_BYTES}")
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{source}: cannot read {path.name}: {exc}") from exc
     if path.suffix.lower() == ".csv":
         reader = csv.DictReader(io.StringIO(text))
-        rows = [(n + 2, row) for n, row in enumerate(reader)]  # line 1 is the header
+        try:
+            rows = [(reader.line_num, row) for row in reader]
+        except csv.Error as exc:  # a field over csv.field_size_limit() (131,072 characters), a NUL
+            line = reader.line_num + 1  # the lines read before the one that failed
+            raise DataError(f"{source}: {path.name} line {line} is not valid CSV ({exc})") from None
     else:
         for n, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -212,6 +226,8 @@ def _parse_captions(path: Path, source: str) -> dict[str, list[str]]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{source}: {path.name} line {n} is not JSON ({exc.msg})") from None
+            except RecursionError:
+                raise DataError(f"{source}: {path.name} line {n} is JSON nested too deeply to read") from None
             if not isinstance(row, dict):
                 raise DataError(f"{source}: {path.name} line {n} is not a JSON object")
             rows.append((n, row))
@@ -222,12 +238,20 @@ def _parse_captions(path: Path, source: str) -> dict[str, list[str]]:
         image = next((row[k] for k in IMAGE_KEYS if row.get(k)), None)
         if not isinstance(image, str):
             raise DataError(f"{where} names no image (use one of the keys {', '.join(IMAGE_KEYS)})")
-        raw = next((row[k] for k in CAPTION_KEYS if row.get(k) not in (None, "")), None)
+        if problem := text_problem(image, "file name"):
+            raise DataError(f"{where}: {problem}")
+        key, raw = next(((k, row[k]) for k in CAPTION_KEYS if row.get(k) not in (None, "")), (None, None))
         captions = captions_of(raw)
+        if not captions and raw is not None and not isinstance(raw, (str, list)):
+            kind = {bool: "boolean", int: "number", float: "number", dict: "object"}.get(type(raw), "value")
+            raise DataError(f"{where}: the {key!r} of {image} is a JSON {kind}, not text")
         if not captions:
             raise DataError(
                 f"{where} has no caption for {image} (use one of the keys {', '.join(CAPTION_KEYS)})"
             )
+        for caption in captions:
+            if problem := text_problem(caption):
+                raise DataError(f"{where}: {problem}")
         merged = entries.setdefault(_as_posix(image), [])
         merged.extend(c for c in captions if c not in merged)
     return entries
