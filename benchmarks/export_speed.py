@@ -22,6 +22,7 @@ file sizes.
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 import time
