@@ -277,7 +277,7 @@ def test_an_export_whose_quantized_graphs_caption_differently_says_so_in_one_war
     import typer
     from typer.testing import CliRunner
 
-    from vlmkit.cli.export import export
+    from vlmkit.cli.export import export_command
     from vlmkit.cli.main import _plugin_warnings_on_one_line
 
     _, model, _ = exported("timm-gpt2")
@@ -292,7 +292,7 @@ def test_an_export_whose_quantized_graphs_caption_differently_says_so_in_one_war
 
     monkeypatch.setattr(OnnxCaptioner, "generate", one_token_more)
     app = typer.Typer()
-    app.command()(export)
+    app.command("export")(export_command)
     app.command("other")(lambda: None)
     out = tmp_path / "onnx"
     with warnings.catch_warnings():
