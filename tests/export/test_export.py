@@ -200,17 +200,26 @@ def test_quantized_export_is_matmulnbits_close_to_fp32_and_captions(
     _, _, folder = exported(name)
     captioner = OnnxCaptioner(folder, threads=1)  # quantized exports default to the quantized graphs
     assert captioner.variant == variant
-    assert captioner.manifest["variants"][variant]["method"] == "onnxruntime MatMulNBitsQuantizer"
+    entry = captioner.manifest["variants"][variant]
+    assert entry["method"] == "onnxruntime MatMulNBitsQuantizer"
+    # the image and the prompt pass run the fp32 graphs; only the per-token decoder is quantized
+    assert (entry["vision"], entry["prompt_decoder"]) == ("vision.onnx", "decoder.onnx")
+    assert not (folder / f"vision.{variant}.onnx").exists()
     captions = captioner.generate(images)
     assert len(captions) == len(images) and all(isinstance(c, str) for c in captions)
     graph = onnx.load(str(folder / f"decoder.{variant}.onnx")).graph
-    weights = {t.name for t in graph.initializer}
+    weights = {t.name: list(t.dims) for t in graph.initializer}
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
     assert nbits and {
         helper.get_attribute_value(a) for n in nbits for a in n.attribute if a.name == "bits"
     } == {bits}
-    float_products = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
-    assert not float_products, f"constant weights left in float: {float_products}"
+    float_products = [n for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
+    vocab = captioner.manifest["decoder"]["vocab_size"]
+    # int8 keeps the LM head float (the product as wide as the vocabulary), int4 nothing
+    assert [n.name for n in float_products] == entry.get("kept_float", [])
+    assert all(weights[n.input[1]][1] == vocab for n in float_products) and len(float_products) == (
+        variant == "int8"
+    )
     fp32_bytes = (folder / "decoder.onnx").stat().st_size
     assert (folder / f"decoder.{variant}.onnx").stat().st_size < size_ratio * fp32_bytes
 
@@ -225,6 +234,81 @@ def test_quantized_export_is_matmulnbits_close_to_fp32_and_captions(
     assert np.abs(quantized - fp32).max() < tolerance * np.abs(fp32).max()
     with pytest.raises(ConfigError, match=f"--quantize {variant}"):
         OnnxCaptioner(exported("clip-qwen2")[2], variant=variant)
+
+
+def test_a_quantized_variant_runs_the_prompt_pass_on_the_fp32_decoder(exported, images):
+    _, _, folder = exported("timm-gpt2")
+    fp32, int8 = (OnnxCaptioner(folder, variant=v, threads=1) for v in ("fp32", "int8"))
+    assert int8.prompt_decoder is not int8.decoder and fp32.prompt_decoder is fp32.decoder
+    pixels = fp32.preprocess(images)
+    targets = [[5, 9, 11, 3]] * len(images)
+    want, got = fp32.teacher_forced_logits(pixels, targets), int8.teacher_forced_logits(pixels, targets)
+    for a, b in zip(want, got, strict=True):
+        np.testing.assert_array_equal(a[0], b[0])  # the first token comes from the prompt pass: fp32
+        assert not np.array_equal(a[1:], b[1:])  # the later ones from the int8 graph
+
+
+def test_a_quantized_export_records_how_many_sample_captions_equal_the_fp32_graphs(exported):
+    from vlmkit.export.onnx import agreement_images
+    from vlmkit.export.quantize import AGREEMENT_THRESHOLD
+
+    _, _, folder = exported("timm-gpt2")
+    recorded = json.loads((folder / "vlmkit-onnx.json").read_text())["checks"]["caption_agreement"]
+    images = agreement_images()
+    fp32 = OnnxCaptioner(folder, variant="fp32", threads=1).generate(images, return_ids=True)
+    int8 = OnnxCaptioner(folder, variant="int8", threads=1).generate(images, return_ids=True)
+    assert recorded == {
+        "variant": "int8",
+        "vs": "fp32",
+        "images": len(images),
+        "identical": sum(a == b for a, b in zip(fp32, int8, strict=True)),
+        "threshold": AGREEMENT_THRESHOLD,
+    }
+    assert len(images) >= 8 and len({im.size for im in images}) > 1
+    unquantized = json.loads((exported("clip-qwen2")[2] / "vlmkit-onnx.json").read_text())["checks"]
+    assert "caption_agreement" not in unquantized  # nothing to compare
+
+
+def test_an_export_whose_quantized_graphs_caption_differently_says_so_in_one_warning_line(
+    exported, tmp_path, monkeypatch
+):
+    import warnings
+
+    import typer
+    from typer.testing import CliRunner
+
+    from vlmkit.cli.export import export_command
+    from vlmkit.cli.main import _plugin_warnings_on_one_line
+
+    _, model, _ = exported("timm-gpt2")
+    monkeypatch.setattr(
+        "vlmkit.core.registry.get_registry", lambda: make_registry(TimmEncoder(), GPT2Decoder())
+    )
+    real = OnnxCaptioner.generate
+
+    def one_token_more(self, *args, **kwargs):  # the quantized graphs go on one token longer
+        ids = real(self, *args, **kwargs)
+        return ids if self.variant == "fp32" else [[*row, row[0] if row else 0] for row in ids]
+
+    monkeypatch.setattr(OnnxCaptioner, "generate", one_token_more)
+    app = typer.Typer()
+    app.command("export")(export_command)
+    app.command("other")(lambda: None)
+    out = tmp_path / "onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        _plugin_warnings_on_one_line()  # as `vlmkit` prints vlmkit's warnings
+        result = CliRunner().invoke(app, ["export", "-m", str(model), "-o", str(out), "--quantize", "int8"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(lines) == 1, result.stderr
+    assert (
+        lines[0].startswith("warning: the int8 graphs caption only 0 of ")
+        and "without --quantize" in lines[0]
+    )
+    assert "check caption_agreement: 0 of" in result.stdout
+    recorded = json.loads((out / "vlmkit-onnx.json").read_text())["checks"]["caption_agreement"]
+    assert recorded["identical"] == 0 and recorded["images"] > 0
 
 
 def test_runtime_imports_neither_torch_nor_transformers(exported, images, tmp_path):

@@ -38,7 +38,13 @@ def export(settings: dict, as_json: bool = typer.Option(False, "--json", help="P
         table.add_row(name, _size(size))
     Console().print(table)
     for name, value in result.checks.items():
-        typer.echo(f"check {name}: {value:.2g}")
+        if name == "caption_agreement":
+            typer.echo(
+                f"check {name}: {value['identical']} of {value['images']} sample captions of the "
+                f"{value['variant']} graphs identical to {value['vs']}"
+            )
+        else:
+            typer.echo(f"check {name}: {value:.2g}")
     if result.payload_bytes is not None:
         size = _size(result.payload_bytes)
         typer.echo(f"the page downloads {size}; serve it: python -m http.server -d {result.path}")

@@ -17,8 +17,10 @@ Export uses torch's TorchScript-based ONNX exporter (``dynamo=False``): it expor
 ``DynamicCache`` path of every built-in decoder family (Llama, Qwen2, Phi, Phi-3, GPT-2) with
 dynamic batch and sequence axes, and needs no extra package. Every export is checked: the
 graphs are run once with ONNX Runtime against PyTorch, and the runtime's numpy preprocessing
-against the encoder plugin's own, before the folder is published.
-
+against the encoder plugin's own, before the folder is published. A quantized export also
+captions a few drawn images (``agreement_images``) with the fp32 and the quantized graphs and
+records how many captions are identical (``checks.caption_agreement`` in the manifest), warning in
+one line under ``vlmkit.export.quantize.AGREEMENT_THRESHOLD``.
 """
 
 from __future__ import annotations
@@ -115,12 +117,23 @@ def write_onnx(vlm, folder: Path, *, opset: int, quantize: str | None, source, o
 
     variants: dict[str, Any] = {"fp32": {"vision": "vision.onnx", "decoder": "decoder.onnx"}}
     if quantize is not None:
-        from vlmkit.export.quantize import CPU_ACCURACY_LEVEL, quantize_graphs
+        from vlmkit.export.quantize import CPU_SCHEME, quantize_graphs
 
-        level = CPU_ACCURACY_LEVEL.get(quantize)
-        variants[quantize] = quantize_graphs(
-            folder, variants["fp32"], quantize, accuracy_level=level, on_step=on_step
+        scheme = CPU_SCHEME[quantize]
+        entry = quantize_graphs(
+            folder,
+            variants["fp32"],
+            quantize,
+            parts=("decoder",),
+            block_size=scheme.block_size,
+            accuracy_level=scheme.accuracy_level,
+            float_width=int(embed.shape[0]) if scheme.float_lm_head else None,
+            on_step=on_step,
         )
+        # the image and the prompt pass run the fp32 graphs, each generated token the quantized one
+        # (the prompt pass decides the first word and the cache every step reads: vlmkit.export.quantize)
+        fp32 = variants["fp32"]
+        variants[quantize] = {"vision": fp32["vision"], "prompt_decoder": fp32["decoder"], **entry}
 
     _warn_generation_config(lm)
     formatted = vlm.format(None)
@@ -172,6 +185,14 @@ def write_onnx(vlm, folder: Path, *, opset: int, quantize: str | None, source, o
     (folder / onnx_runtime.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     step(on_step, "teacher-forcing real captions through the runtime against PyTorch")
     checks["teacher_forced_max_rel_diff"] = check_teacher_forced(vlm, folder)  # in the manifest's dict
+    if quantize is not None:  # logits that agree to 1e-2 can still flip a near-tie and a caption
+        from vlmkit.export.quantize import caption_agreement
+
+        images = agreement_images()
+        step(on_step, f"captioning {len(images)} sample images with the fp32 and the {quantize} graphs")
+        checks["caption_agreement"] = caption_agreement(
+            folder, quantize, images, threads=torch.get_num_threads()
+        )
     (folder / onnx_runtime.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return checks
 
@@ -641,6 +662,41 @@ def probe_images():
         noise = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         ramp = np.linspace(0, 255, w, dtype=np.float32)[None, :, None]
         images.append(Image.fromarray(((noise * 0.5) + ramp * 0.5).astype(np.uint8)))
+    return images
+
+
+def agreement_images(n: int = 12):
+    """``n`` deterministic RGB images for the export's caption-agreement check: one to three filled
+    shapes (ellipse, box, triangle) in saturated colours on white, tinted or noisy backgrounds, of
+    several sizes. Drawn rather than read, because the export runs with nothing but the model (its
+    training data may be a download away); and pictures of objects rather than the noise of
+    ``probe_images``, on which a trained captioner's next-token margins are so thin that any change
+    of the arithmetic flips them, which is not what the check is for."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(0)
+    colours = [(220, 30, 30), (30, 90, 220), (40, 170, 60), (240, 200, 20), (150, 50, 180), (250, 130, 20)]
+    images = []
+    for i in range(n):
+        width, height = (64, 64) if i % 3 == 0 else (int(rng.integers(48, 320)), int(rng.integers(48, 320)))
+        if i % 4 == 3:  # a noisy grey background
+            pixels = rng.integers(90, 170, (height, width, 1), dtype=np.uint8).repeat(3, axis=2)
+            image = Image.fromarray(pixels)
+        else:
+            image = Image.new("RGB", (width, height), (255, 255, 255) if i % 2 == 0 else (235, 225, 200))
+        draw = ImageDraw.Draw(image)
+        for k in range(1 + i % 3):
+            side = int(min(width, height) * rng.uniform(0.25, 0.5))
+            x, y = int(rng.integers(0, width - side)), int(rng.integers(0, height - side))
+            colour = colours[(i + 2 * k) % len(colours)]
+            kind = (i + k) % 3
+            if kind == 0:
+                draw.ellipse((x, y, x + side, y + side), fill=colour)
+            elif kind == 1:
+                draw.rectangle((x, y, x + side, y + side), fill=colour)
+            else:
+                draw.polygon([(x + side // 2, y), (x, y + side), (x + side, y + side)], fill=colour)
+        images.append(image)
     return images
 
 

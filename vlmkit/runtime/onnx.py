@@ -10,8 +10,16 @@ No torch, no transformers, no plugin: everything model-specific is in the folder
                           [B, P+T], position_ids [B, T], past key/values -> last-position logits
                           [B, 1, V] and present key/values
     embed_tokens.npy      the LM's token-embedding table [V, D]
-    *.int8.onnx, *.int4.onnx   the same graphs with int8 or int4 weights (``--quantize``)
+    *.int8.onnx, *.int4.onnx   the decoder graph with int8 or int4 weights (``--quantize``)
     tokenizer.json        for decoding the generated ids
+
+Each variant (``variants`` in the manifest) names its ``vision`` and ``decoder`` graphs, and may
+name a ``prompt_decoder``: the graph that runs the prompt pass (the image prefix and the prompt,
+once per caption), while ``decoder`` runs each generated token. A quantized variant of
+``--format onnx`` names the fp32 decoder there (and the fp32 vision graph): the prompt pass
+decides the first word and fills the key/value cache every later step reads, so it is where a
+quantization error costs the most captions, and it is one decoder run of ten (see
+``vlmkit.export.quantize``).
 
 Generation mirrors ``PrefixConditioningVLM.generate``: the prompt is ``before + [image prefix] +
 after``, one forward pass over it fills the key/value cache, then each step feeds one token per
@@ -41,7 +49,8 @@ from vlmkit.core.paths import read_manifest
 
 MANIFEST = "vlmkit-onnx.json"
 FORMAT = "vlmkit-onnx"
-FORMAT_VERSION = 1
+#: 2: a variant may name a ``prompt_decoder`` (a runtime of format 1 would ignore it)
+FORMAT_VERSION = 2
 VARIANTS = ("fp32", "int8", "int4")
 
 
@@ -275,9 +284,11 @@ class OnnxCaptioner:
                 + (f" (export with --quantize {self.variant})" if self.variant in VARIANTS[1:] else "")
             )
         files = variants[self.variant]
+        prompt_graph = files.get("prompt_decoder")
         for name in (
             files["vision"],
             files["decoder"],
+            *([prompt_graph] if prompt_graph else []),
             self.manifest["embed_tokens"],
             self.manifest["tokenizer"],
         ):
@@ -293,6 +304,12 @@ class OnnxCaptioner:
             self.decoder = ort.InferenceSession(
                 str(self.folder / files["decoder"]), options, providers=providers
             )
+        self.prompt_decoder = self.decoder
+        if prompt_graph and prompt_graph != files["decoder"]:
+            with self._reading(prompt_graph):
+                self.prompt_decoder = ort.InferenceSession(
+                    str(self.folder / prompt_graph), options, providers=providers
+                )
         with self._reading(self.manifest["embed_tokens"]):
             self.embed_tokens = np.load(self.folder / self.manifest["embed_tokens"], mmap_mode="r")
         with self._reading(self.manifest["tokenizer"]):
@@ -383,10 +400,10 @@ class OnnxCaptioner:
         out = []
         for pixels, target in zip(pixel_values, targets, strict=True):
             embeds, length = self._prompt(self.image_prefix(pixels[None]))
-            past, rows = self._empty_past(1), []
-            for token in [None, *target[:-1]]:  # the prompt predicts target[0], then each token the next
-                if token is not None:
-                    embeds, length = self._embed([token])[:, None], length + 1
+            logits, past = self._step(embeds, length, self._empty_past(1), prompt=True)
+            rows = [logits[0, -1]]  # the prompt predicts target[0], then each token the next
+            for token in target[:-1]:
+                embeds, length = self._embed([token])[:, None], length + 1
                 logits, past = self._step(embeds, length, past)
                 rows.append(logits[0, -1])
             out.append(np.stack(rows))
@@ -408,15 +425,19 @@ class OnnxCaptioner:
         empty = np.zeros((batch, self._kv_shape[0], 0, self._kv_shape[1]), dtype=self._dtype)
         return dict.fromkeys(self._past_names, empty)
 
-    def _step(self, embeds: np.ndarray, length: int, past: dict) -> tuple[np.ndarray, dict]:
-        """One decoder run over ``embeds`` (the last ``embeds.shape[1]`` of ``length`` positions).
+    def _step(
+        self, embeds: np.ndarray, length: int, past: dict, *, prompt: bool = False
+    ) -> tuple[np.ndarray, dict]:
+        """One decoder run over ``embeds`` (the last ``embeds.shape[1]`` of ``length`` positions);
+        ``prompt``: the prompt pass, on the variant's ``prompt_decoder``.
 
         Through IO binding, so the key/value cache stays where the provider computed it: an ONNX
         Runtime value in GPU memory under the CUDA provider, bound as the next step's input as it
         is. Only the logits come to the host (``run`` would copy the whole cache there and back
         every token)."""
         batch, new = embeds.shape[:2]
-        binding = self.decoder.io_binding()
+        session = self.prompt_decoder if prompt else self.decoder
+        binding = session.io_binding()
         binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds))
         binding.bind_cpu_input("attention_mask", np.ones((batch, length), dtype=np.int64))
         positions = np.arange(length - new, length, dtype=np.int64)[None].repeat(batch, 0)
@@ -426,11 +447,11 @@ class OnnxCaptioner:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
             else:
                 binding.bind_ortvalue_input(name, value)
-        logits_name, *present_names = (o.name for o in self.decoder.get_outputs())
+        logits_name, *present_names = (o.name for o in session.get_outputs())
         binding.bind_output(logits_name)  # on the host
         for name in present_names:
             binding.bind_output(name, self._cache_device)
-        self.decoder.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         logits, *present = binding.get_outputs()
         return logits.numpy(), dict(zip(self._past_names, present, strict=True))
 
@@ -440,8 +461,8 @@ class OnnxCaptioner:
         past = self._empty_past(batch)
         generated = np.zeros((batch, 0), dtype=np.int64)
         done = np.zeros(batch, dtype=bool)
-        for _ in range(max_new_tokens):
-            logits, past = self._step(embeds, length, past)
+        for i in range(max_new_tokens):
+            logits, past = self._step(embeds, length, past, prompt=i == 0)
             next_ids = logits[:, -1].argmax(-1).astype(np.int64)
             next_ids[done] = self.pad_token_id  # a finished row only waits for the others
             generated = np.concatenate([generated, next_ids[:, None]], axis=1)
