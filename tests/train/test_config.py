@@ -246,6 +246,30 @@ def test_no_model_named_trains_the_embedded_default(cli_config):
     assert EMBEDDED_DEFAULT["encoder"] == ("timm", "efficientnet-lite0-pypi")
     assert [d.name for d in TrainConfig.model_validate(embedded_default()).datasets] == ["shapes"]
     assert model.encoder_options == {"features": [4]}  # stage 4, before the head (QUALITY.md)
+    # the best row of QUALITY.md's table: 3x3 tokens, plain layout (the demo's recipe)
+    assert (model.projection.reduction, model.projection.tokens, model.projection.type) == (
+        "avgpool",
+        9,
+        "mlp",
+    )
+    assert model.prompt_format == "plain"
+
+
+def test_the_embedded_prefix_and_layout_yield_to_what_is_set(cli_config):
+    model = cli_config("--projection-reduction", "none").model
+    assert (model.projection.reduction, model.projection.tokens) == ("none", None)
+    model = cli_config("--projection-tokens", "16", "--prompt-format", "chat").model
+    assert (model.projection.reduction, model.projection.tokens, model.prompt_format) == (
+        "avgpool",
+        16,
+        "chat",
+    )
+    model = cli_config("--projection-type", "linear").model
+    assert (model.projection.type, model.projection.tokens) == ("linear", 9)
+    # a named encoder or decoder gets the generic defaults: the table measured this pair only
+    named = cli_config("--encoder", "siglip", "--decoder", "qwen2").model
+    assert (named.projection.reduction, named.prompt_format) == ("none", "auto")
+    assert cli_config("--decoder", "qwen2").model.prompt_format == "auto"
 
 
 def test_the_embedded_encoders_options_apply_only_where_it_fills_the_encoder(cli_config):

@@ -23,6 +23,17 @@ EMBEDDED_DEFAULT = {
 #: fuses colour with shape; captions of unseen colour-shape pairs were right more often in three
 #: seeds out of three at the same cost (benchmarks/QUALITY.md)
 EMBEDDED_ENCODER_OPTIONS: dict[str, Any] = {"features": [4]}
+#: the prefix of the embedded default (only when it fills in the encoder, and only what is not
+#: set): EfficientNet's 7x7 stage-4 grid average-pooled to 3x3 = 9 tokens through an MLP. The best
+#: row of the quality-vs-compute table (benchmarks/QUALITY.md, 150 steps, seed 2: ``tokens9``, 44%
+#: held-out / 98.9% seen at 584 CPU-s, against 40% / 97.9% at 716 for 16 tokens); every 49 tokens
+#: (reduction none, the generic default) cost 1.5x a step and caption unseen pairs worse (22%
+#: against 35-40% pooled on two-object scenes)
+EMBEDDED_PROJECTION: dict[str, Any] = {"type": "mlp", "reduction": "avgpool", "tokens": 9}
+#: the prompt layout of the embedded default (only when it fills in the decoder, and only when
+#: none is set): plain (start token, image, caption: ~22 tokens a row on scenes) rather than
+#: SmolLM2's chat template (~34 tokens), as every row of that table was trained
+EMBEDDED_PROMPT_FORMAT = "plain"
 #: the dataset the embedded default trains on when none is named
 EMBEDDED_DATASETS = [{"name": "shapes"}]
 
@@ -30,7 +41,8 @@ EMBEDDED_DATASETS = [{"name": "shapes"}]
 def embedded_default(data: dict[str, Any] | None = None) -> dict[str, Any]:
     """``data`` (a ``TrainConfig`` as a dict) with the embedded default filled in where nothing is
     named: the encoder and decoder plugins (with their offline checkpoints; the encoder with
-    ``EMBEDDED_ENCODER_OPTIONS`` unless options are given) and the dataset.
+    ``EMBEDDED_ENCODER_OPTIONS`` unless options are given), the prefix and prompt layout that suit
+    them (``EMBEDDED_PROJECTION``, ``EMBEDDED_PROMPT_FORMAT``, where none is set) and the dataset.
 
     ``model:`` with every line under it commented out is YAML null: the same as no section.
     """
@@ -44,9 +56,25 @@ def embedded_default(data: dict[str, Any] | None = None) -> dict[str, Any]:
             model[part] = plugin
             if model.get(f"{part}_checkpoint") is None:
                 model[f"{part}_checkpoint"] = checkpoint
-                if part == "encoder" and model.get("encoder_options") is None:
-                    model["encoder_options"] = copy.deepcopy(EMBEDDED_ENCODER_OPTIONS)
+                if part == "encoder":
+                    if model.get("encoder_options") is None:
+                        model["encoder_options"] = copy.deepcopy(EMBEDDED_ENCODER_OPTIONS)
+                    model["projection"] = _embedded_projection(model.get("projection"))
+                elif model.get("prompt_format") is None:
+                    model["prompt_format"] = EMBEDDED_PROMPT_FORMAT
     data["model"] = model
     if not data.get("datasets"):
         data["datasets"] = copy.deepcopy(EMBEDDED_DATASETS)
     return data
+
+
+def _embedded_projection(given: Any) -> Any:
+    """``EMBEDDED_PROJECTION`` under what is ``given``: its reduction (and token count) only when
+    neither is set, so ``--projection-reduction none`` or ``--projection-tokens 16`` mean what they say."""
+    if given is None:
+        return copy.deepcopy(EMBEDDED_PROJECTION)
+    if not isinstance(given, dict):
+        return given  # validation names the malformed section
+    if given.get("reduction") is not None or given.get("tokens") is not None:
+        return {"type": EMBEDDED_PROJECTION["type"], **given}
+    return {**EMBEDDED_PROJECTION, **{k: v for k, v in given.items() if v is not None}}
