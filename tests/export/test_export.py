@@ -145,9 +145,9 @@ def test_the_key_value_cache_stays_on_the_providers_device_between_steps(exporte
     captioner = OnnxCaptioner(onnx, variant="fp32", threads=1)
     steps, step = [], captioner._step
 
-    def recording(embeds, length, past):
+    def recording(embeds, length, past, **kwargs):
         steps.append({type(v) for v in past.values()})
-        logits, present = step(embeds, length, past)
+        logits, present = step(embeds, length, past, **kwargs)
         assert isinstance(logits, np.ndarray)
         assert all(isinstance(v, ort.OrtValue) and v.device_name().lower() == "cpu" for v in present.values())
         return logits, present
