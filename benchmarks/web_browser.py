@@ -65,7 +65,10 @@ def sample_images(model: Path, n: int):
         training = json.loads((model / "vlmkit.json").read_text()).get("training") or {}
         if not training.get("config"):
             raise SystemExit(f"{model} has no training config in its manifest; pass --test-images 0")
-        config = TrainConfig.model_validate(training["config"])
+        settings = dict(training["config"])
+        if "output_dir" in settings:  # the key's name before vlmkit 0.1's configs (issue 26)
+            settings["output"] = settings.pop("output_dir")
+        config = TrainConfig.model_validate(settings)
     # photos first: the page shows the last caption first, so the images the model knows lead
     out = [
         (name, Image.fromarray(np.asarray(getattr(data, name)())).convert("RGB")) for name in SKIMAGE_PHOTOS

@@ -51,6 +51,9 @@ TOKENIZERS_FILE = "tokenizers.min.mjs"
 ORT_WASM = f"vendor/{ORT_FILES[2]}"
 #: the web decoder's matrix-vector kernel (vlmkit-gemv.wat, assembled)
 GEMV = "vlmkit-gemv.wasm"
+#: the same kernel over a shared memory, and the worker that runs it on half the rows
+GEMV_SHARED = "vlmkit-gemv-shared.wasm"
+GEMV_WORKER = "vlmkit-gemv-worker.js"
 
 
 def write_web(
@@ -124,13 +127,16 @@ def _assemble(onnx_folder: Path, web: Path, *, variant, embeddings, vendor, deco
     files: dict[str, dict[str, Any]] = {}  # what the page fetches (and caches), by name
     if decoder is not None:  # the vision graph in onnxruntime-web, the decoder in the page's runtime
         variant = "int8"
-        shutil.copy2(onnx_folder / fp32["vision"], web / fp32["vision"])
+        step(on_step, "storing the vision graph's weights in float16 (cast to float32 as the page loads it)")
+        _half_initializers(onnx_folder / fp32["vision"], web / fp32["vision"])
         entry = {"vision": fp32["vision"], "web_decoder": decoder["file"], "method": "vlmkit web decoder",
                  "bits": 8, "block_size": decoder["block"]}  # fmt: skip
         step(on_step, f"compressing {decoder['file']} (gzip; the page decompresses and caches it)")
         files[decoder["file"]] = _publish(web, decoder["file"], gzip=True)
-        shutil.copy2(WEB_DIR / GEMV, web / GEMV)
-        files[GEMV] = _publish(web, GEMV)
+        for name in (GEMV, GEMV_SHARED):
+            shutil.copy2(WEB_DIR / name, web / name)
+            files[name] = _publish(web, name)
+        shutil.copy2(WEB_DIR / GEMV_WORKER, web / GEMV_WORKER)
     elif variant is None:
         variant, entry = "fp32", dict(fp32)
         for part in ("vision", "decoder"):
@@ -177,6 +183,8 @@ def _assemble(onnx_folder: Path, web: Path, *, variant, embeddings, vendor, deco
         preprocessing["resize"] = {**resize, "pass_order": pillow_pass_order()}
     modules = [f"vendor/{n}" for n in (*ORT_FILES, TOKENIZERS_FILE) if n != ORT_WASM.removeprefix("vendor/")]
     modules.append(MODULE)
+    if decoder is not None:
+        modules.append(GEMV_WORKER)
     versions = json.loads((WEB_DIR / "vendor" / "vendor.json").read_text())["packages"]
     payload = sum(f["bytes"] for f in files.values()) + sum((web / m).stat().st_size for m in modules)
     manifest.update(
@@ -195,6 +203,8 @@ def _assemble(onnx_folder: Path, web: Path, *, variant, embeddings, vendor, deco
                 "wasm_binary": ORT_WASM,
                 "tokenizers": f"vendor/{TOKENIZERS_FILE}",
                 "gemv": GEMV if decoder is not None else None,
+                "gemv_shared": GEMV_SHARED if decoder is not None else None,
+                "gemv_worker": GEMV_WORKER if decoder is not None else None,
                 "vendor": "vendor/",
                 "packages": {name: p["version"] for name, p in versions.items()},
             },
@@ -204,6 +214,35 @@ def _assemble(onnx_folder: Path, web: Path, *, variant, embeddings, vendor, deco
         },
     )
     (web / onnx_runtime.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _half_initializers(source: Path, target: Path, min_elements: int = 1024) -> None:
+    """``source`` with every float32 initializer of ``min_elements`` or more stored as float16 and
+    cast back by a ``Cast`` node (ONNX Runtime folds it when the session is created): half the
+    download, float32 arithmetic, the weights rounded to float16 (the export's checks and the
+    Python runtime run this same graph)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(source))
+    graph = model.graph
+    casts, kept = [], []
+    for tensor in graph.initializer:
+        if tensor.data_type == onnx.TensorProto.FLOAT and np.prod(tensor.dims) >= min_elements:
+            half = numpy_helper.from_array(
+                numpy_helper.to_array(tensor).astype(np.float16), f"{tensor.name}.float16"
+            )
+            kept.append(half)
+            casts.append(helper.make_node("Cast", [half.name], [tensor.name], to=onnx.TensorProto.FLOAT))
+        else:
+            kept.append(tensor)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    nodes = casts + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(target))
 
 
 def _publish(web: Path, name: str, *, gzip: bool = False, keep: bool = False) -> dict[str, Any]:

@@ -41,17 +41,21 @@ export async function loadCaptioner(base = HERE, options = {}) {
   const backend = await chooseBackend(options.backend || "auto");
   const providers = backend === "webgpu" ? ["webgpu", "wasm"] : ["wasm"];
   const graphs = manifest.variants[manifest.default_variant];
+  const stages = {}; // ms per loading stage, for the benchmark's breakdown
+  const timed = async (stage, promise) => { const t = performance.now(); const out = await promise; stages[stage] = Math.round(performance.now() - t); return out; };
   const session = (bytes) => ort.InferenceSession.create(bytes, { executionProviders: providers, graphOptimizationLevel: "all" });
   // every file fetched at once; onnxruntime's binary first, so that the sessions can start
   const wasmBinary = runtime.wasm_binary ? loader.bytes(runtime.wasm_binary) : null;
-  if (wasmBinary) ort.env.wasm.wasmBinary = await wasmBinary;
+  if (wasmBinary) ort.env.wasm.wasmBinary = await timed("onnxruntime binary", wasmBinary);
   const [vision, decoder, embeddings, tokenizer] = await Promise.all([
-    loader.bytes(graphs.vision).then(session),
-    web.decoder ? WasmDecoder.load(loader, web.decoder, runtime.gemv) : loader.bytes(graphs.decoder).then(session),
+    timed("vision graph", loader.bytes(graphs.vision).then((b) => timed("vision session", session(b)))),
+    timed("decoder", web.decoder
+      ? WasmDecoder.load(loader, web.decoder, runtime, base, ort.env.wasm.numThreads)
+      : loader.bytes(graphs.decoder).then(session)),
     web.decoder ? null : loader.bytes(web.embed_tokens.file).then((b) => new EmbeddingTable(b, web.embed_tokens)),
-    loadTokenizer(base, manifest, loader),
+    timed("tokenizer", loadTokenizer(base, manifest, loader)),
   ]);
-  const timings = { loadMs: performance.now() - started, fromCache: loader.fromCache, fetched: loader.fetched };
+  const timings = { loadMs: performance.now() - started, fromCache: loader.fromCache, fetched: loader.fetched, stages };
   return new Captioner({ ort, manifest, vision, decoder, embeddings, tokenizer, backend, ...timings });
 }
 
@@ -65,8 +69,8 @@ export async function caption(image, options = {}) {
 }
 
 export class Captioner {
-  constructor({ ort, manifest, vision, decoder, embeddings, tokenizer, backend, loadMs, fromCache, fetched }) {
-    Object.assign(this, { ort, manifest, vision, decoder, embeddings, tokenizer, backend, loadMs, fromCache, fetched });
+  constructor({ ort, manifest, vision, decoder, embeddings, tokenizer, backend, loadMs, fromCache, fetched, stages }) {
+    Object.assign(this, { ort, manifest, vision, decoder, embeddings, tokenizer, backend, loadMs, fromCache, fetched, stages });
     const tokens = manifest.tokens;
     this.stopIds = new Set(tokens.stop_ids.map(Number));
     const dec = manifest.decoder;
@@ -310,43 +314,74 @@ class EmbeddingTable {
  *  grouped key/value heads and the SiLU-gated MLP here, one position per step. The token-embedding
  *  table is the same int8 form, and the LM head when the model ties them. */
 class WasmDecoder {
-  static async load(loader, spec, gemvFile) {
-    const [bytes, kernel] = await Promise.all([loader.bytes(spec.file), loader.bytes(gemvFile)]);
-    return new WasmDecoder(spec, bytes, await WebAssembly.compile(kernel));
+  /** `runtime`: the manifest's web.runtime; `threads` 2 splits each product's rows with a worker
+   *  (vlmkit-gemv-worker.js, the shared-memory kernel), which needs a cross-origin-isolated page. */
+  static async load(loader, spec, runtime, base, threads) {
+    const shared = threads > 1 && self.crossOriginIsolated && runtime.gemv_shared && runtime.gemv_worker;
+    const kernel = await WebAssembly.compile(await loader.bytes(shared ? runtime.gemv_shared : runtime.gemv));
+    const decoder = new WasmDecoder(spec, kernel, shared);
+    // the worker starts while decoder.bin arrives
+    const [bytes] = await Promise.all([loader.bytes(spec.file), shared && decoder.#startWorker(new URL(runtime.gemv_worker, base))]);
+    const t = performance.now();
+    decoder.#fill(spec, bytes);
+    decoder.setupMs = Math.round(performance.now() - t);
+    return decoder;
   }
 
-  constructor(spec, bytes, kernel) {
+  async #startWorker(url) {
+    this.worker = new Worker(url);
+    const ready = new Promise((resolve, reject) => {
+      this.worker.onmessage = resolve;
+      this.worker.onerror = (e) => reject(new Error(`vlmkit: the decoder's worker failed: ${e.message}`));
+    });
+    this.worker.postMessage({ module: this.kernel, memory: this.memory, control: this.control });
+    await ready;
+    this.controlWords = new Int32Array(this.memory.buffer, this.control, 16);
+    this.seq = Atomics.load(this.controlWords, 0);
+  }
+
+  constructor(spec, kernel, shared = false) {
     const a = (this.arch = spec.architecture);
     this.block = spec.block;
     this.hidden = a.hidden;
     const maxK = Math.max(a.hidden, a.intermediate, a.heads * a.head_dim);
     const maxN = Math.max(a.vocab, a.intermediate, a.heads * a.head_dim);
-    // layout: scratch (xq int16, xs float32, y float32), decoder.bin as it is, float32 scales
+    // layout: scratch (xq int16, xs float32, y float32), decoder.bin as it is, float32 scales,
+    // the worker's control words
     const align = (n) => Math.ceil(n / 64) * 64;
     this.xq = 1024;
     this.xs = align(this.xq + maxK * 2);
     this.y = align(this.xs + (maxK / this.block) * 4);
     this.base = align(this.y + maxN * 4);
-    const scales = Object.entries(spec.tensors).filter(([, t]) => t.dtype === "float16");
-    let end = align(this.base + bytes.length);
-    const scaleAt = {};
-    for (const [name, t] of scales) {
-      scaleAt[name] = end;
+    let end = align(this.base + spec.bytes);
+    this.scaleAt = {};
+    for (const [name, t] of Object.entries(spec.tensors)) {
+      if (t.dtype !== "float16") continue;
+      this.scaleAt[name] = end;
       end = align(end + (t.bytes / 2) * 4);
     }
-    const pages = Math.ceil(end / 65536);
-    this.memory = new WebAssembly.Memory({ initial: pages, maximum: pages });
+    this.control = end; // 16 int32 words: the worker's arguments and its done flag
+    const pages = Math.ceil((end + 64) / 65536);
+    this.kernel = kernel;
+    this.memory = new WebAssembly.Memory({ initial: pages, maximum: pages, shared });
     this.gemvFn = new WebAssembly.Instance(kernel, { env: { memory: this.memory } }).exports.gemv;
+  }
+
+  /** decoder.bin's bytes into the memory, its float16 scales as float32, views of its tensors. */
+  #fill(spec, bytes) {
+    const a = this.arch;
     const buffer = this.memory.buffer;
+    if (bytes.length !== spec.bytes) throw new Error(`vlmkit: ${spec.file} has ${bytes.length} bytes, its manifest says ${spec.bytes}`);
     new Uint8Array(buffer, this.base, bytes.length).set(bytes);
     const half = halfTable();
-    for (const [name, t] of scales) {
+    for (const [name, at] of Object.entries(this.scaleAt)) {
+      const t = spec.tensors[name];
       const from = new Uint16Array(buffer, this.base + t.offset, t.bytes / 2);
-      const to = new Float32Array(buffer, scaleAt[name], t.bytes / 2);
+      const to = new Float32Array(buffer, at, t.bytes / 2);
       for (let i = 0; i < from.length; i++) to[i] = half[from[i]];
     }
     const f32 = (name) => { const t = spec.tensors[name]; return t && new Float32Array(buffer, this.base + t.offset, t.bytes / 4); };
-    const matrix = (name) => { const t = spec.tensors[`${name}.q`]; return { w: this.base + t.offset, ws: scaleAt[`${name}.s`], n: t.shape[0], k: t.shape[1] }; };
+    const matrix = (name) => { const t = spec.tensors[`${name}.q`]; return { w: this.base + t.offset, ws: this.scaleAt[`${name}.s`], n: t.shape[0], k: t.shape[1] }; };
     this.embed = matrix("embed");
     this.embedQ = new Int8Array(buffer, this.embed.w, this.embed.n * this.embed.k);
     this.embedS = new Float32Array(buffer, this.embed.ws, (this.embed.n * this.embed.k) / this.block);
@@ -388,7 +423,20 @@ class WasmDecoder {
 
   /** The product of matrix `m` with the last quantized input, a new Float32Array [N] (+ `bias`). */
   #product(m, bias) {
-    this.gemvFn(this.xq, this.xs, m.w, m.ws, this.y, m.k, 0, m.n);
+    const c = this.controlWords;
+    if (c && m.n >= 256) {
+      // the worker takes the first half of the rows, this thread the rest, then waits (spinning:
+      // the main thread may not block) until the worker stores the job's number back
+      const mid = m.n >> 1;
+      c[1] = this.xq; c[2] = this.xs; c[3] = m.w; c[4] = m.ws; c[5] = this.y; c[6] = m.k; c[7] = 0; c[8] = mid;
+      const job = ++this.seq;
+      Atomics.store(c, 0, job);
+      Atomics.notify(c, 0);
+      this.gemvFn(this.xq, this.xs, m.w, m.ws, this.y, m.k, mid, m.n);
+      while (Atomics.load(c, 9) !== job);
+    } else {
+      this.gemvFn(this.xq, this.xs, m.w, m.ws, this.y, m.k, 0, m.n);
+    }
     const y = new Float32Array(this.memory.buffer, this.y, m.n).slice();
     if (bias) for (let i = 0; i < y.length; i++) y[i] += bias[i];
     return y;
