@@ -49,9 +49,7 @@ export async function loadCaptioner(base = HERE, options = {}) {
   if (wasmBinary) ort.env.wasm.wasmBinary = await timed("onnxruntime binary", wasmBinary);
   const [vision, decoder, embeddings, tokenizer] = await Promise.all([
     timed("vision graph", loader.bytes(graphs.vision).then((b) => timed("vision session", session(b)))),
-    timed("decoder", web.decoder
-      ? WasmDecoder.load(loader, web.decoder, runtime, base, ort.env.wasm.numThreads)
-      : loader.bytes(graphs.decoder).then(session)),
+    timed("decoder", web.decoder ? WasmDecoder.load(loader, web.decoder, runtime) : loader.bytes(graphs.decoder).then(session)),
     web.decoder ? null : loader.bytes(web.embed_tokens.file).then((b) => new EmbeddingTable(b, web.embed_tokens)),
     timed("tokenizer", loadTokenizer(base, manifest, loader)),
   ]);
@@ -314,40 +312,24 @@ class EmbeddingTable {
  *  grouped key/value heads and the SiLU-gated MLP here, one position per step. The token-embedding
  *  table is the same int8 form, and the LM head when the model ties them. */
 class WasmDecoder {
-  /** `runtime`: the manifest's web.runtime; `threads` 2 splits each product's rows with a worker
-   *  (vlmkit-gemv-worker.js, the shared-memory kernel), which needs a cross-origin-isolated page. */
-  static async load(loader, spec, runtime, base, threads) {
-    const shared = threads > 1 && self.crossOriginIsolated && runtime.gemv_shared && runtime.gemv_worker;
-    const kernel = await WebAssembly.compile(await loader.bytes(shared ? runtime.gemv_shared : runtime.gemv));
-    const decoder = new WasmDecoder(spec, kernel, shared);
-    // the worker starts while decoder.bin arrives
-    const [bytes] = await Promise.all([loader.bytes(spec.file), shared && decoder.#startWorker(new URL(runtime.gemv_worker, base))]);
+  /** One thread: a second one (a worker over a shared memory taking half the rows) made captions
+   *  25x slower on a 2-core machine, where onnxruntime's own wasm threads spin beside it. */
+  static async load(loader, spec, runtime) {
+    const [bytes, kernel] = await Promise.all([loader.bytes(spec.file), loader.bytes(runtime.gemv)]);
     const t = performance.now();
+    const decoder = new WasmDecoder(spec, await WebAssembly.compile(kernel));
     decoder.#fill(spec, bytes);
     decoder.setupMs = Math.round(performance.now() - t);
     return decoder;
   }
 
-  async #startWorker(url) {
-    this.worker = new Worker(url);
-    const ready = new Promise((resolve, reject) => {
-      this.worker.onmessage = resolve;
-      this.worker.onerror = (e) => reject(new Error(`vlmkit: the decoder's worker failed: ${e.message}`));
-    });
-    this.worker.postMessage({ module: this.kernel, memory: this.memory, control: this.control });
-    await ready;
-    this.controlWords = new Int32Array(this.memory.buffer, this.control, 16);
-    this.seq = Atomics.load(this.controlWords, 0);
-  }
-
-  constructor(spec, kernel, shared = false) {
+  constructor(spec, kernel) {
     const a = (this.arch = spec.architecture);
     this.block = spec.block;
     this.hidden = a.hidden;
     const maxK = Math.max(a.hidden, a.intermediate, a.heads * a.head_dim);
     const maxN = Math.max(a.vocab, a.intermediate, a.heads * a.head_dim);
-    // layout: scratch (xq int16, xs float32, y float32), decoder.bin as it is, float32 scales,
-    // the worker's control words
+    // layout: scratch (xq int16, xs float32, y float32), decoder.bin as it is, float32 scales
     const align = (n) => Math.ceil(n / 64) * 64;
     this.xq = 1024;
     this.xs = align(this.xq + maxK * 2);
@@ -360,10 +342,8 @@ class WasmDecoder {
       this.scaleAt[name] = end;
       end = align(end + (t.bytes / 2) * 4);
     }
-    this.control = end; // 16 int32 words: the worker's arguments and its done flag
-    const pages = Math.ceil((end + 64) / 65536);
-    this.kernel = kernel;
-    this.memory = new WebAssembly.Memory({ initial: pages, maximum: pages, shared });
+    const pages = Math.ceil(end / 65536);
+    this.memory = new WebAssembly.Memory({ initial: pages, maximum: pages });
     this.gemvFn = new WebAssembly.Instance(kernel, { env: { memory: this.memory } }).exports.gemv;
   }
 
@@ -423,20 +403,7 @@ class WasmDecoder {
 
   /** The product of matrix `m` with the last quantized input, a new Float32Array [N] (+ `bias`). */
   #product(m, bias) {
-    const c = this.controlWords;
-    if (c && m.n >= 256) {
-      // the worker takes the first half of the rows, this thread the rest, then waits (spinning:
-      // the main thread may not block) until the worker stores the job's number back
-      const mid = m.n >> 1;
-      c[1] = this.xq; c[2] = this.xs; c[3] = m.w; c[4] = m.ws; c[5] = this.y; c[6] = m.k; c[7] = 0; c[8] = mid;
-      const job = ++this.seq;
-      Atomics.store(c, 0, job);
-      Atomics.notify(c, 0);
-      this.gemvFn(this.xq, this.xs, m.w, m.ws, this.y, m.k, mid, m.n);
-      while (Atomics.load(c, 9) !== job);
-    } else {
-      this.gemvFn(this.xq, this.xs, m.w, m.ws, this.y, m.k, 0, m.n);
-    }
+    this.gemvFn(this.xq, this.xs, m.w, m.ws, this.y, m.k, 0, m.n);
     const y = new Float32Array(this.memory.buffer, this.y, m.n).slice();
     if (bias) for (let i = 0; i < y.length; i++) y[i] += bias[i];
     return y;
