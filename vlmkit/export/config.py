@@ -38,7 +38,7 @@ class ExportConfig(BaseModel):
         None,
         "Weight-only quantization by ONNX Runtime's MatMulNBitsQuantizer. onnx: also write *.int4.onnx "
         "or *.int8.onnx next to the fp32 graphs and caption with them by default (default: none). web: "
-        "int8 (default) runs a Llama-block decoder (Llama, SmolLM, Qwen2) in the page's own int8 "
+        "int8 (default) runs a Llama-block decoder (RMSNorm, rotary attention, SiLU-gated MLP) in the page's own int8 "
         "WebAssembly decoder, ~10x faster than onnxruntime-web's graphs, and other decoders as int8 "
         "onnxruntime-web graphs; int4 and none: onnxruntime-web graphs with int4 or fp32 weights.",
     )

@@ -4,8 +4,9 @@
 for the decoder, and says so); ``write_decoder`` packs the LoRA-merged float32 LM into
 ``decoder.bin`` and returns the manifest's ``web.decoder`` section. What the format computes is
 the Llama block (RMSNorm, rotary attention with grouped key/value heads, SiLU-gated MLP), with or
-without q/k/v biases: Llama, SmolLM and Qwen2 checkpoints. The export checks the format against
-PyTorch's logits before publishing (``check_decoder``).
+without q/k/v biases. ``unsupported`` reads the structure (module names and settings, not a list of
+families), and the export checks the packed format against PyTorch's logits before publishing
+(``check_decoder``): a family that looks the same and computes something else fails there.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ import torch
 from vlmkit.core.errors import ExportError
 from vlmkit.runtime import web_decoder as fmt
 
-#: transformers model types whose decoder layer is the Llama block this format computes
-MODEL_TYPES = ("llama", "qwen2")
 #: the largest difference of the format's logits from PyTorch's, relative to their largest
 #: magnitude, that the export accepts: int8 weights and int16 activations give ~0.04 on SmolLM2;
 #: a block the format computes differently (another norm, rotary layout, activation) gives ~1
@@ -30,28 +29,32 @@ TOLERANCE = 0.1
 def unsupported(lm) -> str | None:
     """Why ``lm`` (a merged float causal LM) cannot run as the web decoder format, or None."""
     config = lm.config
-    if config.model_type not in MODEL_TYPES:
-        return f"model_type {config.model_type!r} (the web decoder computes {', '.join(MODEL_TYPES)})"
-    if getattr(config, "hidden_act", "silu") != "silu":
-        return f"hidden_act {config.hidden_act!r}"
+    family = f"model_type {config.model_type!r}"
+    layers = getattr(getattr(lm, "model", None), "layers", None)
+    if layers is None or not hasattr(lm.model, "norm"):
+        return f"{family}: no model.layers and model.norm"
+    if getattr(config, "hidden_act", None) != "silu":
+        return f"{family}: hidden_act {getattr(config, 'hidden_act', None)!r}, not silu"
     rope = getattr(lm.model, "rotary_emb", None)
     if rope is None or getattr(rope, "rope_type", "default") != "default":
-        return "rotary embeddings other than the default"
+        return f"{family}: rotary embeddings other than the default"
     if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
-        return "sliding-window attention"
-    layer = lm.model.layers[0]
-    attn, mlp = layer.self_attn, layer.mlp
+        return f"{family}: sliding-window attention"
+    layer = layers[0]
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if not all(hasattr(layer, n) for n in ("input_layernorm", "post_attention_layernorm")):
+        return f"{family}: layers without input and post-attention norms"
     if not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
-        return "attention without q/k/v/o projections"
+        return f"{family}: attention without q/k/v/o projections"
     if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
-        return "an MLP without gate/up/down projections"
+        return f"{family}: an MLP without gate/up/down projections"
     if attn.o_proj.bias is not None or any(
         getattr(mlp, n).bias is not None for n in ("gate_proj", "up_proj", "down_proj")
     ):
-        return "biases outside q/k/v"
+        return f"{family}: biases outside q/k/v"
     sizes = (config.hidden_size, config.intermediate_size, attn.head_dim * config.num_attention_heads)
     if any(s % fmt.BLOCK for s in sizes):
-        return f"sizes {sizes} not multiples of {fmt.BLOCK}"
+        return f"{family}: sizes {sizes} not multiples of {fmt.BLOCK}"
     return None
 
 
