@@ -241,8 +241,10 @@ class Loader {
     this.onProgress?.({ loaded: this.loaded, total: this.total, file });
   }
 
-  /** The bytes of `name` (Uint8Array), decompressed when the export stored it gzipped. */
-  async bytes(name) {
+  /** The bytes of `name` (Uint8Array), decompressed when the export stored it gzipped. `into`: a
+   *  Uint8Array of exactly their length to read them into (the decoder's wasm memory: no second
+   *  copy of 143 MB). */
+  async bytes(name, into = null) {
     const meta = this.files[name];
     if (!meta) throw new Error(`vlmkit: ${name} is not in the manifest's web.files`);
     const url = new URL(meta.path || name, this.base);
@@ -250,8 +252,8 @@ class Loader {
     const cache = await this.cache;
     const hit = cache && (await cache.match(key));
     if (hit) {
-      const data = new Uint8Array(await hit.arrayBuffer());
       this.fromCache.push(name);
+      const data = into ? await readInto(hit.body, into, url) : new Uint8Array(await hit.arrayBuffer());
       this.#progress(meta.bytes, name);
       return data;
     }
@@ -261,10 +263,25 @@ class Loader {
       transform: (chunk, controller) => { this.fetched += chunk.byteLength; this.#progress(chunk.byteLength, name); controller.enqueue(chunk); },
     }));
     if (meta.encoding === "gzip") stream = stream.pipeThrough(new DecompressionStream("gzip"));
-    const data = new Uint8Array(await new Response(stream).arrayBuffer());
+    const data = into ? await readInto(stream, into, url) : new Uint8Array(await new Response(stream).arrayBuffer());
     if (cache) await cache.put(key, new Response(data)).catch(() => {}); // a full disk only costs the next visit
     return data;
   }
+}
+
+/** A byte stream read into `into` (Uint8Array), which it must fill exactly. */
+async function readInto(stream, into, url) {
+  let at = 0;
+  const reader = stream.getReader();
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    if (at + value.byteLength > into.length) throw new Error(`vlmkit: ${url} is longer than its manifest says`);
+    into.set(value, at);
+    at += value.byteLength;
+  }
+  if (at !== into.length) throw new Error(`vlmkit: ${url} has ${at} bytes, its manifest says ${into.length}`);
+  return into;
 }
 
 async function chooseBackend(wanted) {
@@ -315,10 +332,11 @@ class WasmDecoder {
   /** One thread: a second one (a worker over a shared memory taking half the rows) made captions
    *  25x slower on a 2-core machine, where onnxruntime's own wasm threads spin beside it. */
   static async load(loader, spec, runtime) {
-    const [bytes, kernel] = await Promise.all([loader.bytes(spec.file), loader.bytes(runtime.gemv)]);
+    const decoder = new WasmDecoder(spec, await WebAssembly.compile(await loader.bytes(runtime.gemv)));
+    // decoder.bin straight into the wasm memory, as it arrives (from the network or the cache)
+    await loader.bytes(spec.file, new Uint8Array(decoder.memory.buffer, decoder.base, spec.bytes));
     const t = performance.now();
-    const decoder = new WasmDecoder(spec, await WebAssembly.compile(kernel));
-    decoder.#fill(spec, bytes);
+    decoder.#fill(spec);
     decoder.setupMs = Math.round(performance.now() - t);
     return decoder;
   }
@@ -347,12 +365,10 @@ class WasmDecoder {
     this.gemvFn = new WebAssembly.Instance(kernel, { env: { memory: this.memory } }).exports.gemv;
   }
 
-  /** decoder.bin's bytes into the memory, its float16 scales as float32, views of its tensors. */
-  #fill(spec, bytes) {
+  /** decoder.bin (in the memory at `base`): its float16 scales as float32, views of its tensors. */
+  #fill(spec) {
     const a = this.arch;
     const buffer = this.memory.buffer;
-    if (bytes.length !== spec.bytes) throw new Error(`vlmkit: ${spec.file} has ${bytes.length} bytes, its manifest says ${spec.bytes}`);
-    new Uint8Array(buffer, this.base, bytes.length).set(bytes);
     const half = halfTable();
     for (const [name, at] of Object.entries(this.scaleAt)) {
       const t = spec.tensors[name];
