@@ -1,28 +1,36 @@
 """``vlmkit export --format web``: a static folder that captions images inside a web browser, on the
 user's machine (no image leaves it).
 
-The folder is an ONNX export of one variant (``vlmkit.runtime.onnx`` reads it: same manifest,
-graphs and tokenizer) plus what a browser needs::
+The folder is an ONNX export of one variant plus what a browser needs::
 
-    vlmkit-onnx.json        the ONNX manifest, with a ``web`` section: the embedding table's raw
-                            layout, the vendored libraries, the payload in bytes
-    vision.<v>.onnx, decoder.<v>.onnx   the graphs of the chosen variant (int4, int8 or fp32)
-    embed_tokens.npy        the token-embedding table, float16 or float32; a .npy (a 128-byte
-                            header, then raw little-endian data) so that Python reads it as
-                            it is and the browser slices the raw data at ``web.embed_tokens.offset``
-    tokenizer.json, tokenizer_config.json
+    vlmkit-onnx.json        the ONNX manifest, with a ``web`` section: every file the page fetches
+                            (``files``: stored path, bytes, SHA-256, gzip or not), the runtime's
+                            files, the payload in bytes, and ``decoder`` or ``embed_tokens``
+    vision.onnx             the vision graph (onnxruntime-web); with the page's own decoder, its
+                            weights stored in float16 and cast back as the session loads
+    decoder.bin.gz          int8 (default) on a Llama-block LM: the page's own decoder
+                            (``vlmkit.export.web_decoder``, ``vlmkit.runtime.web_decoder``), run by
+                            ``vlmkit-gemv.wasm``; the token embeddings are in it
+    decoder.<v>.onnx, embed_tokens.npy   otherwise (another LM, ``--quantize int4|none``): the
+                            onnxruntime-web decoder graph and the token-embedding table (float16 or
+                            float32 .npy, the browser slices its raw rows at ``web.embed_tokens.offset``)
+    tokenizer.json(.gz), tokenizer_config.json
     vlmkit-web.js           the ES module: ``caption(imageOrBlob) -> Promise<string>``
-    index.html              a demo page: choose or drop images, see captions and ms per caption
-    vendor/                 onnxruntime-web and tokenizers.js, copied from their npm packages
+    index.html              a demo page: a progress bar while it loads, then choose or drop images
+    vendor/                 onnxruntime-web (its wasm binary gzipped) and tokenizers.js, copied from
+                            their npm packages
 
-Serve it with any static file server, e.g. ``python -m http.server -d DIR``. ONNX Runtime uses
-several wasm threads only on a cross-origin-isolated page (headers
-``Cross-Origin-Opener-Policy: same-origin`` and ``Cross-Origin-Embedder-Policy: require-corp``);
-without them it runs on one thread.
+The page fetches the files at once and keeps each in the Cache API under its SHA-256, so a second
+visit loads from disk and a re-export is fetched anew. Serve the folder with any static file
+server, e.g. ``python -m http.server -d DIR``. ONNX Runtime uses several wasm threads only on a
+cross-origin-isolated page (headers ``Cross-Origin-Opener-Policy: same-origin`` and
+``Cross-Origin-Embedder-Policy: require-corp``); without them it runs on one thread.
 
-The browser reproduces ``OnnxCaptioner(DIR)`` token for token on the wasm backend
-(``tests/export/test_web.py`` checks it in Chromium), including the image preprocessing: the JS
-resamples with Pillow's or torchvision's integer kernels as the manifest declares.
+The browser reproduces its Python twin over the same folder (``vlmkit.testing.browser.python_captions``:
+``WebCaptioner`` for the page's decoder, ``OnnxCaptioner`` for graphs), token for token on the
+wasm backend (``tests/export/test_web.py`` checks it in Chromium), including the image
+preprocessing: the JS resamples with Pillow's or torchvision's integer kernels as the manifest
+declares.
 """
 
 from __future__ import annotations
