@@ -27,7 +27,8 @@ from vlmkit.runtime.onnx import OnnxCaptioner, preprocess_images, read_onnx_mani
 
 pytestmark = [pytest.mark.browser, pytest.mark.usefixtures("one_torch_thread")]
 
-#: name -> (encoder, image size, decoder plugin, tiny architecture, web variant)
+#: name -> (encoder, image size, decoder plugin, tiny architecture, web variant): int8 on a Llama is
+#: the page's own decoder (vlmkit.runtime.web_decoder), int4 the onnxruntime-web graphs
 PAIRS = {
     "timm-llama": ("timm", 64, "smollm", "llama", "int8"),
     "siglip-qwen2": ("siglip", 32, "qwen2", "qwen2", "int4"),
@@ -157,7 +158,11 @@ def test_browser_captions_equal_the_python_runtime(name, browser, site, images, 
     root, base = site
     variant, result = PAIRS[name][-1], tiny_exports[name]
     assert (root / name / "index.html").is_file() and result.payload_bytes > 0
-    assert list(OnnxCaptioner(root / name, threads=1).manifest["variants"]) == [variant]
+    manifest = read_onnx_manifest(root / name)
+    assert list(manifest["variants"]) == [variant]
+    assert ("decoder" in manifest["web"]) == (variant == "int8"), (
+        "the page's own decoder is int8 on a Llama only"
+    )
     assert not any(f.startswith(".") for f in result.files), "the staging ONNX export is left"
 
     # what the browser must reproduce: the Python ONNX runtime over the same folder
@@ -179,10 +184,50 @@ def test_browser_captions_equal_the_python_runtime(name, browser, site, images, 
     assert text == python["text"][0]
     _same_pixels(browser, urls[1], pil_images[1], python["captioner"].manifest)
 
+    if "decoder" in manifest["web"]:  # the page's decoder computes what WebDecoder computes
+        logits = browser.execute_async_script(
+            "const done = arguments[1]; window.vlmkitPage.logitsUrl(arguments[0]).then(done, (e) => done(String(e)));",
+            urls[2],
+        )
+        captioner = python["captioner"]
+        embeds = captioner.prompt(captioner.image_prefix(captioner.preprocess(pil_images[2:]))[0])
+        cache = captioner.decoder.new_cache()
+        want = [captioner.decoder.step(x, t, cache) for t, x in enumerate(embeds)][-1]
+        np.testing.assert_allclose(
+            np.asarray(logits, dtype=np.float32), want, rtol=0, atol=1e-4 * np.abs(want).max()
+        )
+
     shot = tmp_path / "page.png"
     browser.save_screenshot(str(shot))
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     _report(name, _figures(variant, result.payload_bytes, got, python))
+
+
+def test_a_second_visit_loads_from_the_cache_and_a_new_export_is_fetched(browser, site, tiny_exports):
+    """The page keeps every file in the Cache API under its SHA-256: loaded again, it fetches
+    nothing; a file whose hash the manifest changes is fetched anew (never a stale copy)."""
+    import json
+
+    root, base = site
+    name = "timm-llama"
+    info = "const done = arguments[0]; window.vlmkitPage.ready.then(() => window.vlmkitPage.loadInfo()).then(done, (e) => done({error: String(e)}));"
+    browser.get(f"{base}/{name}/index.html")
+    browser.execute_async_script(info)  # the first visit of this test's order may already have cached it
+    browser.get(f"{base}/{name}/index.html")
+    second = browser.execute_async_script(info)
+    manifest_file = root / name / "vlmkit-onnx.json"
+    files = json.loads(manifest_file.read_text())["web"]["files"]
+    assert second["fetched"] == 0 and sorted(second["fromCache"]) == sorted(files), second
+    original = manifest_file.read_text()
+    changed = json.loads(original)
+    changed["web"]["files"]["tokenizer_config.json"]["sha256"] = "0" * 64  # as if re-exported
+    manifest_file.write_text(json.dumps(changed))
+    try:
+        browser.get(f"{base}/{name}/index.html")
+        third = browser.execute_async_script(info)
+    finally:
+        manifest_file.write_text(original)
+    assert "tokenizer_config.json" not in third["fromCache"] and third["fetched"] > 0, third
 
 
 def test_webgpu_backend_runs_where_the_browser_has_an_adapter(site, images, tiny_exports):
@@ -225,8 +270,8 @@ DEMO_PHOTOS = ("coffee", "chelsea", "astronaut")
 def test_browser_captions_the_demo_model(real_weights_model, browser, site):
     """The demo's model with real weights (EfficientNet-Lite0 + SmolLM2-135M, trained on five
     photos by the session fixture ``real_weights_model``), exported as the web export's default
-    (int8 graphs, float16 embeddings): the page says what the Python ONNX runtime says, token for
-    token, and what the trained model learnt to say. Two to five minutes on 2 busy cores."""
+    (the page's own int8 decoder): the page says what its Python twin (``WebCaptioner``) says,
+    token for token, and what the trained model learnt to say. Two to five minutes on 2 busy cores."""
     import torch
     from PIL import Image
 
@@ -240,8 +285,10 @@ def test_browser_captions_the_demo_model(real_weights_model, browser, site):
         result = export_model(real_weights_model["path"], root / "demo", format="web")
     finally:
         torch.set_num_threads(threads)
-    variant = list(read_onnx_manifest(root / "demo")["variants"])
-    assert variant == ["int8"], "the web export's default variant changed: update docs/browser.md's figures"
+    manifest = read_onnx_manifest(root / "demo")
+    assert list(manifest["variants"]) == ["int8"] and "decoder" in manifest["web"], (
+        "the web export's default changed: update docs/browser.md's figures"
+    )
     index = [real_weights_model["names"].index(name) for name in DEMO_PHOTOS]
     (root / "photos").mkdir()
     for name, i in zip(DEMO_PHOTOS, index, strict=True):
@@ -253,7 +300,7 @@ def test_browser_captions_the_demo_model(real_weights_model, browser, site):
     got = page["captions"]
     assert [g["ids"] for g in got] == python["ids"]
     assert [g["text"] for g in got] == python["text"]
-    # a trained model, not noise: int8 graphs keep what the PyTorch model says (all but one)
+    # a trained model, not noise: the int8 decoder keeps what the PyTorch model says (all but one)
     torch_says = [real_weights_model["got"][i] for i in index]
     assert sum(g["text"] == t for g, t in zip(got, torch_says, strict=True)) >= len(got) - 1, (
         [g["text"] for g in got],

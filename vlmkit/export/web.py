@@ -1,28 +1,36 @@
 """``vlmkit export --format web``: a static folder that captions images inside a web browser, on the
 user's machine (no image leaves it).
 
-The folder is an ONNX export of one variant (``vlmkit.runtime.onnx`` reads it: same manifest,
-graphs and tokenizer) plus what a browser needs::
+The folder is an ONNX export of one variant plus what a browser needs::
 
-    vlmkit-onnx.json        the ONNX manifest, with a ``web`` section: the embedding table's raw
-                            layout, the vendored libraries, the payload in bytes
-    vision.<v>.onnx, decoder.<v>.onnx   the graphs of the chosen variant (int4, int8 or fp32)
-    embed_tokens.npy        the token-embedding table, float16 or float32; a .npy (a 128-byte
-                            header, then raw little-endian data) so that Python reads it as
-                            it is and the browser slices the raw data at ``web.embed_tokens.offset``
-    tokenizer.json, tokenizer_config.json
+    vlmkit-onnx.json        the ONNX manifest, with a ``web`` section: every file the page fetches
+                            (``files``: stored path, bytes, SHA-256, gzip or not), the runtime's
+                            files, the payload in bytes, and ``decoder`` or ``embed_tokens``
+    vision.onnx             the vision graph (onnxruntime-web); with the page's own decoder, its
+                            weights stored in float16 and cast back as the session loads
+    decoder.bin.gz          int8 (default) on a Llama-block LM: the page's own decoder
+                            (``vlmkit.export.web_decoder``, ``vlmkit.runtime.web_decoder``), run by
+                            ``vlmkit-gemv.wasm``; the token embeddings are in it
+    decoder.<v>.onnx, embed_tokens.npy   otherwise (another LM, ``--quantize int4|none``): the
+                            onnxruntime-web decoder graph and the token-embedding table (float16 or
+                            float32 .npy, the browser slices its raw rows at ``web.embed_tokens.offset``)
+    tokenizer.json(.gz), tokenizer_config.json
     vlmkit-web.js           the ES module: ``caption(imageOrBlob) -> Promise<string>``
-    index.html              a demo page: choose or drop images, see captions and ms per caption
-    vendor/                 onnxruntime-web and tokenizers.js, copied from their npm packages
+    index.html              a demo page: a progress bar while it loads, then choose or drop images
+    vendor/                 onnxruntime-web (its wasm binary gzipped) and tokenizers.js, copied from
+                            their npm packages
 
-Serve it with any static file server, e.g. ``python -m http.server -d DIR``. ONNX Runtime uses
-several wasm threads only on a cross-origin-isolated page (headers
-``Cross-Origin-Opener-Policy: same-origin`` and ``Cross-Origin-Embedder-Policy: require-corp``);
-without them it runs on one thread.
+The page fetches the files at once and keeps each in the Cache API under its SHA-256, so a second
+visit loads from disk and a re-export is fetched anew. Serve the folder with any static file
+server, e.g. ``python -m http.server -d DIR``. ONNX Runtime uses several wasm threads only on a
+cross-origin-isolated page (headers ``Cross-Origin-Opener-Policy: same-origin`` and
+``Cross-Origin-Embedder-Policy: require-corp``); without them it runs on one thread.
 
-The browser reproduces ``OnnxCaptioner(DIR)`` token for token on the wasm backend
-(``tests/export/test_web.py`` checks it in Chromium), including the image preprocessing: the JS
-resamples with Pillow's or torchvision's integer kernels as the manifest declares.
+The browser reproduces its Python twin over the same folder (``vlmkit.testing.browser.python_captions``:
+``WebCaptioner`` for the page's decoder, ``OnnxCaptioner`` for graphs), token for token on the
+wasm backend (``tests/export/test_web.py`` checks it in Chromium), including the image
+preprocessing: the JS resamples with Pillow's or torchvision's integer kernels as the manifest
+declares.
 """
 
 from __future__ import annotations
@@ -47,6 +55,10 @@ PAGE = "index.html"
 #: what ONNX Runtime needs in the page: its ES module, the JSEP loader and its wasm binary
 ORT_FILES = ("ort.min.mjs", "ort-wasm-simd-threaded.jsep.mjs", "ort-wasm-simd-threaded.jsep.wasm")
 TOKENIZERS_FILE = "tokenizers.min.mjs"
+#: onnxruntime's wasm binary, which the export stores gzipped
+ORT_WASM = f"vendor/{ORT_FILES[2]}"
+#: the web decoder's matrix-vector kernel (vlmkit-gemv.wat, assembled)
+GEMV = "vlmkit-gemv.wasm"
 
 
 def write_web(
@@ -60,9 +72,46 @@ def write_web(
     onnx_folder = folder / ".onnx"  # the fp32 ONNX export, the source of the graphs; removed below
     onnx_folder.mkdir()
     checks = write_onnx(vlm, onnx_folder, opset=opset, quantize=None, source=source, on_step=on_step)
-    _assemble(onnx_folder, folder, variant=quantize, embeddings=embeddings, vendor=vendor, on_step=on_step)
+    decoder = None
+    if quantize == "int8":
+        decoder = _web_decoder(vlm, onnx_folder, folder, checks, on_step)
+    _assemble(
+        onnx_folder,
+        folder,
+        variant=quantize,
+        embeddings=embeddings,
+        vendor=vendor,
+        decoder=decoder,
+        on_step=on_step,
+    )
     shutil.rmtree(onnx_folder)
     return checks
+
+
+def _web_decoder(vlm, onnx_folder: Path, folder: Path, checks: dict, on_step) -> dict[str, Any] | None:
+    """``decoder.bin`` and the manifest's ``web.decoder`` where the LM is a Llama-block decoder
+    (``vlmkit.export.web_decoder``); None, said in one step line, where it is not (the page then
+    runs the decoder graph in onnxruntime-web, 10x slower)."""
+    from vlmkit.export import web_decoder
+    from vlmkit.export.onnx import merged_decoder
+
+    lm = merged_decoder(vlm)
+    why = web_decoder.unsupported(lm)
+    if why is not None:
+        step(
+            on_step,
+            f"the page runs the decoder graph in onnxruntime-web: its own decoder does not compute {why}",
+        )
+        return None
+    step(
+        on_step,
+        "packing the decoder for the page's own runtime (int8 weights in blocks of 32, int16 activations)",
+    )
+    embed = np.load(onnx_folder / "embed_tokens.npy")
+    spec = web_decoder.write_decoder(lm, embed, folder)
+    step(on_step, "checking the packed decoder against PyTorch")
+    checks["web_decoder_max_rel_diff"] = web_decoder.check_decoder(lm, folder, {"web": {"decoder": spec}})
+    return spec
 
 
 def read_web_manifest(folder: str | Path) -> dict[str, Any]:
@@ -75,12 +124,23 @@ def read_web_manifest(folder: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def _assemble(onnx_folder: Path, web: Path, *, variant, embeddings, vendor, on_step) -> None:
+def _assemble(onnx_folder: Path, web: Path, *, variant, embeddings, vendor, decoder, on_step) -> None:
     from vlmkit.export.quantize import quantize_graphs
 
     manifest = onnx_runtime.read_onnx_manifest(onnx_folder)
     fp32 = manifest["variants"]["fp32"]
-    if variant is None:
+    files: dict[str, dict[str, Any]] = {}  # what the page fetches (and caches), by name
+    if decoder is not None:  # the vision graph in onnxruntime-web, the decoder in the page's runtime
+        variant = "int8"
+        step(on_step, "storing the vision graph's weights in float16 (cast to float32 as the page loads it)")
+        _half_initializers(onnx_folder / fp32["vision"], web / fp32["vision"])
+        entry = {"vision": fp32["vision"], "web_decoder": decoder["file"], "method": "vlmkit web decoder",
+                 "bits": 8, "block_size": decoder["block"]}  # fmt: skip
+        step(on_step, f"compressing {decoder['file']} (gzip; the page decompresses and caches it)")
+        files[decoder["file"]] = _publish(web, decoder["file"], gzip=True)
+        shutil.copy2(WEB_DIR / GEMV, web / GEMV)
+        files[GEMV] = _publish(web, GEMV)
+    elif variant is None:
         variant, entry = "fp32", dict(fp32)
         for part in ("vision", "decoder"):
             shutil.copy2(onnx_folder / fp32[part], web / fp32[part])
@@ -88,15 +148,28 @@ def _assemble(onnx_folder: Path, web: Path, *, variant, embeddings, vendor, on_s
         # accuracy_level unset: float activations, which the wasm kernels compute as ONNX Runtime's
         # CPU kernels do, so the browser's captions equal Python's (see vlmkit.export.quantize)
         entry = quantize_graphs(onnx_folder, fp32, variant, target=web, on_step=on_step)
-
-    step(on_step, f"writing the token-embedding table ({embeddings})")
-    table = np.load(onnx_folder / manifest["embed_tokens"], mmap_mode="r")
-    np.save(web / "embed_tokens.npy", np.ascontiguousarray(table, dtype=embeddings))
-    offset = int(np.load(web / "embed_tokens.npy", mmap_mode="r").offset)  # where the header ends
+    files[entry["vision"]] = _publish(web, entry["vision"])
+    web_section: dict[str, Any] = {}
+    if decoder is None:
+        files[entry["decoder"]] = _publish(web, entry["decoder"])
+        step(on_step, f"writing the token-embedding table ({embeddings})")
+        table = np.load(onnx_folder / manifest["embed_tokens"], mmap_mode="r")
+        np.save(web / "embed_tokens.npy", np.ascontiguousarray(table, dtype=embeddings))
+        offset = int(np.load(web / "embed_tokens.npy", mmap_mode="r").offset)  # where the header ends
+        files["embed_tokens.npy"] = _publish(web, "embed_tokens.npy")
+        web_section["embed_tokens"] = {
+            "file": "embed_tokens.npy",
+            "dtype": embeddings,
+            "shape": [int(s) for s in table.shape],
+            "offset": offset,  # bytes of .npy header before the raw little-endian rows
+        }
+    else:
+        web_section["decoder"] = decoder
 
     tokenizer_files = [n for n in ("tokenizer.json", "tokenizer_config.json") if (onnx_folder / n).is_file()]
     for name in tokenizer_files:
         shutil.copy2(onnx_folder / name, web / name)
+        files[name] = _publish(web, name, gzip=name == "tokenizer.json", keep=True)
 
     step(on_step, "copying the browser runtime (vlmkit-web.js, index.html, vendor/)")
     shutil.copy2(WEB_DIR / MODULE, web / MODULE)
@@ -104,40 +177,107 @@ def _assemble(onnx_folder: Path, web: Path, *, variant, embeddings, vendor, on_s
     (web / "vendor").mkdir()
     for name in vendor:
         shutil.copy2(WEB_DIR / "vendor" / name, web / "vendor" / name)
+    # onnxruntime's 28 MB binary travels gzipped (6.7 MB): the page decompresses it and hands it over
+    files[ORT_WASM] = _publish(web, ORT_WASM, gzip=True)
 
     preprocessing = dict(manifest["preprocessing"])
     resize = preprocessing.get("resize")
     if resize and resize.get("backend", "pil") == "pil":
         preprocessing["resize"] = {**resize, "pass_order": pillow_pass_order()}
-    runtime_files = [f"vendor/{n}" for n in (*ORT_FILES, TOKENIZERS_FILE)] + [MODULE]
-    loaded = [entry["vision"], entry["decoder"], "embed_tokens.npy", *tokenizer_files, *runtime_files]
+    modules = [f"vendor/{n}" for n in (*ORT_FILES, TOKENIZERS_FILE) if n != ORT_WASM.removeprefix("vendor/")]
+    modules.append(MODULE)
     versions = json.loads((WEB_DIR / "vendor" / "vendor.json").read_text())["packages"]
+    payload = sum(f["bytes"] for f in files.values()) + sum((web / m).stat().st_size for m in modules)
     manifest.update(
         variants={variant: entry},
         default_variant=variant,
-        embed_tokens="embed_tokens.npy",
+        embed_tokens="embed_tokens.npy" if decoder is None else None,
         preprocessing=preprocessing,
         web={
-            "embed_tokens": {
-                "file": "embed_tokens.npy",
-                "dtype": embeddings,
-                "shape": [int(s) for s in table.shape],
-                "offset": offset,  # bytes of .npy header before the raw little-endian rows
-            },
+            **web_section,
             "tokenizer": {
                 "file": "tokenizer.json",
                 "config": "tokenizer_config.json" if "tokenizer_config.json" in tokenizer_files else None,
             },
             "runtime": {
                 "onnxruntime": f"vendor/{ORT_FILES[0]}",
+                "wasm_binary": ORT_WASM,
                 "tokenizers": f"vendor/{TOKENIZERS_FILE}",
+                "gemv": GEMV if decoder is not None else None,
                 "vendor": "vendor/",
                 "packages": {name: p["version"] for name, p in versions.items()},
             },
-            "payload_bytes": sum((web / name).stat().st_size for name in loaded),
+            "files": files,
+            "modules": {m: (web / m).stat().st_size for m in modules},
+            "payload_bytes": payload,
         },
     )
     (web / onnx_runtime.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _half_initializers(source: Path, target: Path, min_elements: int = 1024) -> None:
+    """``source`` with every float32 initializer of ``min_elements`` or more stored as float16 and
+    cast back by a ``Cast`` node (ONNX Runtime folds it when the session is created): half the
+    download, float32 arithmetic, the weights rounded to float16 (the export's checks and the
+    Python runtime run this same graph)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(source))
+    graph = model.graph
+    casts, kept = [], []
+    for tensor in graph.initializer:
+        if tensor.data_type == onnx.TensorProto.FLOAT and np.prod(tensor.dims) >= min_elements:
+            half = numpy_helper.from_array(
+                numpy_helper.to_array(tensor).astype(np.float16), f"{tensor.name}.float16"
+            )
+            kept.append(half)
+            casts.append(helper.make_node("Cast", [half.name], [tensor.name], to=onnx.TensorProto.FLOAT))
+        else:
+            kept.append(tensor)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    nodes = casts + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(target))
+
+
+def _publish(web: Path, name: str, *, gzip: bool = False, keep: bool = False) -> dict[str, Any]:
+    """The entry of ``web/name`` in the manifest's ``web.files``: the stored file's path, bytes and
+    SHA-256 (the page's cache key). ``gzip``: stored as ``name.gz`` (level 6), the original removed
+    unless ``keep`` (for the Python runtime); the page decompresses it (``DecompressionStream``) and
+    caches the result."""
+    import gzip as gz
+
+    source = web / name
+    path = source
+    if gzip:
+        path = source.with_name(source.name + ".gz")
+        with (
+            open(source, "rb") as raw,
+            open(path, "wb") as out,
+            gz.GzipFile(fileobj=out, mode="wb", compresslevel=6, mtime=0) as z,
+        ):
+            shutil.copyfileobj(raw, z, 1 << 22)
+        if not keep:
+            source.unlink()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    entry = {"path": str(path.relative_to(web)), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {**entry, "encoding": "gzip"} if gzip else entry
+
+
+def read_file(folder: str | Path, manifest: dict[str, Any], name: str) -> bytes:
+    """The bytes of the web export's file ``name`` as the page gets them (decompressed)."""
+    import gzip as gz
+
+    meta = manifest["web"]["files"][name]
+    data = (Path(folder) / meta["path"]).read_bytes()
+    return gz.decompress(data) if meta.get("encoding") == "gzip" else data
 
 
 def pillow_pass_order() -> str:

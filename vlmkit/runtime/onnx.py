@@ -284,6 +284,11 @@ class OnnxCaptioner:
                 + (f" (export with --quantize {self.variant})" if self.variant in VARIANTS[1:] else "")
             )
         files = variants[self.variant]
+        if "decoder" not in files and "web_decoder" in files:  # a web export's own decoder format
+            raise ArtifactError(
+                f"{self.folder} is a web export whose decoder runs in the page's own runtime, not ONNX "
+                "Runtime: open its index.html, or use vlmkit.runtime.web_decoder.WebCaptioner"
+            )
         prompt_graph = files.get("prompt_decoder")
         for name in (
             files["vision"],

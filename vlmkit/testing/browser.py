@@ -144,10 +144,14 @@ def caption_in_page(driver, page_url: str, image_urls: list[str]) -> dict[str, A
 
 def python_captions(folder: str | Path, images: list, *, threads: int | None = None) -> dict[str, Any]:
     """The Python ONNX runtime's captions of PIL ``images`` over the export ``folder``, one image at
-    a time after one warm-up caption: ``{"ids": [[...]], "text": [...], "ms": [...]}``."""
-    from vlmkit.runtime.onnx import OnnxCaptioner
+    a time after one warm-up caption: ``{"ids": [[...]], "text": [...], "ms": [...]}``. A web
+    export with the page's own decoder is captioned by ``vlmkit.runtime.web_decoder.WebCaptioner``
+    (its arithmetic in numpy), any other by ``OnnxCaptioner``."""
+    from vlmkit.runtime.onnx import OnnxCaptioner, read_onnx_manifest
+    from vlmkit.runtime.web_decoder import WebCaptioner
 
-    captioner = OnnxCaptioner(folder, threads=threads)
+    own = "decoder" in read_onnx_manifest(folder).get("web", {})
+    captioner = (WebCaptioner if own else OnnxCaptioner)(folder, threads=threads)
     captioner.generate(images[:1])  # warm-up: the page's first caption is not timed apart either
     ids, ms = [], []
     for image in images:

@@ -21,29 +21,40 @@ const MANIFEST = "vlmkit-onnx.json"; // the ONNX export's manifest, with a "web"
 
 /** Load the captioner of the export folder at `base` (default: this module's folder).
  *  options.backend: "auto" (WebGPU when available, else wasm), "wasm" or "webgpu";
- *  options.threads: wasm threads (default: the cores, up to 4; needs a cross-origin-isolated page). */
+ *  options.threads: wasm threads (default: the cores, up to 4; needs a cross-origin-isolated page);
+ *  options.onProgress({ loaded, total, file }): bytes fetched so far (from the network or the cache);
+ *  options.cache: keep the files in the browser's Cache API (default true), keyed by their SHA-256,
+ *  so a second visit reads them from disk and a changed export is fetched anew. */
 export async function loadCaptioner(base = HERE, options = {}) {
   base = new URL(base, location.href);
   if (!base.pathname.endsWith("/")) base = new URL(base.pathname + "/", base);
-  const manifest = await fetchJSON(new URL(MANIFEST, base));
   const started = performance.now();
+  const manifest = await fetchJSON(new URL(MANIFEST, base));
   if (!manifest.web) throw new Error(`vlmkit: ${base} is an ONNX export without the browser runtime (export with --format web)`);
-  const runtime = manifest.web.runtime;
-  const vendor = new URL(runtime.vendor, base);
+  const web = manifest.web;
+  const loader = new Loader(base, web.files || {}, options);
+  const runtime = web.runtime;
   const ort = await import(new URL(runtime.onnxruntime, base).href);
-  ort.env.wasm.wasmPaths = vendor.href;
+  ort.env.wasm.wasmPaths = new URL(runtime.vendor, base).href;
   const cores = navigator.hardwareConcurrency || 1;
   ort.env.wasm.numThreads = self.crossOriginIsolated ? options.threads || Math.min(4, cores) : 1;
   const backend = await chooseBackend(options.backend || "auto");
   const providers = backend === "webgpu" ? ["webgpu", "wasm"] : ["wasm"];
   const graphs = manifest.variants[manifest.default_variant];
+  const stages = {}; // ms per loading stage, for the benchmark's breakdown
+  const timed = async (stage, promise) => { const t = performance.now(); const out = await promise; stages[stage] = Math.round(performance.now() - t); return out; };
+  const session = (bytes) => ort.InferenceSession.create(bytes, { executionProviders: providers, graphOptimizationLevel: "all" });
+  // every file fetched at once; onnxruntime's binary first, so that the sessions can start
+  const wasmBinary = runtime.wasm_binary ? loader.bytes(runtime.wasm_binary) : null;
+  if (wasmBinary) ort.env.wasm.wasmBinary = await timed("onnxruntime binary", wasmBinary);
   const [vision, decoder, embeddings, tokenizer] = await Promise.all([
-    fetchBytes(new URL(graphs.vision, base)).then((b) => ort.InferenceSession.create(b, { executionProviders: providers })),
-    fetchBytes(new URL(graphs.decoder, base)).then((b) => ort.InferenceSession.create(b, { executionProviders: providers })),
-    fetchBytes(new URL(manifest.web.embed_tokens.file, base)).then((b) => new EmbeddingTable(b, manifest.web.embed_tokens)),
-    loadTokenizer(base, manifest),
+    timed("vision graph", loader.bytes(graphs.vision).then((b) => timed("vision session", session(b)))),
+    timed("decoder", web.decoder ? WasmDecoder.load(loader, web.decoder, runtime) : loader.bytes(graphs.decoder).then(session)),
+    web.decoder ? null : loader.bytes(web.embed_tokens.file).then((b) => new EmbeddingTable(b, web.embed_tokens)),
+    timed("tokenizer", loadTokenizer(base, manifest, loader)),
   ]);
-  return new Captioner({ ort, manifest, vision, decoder, embeddings, tokenizer, backend, loadMs: performance.now() - started });
+  const timings = { loadMs: performance.now() - started, fromCache: loader.fromCache, fetched: loader.fetched, stages };
+  return new Captioner({ ort, manifest, vision, decoder, embeddings, tokenizer, backend, ...timings });
 }
 
 let defaultCaptioner = null;
@@ -56,8 +67,8 @@ export async function caption(image, options = {}) {
 }
 
 export class Captioner {
-  constructor({ ort, manifest, vision, decoder, embeddings, tokenizer, backend, loadMs }) {
-    Object.assign(this, { ort, manifest, vision, decoder, embeddings, tokenizer, backend, loadMs });
+  constructor({ ort, manifest, vision, decoder, embeddings, tokenizer, backend, loadMs, fromCache, fetched, stages }) {
+    Object.assign(this, { ort, manifest, vision, decoder, embeddings, tokenizer, backend, loadMs, fromCache, fetched, stages });
     const tokens = manifest.tokens;
     this.stopIds = new Set(tokens.stop_ids.map(Number));
     const dec = manifest.decoder;
@@ -98,6 +109,24 @@ export class Captioner {
     return run;
   }
 
+  /** The page's own decoder's logits after the prompt of `image` (Float32Array [vocab]): what the
+   *  browser tests compare with vlmkit.runtime.web_decoder in Python. */
+  promptLogits(image) {
+    const run = this.queue.then(async () => {
+      if (!(this.decoder instanceof WasmDecoder)) throw new Error("vlmkit: this export runs its decoder in onnxruntime-web");
+      const prefix = await this.#prefixOf(await this.preprocess(image));
+      const embeds = this.#promptEmbeds(prefix.data, prefix.dims[1]);
+      prefix.dispose?.();
+      const hidden = this.hidden;
+      const cache = this.decoder.newCache(embeds.length / hidden);
+      let logits;
+      for (let t = 0; t < embeds.length / hidden; t++) logits = this.decoder.step(embeds.subarray(t * hidden, (t + 1) * hidden), t, cache);
+      return logits;
+    });
+    this.queue = run.catch(() => {});
+    return run;
+  }
+
   async #prefixOf(pixels) {
     const [h, w] = this.manifest.preprocessing.input_size;
     const vis = this.manifest.vision;
@@ -111,13 +140,28 @@ export class Captioner {
     const t1 = performance.now();
     const prefix = await this.#prefixOf(pixels);
     const t2 = performance.now();
-    const ids = await this.#greedy(prefix.data, prefix.dims[1]);
+    const ids =
+      this.decoder instanceof WasmDecoder
+        ? this.decoder.greedy(this.#promptEmbeds(prefix.data, prefix.dims[1]), this.manifest.generation.max_new_tokens, this.stopIds)
+        : await this.#greedy(prefix.data, prefix.dims[1]);
     prefix.dispose?.();
     let text = this.tokenizer.decode(ids, { skip_special_tokens: true, clean_up_tokenization_spaces: false });
     if (this.manifest.tokens.clean_up_tokenization_spaces) text = cleanUpTokenization(text);
     text = pythonStrip(text);
     const t3 = performance.now();
     return { text, ids, ms: t3 - t0, preprocessMs: t1 - t0, visionMs: t2 - t1, tokens: ids.length };
+  }
+
+  /** before + [image prefix] + after, embedded: Float32Array [T * hidden] */
+  #promptEmbeds(prefix, prefixTokens) {
+    const { hidden } = this;
+    const { before, after } = this.manifest.tokens;
+    const table = this.embeddings || this.decoder;
+    const embeds = new Float32Array((before.length + prefixTokens + after.length) * hidden);
+    before.forEach((id, i) => table.row(id, embeds, i * hidden));
+    embeds.set(prefix.subarray(0, prefixTokens * hidden), before.length * hidden);
+    after.forEach((id, i) => table.row(id, embeds, (before.length + prefixTokens + i) * hidden));
+    return embeds;
   }
 
   async #greedy(prefix, prefixTokens) {
@@ -171,13 +215,73 @@ export class Captioner {
 // ------------------------------------------------------------------------------ loading
 
 async function fetchJSON(url) {
-  return JSON.parse(new TextDecoder().decode(await fetchBytes(url)));
+  // revalidated: the manifest names the other files' hashes, so it must never be a stale copy
+  const response = await fetch(url, { cache: "no-cache" });
+  if (!response.ok) throw new Error(`vlmkit: cannot load ${url} (HTTP ${response.status})`);
+  return response.json();
 }
 
-async function fetchBytes(url) {
-  const response = await fetch(url);
-  if (!response.ok) throw new Error(`vlmkit: cannot load ${url} (HTTP ${response.status})`);
-  return new Uint8Array(await response.arrayBuffer());
+const CACHE = "vlmkit-web";
+
+/** Fetches the export's files (the manifest's web.files: bytes, sha256, gzip or not), all at once,
+ *  reporting progress; keeps each (decompressed) in the Cache API under its URL and hash, so a
+ *  second visit reads it from disk and a re-export (another hash) is fetched anew. */
+class Loader {
+  constructor(base, files, { onProgress, cache = true } = {}) {
+    Object.assign(this, { base, files, onProgress });
+    this.total = Object.values(files).reduce((sum, f) => sum + f.bytes, 0);
+    this.loaded = 0;
+    this.fetched = 0; // bytes that came from the network
+    this.fromCache = [];
+    this.cache = cache && typeof caches !== "undefined" ? caches.open(CACHE).catch(() => null) : Promise.resolve(null);
+  }
+
+  #progress(n, file) {
+    this.loaded += n;
+    this.onProgress?.({ loaded: this.loaded, total: this.total, file });
+  }
+
+  /** The bytes of `name` (Uint8Array), decompressed when the export stored it gzipped. `into`: a
+   *  Uint8Array of exactly their length to read them into (the decoder's wasm memory: no second
+   *  copy of 143 MB). */
+  async bytes(name, into = null) {
+    const meta = this.files[name];
+    if (!meta) throw new Error(`vlmkit: ${name} is not in the manifest's web.files`);
+    const url = new URL(meta.path || name, this.base);
+    const key = new Request(`${url.href}?sha256=${meta.sha256}`);
+    const cache = await this.cache;
+    const hit = cache && (await cache.match(key));
+    if (hit) {
+      this.fromCache.push(name);
+      const data = into ? await readInto(hit.body, into, url) : new Uint8Array(await hit.arrayBuffer());
+      this.#progress(meta.bytes, name);
+      return data;
+    }
+    const response = await fetch(url);
+    if (!response.ok || !response.body) throw new Error(`vlmkit: cannot load ${url} (HTTP ${response.status})`);
+    let stream = response.body.pipeThrough(new TransformStream({
+      transform: (chunk, controller) => { this.fetched += chunk.byteLength; this.#progress(chunk.byteLength, name); controller.enqueue(chunk); },
+    }));
+    if (meta.encoding === "gzip") stream = stream.pipeThrough(new DecompressionStream("gzip"));
+    const data = into ? await readInto(stream, into, url) : new Uint8Array(await new Response(stream).arrayBuffer());
+    if (cache) await cache.put(key, new Response(data)).catch(() => {}); // a full disk only costs the next visit
+    return data;
+  }
+}
+
+/** A byte stream read into `into` (Uint8Array), which it must fill exactly. */
+async function readInto(stream, into, url) {
+  let at = 0;
+  const reader = stream.getReader();
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    if (at + value.byteLength > into.length) throw new Error(`vlmkit: ${url} is longer than its manifest says`);
+    into.set(value, at);
+    at += value.byteLength;
+  }
+  if (at !== into.length) throw new Error(`vlmkit: ${url} has ${at} bytes, its manifest says ${into.length}`);
+  return into;
 }
 
 async function chooseBackend(wanted) {
@@ -188,14 +292,12 @@ async function chooseBackend(wanted) {
   return "wasm";
 }
 
-async function loadTokenizer(base, manifest) {
+async function loadTokenizer(base, manifest, loader) {
   const { Tokenizer } = await import(new URL(manifest.web.runtime.tokenizers, base).href);
   const files = manifest.web.tokenizer;
-  const [json, config] = await Promise.all([
-    fetchJSON(new URL(files.file, base)),
-    files.config ? fetchJSON(new URL(files.config, base)) : {},
-  ]);
-  return new Tokenizer(json, config);
+  const json = (name) => loader.bytes(name).then((b) => JSON.parse(new TextDecoder().decode(b)));
+  const [tokenizer, config] = await Promise.all([json(files.file), files.config ? json(files.config) : {}]);
+  return new Tokenizer(tokenizer, config);
 }
 
 /** The token-embedding table [V, D]: raw little-endian float32 or float16 rows after `offset`
@@ -219,6 +321,220 @@ class EmbeddingTable {
     if (this.dtype === "float32") out.set(this.data.subarray(start, start + this.dim), offset);
     else for (let j = 0; j < this.dim; j++) out[offset + j] = halfToFloat(this.data[start + j]);
   }
+}
+
+/** The web export's decoder (vlmkit/runtime/web_decoder.py says why and what): int8 weights in
+ *  blocks of 32 with float16 scales, activations quantized to int16 per block of 32 before each
+ *  product, the products in vlmkit-gemv.wasm (WebAssembly SIMD), norms, rotary attention with
+ *  grouped key/value heads and the SiLU-gated MLP here, one position per step. The token-embedding
+ *  table is the same int8 form, and the LM head when the model ties them. */
+class WasmDecoder {
+  /** One thread: a second one (a worker over a shared memory taking half the rows) made captions
+   *  25x slower on a 2-core machine, where onnxruntime's own wasm threads spin beside it. */
+  static async load(loader, spec, runtime) {
+    const decoder = new WasmDecoder(spec, await WebAssembly.compile(await loader.bytes(runtime.gemv)));
+    // decoder.bin straight into the wasm memory, as it arrives (from the network or the cache)
+    await loader.bytes(spec.file, new Uint8Array(decoder.memory.buffer, decoder.base, spec.bytes));
+    const t = performance.now();
+    decoder.#fill(spec);
+    decoder.setupMs = Math.round(performance.now() - t);
+    return decoder;
+  }
+
+  constructor(spec, kernel) {
+    const a = (this.arch = spec.architecture);
+    this.block = spec.block;
+    this.hidden = a.hidden;
+    const maxK = Math.max(a.hidden, a.intermediate, a.heads * a.head_dim);
+    const maxN = Math.max(a.vocab, a.intermediate, a.heads * a.head_dim);
+    // layout: scratch (xq int16, xs float32, y float32), decoder.bin as it is, float32 scales
+    const align = (n) => Math.ceil(n / 64) * 64;
+    this.xq = 1024;
+    this.xs = align(this.xq + maxK * 2);
+    this.y = align(this.xs + (maxK / this.block) * 4);
+    this.base = align(this.y + maxN * 4);
+    let end = align(this.base + spec.bytes);
+    this.scaleAt = {};
+    for (const [name, t] of Object.entries(spec.tensors)) {
+      if (t.dtype !== "float16") continue;
+      this.scaleAt[name] = end;
+      end = align(end + (t.bytes / 2) * 4);
+    }
+    const pages = Math.ceil(end / 65536);
+    this.memory = new WebAssembly.Memory({ initial: pages, maximum: pages });
+    this.gemvFn = new WebAssembly.Instance(kernel, { env: { memory: this.memory } }).exports.gemv;
+  }
+
+  /** decoder.bin (in the memory at `base`): its float16 scales as float32, views of its tensors. */
+  #fill(spec) {
+    const a = this.arch;
+    const buffer = this.memory.buffer;
+    const half = halfTable();
+    for (const [name, at] of Object.entries(this.scaleAt)) {
+      const t = spec.tensors[name];
+      const from = new Uint16Array(buffer, this.base + t.offset, t.bytes / 2);
+      const to = new Float32Array(buffer, at, t.bytes / 2);
+      for (let i = 0; i < from.length; i++) to[i] = half[from[i]];
+    }
+    const f32 = (name) => { const t = spec.tensors[name]; return t && new Float32Array(buffer, this.base + t.offset, t.bytes / 4); };
+    const matrix = (name) => { const t = spec.tensors[`${name}.q`]; return { w: this.base + t.offset, ws: this.scaleAt[`${name}.s`], n: t.shape[0], k: t.shape[1] }; };
+    this.embed = matrix("embed");
+    this.embedQ = new Int8Array(buffer, this.embed.w, this.embed.n * this.embed.k);
+    this.embedS = new Float32Array(buffer, this.embed.ws, (this.embed.n * this.embed.k) / this.block);
+    this.lmHead = a.tied ? this.embed : matrix("lm_head");
+    this.norm = f32("norm");
+    this.layers = Array.from({ length: a.layers }, (_, i) => {
+      const p = `layers.${i}`;
+      const layer = { inputNorm: f32(`${p}.input_norm`), postNorm: f32(`${p}.post_norm`) };
+      for (const n of ["q", "k", "v", "o", "gate", "up", "down"]) layer[n] = matrix(`${p}.${n}`);
+      for (const n of ["q", "k", "v"]) layer[`${n}Bias`] = f32(`${p}.${n}.bias`);
+      return layer;
+    });
+    this.invFreq = Float32Array.from(a.inv_freq);
+  }
+
+  /** Embedding row `id` (dequantized) into `out` at `offset`. */
+  row(id, out, offset) {
+    const { k } = this.embed;
+    const block = this.block;
+    for (let j = 0; j < k; j++) out[offset + j] = this.embedQ[id * k + j] * this.embedS[(id * k + j) / block | 0];
+  }
+
+  /** `x` (Float32Array [K]) into the kernel's int16 input, with a scale per block of 32. */
+  #quantize(x) {
+    const buffer = this.memory.buffer;
+    const xq = new Int16Array(buffer, this.xq, x.length);
+    const xs = new Float32Array(buffer, this.xs, x.length / this.block);
+    for (let b = 0, start = 0; start < x.length; b++, start += this.block) {
+      let max = 0;
+      for (let j = start; j < start + this.block; j++) max = Math.max(max, Math.abs(x[j]));
+      const scale = max === 0 ? 1 : Math.fround(max / 32767);
+      xs[b] = scale;
+      for (let j = start; j < start + this.block; j++) {
+        const v = Math.floor(Math.abs(x[j] / scale) + 0.5);
+        xq[j] = x[j] < 0 ? -v : v;
+      }
+    }
+  }
+
+  /** The product of matrix `m` with the last quantized input, a new Float32Array [N] (+ `bias`). */
+  #product(m, bias) {
+    this.gemvFn(this.xq, this.xs, m.w, m.ws, this.y, m.k, 0, m.n);
+    const y = new Float32Array(this.memory.buffer, this.y, m.n).slice();
+    if (bias) for (let i = 0; i < y.length; i++) y[i] += bias[i];
+    return y;
+  }
+
+  #rms(x, weight) {
+    let sum = 0;
+    for (let i = 0; i < x.length; i++) sum += x[i] * x[i];
+    const inv = 1 / Math.sqrt(sum / x.length + this.arch.rms_eps);
+    const out = new Float32Array(x.length);
+    for (let i = 0; i < x.length; i++) out[i] = weight[i] * Math.fround(x[i] * inv);
+    return out;
+  }
+
+  #rope(x, heads, position) {
+    const dim = this.arch.head_dim;
+    const half = dim / 2;
+    const scale = this.arch.rope_scaling;
+    for (let i = 0; i < half; i++) {
+      const angle = Math.fround(position * this.invFreq[i]);
+      const c = Math.fround(Math.cos(angle) * scale);
+      const s = Math.fround(Math.sin(angle) * scale);
+      for (let h = 0; h < heads; h++) {
+        const a = x[h * dim + i];
+        const b = x[h * dim + half + i];
+        x[h * dim + i] = a * c - b * s;
+        x[h * dim + half + i] = b * c + a * s;
+      }
+    }
+  }
+
+  /** A key/value cache for `length` positions. */
+  newCache(length) {
+    const { kv_heads: kvHeads, head_dim: dim } = this.arch;
+    return this.layers.map(() => ({ keys: new Float32Array(length * kvHeads * dim), values: new Float32Array(length * kvHeads * dim) }));
+  }
+
+  /** One position (`x`, Float32Array [hidden]) through the decoder; its keys and values go into
+   *  `cache`; returns the logits after it (Float32Array [vocab]). */
+  step(x, position, cache) {
+    const { heads, kv_heads: kvHeads, head_dim: dim, scaling } = this.arch;
+    const group = heads / kvHeads;
+    x = Float32Array.from(x);
+    const scores = new Float64Array(position + 1);
+    const attended = new Float32Array(heads * dim);
+    for (let l = 0; l < this.layers.length; l++) {
+      const layer = this.layers[l];
+      const { keys, values } = cache[l];
+      this.#quantize(this.#rms(x, layer.inputNorm));
+      const q = this.#product(layer.q, layer.qBias);
+      const k = this.#product(layer.k, layer.kBias);
+      const v = this.#product(layer.v, layer.vBias);
+      this.#rope(q, heads, position);
+      this.#rope(k, kvHeads, position);
+      keys.set(k, position * kvHeads * dim);
+      values.set(v, position * kvHeads * dim);
+      for (let h = 0; h < heads; h++) {
+        const kv = (h / group) | 0;
+        let max = -Infinity;
+        for (let t = 0; t <= position; t++) {
+          let dot = 0;
+          const at = (t * kvHeads + kv) * dim;
+          for (let d = 0; d < dim; d++) dot += q[h * dim + d] * keys[at + d];
+          scores[t] = Math.fround(dot * scaling);
+          if (scores[t] > max) max = scores[t];
+        }
+        let total = 0;
+        for (let t = 0; t <= position; t++) total += scores[t] = Math.exp(scores[t] - max);
+        for (let d = 0; d < dim; d++) {
+          let sum = 0;
+          for (let t = 0; t <= position; t++) sum += scores[t] * values[(t * kvHeads + kv) * dim + d];
+          attended[h * dim + d] = sum / total;
+        }
+      }
+      this.#quantize(attended);
+      const o = this.#product(layer.o);
+      for (let i = 0; i < x.length; i++) x[i] += o[i];
+      this.#quantize(this.#rms(x, layer.postNorm));
+      const gate = this.#product(layer.gate);
+      const up = this.#product(layer.up);
+      for (let i = 0; i < gate.length; i++) gate[i] = (gate[i] / (1 + Math.exp(-gate[i]))) * up[i];
+      this.#quantize(gate);
+      const down = this.#product(layer.down);
+      for (let i = 0; i < x.length; i++) x[i] += down[i];
+    }
+    this.#quantize(this.#rms(x, this.norm));
+    return this.#product(this.lmHead);
+  }
+
+  /** Greedy ids after the prompt `embeds` (Float32Array [T * hidden]), one position at a time. */
+  greedy(embeds, maxNewTokens, stopIds) {
+    const hidden = this.hidden;
+    const length = embeds.length / hidden;
+    const cache = this.newCache(length + maxNewTokens);
+    let logits;
+    for (let t = 0; t < length; t++) logits = this.step(embeds.subarray(t * hidden, (t + 1) * hidden), t, cache);
+    const ids = [];
+    const x = new Float32Array(hidden);
+    for (let position = length; ids.length < maxNewTokens; position++) {
+      const next = argmax(logits);
+      if (stopIds.has(next)) break;
+      ids.push(next);
+      if (ids.length === maxNewTokens) break;
+      this.row(next, x, 0);
+      logits = this.step(x, position, cache);
+    }
+    return ids;
+  }
+}
+
+let halfCache = null;
+/** float16 bits -> float32, all 65,536 of them. */
+function halfTable() {
+  halfCache ??= Float32Array.from({ length: 65536 }, (_, h) => halfToFloat(h));
+  return halfCache;
 }
 
 function halfToFloat(h) {
