@@ -185,6 +185,10 @@ def test_browser_captions_equal_the_python_runtime(name, browser, site, images, 
     _same_pixels(browser, urls[1], pil_images[1], python["captioner"].manifest)
 
     if "decoder" in manifest["web"]:  # the page's decoder computes what WebDecoder computes
+        assert manifest["web"]["decoder"]["rounding"] == "error-compensated"
+        assert manifest["web"]["decoder"]["calibration"]["source"] == "drawn shapes"  # no training data
+        agreement = manifest["checks"]["caption_agreement"]
+        assert agreement["vs"] == "fp32 PyTorch" and agreement["images"] == 12
         logits = browser.execute_async_script(
             "const done = arguments[1]; window.vlmkitPage.logitsUrl(arguments[0]).then(done, (e) => done(String(e)));",
             urls[2],

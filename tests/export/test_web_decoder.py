@@ -87,3 +87,44 @@ def test_a_short_decoder_file_is_one_clear_error(tmp_path):
     }
     with pytest.raises(ArtifactError, match="shorter than its manifest"):
         fmt.read_tensors(tmp_path, spec)
+
+
+def test_calibration_reads_every_layer_matrix_and_the_export_records_its_rounding(tmp_path):
+    """``calibrate`` gives each layer matrix the second moments of its real inputs (padding rows
+    left out), ``write_decoder`` rounds with them and says so, and ``caption_agreement`` is the
+    manifest's entry (what ``--format web`` records and the CLI prints)."""
+    import torch
+
+    from vlmkit.core.model import PrefixConditioningVLM
+    from vlmkit.export import web_decoder
+    from vlmkit.export.onnx import agreement_images, embedding_table, merged_decoder
+    from vlmkit.testing.tiny_decoders import tiny_decoder_checkpoint
+    from vlmkit.testing.tiny_encoders import tiny_encoder_checkpoint
+
+    torch.manual_seed(0)
+    vlm = PrefixConditioningVLM.build({
+        "encoder": "timm",
+        "encoder_checkpoint": tiny_encoder_checkpoint("timm", tmp_path / "encoder", image_size=64),
+        "decoder": "smollm",
+        "decoder_checkpoint": tiny_decoder_checkpoint("llama", tmp_path / "decoder"),
+        "projection": {"reduction": "none"},
+        "max_caption_tokens": 6,
+    }).eval()  # fmt: skip
+    lm = merged_decoder(vlm)
+    images = agreement_images(5)
+    hessians = web_decoder.calibrate(vlm, lm, images, batch=2)  # rows of unequal length: padding
+    layers, hidden = len(lm.model.layers), lm.config.hidden_size
+    assert len(hessians) == 7 * layers
+    h = hessians["layers.0.q"]
+    assert h.shape == (hidden, hidden) and h.dtype == torch.float64
+    torch.testing.assert_close(h, h.T)
+    assert torch.linalg.eigvalsh(h).min() > -1e-6 * h.diagonal().max()
+    assert hessians["layers.0.down"].shape[0] == lm.config.intermediate_size
+
+    spec = web_decoder.write_decoder(lm, embedding_table(lm), tmp_path, hessians=hessians)
+    assert spec["rounding"] == "error-compensated"
+    manifest = {"web": {"decoder": spec}}
+    assert web_decoder.check_decoder(lm, tmp_path, manifest) < web_decoder.TOLERANCE
+    entry = web_decoder.caption_agreement(vlm, tmp_path, manifest, images[:3], threshold=0.9)
+    assert entry["images"] == 3 and 0 <= entry["identical"] <= 3
+    assert entry["variant"] == "int8 web decoder" and entry["vs"] == "fp32 PyTorch"

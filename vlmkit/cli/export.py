@@ -40,8 +40,8 @@ def export(settings: dict, as_json: bool = typer.Option(False, "--json", help="P
     for name, value in result.checks.items():
         if name == "caption_agreement":
             typer.echo(
-                f"check {name}: {value['identical']} of {value['images']} sample captions of the "
-                f"{value['variant']} graphs identical to {value['vs']}"
+                f"check {name}: {value['identical']} of {value['images']} sample captions identical "
+                f"({value['variant']} against {value['vs']})"
             )
         else:
             typer.echo(f"check {name}: {value:.2g}")

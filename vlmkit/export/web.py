@@ -39,6 +39,7 @@ import functools
 import hashlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,7 @@ def write_web(
     checks = write_onnx(vlm, onnx_folder, opset=opset, quantize=None, source=source, on_step=on_step)
     decoder = None
     if quantize == "int8":
-        decoder = _web_decoder(vlm, onnx_folder, folder, checks, on_step)
+        decoder = _web_decoder(vlm, onnx_folder, folder, checks, source, on_step)
     _assemble(
         onnx_folder,
         folder,
@@ -88,12 +89,15 @@ def write_web(
     return checks
 
 
-def _web_decoder(vlm, onnx_folder: Path, folder: Path, checks: dict, on_step) -> dict[str, Any] | None:
+def _web_decoder(
+    vlm, onnx_folder: Path, folder: Path, checks: dict, source, on_step
+) -> dict[str, Any] | None:
     """``decoder.bin`` and the manifest's ``web.decoder`` where the LM is a Llama-block decoder
     (``vlmkit.export.web_decoder``); None, said in one step line, where it is not (the page then
     runs the decoder graph in onnxruntime-web, 10x slower)."""
     from vlmkit.export import web_decoder
-    from vlmkit.export.onnx import merged_decoder
+    from vlmkit.export.onnx import agreement_images, merged_decoder
+    from vlmkit.export.quantize import AGREEMENT_THRESHOLD, QuantizationWarning
 
     lm = merged_decoder(vlm)
     why = web_decoder.unsupported(lm)
@@ -103,15 +107,59 @@ def _web_decoder(vlm, onnx_folder: Path, folder: Path, checks: dict, on_step) ->
             f"the page runs the decoder graph in onnxruntime-web: its own decoder does not compute {why}",
         )
         return None
+    images, where = calibration_images(source)
+    step(on_step, f"calibrating the int8 rounding: the float model captions {len(images)} {where}")
+    hessians = web_decoder.calibrate(vlm, lm, images)
     step(
         on_step,
-        "packing the decoder for the page's own runtime (int8 weights in blocks of 32, int16 activations)",
+        "packing the decoder for the page's own runtime (int8 weights in blocks of 32, error-compensated "
+        "rounding, int16 activations)",
     )
     embed = np.load(onnx_folder / "embed_tokens.npy")
-    spec = web_decoder.write_decoder(lm, embed, folder)
+    spec = web_decoder.write_decoder(lm, embed, folder, hessians=hessians)
+    spec["calibration"] = {"images": len(images), "source": where}
     step(on_step, "checking the packed decoder against PyTorch")
-    checks["web_decoder_max_rel_diff"] = web_decoder.check_decoder(lm, folder, {"web": {"decoder": spec}})
+    manifest = {"web": {"decoder": spec}}
+    checks["web_decoder_max_rel_diff"] = web_decoder.check_decoder(lm, folder, manifest)
+    samples = agreement_images()
+    step(on_step, f"captioning {len(samples)} sample images with the packed decoder and with PyTorch")
+    entry = web_decoder.caption_agreement(vlm, folder, manifest, samples, threshold=AGREEMENT_THRESHOLD)
+    checks["caption_agreement"] = entry
+    if entry["identical"] < AGREEMENT_THRESHOLD * entry["images"]:
+        warnings.warn(
+            f"the page's int8 decoder captions only {entry['identical']} of {entry['images']} sample images "
+            "as the float model does: its captions may not be the model's; --quantize none exports fp32 graphs",
+            QuantizationWarning,
+            stacklevel=2,
+        )
     return spec
+
+
+#: images the int8 rounding is calibrated on (the training split's first ones where it loads)
+CALIBRATION_IMAGES = 128
+
+
+def calibration_images(source: dict[str, Any] | None, n: int = CALIBRATION_IMAGES) -> tuple[list, str]:
+    """(``n`` images to calibrate the web decoder's rounding on, what they are): the first of the
+    training split of the datasets the model was trained on, as its manifest's training config
+    names them; drawn shapes (``agreement_images``' kind, not the same ones) where the model has no
+    training config or its data do not load here (a download away)."""
+    from vlmkit.export.onnx import agreement_images
+
+    try:
+        from vlmkit.core.artifact import read_manifest
+        from vlmkit.core.config import DatasetConfig
+        from vlmkit.sdk.datasets import load_split
+
+        settings = read_manifest(source["model"])["training"]["config"]
+        datasets = [DatasetConfig.model_validate(d) for d in settings["datasets"]]
+        train = load_split(datasets, "train", seed=settings.get("seed", 0))
+        names = ", ".join(d.name for d in datasets)
+        images = [train[i].load_image().convert("RGB") for i in range(min(n, len(train)))]
+        return images, f"images of the training split ({names})"
+    except Exception:  # noqa: BLE001 - no source, no training config, data not here: draw
+        drawn = agreement_images(len(agreement_images()) + n)[-n:]  # not the agreement check's
+        return drawn, "drawn shapes"
 
 
 def read_web_manifest(folder: str | Path) -> dict[str, Any]:
