@@ -83,6 +83,7 @@ def write_web(
         embeddings=embeddings,
         vendor=vendor,
         decoder=decoder,
+        checks=checks,
         on_step=on_step,
     )
     shutil.rmtree(onnx_folder)
@@ -172,7 +173,7 @@ def read_web_manifest(folder: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def _assemble(onnx_folder: Path, web: Path, *, variant, embeddings, vendor, decoder, on_step) -> None:
+def _assemble(onnx_folder: Path, web: Path, *, variant, embeddings, vendor, decoder, checks, on_step) -> None:
     from vlmkit.export.quantize import quantize_graphs
 
     manifest = onnx_runtime.read_onnx_manifest(onnx_folder)
@@ -241,6 +242,7 @@ def _assemble(onnx_folder: Path, web: Path, *, variant, embeddings, vendor, deco
         default_variant=variant,
         embed_tokens="embed_tokens.npy" if decoder is None else None,
         preprocessing=preprocessing,
+        checks=checks,  # the ONNX export's and the web decoder's
         web={
             **web_section,
             "tokenizer": {

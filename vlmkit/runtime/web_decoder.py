@@ -13,8 +13,10 @@ JavaScript. The vision graph still runs in onnxruntime-web.
 
 The format (``decoder.bin`` plus ``web.decoder`` in the manifest): every weight matrix ``[N, K]``
 (output rows, input columns, as ``nn.Linear`` stores it) in int8 with one float16 scale per
-``block`` (32) consecutive inputs of a row, symmetric (``q = round(w / s)``, ``s = max|w| / 127``
-over the block); norms and biases in float32; the token-embedding table in the same int8 form,
+``block`` (32) consecutive inputs of a row, symmetric (``w ~ q * s``; ``quantize_weight`` rounds
+to the nearest step with ``s = max|w| / 127`` over the block, and the export chooses the layers'
+values by error-compensating rounding instead, ``vlmkit.export.rounding``, which the runtimes need
+not know); norms and biases in float32; the token-embedding table in the same int8 form,
 which is also the LM head when the model ties them (SmolLM2 does: 28 MB instead of 113 + 113).
 Activations entering each product are quantized to int16 with a scale per block of 32 (the
 product of a block is exact in int32, then scaled by both scales and summed in float32), which
