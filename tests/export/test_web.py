@@ -186,7 +186,8 @@ def test_browser_captions_equal_the_python_runtime(name, browser, site, images, 
 
     if "decoder" in manifest["web"]:  # the page's decoder computes what WebDecoder computes
         assert manifest["web"]["decoder"]["rounding"] == "error-compensated"
-        assert manifest["web"]["decoder"]["calibration"]["source"] == "drawn shapes"  # no training data
+        # no training config in the tiny model: drawn shapes
+        assert manifest["web"]["decoder"]["calibration"]["source"].startswith("drawn shapes")
         agreement = manifest["checks"]["caption_agreement"]
         assert agreement["vs"] == "fp32 PyTorch" and agreement["images"] == 12
         logits = browser.execute_async_script(

@@ -128,3 +128,31 @@ def test_calibration_reads_every_layer_matrix_and_the_export_records_its_roundin
     entry = web_decoder.caption_agreement(vlm, tmp_path, manifest, images[:3], threshold=0.9)
     assert entry["images"] == 3 and 0 <= entry["identical"] <= 3
     assert entry["variant"] == "int8 web decoder" and entry["vs"] == "fp32 PyTorch"
+
+
+def test_calibration_reads_a_local_training_split_and_never_a_dataset_that_may_download(tmp_path):
+    """``calibration_images``: the training split where it is on this machine (``scenes`` is drawn);
+    drawn shapes, with the reason, for a hub dataset (loading it could download a split) or no model."""
+    import json
+
+    from vlmkit.export.web import calibration_images
+
+    def model(datasets):
+        folder = tmp_path / datasets[0]["name"]
+        folder.mkdir()
+        config = {"datasets": datasets, "seed": 0}
+        manifest = {
+            "format": "vlmkit-model",
+            "format_version": 1,
+            "config": {},
+            "training": {"config": config},
+        }
+        (folder / "vlmkit.json").write_text(json.dumps(manifest))
+        return {"model": str(folder)}
+
+    scenes = [{"name": "scenes", "options": {"size": 40, "heldout_size": 4, "kinds": ["single"]}}]
+    images, where = calibration_images(model(scenes), n=5)
+    assert len(images) == 5 and where == "images of the training split (scenes)"
+    images, where = calibration_images(model([{"name": "coco"}]), n=3)
+    assert len(images) == 3 and where.startswith("drawn shapes") and "coco may need a download" in where
+    assert calibration_images(None, n=2)[1].startswith("drawn shapes")

@@ -138,13 +138,17 @@ def _web_decoder(
 
 #: images the int8 rounding is calibrated on (the training split's first ones where it loads)
 CALIBRATION_IMAGES = 128
+#: datasets whose training split is on this machine by construction (drawn, or a local folder):
+#: the others (``flickr30k``, ``coco``, third-party plugins) could download a split to calibrate on
+LOCAL_DATASETS = frozenset({"shapes", "scenes", "folder"})
 
 
 def calibration_images(source: dict[str, Any] | None, n: int = CALIBRATION_IMAGES) -> tuple[list, str]:
     """(``n`` images to calibrate the web decoder's rounding on, what they are): the first of the
     training split of the datasets the model was trained on, as its manifest's training config
     names them; drawn shapes (``agreement_images``' kind, not the same ones) where the model has no
-    training config or its data do not load here (a download away)."""
+    training config, its data do not load here, or a dataset is not one of ``LOCAL_DATASETS`` (an
+    export never downloads a training split)."""
     from vlmkit.export.onnx import agreement_images
 
     try:
@@ -154,13 +158,18 @@ def calibration_images(source: dict[str, Any] | None, n: int = CALIBRATION_IMAGE
 
         settings = read_manifest(source["model"])["training"]["config"]
         datasets = [DatasetConfig.model_validate(d) for d in settings["datasets"]]
+        remote = sorted({d.name for d in datasets} - LOCAL_DATASETS)
+        if remote:
+            raise LookupError(f"{', '.join(remote)} may need a download")
         train = load_split(datasets, "train", seed=settings.get("seed", 0))
         names = ", ".join(d.name for d in datasets)
         images = [train[i].load_image().convert("RGB") for i in range(min(n, len(train)))]
         return images, f"images of the training split ({names})"
-    except Exception:  # noqa: BLE001 - no source, no training config, data not here: draw
+    except Exception as exc:  # noqa: BLE001 - no source, no training config, data not here: draw
+        from vlmkit.sdk.encoders import one_line
+
         drawn = agreement_images(len(agreement_images()) + n)[-n:]  # not the agreement check's
-        return drawn, "drawn shapes"
+        return drawn, f"drawn shapes (not the training split: {one_line(exc, 120)})"
 
 
 def read_web_manifest(folder: str | Path) -> dict[str, Any]:
