@@ -26,6 +26,14 @@ import time
 import harness
 
 SOURCES = {"last": [-1], "stage2": [2], "stage3": [3], "stage4": [4], "stage2+last": [2, -1]}
+#: sources with more encoder options than stages (``colour_bins``, ``greyscale``): name -> (options,
+#: the feature columns probed: all, or only the colour histogram's 125)
+OPTION_SOURCES = {
+    "stage4+colour": ({"features": [4], "colour_bins": 5}, None),
+    "grey4": ({"features": [4], "greyscale": True}, None),
+    "grey4+colour": ({"features": [4], "colour_bins": 5, "greyscale": True}, None),
+    "colour": ({"features": [4], "colour_bins": 5}, slice(-125, None)),
+}
 
 
 def probe(train_x, train_y, tests: dict, classes: int, steps: int = 300) -> dict[str, float]:
@@ -60,7 +68,11 @@ def _pair_summary(said: list[str], truth: str) -> str:
 
 def main(argv=None) -> int:
     p = harness.parser(__doc__, threads=2)
-    p.add_argument("--sources", action="append", help=f"feature source: {', '.join(SOURCES)} (repeatable)")
+    p.add_argument(
+        "--sources",
+        action="append",
+        help=f"feature source: {', '.join([*SOURCES, *OPTION_SOURCES])}, or stages as 1+4 (repeatable)",
+    )
     p.add_argument("--train-size", type=int, default=1000, help="seen scenes (train + validation + test)")
     p.add_argument("--heldout-size", type=int, default=200)
     args = p.parse_args(argv)
@@ -91,16 +103,23 @@ def main(argv=None) -> int:
     names = args.sources or list(SOURCES)
     rows = []
     for name in names:
-        stages = SOURCES[name] if name in SOURCES else [int(s) for s in name.split("+")]
+        if name in OPTION_SOURCES:
+            settings, columns = OPTION_SOURCES[name]
+        else:
+            stages = SOURCES[name] if name in SOURCES else [int(s) for s in name.split("+")]
+            settings, columns = ({} if stages == [-1] else {"features": stages}), None
+        stages = settings.get("features", [-1])
         started = time.perf_counter()
         timm = registry.encoder("timm")
-        options_ = {} if stages == [-1] else {"options": timm.options.model_validate({"features": stages})}
+        options_ = {"options": timm.options.model_validate(settings)} if settings else {}
         encoder = timm.load(checkpoint, revision=None, **options_)
         cache = FeatureCache()
         feats = {
             k: torch.from_numpy(np.asarray(cache.features_for(encoder, d), dtype=np.float32).mean(1))
             for k, d in data.items()
         }
+        if columns is not None:
+            feats = {k: v[:, columns] for k, v in feats.items()}
         row = {"source": name, "stages": stages, "dim": int(feats["train"].shape[1])}
         for attr in ("colour", "shape"):
             index = {v: i for i, v in enumerate(vocab[attr])}

@@ -82,6 +82,14 @@ RECIPES: dict[str, tuple[dict[str, Any], str]] = {
     "r8": ({"model": {"lora": {"r": 8, "alpha": 16}}}, "LoRA r8"),
     "r64": ({"model": {"lora": {"r": 64, "alpha": 128}}}, "LoRA r64"),
     "attn_mlp": ({"model": {"lora": {"targets": ATTN_MLP}}}, "LoRA on attention + MLP"),
+    "colour9": (
+        {"model": {"encoder_options": {"colour_bins": 5}, "projection": {"tokens": 9}}},
+        "tokens9 + a 5x5x5-bin RGB histogram of each token's pixels beside stage 4 (320 + 125 ch)",
+    ),
+    "grey_colour9": (
+        {"model": {"encoder_options": {"colour_bins": 5, "greyscale": True}, "projection": {"tokens": 9}}},
+        "colour9 with stage 4 of the image in grey: shape from the backbone, colour only from the histogram",
+    ),
     "stages24": (
         {"model": {"encoder_options": {"features": [2, 4]}}},
         "encoder stages 2+4 (40+320 ch) pooled to 7x7, avgpool 16",

@@ -3,6 +3,7 @@ part of the fingerprint (the feature cache keys on it); encoder options reach pl
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
@@ -117,3 +118,88 @@ def test_every_parameter_of_the_last_layer_gets_a_gradient(registry, checkpoint,
     encoder(torch.randn(2, 3, 96, 96)).float().pow(2).mean().backward()
     unused = [n for n, p in last.named_parameters() if p.grad is None]
     assert not unused, unused
+
+
+def _flat(colour, size: int = 96):
+    """An image of one colour."""
+    from PIL import Image
+
+    return Image.new("RGB", (size, size), colour)
+
+
+def test_colour_bins_add_a_histogram_of_each_tokens_pixels(registry, checkpoint):
+    spec = registry.encoder("timm")
+    default = spec.load(checkpoint)
+    coloured = spec.load(checkpoint, options=TimmOptions(colour_bins=3))
+    assert coloured.grid == default.grid and coloured.feature_dim == default.feature_dim + 27
+    assert coloured.fingerprint() != default.fingerprint()
+
+    from PIL import ImageDraw
+
+    image = _flat((128, 128, 128))
+    ImageDraw.Draw(image).rectangle([0, 0, 47, 95], fill=(255, 0, 0))  # left half red, right half grey
+    pixels = coloured.preprocess([image])
+    with torch.no_grad():
+        tokens = coloured(pixels)
+    torch.testing.assert_close(tokens[..., : default.feature_dim], default(pixels))
+    histogram = tokens[0, :, default.feature_dim :].reshape(-1, 3, 3, 3) ** 2  # back from sqrt: fractions
+    torch.testing.assert_close(
+        histogram.sum(dim=(1, 2, 3)), torch.ones(coloured.num_tokens), atol=1e-4, rtol=0
+    )
+    left, right = histogram[0], histogram[coloured.grid[1] - 1]  # the first row's first and last cells
+    assert left[2, 0, 0] > 0.9  # (r, g, b) bin of red
+    assert right[1, 1, 1] > 0.9  # mid grey
+    assert 1.0 / 3 < histogram[..., 2, 0, 0].mean() < 2.0 / 3  # about half the image is red
+
+
+def test_colour_is_told_apart_by_shape_blind_bins(registry, checkpoint):
+    """Yellow and orange (the scenes' near colours) land in different bins, whatever the shape."""
+    from vlmkit.plugins.datasets.shapes import COLORS
+    from vlmkit.sdk.encoders import colour_histogram
+
+    images = [_flat(COLORS["yellow"]), _flat(COLORS["orange"])]
+    pixels = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1).float() / 255 for im in images])
+    hist = colour_histogram(pixels, grid=(2, 2), bins=5, mean=(0, 0, 0), std=(1, 1, 1))
+    assert hist.shape == (2, 4, 125)
+    yellow, orange = hist[0, 0].argmax().item(), hist[1, 0].argmax().item()
+    assert yellow != orange and (yellow // 5) % 5 > (orange // 5) % 5  # more green in yellow
+
+
+def test_in_grey_the_backbone_sees_luminance_only_and_the_histogram_sees_hue(registry, checkpoint):
+    """``greyscale``: two colours of one luminance give the backbone the same image; only the
+    colour histogram tells them apart."""
+    spec = registry.encoder("timm")
+    grey = spec.load(checkpoint, options=TimmOptions(greyscale=True, colour_bins=3))
+    assert grey.fingerprint() != spec.load(checkpoint, options=TimmOptions(colour_bins=3)).fingerprint()
+    # BT.601 luminance 0.299 r + 0.587 g + 0.114 b: 129.9 and 129.8
+    pixels = grey.preprocess([_flat((200, 100, 100)), _flat((82, 160, 100))])
+    with torch.no_grad():
+        tokens = grey(pixels)
+        colour = spec.load(checkpoint, options=TimmOptions(colour_bins=3))(pixels)
+    width = grey.feature_dim - 27
+    in_grey = (tokens[0, :, :width] - tokens[1, :, :width]).abs().max()
+    in_colour = (colour[0, :, :width] - colour[1, :, :width]).abs().max()
+    assert in_grey * 10 < in_colour
+    assert (tokens[0, :, width:] - tokens[1, :, width:]).abs().max() > 0.5  # the histogram tells them apart
+
+
+def test_colour_bins_are_validated():
+    with pytest.raises(ValueError, match="at least 2"):
+        TimmOptions(colour_bins=1)
+    with pytest.raises(ValueError):
+        TimmOptions(colour_bins=9)
+
+
+def test_colour_bins_export_to_onnx_equal_to_pytorch(registry, tf_lite0, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from vlmkit.core.projection import ProjectionConfig, build_projection
+    from vlmkit.export.onnx import VisionGraph, check_vision_graph, export_vision_graph
+
+    encoder = registry.encoder("timm").load(tf_lite0, options=TimmOptions(features=[4], colour_bins=5))
+    projection = build_projection(
+        ProjectionConfig(type="mlp", reduction="avgpool", tokens=4), encoder.feature_dim, 32, encoder.grid
+    )
+    vision = VisionGraph(encoder, projection).eval()
+    pixels = torch.rand(2, 3, 96, 96) * 2 - 1
+    export_vision_graph(vision, pixels, tmp_path / "vision.onnx", opset=17)
+    assert check_vision_graph(tmp_path / "vision.onnx", vision, pixels) < 1e-4

@@ -33,6 +33,8 @@ def test_the_recipe_trains_the_embedded_default(tmp_path):
     assert config.eval_every == config.max_steps
     assert demo.demo_config(tmp_path, max_steps=3).eval_every == 3
     assert demo.demo_config(tmp_path, max_steps=3, eval_every=1).eval_every == 1
+    assert demo.DemoConfig().seed == 0 == config.seed  # `vlmkit demo --seed N` reaches the recipe
+    assert demo.demo_config(tmp_path, seed=2).seed == 2
 
 
 @pytest.fixture

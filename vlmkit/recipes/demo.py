@@ -76,6 +76,9 @@ class DemoConfig(BaseModel):
         "Score this many images of each test set (default: all 100 held-out, 50 in-distribution).",
         ge=1,
     )
+    seed: int = setting(
+        0, "Random seed: the scenes drawn, their split, the initialisation and the batch order.", ge=0
+    )
     device: str = device_setting(" (where it trains and captions)")
     precision: Precision = precision_setting()
 
@@ -121,7 +124,7 @@ def run(demo: DemoConfig, *, progress: bool = True, log=print) -> DemoResult:
     from vlmkit.train.job import training_placement
 
     started = time.perf_counter()
-    overrides = {"device": demo.device, "precision": demo.precision}
+    overrides = {"device": demo.device, "precision": demo.precision, "seed": demo.seed}
     config = demo_config(demo.output, **overrides, **({"max_steps": demo.steps} if demo.steps else {}))
     test_samples = demo.test_samples
     test = load_split(config.datasets, "test", seed=config.seed)  # scenes' test: held-out pairs

@@ -26,7 +26,7 @@ from torch import nn
 
 from vlmkit.core.contracts import RESAMPLE, image_size_problem
 from vlmkit.core.errors import DataError, PluginError
-from vlmkit.core.projection import adaptive_avg_pool  # noqa: F401 - for encoder plugins: pools with ops every device has
+from vlmkit.core.projection import adaptive_avg_pool  # plugins too: pools with ops every device has
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import PIL.Image
@@ -176,6 +176,35 @@ class VisionEncoderModule(nn.Module):
             f"checkpoint={self.checkpoint!r}, num_tokens={self.num_tokens}, feature_dim={self.feature_dim}, "
             f"grid={self.grid}, image_size={self.image_size}"
         )
+
+
+def colour_histogram(
+    pixel_values: torch.Tensor,
+    *,
+    grid: tuple[int, int],
+    bins: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> torch.Tensor:
+    """The colours under each token: ``[B, 3, H, W]`` normalised pixels -> ``[B, rows*cols, bins**3]``.
+
+    Each pixel (back in ``[0, 1]`` RGB through ``mean``/``std``) votes into a ``bins`` x ``bins`` x
+    ``bins`` RGB cube with linear weights between the two nearest bin centres of each channel
+    (soft, so a colour between centres moves the histogram smoothly); the votes are averaged over
+    the pixels under each of the ``grid`` cells and square-rooted (Hellinger scaling: a small object
+    in a cell still shows). No parameters, and the same for every shape: what it says about colour
+    cannot be fused with shape, which deep features do (``benchmarks/QUALITY.md``).
+    """
+    rgb = pixel_values.float() * pixel_values.new_tensor(std).float().view(1, 3, 1, 1)
+    rgb = (rgb + pixel_values.new_tensor(mean).float().view(1, 3, 1, 1)).clamp(0.0, 1.0)
+    fine = (grid[0] * 8, grid[1] * 8)  # votes over 8x8 sub-cells, not every pixel: the cube is big
+    rgb = adaptive_avg_pool(rgb, fine) if tuple(rgb.shape[-2:]) != fine else rgb
+    centres = torch.arange(bins, device=rgb.device, dtype=rgb.dtype).view(1, 1, bins, 1, 1)
+    votes = (1.0 - (rgb.unsqueeze(2) * (bins - 1) - centres).abs()).clamp_min(0.0)  # [B, 3, bins, h, w]
+    r, g, b = votes.unbind(1)
+    cube = r[:, :, None, None] * g[:, None, :, None] * b[:, None, None, :]  # [B, bins, bins, bins, h, w]
+    cells = adaptive_avg_pool(cube.flatten(1, 3), grid)  # [B, bins**3, rows, cols]
+    return cells.clamp_min(0.0).sqrt().flatten(2).transpose(1, 2).to(pixel_values.dtype)
 
 
 def weights_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
