@@ -158,7 +158,7 @@ def test_colour_is_told_apart_by_shape_blind_bins(registry, checkpoint):
     from vlmkit.sdk.encoders import colour_histogram
 
     images = [_flat(COLORS["yellow"]), _flat(COLORS["orange"])]
-    pixels = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1).float() / 255 for im in images])
+    pixels = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255 for im in images])
     hist = colour_histogram(pixels, grid=(2, 2), bins=5, mean=(0, 0, 0), std=(1, 1, 1))
     assert hist.shape == (2, 4, 125)
     yellow, orange = hist[0, 0].argmax().item(), hist[1, 0].argmax().item()

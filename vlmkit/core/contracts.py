@@ -348,6 +348,9 @@ class DatasetSpec(PluginSpec):
     #: pydantic model of the options this dataset takes (``path``, ``captions_file``, ...);
     #: ``None`` when it takes none
     options: ClassVar[type[BaseModel] | None] = None
+    #: True when loading a split never reaches the network (drawn images, a local folder): what
+    #: tools that only *may* read the data (the web export's calibration) check first
+    local: ClassVar[bool] = False
 
     @abstractmethod
     def load(self, split: str, options: Mapping[str, Any] | None = None, *, seed: int = 0) -> CaptionDataset:

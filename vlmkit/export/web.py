@@ -138,27 +138,26 @@ def _web_decoder(
 
 #: images the int8 rounding is calibrated on (the training split's first ones where it loads)
 CALIBRATION_IMAGES = 128
-#: datasets whose training split is on this machine by construction (drawn, or a local folder):
-#: the others (``flickr30k``, ``coco``, third-party plugins) could download a split to calibrate on
-LOCAL_DATASETS = frozenset({"shapes", "scenes", "folder"})
 
 
 def calibration_images(source: dict[str, Any] | None, n: int = CALIBRATION_IMAGES) -> tuple[list, str]:
     """(``n`` images to calibrate the web decoder's rounding on, what they are): the first of the
     training split of the datasets the model was trained on, as its manifest's training config
     names them; drawn shapes (``agreement_images``' kind, not the same ones) where the model has no
-    training config, its data do not load here, or a dataset is not one of ``LOCAL_DATASETS`` (an
-    export never downloads a training split)."""
+    training config, its data do not load here, or a dataset is not ``local`` (``DatasetSpec.local``:
+    an export never downloads a training split)."""
     from vlmkit.export.onnx import agreement_images
 
     try:
         from vlmkit.core.artifact import read_manifest
         from vlmkit.core.config import DatasetConfig
+        from vlmkit.core.registry import get_registry
         from vlmkit.sdk.datasets import load_split
 
         settings = read_manifest(source["model"])["training"]["config"]
         datasets = [DatasetConfig.model_validate(d) for d in settings["datasets"]]
-        remote = sorted({d.name for d in datasets} - LOCAL_DATASETS)
+        registry = get_registry()
+        remote = sorted({d.name for d in datasets if not registry.dataset(d.name).local})
         if remote:
             raise LookupError(f"{', '.join(remote)} may need a download")
         train = load_split(datasets, "train", seed=settings.get("seed", 0))

@@ -93,6 +93,7 @@ class FolderOptions(BaseModel):
 
 
 class FolderDataset(DatasetSpec):
+    local = True  # never downloads
     name: ClassVar[str] = "folder"
     description: ClassVar[str] = (
         "Your images with captions.jsonl/.csv or an imagefolder metadata.jsonl (option path=...)"

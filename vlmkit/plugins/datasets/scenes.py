@@ -316,6 +316,7 @@ def sample_scene(rng: random.Random, opts: ScenesOptions, pairs: list, must: lis
 
 
 class ScenesDataset(DatasetSpec):
+    local = True  # never downloads
     name: ClassVar[str] = "scenes"
     description: ClassVar[str] = (
         "Synthetic 1-3 object scenes with relations and counts; the test split holds held-out "

@@ -145,6 +145,7 @@ def draw_shape(draw, shape: str, cx: float, cy: float, r: float, fill, *, square
 
 
 class ShapesDataset(DatasetSpec):
+    local = True  # never downloads
     name: ClassVar[str] = "shapes"
     description: ClassVar[str] = (
         "Synthetic coloured shapes with exact captions ('A red circle on the left.'); no download"
