@@ -96,9 +96,7 @@ def _private_tmpfs(path: Path, size_kb: int) -> None:
 
 
 def _train_on_a_full_disk(args: list[str], tiny: Path, pipe) -> None:
-    import io
-
-    from vlmkit.cli.main import main
+    from vlmkit.cli.main import main  # noqa: F401 - imported before the disk is filled
 
     try:
         _private_tmpfs(tiny, 256)
@@ -106,13 +104,7 @@ def _train_on_a_full_disk(args: list[str], tiny: Path, pipe) -> None:
         pipe.send(("unavailable", str(exc)))
         return
     (tiny / "fill").write_bytes(b"\0" * 60 * 4096)  # 16 KiB left; the features take 24 KiB
-    sys.argv, sys.stderr = ["vlmkit", *args], io.StringIO()
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    pipe.send((code, sys.stderr.getvalue()))
+    pipe.send(_console(args)[0])
 
 
 def test_a_full_disk_while_caching_features_is_one_line_not_sigbus(train_args, tmp_path):

@@ -76,6 +76,49 @@ def writing(path: str | Path) -> Iterator[None]:
         raise WriteError(problem) from exc
 
 
+class FileLock:
+    """An exclusive ``flock`` on ``path`` (created if missing) from ``acquire`` to ``release``.
+
+    ``blocking``: ``acquire`` waits for another holder; otherwise it returns False at once (any
+    ``OSError`` of ``flock`` counts as held). The system releases the lock when the process dies,
+    so a killed holder leaves none behind. Where ``fcntl`` is missing (Windows) it does nothing and
+    ``acquire`` returns True. ``fd`` is the open file while held, for the holder to write into.
+    """
+
+    def __init__(self, path: str | Path, *, blocking: bool = True) -> None:
+        self.path = Path(path)
+        self.blocking = blocking
+        self.fd: int | None = None
+
+    def acquire(self) -> bool:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return True
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.blocking else fcntl.LOCK_NB))
+        except OSError:
+            os.close(fd)
+            if self.blocking:
+                raise
+            return False
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the last descriptor releases the flock
+            self.fd = None
+
+    def __enter__(self) -> FileLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 def make_dirs(path: str | Path) -> Path:
     """``path`` created with its parents (``mkdir -p``); ``WriteError`` when it cannot be."""
     path = Path(path)

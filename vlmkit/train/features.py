@@ -69,7 +69,7 @@ from typing import TYPE_CHECKING, Any
 
 from vlmkit.core.contracts import CaptionDataset, VisionEncoder
 from vlmkit.core.errors import DataError, VlmkitError, VlmkitWarning
-from vlmkit.core.paths import cache_dir, make_dirs, write_json, writing
+from vlmkit.core.paths import FileLock, cache_dir, make_dirs, write_json, writing
 from vlmkit.core.progress import progress_bar
 from vlmkit.core.projection import ProjectionConfig
 from vlmkit.core.ranks import preparation_group
@@ -244,7 +244,7 @@ class FeatureCache:
 
     def _compute_locked(self, run: _Run) -> np.ndarray:
         """Open the entry, computing it first when missing, under the key's lock."""
-        with _FileLock(self._lock_path(run.key)):
+        with FileLock(self._lock_path(run.key)):
             features = self._open(run.key, quiet=True)  # another process may have finished meanwhile
             if features is None:
                 shard = self._compute_rows(run, 0, run.key.count)
@@ -663,35 +663,6 @@ def _prefetch(
         done.set()
         producer.join(timeout=10)
         pool.shutdown(wait=False, cancel_futures=True)
-
-
-class _FileLock:
-    """An exclusive ``flock`` on a file, so processes (or ranks) sharing a cache compute a key once.
-
-    Where ``fcntl`` is missing (Windows) it does nothing: two processes may then both compute a
-    key, and the second rename simply loses.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fd: int | None = None
-
-    def __enter__(self) -> _FileLock:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows
-            return self
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._fd is not None:
-            import fcntl
-
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
 
 
 def _all_ranks(flag: bool) -> bool:

@@ -37,7 +37,7 @@ from vlmkit.core import ranks
 from vlmkit.core.config import validate_model_config
 from vlmkit.core.errors import ConfigError, DataError, TrainingDiverged, VlmkitWarning, WriteError
 from vlmkit.core.model import PrefixConditioningVLM
-from vlmkit.core.paths import atomic_write, check_writable_folder, make_dirs, write_json, writing
+from vlmkit.core.paths import FileLock, atomic_write, check_writable_folder, make_dirs, write_json, writing
 from vlmkit.core.placement import Placement, resolve, resolve_device
 from vlmkit.core.registry import get_registry
 from vlmkit.sdk.datasets import BadImagesError, data_sources, dataset_cache_root, load_split, tsv_field
@@ -263,42 +263,39 @@ class RunLock:
 
     def __init__(self, output_dir: Path) -> None:
         self.folder = output_dir
-        self._fd: int | None = None
+        self._lock: FileLock | None = None
 
     def acquire(self) -> None:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows
-            return
         file = make_dirs(self.folder) / LOCK_FILE
+        lock = FileLock(file, blocking=False)
         with writing(file):
-            fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 64).decode(errors="replace").strip()
-            os.close(fd)
+            held = lock.acquire()
+        if not held:
+            try:
+                holder = file.read_bytes()[:64].decode(errors="replace").strip()
+            except OSError:
+                holder = ""
             raise ConfigError(
                 f"output folder {self.folder} is in use by another vlmkit train"
                 + (f" (process {holder})" if holder.isdigit() else "")
                 + "; wait for it to finish, or choose another --output"
-            ) from None
-        self._fd = fd
+            )
+        self._lock = lock
 
     def sign(self) -> None:
         """Write this process's id into the held lock file, for the refusal of another run: only
         once this run is sure to go ahead (a refused start leaves the folder as it was)."""
-        if self._fd is not None:
-            os.ftruncate(self._fd, 0)
-            os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+        if self._lock is not None and self._lock.fd is not None:
+            os.ftruncate(self._lock.fd, 0)
+            os.pwrite(self._lock.fd, str(os.getpid()).encode(), 0)
 
     def __enter__(self) -> RunLock:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the last descriptor releases the flock
-            self._fd = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
 def _train(
