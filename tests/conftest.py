@@ -355,6 +355,19 @@ REAL_PHOTOS = {
 }
 
 
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, str]:
+    """Tiny random checkpoints of the CLI tests' pair (a SigLIP encoder at 32 px, a Llama decoder),
+    built once per module; a module with other needs defines its own ``checkpoints``."""
+    from vlmkit.testing import tiny_decoder_checkpoint, tiny_encoder_checkpoint
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {
+        "encoder": tiny_encoder_checkpoint("siglip", root / "siglip", image_size=32),
+        "decoder": tiny_decoder_checkpoint("llama", root / "llama"),
+    }
+
+
 @pytest.fixture(scope="session")
 def real_weights_model(tmp_path_factory):
     """The demo's model (``vlmkit.recipes.demo``'s model settings on the embedded default:

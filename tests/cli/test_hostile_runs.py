@@ -15,20 +15,11 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from vlmkit.testing import tiny_decoder_checkpoint, tiny_encoder_checkpoint
+from vlmkit.testing import tiny_decoder_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SHAPES = "shapes:size=72,image_size=32"
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("checkpoints")
-    return {
-        "encoder": tiny_encoder_checkpoint("siglip", root / "siglip", image_size=32),
-        "decoder": tiny_decoder_checkpoint("llama", root / "llama"),
-    }
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,6 @@ from vlmkit.core.artifact import MANIFEST
 from vlmkit.core.errors import ConfigError, DataError, VlmkitWarning
 from vlmkit.core.model import PrefixConditioningVLM
 from vlmkit.sdk.datasets import DataWarning
-from vlmkit.testing import tiny_decoder_checkpoint, tiny_encoder_checkpoint
 from vlmkit.train import train
 from vlmkit.train.config import load_config
 from vlmkit.train.trainer import TRAINABLE_FILE
@@ -44,15 +43,6 @@ SHAPES = "shapes:size=72,image_size=32"
 def home(vlmkit_home):
     """This module's ``VLMKIT_HOME`` (see conftest)."""
     return vlmkit_home
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("checkpoints")
-    return {
-        "encoder": tiny_encoder_checkpoint("siglip", root / "siglip", image_size=32),
-        "decoder": tiny_decoder_checkpoint("llama", root / "llama"),
-    }
 
 
 @pytest.fixture(scope="module")
