@@ -24,7 +24,6 @@ from test_train import (
     KILLED_RUN,
     EncoderCalls,
     base_args,
-    checkpoints,
     home,
     model_image,
     resume_config,
@@ -40,7 +39,7 @@ from vlmkit.train.config import validate_config
 from vlmkit.train.distributed import PLACEMENT_FILE
 from vlmkit.train.trainer import TRAINABLE_FILE
 
-__all__ = ["base_args", "checkpoints", "home"]  # module fixtures shared with test_train
+__all__ = ["base_args", "home"]  # module fixtures shared with test_train (checkpoints: conftest)
 
 DIFFERS = "differs from the one model"
 
