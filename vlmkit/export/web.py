@@ -60,6 +60,9 @@ TOKENIZERS_FILE = "tokenizers.min.mjs"
 ORT_WASM = f"vendor/{ORT_FILES[2]}"
 #: the web decoder's matrix-vector kernel (vlmkit-gemv.wat, assembled)
 GEMV = "vlmkit-gemv.wasm"
+#: the same kernel over a shared memory, and the worker that runs it beside the page's thread
+GEMV_SHARED = "vlmkit-gemv-shared.wasm"
+GEMV_WORKER = "vlmkit-gemv-worker.js"
 
 
 def write_web(
@@ -195,8 +198,10 @@ def _assemble(onnx_folder: Path, web: Path, *, variant, embeddings, vendor, deco
                  "bits": 8, "block_size": decoder["block"]}  # fmt: skip
         step(on_step, f"compressing {decoder['file']} (gzip; the page decompresses and caches it)")
         files[decoder["file"]] = _publish(web, decoder["file"], gzip=True)
-        shutil.copy2(WEB_DIR / GEMV, web / GEMV)
-        files[GEMV] = _publish(web, GEMV)
+        for name in (GEMV, GEMV_SHARED):
+            shutil.copy2(WEB_DIR / name, web / name)
+            files[name] = _publish(web, name)
+        shutil.copy2(WEB_DIR / GEMV_WORKER, web / GEMV_WORKER)
     elif variant is None:
         variant, entry = "fp32", dict(fp32)
         for part in ("vision", "decoder"):
@@ -243,6 +248,8 @@ def _assemble(onnx_folder: Path, web: Path, *, variant, embeddings, vendor, deco
         preprocessing["resize"] = {**resize, "pass_order": pillow_pass_order()}
     modules = [f"vendor/{n}" for n in (*ORT_FILES, TOKENIZERS_FILE) if n != ORT_WASM.removeprefix("vendor/")]
     modules.append(MODULE)
+    if decoder is not None:
+        modules.append(GEMV_WORKER)
     versions = json.loads((WEB_DIR / "vendor" / "vendor.json").read_text())["packages"]
     payload = sum(f["bytes"] for f in files.values()) + sum((web / m).stat().st_size for m in modules)
     manifest.update(
@@ -262,6 +269,8 @@ def _assemble(onnx_folder: Path, web: Path, *, variant, embeddings, vendor, deco
                 "wasm_binary": ORT_WASM,
                 "tokenizers": f"vendor/{TOKENIZERS_FILE}",
                 "gemv": GEMV if decoder is not None else None,
+                "gemv_shared": GEMV_SHARED if decoder is not None else None,
+                "gemv_worker": GEMV_WORKER if decoder is not None else None,
                 "vendor": "vendor/",
                 "packages": {name: p["version"] for name, p in versions.items()},
             },

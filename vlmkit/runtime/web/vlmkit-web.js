@@ -49,7 +49,9 @@ export async function loadCaptioner(base = HERE, options = {}) {
   if (wasmBinary) ort.env.wasm.wasmBinary = await timed("onnxruntime binary", wasmBinary);
   const [vision, decoder, embeddings, tokenizer] = await Promise.all([
     timed("vision graph", loader.bytes(graphs.vision).then((b) => timed("vision session", session(b)))),
-    timed("decoder", web.decoder ? WasmDecoder.load(loader, web.decoder, runtime) : loader.bytes(graphs.decoder).then(session)),
+    timed("decoder", web.decoder
+      ? WasmDecoder.load(loader, web.decoder, runtime, base, ort.env.wasm.numThreads)
+      : loader.bytes(graphs.decoder).then(session)),
     web.decoder ? null : loader.bytes(web.embed_tokens.file).then((b) => new EmbeddingTable(b, web.embed_tokens)),
     timed("tokenizer", loadTokenizer(base, manifest, loader)),
   ]);
@@ -120,7 +122,8 @@ export class Captioner {
       const hidden = this.hidden;
       const cache = this.decoder.newCache(embeds.length / hidden);
       let logits;
-      for (let t = 0; t < embeds.length / hidden; t++) logits = this.decoder.step(embeds.subarray(t * hidden, (t + 1) * hidden), t, cache);
+      const length = embeds.length / hidden;
+      for (let t = 0; t < length; t++) logits = this.decoder.step(embeds.subarray(t * hidden, (t + 1) * hidden), t, cache, t === length - 1);
       return logits;
     });
     this.queue = run.catch(() => {});
@@ -329,30 +332,40 @@ class EmbeddingTable {
  *  grouped key/value heads and the SiLU-gated MLP here, one position per step. The token-embedding
  *  table is the same int8 form, and the LM head when the model ties them. */
 class WasmDecoder {
-  /** One thread: a second one (a worker over a shared memory taking half the rows) made captions
-   *  25x slower on a 2-core machine, where onnxruntime's own wasm threads spin beside it. */
-  static async load(loader, spec, runtime) {
-    const decoder = new WasmDecoder(spec, await WebAssembly.compile(await loader.bytes(runtime.gemv)));
-    // decoder.bin straight into the wasm memory, as it arrives (from the network or the cache)
-    await loader.bytes(spec.file, new Uint8Array(decoder.memory.buffer, decoder.base, spec.bytes));
+  /** `threads` > 1 on a cross-origin-isolated page: threads - 1 workers (vlmkit-gemv-worker.js)
+   *  share the memory and claim chunks of each product's rows beside this thread (runChunks);
+   *  otherwise, or where a worker cannot start, one thread. */
+  static async load(loader, spec, runtime, base, threads = 1) {
+    const shared = threads > 1 && self.crossOriginIsolated && runtime.gemv_shared && runtime.gemv_worker;
+    const kernel = await WebAssembly.compile(await loader.bytes(shared ? runtime.gemv_shared : runtime.gemv));
+    const decoder = new WasmDecoder(spec, kernel, shared);
+    // decoder.bin straight into the wasm memory, as it arrives (from the network or the cache),
+    // while the workers start
+    await Promise.all([
+      loader.bytes(spec.file, new Uint8Array(decoder.memory.buffer, decoder.base, spec.bytes)),
+      shared && decoder.#startWorkers(kernel, new URL(runtime.gemv_worker, base), threads - 1),
+    ]);
     const t = performance.now();
     decoder.#fill(spec);
     decoder.setupMs = Math.round(performance.now() - t);
     return decoder;
   }
 
-  constructor(spec, kernel) {
+  constructor(spec, kernel, shared = false) {
     const a = (this.arch = spec.architecture);
     this.block = spec.block;
     this.hidden = a.hidden;
     const maxK = Math.max(a.hidden, a.intermediate, a.heads * a.head_dim);
-    const maxN = Math.max(a.vocab, a.intermediate, a.heads * a.head_dim);
-    // layout: scratch (xq int16, xs float32, y float32), decoder.bin as it is, float32 scales
+    // one job's outputs side by side: q, k and v; gate and up; the logits
+    const maxY = Math.max(a.vocab, 2 * a.intermediate, (a.heads + 2 * a.kv_heads) * a.head_dim);
+    // layout: the workers' control words, scratch (xq int16, xs float32, y float32), decoder.bin
+    // as it is, float32 scales
     const align = (n) => Math.ceil(n / 64) * 64;
-    this.xq = 1024;
+    this.control = 1024;
+    this.xq = align(this.control + CONTROL.words * 4);
     this.xs = align(this.xq + maxK * 2);
     this.y = align(this.xs + (maxK / this.block) * 4);
-    this.base = align(this.y + maxN * 4);
+    this.base = align(this.y + maxY * 4);
     let end = align(this.base + spec.bytes);
     this.scaleAt = {};
     for (const [name, t] of Object.entries(spec.tensors)) {
@@ -361,8 +374,34 @@ class WasmDecoder {
       end = align(end + (t.bytes / 2) * 4);
     }
     const pages = Math.ceil(end / 65536);
-    this.memory = new WebAssembly.Memory({ initial: pages, maximum: pages });
+    this.memory = new WebAssembly.Memory({ initial: pages, maximum: pages, shared: Boolean(shared) });
     this.gemvFn = new WebAssembly.Instance(kernel, { env: { memory: this.memory } }).exports.gemv;
+    this.workers = [];
+    this.threads = 1;
+  }
+
+  async #startWorkers(kernel, url, count) {
+    const started = Array.from({ length: count }, () => {
+      const worker = new Worker(url, { type: "module" });
+      this.workers.push(worker);
+      return new Promise((resolve, reject) => {
+        worker.onmessage = resolve;
+        worker.onerror = (e) => reject(new Error(`vlmkit: the decoder's worker ${url} failed: ${e.message}`));
+        worker.postMessage({ module: kernel, memory: this.memory, control: this.control, xq: this.xq, xs: this.xs });
+      });
+    });
+    await Promise.all(started);
+    this.controlWords = new Int32Array(this.memory.buffer, this.control, CONTROL.words);
+    this.job = Atomics.load(this.controlWords, CONTROL.job);
+    this.threads = 1 + count;
+  }
+
+  /** Stop the decoder's workers (the page's thread still computes alone). */
+  dispose() {
+    for (const worker of this.workers) worker.terminate();
+    this.workers = [];
+    this.controlWords = null;
+    this.threads = 1;
   }
 
   /** decoder.bin (in the memory at `base`): its float16 scales as float32, views of its tensors. */
@@ -417,10 +456,25 @@ class WasmDecoder {
     }
   }
 
-  /** The product of matrix `m` with the last quantized input, a new Float32Array [N] (+ `bias`). */
-  #product(m, bias) {
-    this.gemvFn(this.xq, this.xs, m.w, m.ws, this.y, m.k, 0, m.n);
-    const y = new Float32Array(this.memory.buffer, this.y, m.n).slice();
+  /** The products of the matrices `ms` with the last quantized input: new Float32Arrays [N]. With
+   *  workers, one job: the rows cut into chunks of ~64k weights, claimed by whichever thread is free. */
+  #products(...ms) {
+    const at = [];
+    for (let p = 0, y = this.y; p < ms.length; y += ms[p].n * 4, p++) at.push(y);
+    const c = this.controlWords;
+    if (!c) {
+      ms.forEach((m, p) => this.gemvFn(this.xq, this.xs, m.w, m.ws, at[p], m.k, 0, m.n));
+    } else {
+      const job = (this.job = (this.job + 1) & JOB_MASK);
+      const chunks = postJob(c, job, ms, at);
+      runChunks(c, this.gemvFn, this.xq, this.xs, job);
+      // spin (this thread may not block): only for chunks a worker has claimed and is computing
+      while (Atomics.load(c, CONTROL.done) < chunks);
+    }
+    return ms.map((m, p) => new Float32Array(this.memory.buffer, at[p], m.n).slice());
+  }
+
+  static addBias(y, bias) {
     if (bias) for (let i = 0; i < y.length; i++) y[i] += bias[i];
     return y;
   }
@@ -458,20 +512,23 @@ class WasmDecoder {
   }
 
   /** One position (`x`, Float32Array [hidden]) through the decoder; its keys and values go into
-   *  `cache`; returns the logits after it (Float32Array [vocab]). */
-  step(x, position, cache) {
+   *  `cache`; returns the logits after it (Float32Array [vocab]), or null without `logits` (a
+   *  prompt position before the last: the LM head is a fifth of a step). */
+  step(x, position, cache, logits = true) {
     const { heads, kv_heads: kvHeads, head_dim: dim, scaling } = this.arch;
     const group = heads / kvHeads;
     x = Float32Array.from(x);
     const scores = new Float64Array(position + 1);
+    const sums = new Float64Array(dim);
     const attended = new Float32Array(heads * dim);
     for (let l = 0; l < this.layers.length; l++) {
       const layer = this.layers[l];
       const { keys, values } = cache[l];
       this.#quantize(this.#rms(x, layer.inputNorm));
-      const q = this.#product(layer.q, layer.qBias);
-      const k = this.#product(layer.k, layer.kBias);
-      const v = this.#product(layer.v, layer.vBias);
+      let [q, k, v] = this.#products(layer.q, layer.k, layer.v);
+      q = WasmDecoder.addBias(q, layer.qBias);
+      k = WasmDecoder.addBias(k, layer.kBias);
+      v = WasmDecoder.addBias(v, layer.vBias);
       this.#rope(q, heads, position);
       this.#rope(k, kvHeads, position);
       keys.set(k, position * kvHeads * dim);
@@ -479,34 +536,38 @@ class WasmDecoder {
       for (let h = 0; h < heads; h++) {
         const kv = (h / group) | 0;
         let max = -Infinity;
+        const qh = h * dim;
         for (let t = 0; t <= position; t++) {
           let dot = 0;
           const at = (t * kvHeads + kv) * dim;
-          for (let d = 0; d < dim; d++) dot += q[h * dim + d] * keys[at + d];
+          for (let d = 0; d < dim; d++) dot += q[qh + d] * keys[at + d];
           scores[t] = Math.fround(dot * scaling);
           if (scores[t] > max) max = scores[t];
         }
         let total = 0;
         for (let t = 0; t <= position; t++) total += scores[t] = Math.exp(scores[t] - max);
-        for (let d = 0; d < dim; d++) {
-          let sum = 0;
-          for (let t = 0; t <= position; t++) sum += scores[t] * values[(t * kvHeads + kv) * dim + d];
-          attended[h * dim + d] = sum / total;
+        // each output's sum over the positions in their order, a position's values read in a row
+        sums.fill(0);
+        for (let t = 0; t <= position; t++) {
+          const weight = scores[t];
+          const at = (t * kvHeads + kv) * dim;
+          for (let d = 0; d < dim; d++) sums[d] += weight * values[at + d];
         }
+        for (let d = 0; d < dim; d++) attended[qh + d] = sums[d] / total;
       }
       this.#quantize(attended);
-      const o = this.#product(layer.o);
+      const [o] = this.#products(layer.o);
       for (let i = 0; i < x.length; i++) x[i] += o[i];
       this.#quantize(this.#rms(x, layer.postNorm));
-      const gate = this.#product(layer.gate);
-      const up = this.#product(layer.up);
+      const [gate, up] = this.#products(layer.gate, layer.up);
       for (let i = 0; i < gate.length; i++) gate[i] = (gate[i] / (1 + Math.exp(-gate[i]))) * up[i];
       this.#quantize(gate);
-      const down = this.#product(layer.down);
+      const [down] = this.#products(layer.down);
       for (let i = 0; i < x.length; i++) x[i] += down[i];
     }
+    if (!logits) return null;
     this.#quantize(this.#rms(x, this.norm));
-    return this.#product(this.lmHead);
+    return this.#products(this.lmHead)[0];
   }
 
   /** Greedy ids after the prompt `embeds` (Float32Array [T * hidden]), one position at a time. */
@@ -514,8 +575,19 @@ class WasmDecoder {
     const hidden = this.hidden;
     const length = embeds.length / hidden;
     const cache = this.newCache(length + maxNewTokens);
+    // the leading positions this prompt shares with the last one (the tokens before the image):
+    // their keys and values are the same numbers, so they are copied, not computed again
+    const last = this.lastPrompt;
+    let shared = 0;
+    while (last && shared < Math.min(length, last.length) - 1 && sameRow(embeds, last.embeds, shared * hidden, hidden)) shared++;
+    const { kv_heads: kvHeads, head_dim: dim } = this.arch;
+    for (let l = 0; shared && l < cache.length; l++) {
+      cache[l].keys.set(last.cache[l].keys.subarray(0, shared * kvHeads * dim));
+      cache[l].values.set(last.cache[l].values.subarray(0, shared * kvHeads * dim));
+    }
     let logits;
-    for (let t = 0; t < length; t++) logits = this.step(embeds.subarray(t * hidden, (t + 1) * hidden), t, cache);
+    for (let t = shared; t < length; t++) logits = this.step(embeds.subarray(t * hidden, (t + 1) * hidden), t, cache, t === length - 1);
+    this.lastPrompt = { embeds: embeds.slice(), length, cache };
     const ids = [];
     const x = new Float32Array(hidden);
     for (let position = length; ids.length < maxNewTokens; position++) {
@@ -527,6 +599,56 @@ class WasmDecoder {
       logits = this.step(x, position, cache);
     }
     return ids;
+  }
+}
+
+/** The decoder's control words in its shared memory (Int32Array indices): the job number (the
+ *  workers sleep on it), the next chunk to claim (the job number in the high bits: a thread late
+ *  from the last job cannot claim one of this job's chunks), chunks done, chunks, products, and per
+ *  product (up to 4): weights, scales, output, K, N, rows per chunk, its first chunk. */
+export const CONTROL = { job: 0, next: 1, done: 2, chunks: 3, count: 4, products: 8, perProduct: 8, words: 40 };
+const JOB_SHIFT = 20; // the chunk's index in the low 20 bits of CONTROL.next
+const CHUNK_MASK = (1 << JOB_SHIFT) - 1;
+const JOB_MASK = 0x7ff;
+const CHUNK_WEIGHTS = 65536; // ~15 us of the kernel: a thread that is late costs at most that
+
+/** Post a job to the workers: the products `ms` ({ w, ws, n, k }) into the outputs at `at`, on the
+ *  input xq/xs. Returns its number and its number of chunks. */
+function postJob(c, job, ms, at) {
+  Atomics.store(c, CONTROL.next, (job << JOB_SHIFT) | CHUNK_MASK); // no chunk to claim until it is written
+  let chunks = 0;
+  ms.forEach((m, p) => {
+    const rows = Math.max(16, Math.round(CHUNK_WEIGHTS / m.k));
+    [m.w, m.ws, at[p], m.k, m.n, rows, chunks].forEach((v, i) => Atomics.store(c, CONTROL.products + p * CONTROL.perProduct + i, v));
+    chunks += Math.ceil(m.n / rows);
+  });
+  Atomics.store(c, CONTROL.count, ms.length);
+  Atomics.store(c, CONTROL.chunks, chunks);
+  Atomics.store(c, CONTROL.done, 0);
+  Atomics.store(c, CONTROL.next, job << JOB_SHIFT);
+  Atomics.store(c, CONTROL.job, job);
+  Atomics.notify(c, CONTROL.job);
+  return chunks;
+}
+
+/** Claim chunks of job `job` one at a time (compare-and-swap on CONTROL.next) and compute them,
+ *  until none is left or another job has started; the thread that computes a chunk counts it done.
+ *  Every row is computed by the same kernel whichever thread takes it: the results do not depend
+ *  on the threads. */
+export function runChunks(c, gemv, xq, xs, job) {
+  for (;;) {
+    const next = Atomics.load(c, CONTROL.next);
+    const chunk = next & CHUNK_MASK;
+    if (next >>> JOB_SHIFT !== job || chunk >= Atomics.load(c, CONTROL.chunks)) return;
+    if (Atomics.compareExchange(c, CONTROL.next, next, next + 1) !== next) continue;
+    // claimed: the job cannot change before this chunk is counted done
+    const count = c[CONTROL.count];
+    let at = CONTROL.products;
+    while (at - CONTROL.products < (count - 1) * CONTROL.perProduct && chunk >= c[at + CONTROL.perProduct + 6]) at += CONTROL.perProduct;
+    const rows = c[at + 5];
+    const n0 = (chunk - c[at + 6]) * rows;
+    gemv(xq, xs, c[at], c[at + 1], c[at + 2], c[at + 3], n0, Math.min(c[at + 4], n0 + rows));
+    Atomics.add(c, CONTROL.done, 1);
   }
 }
 
@@ -544,6 +666,12 @@ function halfToFloat(h) {
   if (exponent === 0) return sign * fraction * 2 ** -24;
   if (exponent === 31) return fraction ? NaN : sign * Infinity;
   return sign * (1 + fraction / 1024) * 2 ** (exponent - 15);
+}
+
+/** a[at..at+n) equals b[at..at+n) */
+function sameRow(a, b, at, n) {
+  for (let i = at; i < at + n; i++) if (a[i] !== b[i]) return false;
+  return true;
 }
 
 function argmax(values) {
