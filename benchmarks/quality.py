@@ -86,6 +86,15 @@ RECIPES: dict[str, tuple[dict[str, Any], str]] = {
         {"model": {"encoder_options": {"colour_bins": 5}, "projection": {"tokens": 9}}},
         "tokens9 + a 5x5x5-bin RGB histogram of each token's pixels beside stage 4 (320 + 125 ch)",
     ),
+    "colour9w16": (
+        {
+            "model": {
+                "encoder_options": {"colour_bins": 5, "colour_weight": 16.0},
+                "projection": {"tokens": 9},
+            }
+        },
+        "colour9 with the histogram times 16: per channel as strong as stage 4's after the LayerNorm",
+    ),
     "grey_colour9": (
         {"model": {"encoder_options": {"colour_bins": 5, "greyscale": True}, "projection": {"tokens": 9}}},
         "colour9 with stage 4 of the image in grey: shape from the backbone, colour only from the histogram",

@@ -183,11 +183,26 @@ def test_in_grey_the_backbone_sees_luminance_only_and_the_histogram_sees_hue(reg
     assert (tokens[0, :, width:] - tokens[1, :, width:]).abs().max() > 0.5  # the histogram tells them apart
 
 
+def test_colour_weight_scales_the_histogram_only(registry, checkpoint):
+    spec = registry.encoder("timm")
+    plain = spec.load(checkpoint, options=TimmOptions(colour_bins=3))
+    heavy = spec.load(checkpoint, options=TimmOptions(colour_bins=3, colour_weight=16.0))
+    assert heavy.fingerprint() != plain.fingerprint(), "cached features of another weight would be reused"
+    pixels = plain.preprocess([_flat((200, 40, 40)), _flat((40, 40, 200))])
+    with torch.no_grad():
+        a, b = plain(pixels), heavy(pixels)
+    width = plain.feature_dim - 27
+    torch.testing.assert_close(b[..., :width], a[..., :width])
+    torch.testing.assert_close(b[..., width:], 16.0 * a[..., width:])
+
+
 def test_colour_bins_are_validated():
     with pytest.raises(ValueError, match="at least 2"):
         TimmOptions(colour_bins=1)
     with pytest.raises(ValueError):
         TimmOptions(colour_bins=9)
+    with pytest.raises(ValueError):
+        TimmOptions(colour_bins=5, colour_weight=0)
 
 
 def test_colour_bins_export_to_onnx_equal_to_pytorch(registry, tf_lite0, tmp_path):
