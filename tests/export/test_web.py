@@ -176,12 +176,21 @@ def test_browser_captions_equal_the_python_runtime(name, browser, site, images, 
     assert [g["ids"] for g in got] == python["ids"]
     assert [g["text"] for g in got] == python["text"]
     if "decoder" in manifest["web"] and (os.cpu_count() or 1) > 1:
-        # the page's decoder shares each product's rows with a worker, and the one-thread page
-        # (?threads=1) captions the same: which thread computes a row does not change it
+        # the page's decoder shares each product's rows with workers, which computed some of
+        # them, and the one-thread page (?threads=1) captions the same: which thread computes a
+        # row does not change it
         assert f"wasm kernel ({min(4, os.cpu_count())} threads)" in page["status"], page["status"]
+        info = browser.execute_async_script(
+            "const done = arguments[0]; window.vlmkitPage.loadInfo().then(done, (e) => done({error: String(e)}));"
+        )
+        assert info["decoderWorkerChunks"] > 0, info
         alone = caption_in_page(browser, f"{base}/{name}/index.html?threads=1", urls)
         assert "wasm kernel (1 thread)" in alone["status"], alone["status"]
         assert [g["ids"] for g in alone["captions"]] == python["ids"]
+        # the same image twice: the second prompt shares every position but the last with the
+        # first, whose keys and values it reuses
+        again = caption_in_page(browser, f"{base}/{name}/index.html", [urls[0], urls[0]])["captions"]
+        assert [g["ids"] for g in again] == [python["ids"][0]] * 2
 
     # the module's one-call API, as another page or an extension would use it
     text = browser.execute_async_script(
@@ -245,6 +254,35 @@ def test_a_second_visit_loads_from_the_cache_and_a_new_export_is_fetched(browser
     finally:
         manifest_file.write_text(original)
     assert "tokenizer_config.json" not in third["fromCache"] and third["fetched"] > 0, third
+
+
+def test_a_decoder_worker_that_cannot_start_leaves_the_page_on_one_thread(browser, site, images, tiny_exports):
+    """A worker script that is not there: the page says so in the console and captions on one
+    thread, the same captions; never a page that does not load."""
+    import json
+
+    from PIL import Image
+
+    from vlmkit.testing.browser import caption_in_page, python_captions
+
+    root, base = site
+    name = "timm-llama"
+    python = python_captions(root / name, [Image.open(p).convert("RGB") for p in images[:2]])
+    urls = [f"{base}/images/{p.name}" for p in images[:2]]
+    manifest_file = root / name / "vlmkit-onnx.json"
+    original = manifest_file.read_text()
+    changed = json.loads(original)
+    changed["web"]["runtime"]["gemv_worker"] = "no-such-worker.js"  # the manifest is never cached
+    manifest_file.write_text(json.dumps(changed))
+    try:
+        browser.get_log("browser")  # earlier tests' lines
+        page = caption_in_page(browser, f"{base}/{name}/index.html?threads=2", urls)
+        log = [entry["message"] for entry in browser.get_log("browser")]
+    finally:
+        manifest_file.write_text(original)
+    assert "wasm kernel (1 thread)" in page["status"], page["status"]
+    assert [g["ids"] for g in page["captions"]] == python["ids"]
+    assert any("the decoder runs on one thread" in line and "no-such-worker.js" in line for line in log), log
 
 
 def test_webgpu_backend_runs_where_the_browser_has_an_adapter(site, images, tiny_exports):

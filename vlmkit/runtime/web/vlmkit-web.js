@@ -82,6 +82,13 @@ export class Captioner {
     this.queue = Promise.resolve(); // onnxruntime sessions run one call at a time
   }
 
+  /** Stop the decoder's workers and release the graphs' sessions; the captioner is unusable after. */
+  async dispose() {
+    await this.queue;
+    this.decoder?.dispose?.();
+    await Promise.all([this.vision, this.decoder].map((s) => s?.release?.()));
+  }
+
   /** The caption of `image` (a string). */
   async caption(image) {
     return (await this.captionDetails(image)).text;
@@ -266,9 +273,22 @@ class Loader {
       transform: (chunk, controller) => { this.fetched += chunk.byteLength; this.#progress(chunk.byteLength, name); controller.enqueue(chunk); },
     }));
     if (meta.encoding === "gzip") stream = stream.pipeThrough(new DecompressionStream("gzip"));
-    const data = into ? await readInto(stream, into, url) : new Uint8Array(await new Response(stream).arrayBuffer());
-    if (cache) await cache.put(key, new Response(data)).catch(() => {}); // a full disk only costs the next visit
-    return data;
+    // the cache gets its own branch of the stream: `into` may be a view of a shared memory, which
+    // a Response may not take; a full disk only costs the next visit
+    let caching = null;
+    if (cache) {
+      const [mine, theirs] = stream.tee();
+      stream = mine;
+      caching = cache.put(key, new Response(theirs)).catch(() => {});
+    }
+    try {
+      const data = into ? await readInto(stream, into, url) : new Uint8Array(await new Response(stream).arrayBuffer());
+      await caching;
+      return data;
+    } catch (error) {
+      caching?.then(() => cache.delete(key)); // never keep what failed its check
+      throw error;
+    }
   }
 }
 
@@ -334,7 +354,7 @@ class EmbeddingTable {
 class WasmDecoder {
   /** `threads` > 1 on a cross-origin-isolated page: threads - 1 workers (vlmkit-gemv-worker.js)
    *  share the memory and claim chunks of each product's rows beside this thread (runChunks);
-   *  otherwise, or where a worker cannot start, one thread. */
+   *  otherwise one thread, and one thread (with a console warning) where a worker cannot start. */
   static async load(loader, spec, runtime, base, threads = 1) {
     const shared = threads > 1 && self.crossOriginIsolated && runtime.gemv_shared && runtime.gemv_worker;
     const kernel = await WebAssembly.compile(await loader.bytes(shared ? runtime.gemv_shared : runtime.gemv));
@@ -343,7 +363,7 @@ class WasmDecoder {
     // while the workers start
     await Promise.all([
       loader.bytes(spec.file, new Uint8Array(decoder.memory.buffer, decoder.base, spec.bytes)),
-      shared && decoder.#startWorkers(kernel, new URL(runtime.gemv_worker, base), threads - 1),
+      shared && decoder.#startWorkers(kernel, new URL(runtime.gemv_worker, base), threads - 1).catch((e) => decoder.#alone(e)),
     ]);
     const t = performance.now();
     decoder.#fill(spec);
@@ -385,8 +405,16 @@ class WasmDecoder {
       const worker = new Worker(url, { type: "module" });
       this.workers.push(worker);
       return new Promise((resolve, reject) => {
-        worker.onmessage = resolve;
-        worker.onerror = (e) => reject(new Error(`vlmkit: the decoder's worker ${url} failed: ${e.message}`));
+        const timer = setTimeout(() => reject(new Error(`${url} did not start in ${WORKER_START_MS / 1000} s`)), WORKER_START_MS);
+        worker.onmessage = ({ data }) => {
+          clearTimeout(timer);
+          if (data?.error) reject(new Error(`${url}: ${data.error}`));
+          else resolve();
+        };
+        worker.onerror = (e) => {
+          clearTimeout(timer);
+          reject(new Error(`${url} failed: ${e.message || "it could not be loaded"}`));
+        };
         worker.postMessage({ module: kernel, memory: this.memory, control: this.control, xq: this.xq, xs: this.xs });
       });
     });
@@ -396,7 +424,18 @@ class WasmDecoder {
     this.threads = 1 + count;
   }
 
-  /** Stop the decoder's workers (the page's thread still computes alone). */
+  /** Back to one thread (the shared kernel runs alone as well), saying why. */
+  #alone(error) {
+    console.warn(`vlmkit: the decoder runs on one thread: ${error.message}`);
+    this.dispose();
+  }
+
+  /** Chunks of products computed by the workers so far (0 on one thread). */
+  get workerChunks() {
+    return this.controlWords ? Atomics.load(this.controlWords, CONTROL.byWorkers) : 0;
+  }
+
+  /** Stop the decoder's workers (the page's thread computes alone from then on). */
   dispose() {
     for (const worker of this.workers) worker.terminate();
     this.workers = [];
@@ -467,9 +506,17 @@ class WasmDecoder {
     } else {
       const job = (this.job = (this.job + 1) & JOB_MASK);
       const chunks = postJob(c, job, ms, at);
-      runChunks(c, this.gemvFn, this.xq, this.xs, job);
-      // spin (this thread may not block): only for chunks a worker has claimed and is computing
-      while (Atomics.load(c, CONTROL.done) < chunks);
+      runChunks(c, this.gemvFn, this.xq, this.xs, job, false);
+      // spin (this thread may not block), only for chunks a worker has claimed and is computing;
+      // a worker that never counts its chunk (it died) leaves this thread to compute alone
+      for (let spins = 1, since = 0; Atomics.load(c, CONTROL.done) < chunks; spins++) {
+        if (spins % 4096) continue;
+        since ||= performance.now();
+        if (performance.now() - since > WORKER_STALL_MS) {
+          this.#alone(new Error(`a worker held a chunk for over ${WORKER_STALL_MS / 1000} s`));
+          return this.#products(...ms);
+        }
+      }
     }
     return ms.map((m, p) => new Float32Array(this.memory.buffer, at[p], m.n).slice());
   }
@@ -606,14 +653,16 @@ class WasmDecoder {
  *  workers sleep on it), the next chunk to claim (the job number in the high bits: a thread late
  *  from the last job cannot claim one of this job's chunks), chunks done, chunks, products, and per
  *  product (up to 4): weights, scales, output, K, N, rows per chunk, its first chunk. */
-export const CONTROL = { job: 0, next: 1, done: 2, chunks: 3, count: 4, products: 8, perProduct: 8, words: 40 };
+export const CONTROL = { job: 0, next: 1, done: 2, chunks: 3, count: 4, byWorkers: 5, products: 8, perProduct: 8, words: 40 };
 const JOB_SHIFT = 20; // the chunk's index in the low 20 bits of CONTROL.next
 const CHUNK_MASK = (1 << JOB_SHIFT) - 1;
 const JOB_MASK = 0x7ff;
-const CHUNK_WEIGHTS = 65536; // ~15 us of the kernel: a thread that is late costs at most that
+const CHUNK_WEIGHTS = 65536; // ~15 us of the kernel
+const WORKER_START_MS = 20000;
+const WORKER_STALL_MS = 5000;
 
-/** Post a job to the workers: the products `ms` ({ w, ws, n, k }) into the outputs at `at`, on the
- *  input xq/xs. Returns its number and its number of chunks. */
+/** Post job number `job` to the workers: the products `ms` ({ w, ws, n, k }) into the outputs at
+ *  `at`, on the input xq/xs. Returns its number of chunks. */
 function postJob(c, job, ms, at) {
   Atomics.store(c, CONTROL.next, (job << JOB_SHIFT) | CHUNK_MASK); // no chunk to claim until it is written
   let chunks = 0;
@@ -632,15 +681,19 @@ function postJob(c, job, ms, at) {
 }
 
 /** Claim chunks of job `job` one at a time (compare-and-swap on CONTROL.next) and compute them,
- *  until none is left or another job has started; the thread that computes a chunk counts it done.
- *  Every row is computed by the same kernel whichever thread takes it: the results do not depend
- *  on the threads. */
-export function runChunks(c, gemv, xq, xs, job) {
+ *  until none is left or another job has started; the thread that computes a chunk counts it done
+ *  (`worker`: and counts it in CONTROL.byWorkers). Claiming the last chunk closes the job
+ *  (CHUNK_MASK), so a thread that stalled between its read and its swap for a multiple of 2,048
+ *  jobs can only ever take a chunk that the current job still has. Every row is computed by the
+ *  same kernel whichever thread takes it: the results do not depend on the threads. */
+export function runChunks(c, gemv, xq, xs, job, worker) {
   for (;;) {
     const next = Atomics.load(c, CONTROL.next);
     const chunk = next & CHUNK_MASK;
-    if (next >>> JOB_SHIFT !== job || chunk >= Atomics.load(c, CONTROL.chunks)) return;
-    if (Atomics.compareExchange(c, CONTROL.next, next, next + 1) !== next) continue;
+    const chunks = Atomics.load(c, CONTROL.chunks);
+    if (next >>> JOB_SHIFT !== job || chunk >= chunks) return;
+    const after = chunk + 1 < chunks ? next + 1 : (job << JOB_SHIFT) | CHUNK_MASK;
+    if (Atomics.compareExchange(c, CONTROL.next, next, after) !== next) continue;
     // claimed: the job cannot change before this chunk is counted done
     const count = c[CONTROL.count];
     let at = CONTROL.products;
@@ -648,6 +701,7 @@ export function runChunks(c, gemv, xq, xs, job) {
     const rows = c[at + 5];
     const n0 = (chunk - c[at + 6]) * rows;
     gemv(xq, xs, c[at], c[at + 1], c[at + 2], c[at + 3], n0, Math.min(c[at + 4], n0 + rows));
+    if (worker) Atomics.add(c, CONTROL.byWorkers, 1);
     Atomics.add(c, CONTROL.done, 1);
   }
 }
