@@ -256,7 +256,9 @@ def test_a_second_visit_loads_from_the_cache_and_a_new_export_is_fetched(browser
     assert "tokenizer_config.json" not in third["fromCache"] and third["fetched"] > 0, third
 
 
-def test_a_decoder_worker_that_cannot_start_leaves_the_page_on_one_thread(browser, site, images, tiny_exports):
+def test_a_decoder_worker_that_cannot_start_leaves_the_page_on_one_thread(
+    browser, site, images, tiny_exports
+):
     """A worker script that is not there: the page says so in the console and captions on one
     thread, the same captions; never a page that does not load."""
     import json
