@@ -396,6 +396,8 @@ class WasmDecoder {
     const pages = Math.ceil(end / 65536);
     this.memory = new WebAssembly.Memory({ initial: pages, maximum: pages, shared: Boolean(shared) });
     this.gemvFn = new WebAssembly.Instance(kernel, { env: { memory: this.memory } }).exports.gemv;
+    this.xqView = new Int16Array(this.memory.buffer, this.xq, maxK); // the kernel's input, quantized
+    this.xsView = new Float32Array(this.memory.buffer, this.xs, maxK / this.block);
     this.workers = [];
     this.threads = 1;
   }
@@ -480,17 +482,20 @@ class WasmDecoder {
 
   /** `x` (Float32Array [K]) into the kernel's int16 input, with a scale per block of 32. */
   #quantize(x) {
-    const buffer = this.memory.buffer;
-    const xq = new Int16Array(buffer, this.xq, x.length);
-    const xs = new Float32Array(buffer, this.xs, x.length / this.block);
-    for (let b = 0, start = 0; start < x.length; b++, start += this.block) {
+    const { xqView: xq, xsView: xs, block } = this;
+    for (let b = 0, start = 0; start < x.length; b++, start += block) {
+      const end = start + block;
       let max = 0;
-      for (let j = start; j < start + this.block; j++) max = Math.max(max, Math.abs(x[j]));
+      for (let j = start; j < end; j++) {
+        const a = Math.abs(x[j]);
+        if (a > max) max = a;
+      }
       const scale = max === 0 ? 1 : Math.fround(max / 32767);
       xs[b] = scale;
-      for (let j = start; j < start + this.block; j++) {
-        const v = Math.floor(Math.abs(x[j] / scale) + 0.5);
-        xq[j] = x[j] < 0 ? -v : v;
+      for (let j = start; j < end; j++) {
+        const q = x[j] / scale; // rounded half away from zero, as vlmkit.runtime.web_decoder
+        const v = Math.floor((q < 0 ? -q : q) + 0.5);
+        xq[j] = q < 0 ? -v : v;
       }
     }
   }
