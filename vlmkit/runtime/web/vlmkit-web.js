@@ -631,7 +631,7 @@ class WasmDecoder {
     // their keys and values are the same numbers, so they are copied, not computed again
     const last = this.lastPrompt;
     let shared = 0;
-    while (last && shared < Math.min(length, last.length) - 1 && sameRow(embeds, last.embeds, shared * hidden, hidden)) shared++;
+    while (last && shared < Math.min(embeds.length, last.embeds.length) / hidden - 1 && sameRow(embeds, last.embeds, shared * hidden, hidden)) shared++;
     const { kv_heads: kvHeads, head_dim: dim } = this.arch;
     for (let l = 0; shared && l < cache.length; l++) {
       cache[l].keys.set(last.cache[l].keys.subarray(0, shared * kvHeads * dim));
@@ -639,7 +639,7 @@ class WasmDecoder {
     }
     let logits;
     for (let t = shared; t < length; t++) logits = this.step(embeds.subarray(t * hidden, (t + 1) * hidden), t, cache, t === length - 1);
-    this.lastPrompt = { embeds: embeds.slice(), length, cache };
+    this.lastPrompt = { embeds: embeds.slice(), cache };
     const ids = [];
     const x = new Float32Array(hidden);
     for (let position = length; ids.length < maxNewTokens; position++) {
